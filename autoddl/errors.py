@@ -1,0 +1,24 @@
+"""Errors a user can cause and fix.
+
+Every error a user can provoke (a bad spec, a missing file, a model that fits no memory, a solver
+that found nothing) is a :class:`UserError`: the command line prints its one-line message and exits
+with code 2. Internal invariants use ``assert``; anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A problem in the user's input, with a message that names the problem and the fix."""
+
+
+class NoRuleError(UserError):
+    """An operator in the captured graph has no sharding rule."""
+
+
+class InfeasibleError(UserError):
+    """No plan satisfies the constraints (memory per device, divisibility)."""
+
+
+class SolverError(UserError):
+    """The solver returned no usable solution (time-out before a first plan, or a failure)."""
