@@ -1,0 +1,134 @@
+"""Capture a model's training step as an :class:`OpGraph` through ``torch.export``.
+
+The model's forward must return the loss (a scalar), so the graph is the whole step the planner
+costs: forward ops plus, implicitly, their backward. Works on the ``meta`` device: no memory is
+allocated for weights.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
+from autoddl.errors import UserError
+
+
+def tensor_meta(value: Any) -> TensorMeta:
+    """The :class:`TensorMeta` of a (fake or meta) tensor."""
+    return TensorMeta(tuple(int(s) for s in value.shape), str(value.dtype).removeprefix("torch."))
+
+
+def export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """``torch.export`` the model's forward (training IR, high-level ATen ops kept)."""
+    try:
+        return torch.export.export(model, tuple(example_inputs), strict=False)
+    except Exception as exc:  # export failures are the user's model: say so in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"torch.export could not capture the model: {first}") from exc
+
+
+def _plain(value: Any, tensor_index: dict[str, int]) -> Any:
+    """An FX argument as plain data, with tensor nodes replaced by TensorArg."""
+    if isinstance(value, torch.fx.Node):
+        return TensorArg(tensor_index[value.name])
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v, tensor_index) for v in value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, (torch.device, torch.memory_format, torch.layout)):
+        return str(value)
+    return value
+
+
+_ZERO_FLOP = {
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "t", "expand", "unsqueeze",
+    "squeeze", "flatten", "unflatten", "clone", "contiguous", "alias", "detach", "_to_copy",
+    "slice", "select",
+}
+
+
+def _flops(target: str, ins: list[TensorMeta], out: TensorMeta) -> float:
+    """Forward FLOPs of one op (matmul-like ops exactly, others one per output element)."""
+    if target in ("aten.linear.default",):
+        return 2.0 * out.numel * ins[0].shape[-1]
+    if target in ("aten.mm.default", "aten.bmm.default", "aten.matmul.default",
+                  "aten.addmm.default"):
+        a = ins[1] if target == "aten.addmm.default" else ins[0]
+        return 2.0 * out.numel * a.shape[-1]
+    if target == "aten.scaled_dot_product_attention.default":
+        q, k = ins[0], ins[1]
+        return 4.0 * q.numel * k.shape[-2]
+    if target == "aten.embedding.default" or target.split(".")[1] in _ZERO_FLOP:
+        return 0.0
+    return float(out.numel)
+
+
+def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
+    """Convert an exported program into an :class:`OpGraph`."""
+    sig = ep.graph_signature
+    param_fqn = dict(sig.inputs_to_parameters)
+    buffer_fqn = dict(sig.inputs_to_buffers)
+    nodes: list[OpNode] = []
+    requires_grad: dict[str, bool] = {}
+    loss = None
+    for fx in ep.graph.nodes:
+        if fx.op == "placeholder":
+            val = fx.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise UserError(f"model input {fx.name!r} is not a tensor; pass tensors only")
+            is_param = fx.name in param_fqn
+            kind = "param" if is_param else "input"
+            fqn = param_fqn.get(fx.name, buffer_fqn.get(fx.name, ""))
+            if fx.name in buffer_fqn:
+                kind = "input"  # buffers are replicated data, not trained
+            meta = tensor_meta(val)
+            rg = is_param and meta.is_float
+            requires_grad[fx.name] = rg
+            nodes.append(OpNode(fx.name, kind, kind, meta, requires_grad=rg, fqn=fqn))
+        elif fx.op == "call_function":
+            if fx.target is operator.getitem:
+                raise UserError(
+                    f"operator producing several outputs feeds {fx.name!r}; multi-output "
+                    "operators have no sharding rule yet"
+                )
+            val = fx.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise UserError(f"operator {fx.target} ({fx.name}) returns a non-tensor; no rule")
+            inputs = [a for a in fx.all_input_nodes]
+            index = {a.name: i for i, a in enumerate(inputs)}
+            target = f"aten.{fx.target._schema.name.split('::')[-1]}.{fx.target._overloadname}" \
+                if hasattr(fx.target, "_schema") else str(fx.target)
+            in_metas = [tensor_meta(a.meta["val"]) for a in inputs]
+            meta = tensor_meta(val)
+            rg = meta.is_float and any(requires_grad[a.name] for a in inputs)
+            requires_grad[fx.name] = rg
+            nodes.append(OpNode(
+                fx.name, "op", target, meta,
+                inputs=tuple(a.name for a in inputs),
+                args=tuple(_plain(a, index) for a in fx.args),
+                kwargs=tuple((k, _plain(v, index)) for k, v in fx.kwargs.items()),
+                flops=_flops(target, in_metas, meta),
+                requires_grad=rg,
+            ))
+        elif fx.op == "output":
+            outs = fx.args[0]
+            outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+            if len(outs) != 1 or not isinstance(outs[0], torch.fx.Node):
+                raise UserError("the model's forward must return exactly one tensor: the loss")
+            loss = outs[0].name
+    assert loss is not None
+    graph = OpGraph(tuple(nodes), loss)
+    if graph[loss].out.numel != 1 or graph[loss].kind != "op":
+        raise UserError(
+            f"the model's forward returns a tensor of shape {list(graph[loss].out.shape)}; "
+            "it must return the scalar training loss"
+        )
+    return graph
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple) -> OpGraph:
+    """Export ``model(*example_inputs)`` (which returns the loss) into an :class:`OpGraph`."""
+    return graph_from_export(export(model, example_inputs))

@@ -1,0 +1,168 @@
+"""Built-in models, each a module whose forward returns the training loss.
+
+Model specs on the command line: ``mlp:batch=64,hidden=256,layers=2`` or
+``gpt:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=256``. A spec builds the module (on any
+device, ``meta`` included) and the example inputs of one global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autoddl.errors import UserError
+from autoddl.specs import as_int, check_keys, parse_spec
+
+
+class MLP(nn.Module):
+    """``layers`` Linear+GELU blocks of width ``hidden`` on ``dim_in`` features, MSE loss."""
+
+    def __init__(self, dim_in: int, hidden: int, layers: int, dim_out: int) -> None:
+        super().__init__()
+        dims = [dim_in] + [hidden] * layers
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.head = nn.Linear(dims[-1], dim_out)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = F.gelu(layer(x))
+        return F.mse_loss(self.head(x), target)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal multi-head attention and a GELU MLP, both residual."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(hidden)
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, 4 * hidden)
+        self.fc2 = nn.Linear(4 * hidden, hidden)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, s, h = t.shape
+        return t.view(b, s, self.heads, h // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        y = self.ln1(x)
+        a = F.scaled_dot_product_attention(
+            self._heads(self.q(y)), self._heads(self.k(y)), self._heads(self.v(y)), is_causal=True
+        )
+        x = x + self.proj(a.transpose(1, 2).reshape(b, s, h))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """GPT: token + learned position embedding, pre-norm blocks, final norm, LM head, CE loss."""
+
+    def __init__(self, vocab: int, seq: int, hidden: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.tok_emb = nn.Embedding(vocab, hidden)
+        self.pos_emb = nn.Parameter(torch.empty(seq, hidden))
+        nn.init.normal_(self.pos_emb, std=0.02)
+        self.blocks = nn.ModuleList(Block(hidden, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(tokens) + self.pos_emb
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, self.vocab), targets.view(-1))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``--model`` spec: the name, its integer parameters, and the original text."""
+
+    name: str
+    params: tuple[tuple[str, int], ...]
+    text: str
+
+    def get(self, key: str) -> int:
+        """The value of parameter ``key``."""
+        return dict(self.params)[key]
+
+
+Builder = Callable[[dict[str, int], torch.device, torch.Generator | None], tuple[nn.Module, tuple]]
+
+
+def _build_mlp(p: dict[str, int], device: torch.device, gen: torch.Generator | None):
+    with torch.device(device):
+        model = MLP(p["dim_in"], p["hidden"], p["layers"], p["dim_out"])
+    x = _randn((p["batch"], p["dim_in"]), device, gen)
+    y = _randn((p["batch"], p["dim_out"]), device, gen)
+    return model, (x, y)
+
+
+def _build_gpt(p: dict[str, int], device: torch.device, gen: torch.Generator | None):
+    if p["hidden"] % p["heads"]:
+        raise UserError(f"--model gpt: hidden={p['hidden']} is not divisible by heads={p['heads']}")
+    with torch.device(device):
+        model = GPT(p["vocab"], p["seq"], p["hidden"], p["heads"], p["layers"])
+    shape = (p["batch"], p["seq"])
+    tokens = _randint(p["vocab"], shape, device, gen)
+    targets = _randint(p["vocab"], shape, device, gen)
+    return model, (tokens, targets)
+
+
+def _randn(shape: tuple[int, ...], device: torch.device, gen: torch.Generator | None):
+    if device.type == "meta":
+        return torch.empty(shape, device=device)
+    return torch.randn(shape, generator=gen).to(device)
+
+
+def _randint(high: int, shape: tuple[int, ...], device: torch.device, gen):
+    if device.type == "meta":
+        return torch.empty(shape, dtype=torch.long, device=device)
+    return torch.randint(0, high, shape, generator=gen).to(device)
+
+
+MODELS: dict[str, tuple[dict[str, int], Builder, str]] = {
+    "mlp": (
+        dict(batch=64, dim_in=64, hidden=256, layers=2, dim_out=64),
+        _build_mlp,
+        "Linear+GELU stack with MSE loss",
+    ),
+    "gpt": (
+        dict(layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=256),
+        _build_gpt,
+        "GPT decoder: embeddings, pre-norm attention+MLP blocks, LM head, cross-entropy",
+    ),
+}
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """Parse ``--model NAME[:key=value,...]`` against the built-in models' parameters."""
+    name, raw = parse_spec(text, "--model")
+    if name not in MODELS:
+        raise UserError(f"--model: unknown model {name!r}; built-in models: {', '.join(MODELS)}")
+    defaults = MODELS[name][0]
+    check_keys(raw, defaults, f"--model {name}")
+    params = {k: as_int(raw, k, v, f"--model {name}") for k, v in defaults.items()}
+    return ModelSpec(name, tuple(sorted(params.items())), text)
+
+
+def build_model(
+    spec: ModelSpec, device: str | torch.device = "meta", seed: int | None = 0
+) -> tuple[nn.Module, tuple]:
+    """Build the model and one global batch of example inputs (weights and data from ``seed``)."""
+    device = torch.device(device)
+    gen = None
+    if device.type != "meta" and seed is not None:
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+    _, builder, _ = MODELS[spec.name]
+    return builder(dict(spec.params), device, gen)

@@ -1,0 +1,183 @@
+"""SBP placements and the collectives that convert between them.
+
+A placement of one tensor on one mesh axis is a string: ``"B"`` (broadcast: every device of the
+axis holds the whole tensor), ``"P"`` (partial sum: each holds an addend) or ``"S(d)"`` (split
+along tensor dim ``d``). On an n-axis mesh a tensor's placement is a tuple with one entry per axis.
+A tensor dim is split on at most one axis (no nested sharding), so each axis's conversion is
+independent of the others except for the size of the data it moves.
+
+Conversion on one axis of size p, for T the bytes each device of that axis's group holds of the
+tensor before the step (ring algorithms; bytes *sent per device*):
+
+    ========  ==============  ============================  =================
+    from→to   collective      bytes sent per device          latency steps
+    ========  ==============  ============================  =================
+    same      none            0                             0
+    B→S       local slice     0                             0
+    B→P       local mask      0 (keep on coordinate 0)      0
+    S(i)→S(j) all-to-all      (p−1)/p · T                   p−1
+    S→B       all-gather      (p−1) · T   (= (p−1)/p · T_full)   p−1
+    P→S       reduce-scatter  (p−1)/p · T                   p−1
+    P→B       all-reduce      2(p−1)/p · T                  2(p−1)
+    S→P       forbidden (a consumer that needs P must get it from P or B)
+    ========  ==============  ============================  =================
+
+A multi-axis conversion is done one axis at a time, in the order :func:`reshard_steps` fixes:
+steps that shrink the local tensor first (B→S, B→P, P→S, S→S), then those that grow it (S→B,
+P→B), each group in axis order. The cost model and the runtime both follow these steps.
+
+Gradients. For an operator run on local shards under a legal signature, the gradient of an input
+held ``S(d)`` is ``S(d)``; of an input held ``P`` is ``B``; of an input held ``B`` is ``B`` when the
+operator's output is ``B`` on that axis (replicated work) and ``P`` otherwise (each device adds its
+share). A tensor's gradient must reach its producer as the producer's output placement with ``P``
+read as ``B``: the dual of an all-gather is a reduce-scatter, of a ``B`` input read by sharded
+work an all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+B = "B"
+P = "P"
+
+Placement = tuple[str, ...]  # one entry per mesh axis
+
+
+def S(dim: int) -> str:
+    """The split placement along tensor dim ``dim``."""
+    return f"S({dim})"
+
+
+def is_split(p: str) -> bool:
+    """Whether ``p`` is a split placement."""
+    return p.startswith("S(")
+
+
+def split_dim(p: str) -> int:
+    """The tensor dim of a split placement."""
+    assert is_split(p), p
+    return int(p[2:-1])
+
+
+def grad_target(p: str) -> str:
+    """The placement a tensor's gradient must reach its producer in: P is read as B."""
+    return B if p == P else p
+
+
+def input_grad(p_in: str, p_out: str) -> str:
+    """Gradient placement of an input held ``p_in`` by an op whose output is ``p_out``."""
+    if p_in == P:
+        return B
+    if p_in == B:
+        return B if p_out == B else P
+    return p_in
+
+
+def split_factors(placement: Placement, mesh_shape: Sequence[int], ndim: int) -> list[int]:
+    """How many pieces each tensor dim is cut into under ``placement``."""
+    f = [1] * ndim
+    for p, size in zip(placement, mesh_shape):
+        if is_split(p):
+            f[split_dim(p)] *= size
+    return f
+
+
+def local_shape(shape: Sequence[int], placement: Placement, mesh_shape: Sequence[int]) -> tuple:
+    """Shape of one device's piece of a tensor of global ``shape``."""
+    f = split_factors(placement, mesh_shape, len(shape))
+    return tuple(s // k for s, k in zip(shape, f))
+
+
+def local_fraction(placement: Placement, mesh_shape: Sequence[int]) -> float:
+    """Fraction of the whole tensor one device holds."""
+    frac = 1.0
+    for p, size in zip(placement, mesh_shape):
+        if is_split(p):
+            frac /= size
+    return frac
+
+
+def is_valid(placement: Placement, shape: Sequence[int], mesh_shape: Sequence[int]) -> bool:
+    """No dim split twice, split dims in range and divisible by their axis size."""
+    used: set[int] = set()
+    for p, size in zip(placement, mesh_shape):
+        if is_split(p):
+            d = split_dim(p)
+            if d in used or not 0 <= d < len(shape) or shape[d] % size:
+                return False
+            if size > 1:
+                used.add(d)
+    return True
+
+
+@dataclass(frozen=True)
+class Step:
+    """One collective (or local) step on one mesh axis."""
+
+    axis: int
+    src: str
+    dst: str
+    kind: str  # "slice", "mask", "all_to_all", "all_gather", "reduce_scatter", "all_reduce"
+    bytes_per_device: float
+    latency_steps: int
+
+
+def step_kind(src: str, dst: str) -> str | None:
+    """The collective converting ``src`` to ``dst`` on one axis; None when forbidden."""
+    if src == dst:
+        return "none"
+    if dst == P:
+        return "mask" if src == B else None
+    if src == B:
+        return "slice"
+    if src == P:
+        return "all_reduce" if dst == B else "reduce_scatter"
+    return "all_gather" if dst == B else "all_to_all"
+
+
+_SHRINKING = ("slice", "mask", "reduce_scatter", "all_to_all")
+COLLECTIVES = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce")
+
+
+def reshard_steps(
+    src: Placement, dst: Placement, nbytes: float, mesh_shape: Sequence[int]
+) -> list[Step] | None:
+    """The steps converting a tensor of ``nbytes`` from ``src`` to ``dst``; None if forbidden."""
+    order: list[tuple[int, int, str]] = []
+    for axis, (a, b) in enumerate(zip(src, dst)):
+        kind = step_kind(a, b)
+        if kind is None:
+            return None
+        if kind != "none" and mesh_shape[axis] > 1:
+            order.append((0 if kind in _SHRINKING else 1, axis, kind))
+    order.sort()
+    cur = list(src)
+    steps = []
+    for _, axis, kind in order:
+        p = mesh_shape[axis]
+        held = nbytes * local_fraction(tuple(cur), mesh_shape)  # bytes this device holds now
+        if kind == "all_to_all":
+            sent, lat = (p - 1) / p * held, p - 1
+        elif kind == "all_gather":
+            sent, lat = (p - 1) * held, p - 1
+        elif kind == "reduce_scatter":
+            sent, lat = (p - 1) / p * held, p - 1
+        elif kind == "all_reduce":
+            sent, lat = 2 * (p - 1) / p * held, 2 * (p - 1)
+        else:
+            sent, lat = 0.0, 0
+        steps.append(Step(axis, cur[axis], dst[axis], kind, sent, lat))
+        cur[axis] = dst[axis]
+    return steps
+
+
+def format_placement(placement: Placement, axis_names: Sequence[str]) -> dict[str, str]:
+    """A placement as plain data keyed by mesh-axis name."""
+    return dict(zip(axis_names, placement))
+
+
+def parse_placement(data: dict[str, str], axis_names: Sequence[str]) -> Placement:
+    """Inverse of :func:`format_placement`."""
+    return tuple(data[a] for a in axis_names)

@@ -1,0 +1,408 @@
+"""Sharding rules: the legal SBP signatures of each ATen operator.
+
+A rule looks at one node (its tensor inputs' and output's shapes, its arguments) and lists the
+legal *one-axis* signatures: a placement for each tensor input and the output that make running
+the operator on local shards correct. Signatures on an n-axis mesh are every combination of
+one-axis signatures, one per axis, that keeps each tensor valid (no dim split twice, split dims
+divisible by the axis size): :func:`signatures`.
+
+Example, ``Y = X @ W`` on one axis: ``(S(0), B) -> S(0)`` data parallel, ``(B, S(1)) -> S(1)``
+column parallel, ``(S(1), S(0)) -> P`` row parallel, ``(P, B) -> P`` and ``(B, P) -> P`` since the
+product is linear in each factor, ``(B, B) -> B`` replicated.
+
+Three local-execution flags keep local execution exact (the runtime applies them):
+``masked`` inputs are additive ``B`` terms of a ``P`` output (a bias after a row-parallel matmul):
+only coordinate 0 of the axis adds them. ``scale`` divides a mean over a split dim by the axis
+size, turning each device's local mean into its addend of the global mean. ``vocab`` marks an
+embedding whose table is split by rows: each device looks up the indices it owns, zeros elsewhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
+from autoddl.engine.placements import B, P, S, Placement, input_grad, is_valid
+from autoddl.errors import NoRuleError
+
+
+@dataclass(frozen=True)
+class AxisSig:
+    """A one-axis signature: input placements, output placement, local-execution flags."""
+
+    ins: tuple[str, ...]
+    out: str
+    masked: frozenset[int] = frozenset()
+    scale: bool = False
+    vocab: bool = False
+
+
+@dataclass(frozen=True)
+class Signature:
+    """An n-axis signature; ``grads[i]`` is input i's gradient placement (None: no gradient)."""
+
+    ins: tuple[Placement, ...]
+    out: Placement
+    grads: tuple[Placement | None, ...]
+    axes: tuple[AxisSig, ...] = field(compare=False)
+
+
+Rule = Callable[[OpNode, list[TensorMeta]], list[AxisSig]]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*targets: str) -> Callable[[Rule], Rule]:
+    """Register a rule for the given ATen targets (``aten.name.overload``)."""
+    def register(fn: Rule) -> Rule:
+        for t in targets:
+            RULES[t] = fn
+        return fn
+    return register
+
+
+def _replicated(n_in: int) -> AxisSig:
+    return AxisSig((B,) * n_in, B)
+
+
+def _tensor_positions(node: OpNode) -> list[int | None]:
+    """For each positional argument, the tensor-input index it holds (or None)."""
+    return [a.index if isinstance(a, TensorArg) else None for a in node.args]
+
+
+# --------------------------------------------------------------------------- element-wise
+_ADDITIVE = {"aten.add.Tensor", "aten.sub.Tensor"}
+_MULTIPLICATIVE = {"aten.mul.Tensor", "aten.div.Tensor"}
+_LINEAR_UNARY = {
+    "aten.neg.default", "aten.clone.default", "aten.contiguous.default", "aten.alias.default",
+    "aten._to_copy.default", "aten.to.dtype", "aten.mul.Scalar", "aten.div.Scalar",
+}
+_NONLINEAR_UNARY = {
+    "aten.gelu.default", "aten.relu.default", "aten.silu.default", "aten.tanh.default",
+    "aten.sigmoid.default", "aten.exp.default", "aten.rsqrt.default", "aten.sqrt.default",
+    "aten.pow.Tensor_Scalar", "aten.abs.default", "aten.log.default",
+}
+
+
+def _broadcast_sigs(out: TensorMeta, ins: list[TensorMeta]) -> list[AxisSig]:
+    """Replicated, plus a split of each output dim mapped onto the inputs by broadcasting."""
+    sigs = [_replicated(len(ins))]
+    r = out.ndim
+    for d in range(r):
+        if out.shape[d] <= 1:
+            continue
+        placed = []
+        for t in ins:
+            dj = d - (r - t.ndim)
+            placed.append(S(dj) if dj >= 0 and t.shape[dj] == out.shape[d] else B)
+        sigs.append(AxisSig(tuple(placed), S(d)))
+    return sigs
+
+
+@rule(*_ADDITIVE, *_MULTIPLICATIVE, *_LINEAR_UNARY, *_NONLINEAR_UNARY,
+      "aten.where.self", "aten.masked_fill.Scalar")
+def _elementwise(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    sigs = _broadcast_sigs(node.out, ins)
+    n = len(ins)
+    has_scalar_operand = len([a for a in node.args if not isinstance(a, TensorArg)]) > 0
+    if node.target in _LINEAR_UNARY and n == 1:
+        sigs.append(AxisSig((P,), P))
+    elif node.target in _ADDITIVE and n == 2 and not has_scalar_operand:
+        sigs += [AxisSig((P, P), P), AxisSig((P, B), P, frozenset({1})),
+                 AxisSig((B, P), P, frozenset({0}))]
+    elif node.target in _MULTIPLICATIVE:
+        if n == 1:
+            sigs.append(AxisSig((P,), P))  # tensor times a scalar
+        elif n == 2:
+            sigs.append(AxisSig((P, B), P))
+            if node.target == "aten.mul.Tensor":
+                sigs.append(AxisSig((B, P), P))
+    return sigs
+
+
+# --------------------------------------------------------------------------- views
+def view_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of source dims with runs of destination dims of equal element count."""
+    groups, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        gi, gj, pi, pj = [], [], 1, 1
+        if i < len(src):
+            gi.append(i); pi *= src[i]; i += 1  # noqa: E702
+        if j < len(dst):
+            gj.append(j); pj *= dst[j]; j += 1  # noqa: E702
+        while pi != pj:
+            if pi < pj and i < len(src):
+                gi.append(i); pi *= src[i]; i += 1  # noqa: E702
+            elif j < len(dst):
+                gj.append(j); pj *= dst[j]; j += 1  # noqa: E702
+            else:
+                raise AssertionError(f"view {src} -> {dst}: element counts differ")
+        groups.append((gi, gj))
+    return groups
+
+
+@rule("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+      "aten.unsqueeze.default", "aten.squeeze.dim", "aten.flatten.using_ints",
+      "aten.unflatten.int")
+def _view(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    src, dst = ins[0].shape, node.out.shape
+    sigs = [_replicated(1), AxisSig((P,), P)]
+    for gi, gj in view_groups(src, dst):
+        a = next((d for d in gi if src[d] > 1), None)
+        b = next((d for d in gj if dst[d] > 1), None)
+        if a is not None and b is not None:
+            sigs.append(AxisSig((S(a),), S(b)))
+    return sigs
+
+
+@rule("aten.expand.default")
+def _expand(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    sigs = [_replicated(1), AxisSig((P,), P)]
+    out, r = node.out, node.out.ndim
+    for d in range(r):
+        dj = d - (r - ins[0].ndim)
+        if out.shape[d] <= 1:
+            continue
+        same = dj >= 0 and ins[0].shape[dj] == out.shape[d]
+        sigs.append(AxisSig((S(dj) if same else B,), S(d)))
+    return sigs
+
+
+def _permutation(node: OpNode, ndim: int) -> list[int]:
+    """out dim d reads input dim perm[d]."""
+    perm = list(range(ndim))
+    if node.target == "aten.t.default":
+        perm.reverse()
+    elif node.target == "aten.transpose.int":
+        d0, d1 = (int(x) % ndim for x in node.args[1:3])
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    else:
+        perm = [int(x) % ndim for x in node.args[1]]
+    return perm
+
+
+@rule("aten.t.default", "aten.transpose.int", "aten.permute.default")
+def _permute(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    perm = _permutation(node, ins[0].ndim)
+    sigs = [_replicated(1), AxisSig((P,), P)]
+    sigs += [AxisSig((S(perm[d]),), S(d)) for d in range(node.out.ndim) if node.out.shape[d] > 1]
+    return sigs
+
+
+# --------------------------------------------------------------------------- contractions
+def _matmul_sigs(a: TensorMeta, b: TensorMeta, out: TensorMeta, b_transposed: bool) -> list:
+    """(A, B) pairs for out = A @ B (or A @ B^T); batch dims of A/B aligned with out's."""
+    r = out.ndim
+    sigs = [((B, B), B), ((P, B), P), ((B, P), P)]
+    for d in range(r - 1 if b.ndim > 1 else r):  # batch and row dims of out
+        da = d - (r - a.ndim)
+        db = d - (r - b.ndim) if (d < r - 2 and b.ndim > 2) else -1
+        if out.shape[d] <= 1 or da < 0:
+            continue
+        pb = S(db) if db >= 0 and b.shape[db] == out.shape[d] else B
+        sigs.append(((S(da), pb), S(d)))
+    k_a = a.ndim - 1
+    if b.ndim == 1:
+        return sigs + [((S(k_a), S(0)), P)]
+    if b_transposed:  # B is (n, k)
+        n_b, k_b = b.ndim - 2, b.ndim - 1
+    else:  # B is (..., k, n)
+        k_b, n_b = b.ndim - 2, b.ndim - 1
+    sigs.append(((B, S(n_b)), S(r - 1)))  # column parallel
+    sigs.append(((S(k_a), S(k_b)), P))  # row parallel: contraction split
+    return sigs
+
+
+@rule("aten.linear.default")
+def _linear(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    sigs = []
+    for (pa, pw), po in _matmul_sigs(ins[0], ins[1], node.out, b_transposed=True):
+        if len(ins) == 2:
+            sigs.append(AxisSig((pa, pw), po))
+        elif po == P:  # the bias is added once: on coordinate 0 only
+            sigs.append(AxisSig((pa, pw, B), po, frozenset({2})))
+        else:
+            pb = S(0) if po == S(node.out.ndim - 1) else B
+            sigs.append(AxisSig((pa, pw, pb), po))
+    return sigs
+
+
+@rule("aten.mm.default", "aten.bmm.default", "aten.matmul.default")
+def _mm(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    return [AxisSig(p, o) for p, o in _matmul_sigs(ins[0], ins[1], node.out, False)]
+
+
+@rule("aten.addmm.default")
+def _addmm(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    bias = ins[0]
+    sigs = []
+    for (pa, pb), po in _matmul_sigs(ins[1], ins[2], node.out, False):
+        if po == P:
+            sigs.append(AxisSig((B, pa, pb), P, frozenset({0})))
+            continue
+        d = None if po == B else int(po[2:-1])
+        dj = None if d is None else d - (node.out.ndim - bias.ndim)
+        ok = dj is not None and dj >= 0 and bias.shape[dj] == node.out.shape[d]
+        sigs.append(AxisSig((S(dj) if ok else B, pa, pb), po))
+    return sigs
+
+
+@rule("aten.scaled_dot_product_attention.default")
+def _sdpa(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    q, k = ins[0], ins[1]
+    n = len(ins)
+    sigs = [_replicated(n)]
+    for d in (0, 1):  # batch, heads
+        if d == 1 and q.shape[1] != k.shape[1]:
+            continue  # grouped-query attention: heads do not align
+        extra = []
+        for m in ins[3:]:  # an attention mask broadcasts onto (b, h, sq, sk)
+            dm = d - (4 - m.ndim)
+            extra.append(S(dm) if dm >= 0 and m.shape[dm] == q.shape[d] else B)
+        sigs.append(AxisSig((S(d), S(d), S(d), *extra), S(d)))
+    return sigs
+
+
+@rule("aten.embedding.default")
+def _embedding(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    weight, idx = ins
+    sigs = [_replicated(2)]
+    sigs += [AxisSig((B, S(d)), S(d)) for d in range(idx.ndim) if idx.shape[d] > 1]
+    sigs.append(AxisSig((S(1), B), S(node.out.ndim - 1)))
+    sigs.append(AxisSig((S(0), B), P, vocab=True))
+    return sigs
+
+
+# --------------------------------------------------------------------------- normalizations
+@rule("aten.layer_norm.default", "aten.rms_norm.default")
+def _layer_norm(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    x = ins[0]
+    normalized = len(node.args[1])
+    others = (B,) * (len(ins) - 1)
+    sigs = [_replicated(len(ins))]
+    sigs += [AxisSig((S(d), *others), S(d)) for d in range(x.ndim - normalized) if x.shape[d] > 1]
+    return sigs
+
+
+@rule("aten._softmax.default", "aten.softmax.int", "aten._log_softmax.default",
+      "aten.log_softmax.int")
+def _softmax(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    x = ins[0]
+    dim = int(node.args[1]) % x.ndim
+    sigs = [_replicated(1)]
+    sigs += [AxisSig((S(d),), S(d)) for d in range(x.ndim) if d != dim and x.shape[d] > 1]
+    return sigs
+
+
+# --------------------------------------------------------------------------- reductions, losses
+def _reduction_sigs(x: TensorMeta, dims: set[int], keepdim: bool, mean: bool) -> list[AxisSig]:
+    sigs = [_replicated(1), AxisSig((P,), P)]
+    kept = [d for d in range(x.ndim) if d not in dims]
+    for d in range(x.ndim):
+        if x.shape[d] <= 1:
+            continue
+        if d in dims:
+            sigs.append(AxisSig((S(d),), P, scale=mean))
+        else:
+            sigs.append(AxisSig((S(d),), S(d if keepdim else kept.index(d))))
+    return sigs
+
+
+@rule("aten.sum.dim_IntList", "aten.mean.dim", "aten.sum.default", "aten.mean.default")
+def _reduce(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    x = ins[0]
+    dims_arg = node.arg(1, "dim") if node.target.endswith(("dim_IntList", ".dim")) else None
+    if dims_arg is None or dims_arg == ():
+        dims = set(range(x.ndim))
+    else:
+        dims_arg = dims_arg if isinstance(dims_arg, (list, tuple)) else (dims_arg,)
+        dims = {int(d) % x.ndim for d in dims_arg}
+    keepdim = bool(node.arg(2, "keepdim", False))
+    return _reduction_sigs(x, dims, keepdim, node.target.startswith("aten.mean"))
+
+
+_MEAN = 1  # torch's Reduction enum: 0 none, 1 mean, 2 sum
+
+
+@rule("aten.cross_entropy_loss.default", "aten.nll_loss.default")
+def _cross_entropy(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    logits, target = ins[0], ins[1]
+    reduction = node.arg(3, "reduction", _MEAN)
+    if reduction not in (1, 2) or (len(ins) > 2):
+        return [_replicated(len(ins))]
+    sigs = [_replicated(2)]
+    for d in range(logits.ndim):
+        if d == 1 or logits.shape[d] <= 1 or logits.ndim == 1:
+            continue
+        dt = d if d == 0 else d - 1
+        sigs.append(AxisSig((S(d), S(dt)), P, scale=reduction == _MEAN))
+    return sigs
+
+
+@rule("aten.mse_loss.default")
+def _mse(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    reduction = node.arg(2, "reduction", _MEAN)
+    if reduction not in (1, 2) or ins[0].shape != ins[1].shape:
+        return [_replicated(2)]
+    sigs = [_replicated(2)]
+    sigs += [AxisSig((S(d), S(d)), P, scale=reduction == _MEAN)
+             for d in range(ins[0].ndim) if ins[0].shape[d] > 1]
+    return sigs
+
+
+# --------------------------------------------------------------------------- n-axis signatures
+def leaf_signatures(node: OpNode, mesh_shape: Sequence[int]) -> list[Signature]:
+    """Placements of a parameter or input: B or S(d) on each axis (never P)."""
+    options = [B] + [S(d) for d in range(node.out.ndim) if node.out.shape[d] > 1]
+    out = []
+    for combo in itertools.product(*[options if n > 1 else [B] for n in mesh_shape]):
+        if is_valid(combo, node.out.shape, mesh_shape):
+            out.append(Signature((), tuple(combo), (), ()))
+    return out
+
+
+def axis_signatures(node: OpNode, graph: OpGraph) -> list[AxisSig]:
+    """The one-axis signatures of an operator node."""
+    fn = RULES.get(node.target)
+    if fn is None:
+        raise NoRuleError(f"operator {node.target} ({node.name}) has no sharding rule")
+    return fn(node, [graph[i].out for i in node.inputs])
+
+
+def signatures(node: OpNode, graph: OpGraph, mesh_shape: Sequence[int]) -> list[Signature]:
+    """Every legal n-axis signature of ``node`` on a mesh of ``mesh_shape``."""
+    if node.kind != "op":
+        return leaf_signatures(node, mesh_shape)
+    one_axis = axis_signatures(node, graph)
+    ins = [graph[i].out for i in node.inputs]
+    needs_grad = [graph[i].requires_grad for i in node.inputs]
+    trivial = _replicated(len(ins))
+    seen: dict[tuple, Signature] = {}
+    for combo in itertools.product(*[one_axis if n > 1 else [trivial] for n in mesh_shape]):
+        in_pl = tuple(tuple(a.ins[i] for a in combo) for i in range(len(ins)))
+        out_pl = tuple(a.out for a in combo)
+        if not is_valid(out_pl, node.out.shape, mesh_shape):
+            continue
+        if not all(is_valid(p, t.shape, mesh_shape) for p, t in zip(in_pl, ins)):
+            continue
+        grads = tuple(
+            tuple(input_grad(a, o) for a, o in zip(pl, out_pl)) if g else None
+            for pl, g in zip(in_pl, needs_grad)
+        )
+        key = (in_pl, out_pl)
+        if key not in seen:
+            seen[key] = Signature(in_pl, out_pl, grads, tuple(combo))
+    return list(seen.values())
+
+
+def check_rules(graph: OpGraph) -> None:
+    """Raise one error listing every operator without a sharding rule, with counts."""
+    missing = Counter(n.target for n in graph.ops if n.target not in RULES)
+    if missing:
+        listed = ", ".join(f"{t} (x{c})" for t, c in missing.most_common())
+        raise NoRuleError(
+            f"{sum(missing.values())} operator(s) have no sharding rule: {listed}; "
+            "add a rule in autoddl/engine/rules.py"
+        )
