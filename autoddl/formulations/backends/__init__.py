@@ -1,0 +1,97 @@
+"""Solver backends for :class:`~autoddl.formulations.milp.MILP`: one ``solve`` call, many solvers.
+
+===================  =========================================================================
+name                 solver and API
+===================  =========================================================================
+``highs``            HiGHS via ``highspy``; the model is passed as numpy CSC arrays in one call
+``ortools-highs``    HiGHS bundled in OR-Tools, via ``ortools.linear_solver.pywraplp``
+``ortools-scip``     SCIP via ``pywraplp``
+``ortools-cbc``      CBC via ``pywraplp``
+``ortools-cpsat``    CP-SAT via ``ortools.sat.python.cp_model`` (all columns integer, see below)
+``pulp-cbc``         PuLP's bundled CBC binary (``PULP_CBC_CMD``)
+``pulp-highs``       PuLP's in-process HiGHS class (``pulp.HiGHS``, which drives ``highspy``)
+===================  =========================================================================
+
+OR-Tools MIP solvers use ``pywraplp`` (MPSolver) rather than MathOpt because it is the only
+OR-Tools API reaching HiGHS, SCIP and CBC alike, loads a whole model as one proto, is silent by
+default, and MathOpt's HiGHS is the path known to crash after ``import pulp``. CP-SAT uses its own
+``cp_model`` API because it needs an integer model whose scaling we control; see
+:class:`~autoddl.formulations.backends._ortools.CpSatBackend` for the exact rules (every column
+integer, finite bounds required, objective scaled by a power of two to ~2**50, result objective
+recomputed as ``milp.evaluate(x)``).
+
+Every result is normalized the same way: ``x`` as float64 with integer columns ``np.round``-ed,
+``objective = milp.evaluate(x)`` (offset included), ``bound`` the best dual bound (offset included;
+the objective itself for a pure LP or when a solver proves optimality without reporting a bound),
+``gap = relative_gap(objective, bound)``, ``time_s`` the wall time of the call, and status
+OPTIMAL / FEASIBLE / INFEASIBLE / NO_SOLUTION / ERROR (with ``message``). Solvers are silent on
+stdout, use at most 2 threads, and give the same answer for the same input (absent time limits).
+
+No solver library is imported by this module: each backend imports its package inside its own
+functions, in an order that lets all of them live in one process (``import pulp`` first would break
+OR-Tools' HiGHS, so the PuLP backends load OR-Tools before pulp).
+"""
+
+from __future__ import annotations
+
+from autoddl.errors import UserError
+from autoddl.formulations.backends._common import Backend
+from autoddl.formulations.backends._highs import HighsBackend
+from autoddl.formulations.backends._ortools import CpSatBackend, PywraplpBackend
+from autoddl.formulations.backends._pulp import PulpBackend
+from autoddl.formulations.milp import MILP, SolveResult
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "available_backends", "get_backend", "solve"]
+
+DEFAULT_BACKEND = "highs"
+
+#: Every backend, by name, in order of preference.
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        HighsBackend(),
+        PywraplpBackend("ortools-highs", "HIGHS"),
+        PywraplpBackend("ortools-scip", "SCIP"),
+        PywraplpBackend("ortools-cbc", "CBC"),
+        CpSatBackend(),
+        PulpBackend("pulp-cbc", "cbc"),
+        PulpBackend("pulp-highs", "highs"),
+    )
+}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this environment, in :data:`BACKENDS` order."""
+    return [name for name, b in BACKENDS.items() if b.available()]
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; :class:`UserError` if unknown or its package is missing."""
+    backend = BACKENDS.get(name)
+    if backend is None:
+        raise UserError(f"unknown solver backend {name!r}; known backends: {', '.join(BACKENDS)}")
+    if not backend.available():
+        raise UserError(f"solver backend {name!r} is not available here: "
+                        f"install it with `pip install {backend.package}`")
+    return backend
+
+
+def solve(
+    milp: MILP,
+    backend: str = DEFAULT_BACKEND,
+    time_limit_s: float | None = None,
+    mip_rel_gap: float = 1e-6,
+) -> SolveResult:
+    """Minimize ``milp`` with the named backend and return a normalized :class:`SolveResult`.
+
+    ``time_limit_s`` (None: unlimited) bounds the solver's run; when it is hit, the status is
+    FEASIBLE with the best solution found or NO_SOLUTION. ``mip_rel_gap`` is the relative gap at
+    which a MIP counts as solved (status OPTIMAL). Raises :class:`UserError` for an unknown or
+    unavailable backend, or a model the backend cannot take (CP-SAT with infinite bounds).
+    """
+    if time_limit_s is not None and not time_limit_s > 0:
+        raise UserError(f"time limit must be positive seconds, got {time_limit_s}")
+    if not 0 <= mip_rel_gap < 1:
+        raise UserError(f"mip_rel_gap must be in [0, 1), got {mip_rel_gap}")
+    milp.check()
+    return get_backend(backend).solve(milp, time_limit_s, mip_rel_gap)

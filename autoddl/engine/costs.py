@@ -1,0 +1,254 @@
+"""Costs of signatures and edges on one mesh: seconds, bytes, memory per device.
+
+* **Edge** ``u -> v`` (argument i), producer output placement ``a``, consumer signature reading
+  ``in`` and returning gradient ``g``: forward the collectives of ``a -> in``, backward those of
+  ``g -> grad_target(a)`` (only when the tensor carries a gradient), each step costing
+  ``bytes / axis bandwidth + latency steps × axis latency`` (:mod:`autoddl.engine.placements`).
+  A weight's gradient synchronisation is the backward of its edges: a ``B`` weight read by
+  batch-split work returns a ``P`` gradient, all-reduced; a split weight gathered for its consumer
+  gets its gradient reduce-scattered (ZeRO-3/FSDP).
+* **Node**: the redundant-compute charge. Replicating every op moves no bytes, so a bare bandwidth
+  objective would make "every device computes everything" optimal. A signature whose work is
+  divided over ``D`` of the mesh's ``N`` devices (``D`` = product of the axes on which its output
+  is not ``B``) is charged ``3 · flops · (1/D − 1/N) / peak`` seconds (forward + backward); zero
+  when split over every axis. Among plans that divide the work the objective is exactly the
+  bandwidth cost.
+* **Memory per device**: each weight's piece × (weight + gradient + optimizer states); each op's
+  output piece (kept for backward); and a consumer that saves its inputs (matmuls, attention)
+  keeps its own copy of an input that had to be converted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from autoddl.engine.cluster import Cluster, Mesh
+from autoddl.engine.graph import OpGraph
+from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
+from autoddl.engine.rules import Signature, signatures
+from autoddl.errors import UserError
+from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem
+
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+
+SAVES_INPUTS = {
+    "aten.linear.default", "aten.mm.default", "aten.bmm.default", "aten.matmul.default",
+    "aten.addmm.default", "aten.scaled_dot_product_attention.default",
+}
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What a training step keeps in memory besides activations."""
+
+    optimizer: str = "adam"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZER_STATES:
+            raise UserError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}"
+            )
+
+    @property
+    def state_copies(self) -> int:
+        """Copies of each weight kept per device: weight, gradient, optimizer states."""
+        return 2 + OPTIMIZER_STATES[self.optimizer]
+
+
+def step_seconds(step: Step, mesh: Mesh) -> float:
+    """Time of one step under the α-β model of its mesh axis."""
+    if step.bytes_per_device == 0 and step.latency_steps == 0:
+        return 0.0
+    ax = mesh.axes[step.axis]
+    return step.bytes_per_device / (ax.bandwidth_gbps * 1e9) + step.latency_steps * ax.latency_s
+
+
+def steps_seconds(steps: Sequence[Step], mesh: Mesh) -> float:
+    """Total time of a list of steps."""
+    return sum(step_seconds(s, mesh) for s in steps)
+
+
+@dataclass(frozen=True, eq=False)
+class CostedGraph:
+    """A graph's signatures on one mesh and the :class:`ShardingProblem` they define."""
+
+    graph: OpGraph
+    mesh: Mesh
+    cluster: Cluster
+    config: TrainingConfig
+    sigs: dict[str, list[Signature]]
+    problem: ShardingProblem
+    index: dict[str, int] = field(default_factory=dict)
+
+
+def _keys(items: list) -> tuple[np.ndarray, list]:
+    """Map each item to the index of its distinct value (first-seen order)."""
+    seen: dict = {}
+    idx = np.array([seen.setdefault(it, len(seen)) for it in items], dtype=np.int64)
+    return idx, list(seen)
+
+
+def node_compute_penalty_s(flops: float, out: Placement, mesh: Mesh, peak_flops: float) -> float:
+    """Seconds of forward+backward work a signature repeats instead of dividing."""
+    d = 1
+    for p, ax in zip(out, mesh.axes):
+        if p != "B":
+            d *= ax.size
+    return 3.0 * flops * (1.0 / d - 1.0 / mesh.num_devices) / peak_flops
+
+
+def node_memory_bytes(node, sig: Signature, mesh: Mesh, config: TrainingConfig) -> float:
+    """Per-device bytes a node's signature keeps: weight states, or its saved output."""
+    piece = node.out.nbytes * local_fraction(sig.out, mesh.shape)
+    if node.kind == "param":
+        return piece * (config.state_copies if node.requires_grad else 1)
+    if node.kind == "op" and node.requires_grad:
+        return piece
+    return 0.0
+
+
+def edge_steps(nbytes: float, src_out: Placement, dst_in: Placement, dst_grad: Placement | None,
+               mesh: Mesh) -> tuple[list[Step] | None, list[Step]]:
+    """Forward and backward steps of one edge (forward None when forbidden)."""
+    fwd = reshard_steps(src_out, dst_in, nbytes, mesh.shape)
+    bwd: list[Step] = []
+    if dst_grad is not None and fwd is not None:
+        target = tuple(grad_target(p) for p in src_out)
+        bwd = reshard_steps(dst_grad, target, nbytes, mesh.shape) or []
+    return fwd, bwd
+
+
+def loss_steps(graph: OpGraph, placement: Placement, mesh: Mesh) -> list[Step]:
+    """Steps that make the loss whole (``B``) on every device, forward only."""
+    steps = reshard_steps(placement, ("B",) * len(placement), graph[graph.loss].out.nbytes,
+                          mesh.shape)
+    assert steps is not None
+    return steps
+
+
+def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
+                  config: TrainingConfig = TrainingConfig()) -> CostedGraph:
+    """Signatures and costs of every node and edge of ``graph`` on ``mesh``."""
+    sigs = {n.name: signatures(n, graph, mesh.shape) for n in graph.nodes}
+    index = {n.name: i for i, n in enumerate(graph.nodes)}
+    nodes = []
+    for n in graph.nodes:
+        ss = sigs[n.name]
+        if not ss:
+            raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
+        cost = np.array([node_compute_penalty_s(n.flops, s.out, mesh, cluster.peak_flops)
+                         if n.kind == "op" else 0.0 for s in ss])
+        if n.name == graph.loss:  # the loss value is made whole on every device
+            cost += [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
+        mem = np.array([node_memory_bytes(n, s, mesh, config) for s in ss])
+        nodes.append(NodeChoices(n.name, cost, mem))
+    edges = []
+    for n in graph.nodes:
+        for i, src in enumerate(n.inputs):
+            src_key, src_vals = _keys([s.out for s in sigs[src]])
+            dst_key, dst_vals = _keys([(s.ins[i], s.grads[i]) for s in sigs[n.name]])
+            nbytes = graph[src].out.nbytes
+            cost = np.full((len(src_vals), len(dst_vals)), np.inf)
+            mem = np.zeros_like(cost)
+            saves = n.target in SAVES_INPUTS
+            for a, pa in enumerate(src_vals):
+                for b, (pin, pgrad) in enumerate(dst_vals):
+                    fwd, bwd = edge_steps(nbytes, pa, pin, pgrad, mesh)
+                    if fwd is None:
+                        continue
+                    cost[a, b] = steps_seconds(fwd, mesh) + steps_seconds(bwd, mesh)
+                    if saves and pa != pin:
+                        mem[a, b] = nbytes * local_fraction(pin, mesh.shape)
+            edges.append(EdgeChoices(index[src], index[n.name], src_key, dst_key, cost, mem))
+    problem = ShardingProblem(tuple(nodes), tuple(edges), float(cluster.memory_per_device_bytes))
+    return CostedGraph(graph, mesh, cluster, config, sigs, problem, index)
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One predicted collective: which edge, which pass, which axis, what kind, how many bytes."""
+
+    src: str
+    dst: str
+    index: int
+    direction: str  # "forward" or "backward"
+    axis: str
+    kind: str
+    bytes_per_device: float
+    seconds: float
+
+
+def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> list[Collective]:
+    """Every collective step the plan runs in one training step (local steps omitted)."""
+    out = []
+    mesh = costed.mesh
+    for n in costed.graph.nodes:
+        sv = choice[n.name]
+        for i, src in enumerate(n.inputs):
+            fwd, bwd = edge_steps(costed.graph[src].out.nbytes, choice[src].out, sv.ins[i],
+                                  sv.grads[i], mesh)
+            assert fwd is not None, f"plan converts {src}->{n.name} in a forbidden way"
+            for direction, steps in (("forward", fwd), ("backward", bwd)):
+                for st in steps:
+                    if st.kind in ("slice", "mask", "none"):
+                        continue
+                    out.append(Collective(src, n.name, i, direction, mesh.axes[st.axis].name,
+                                          st.kind, st.bytes_per_device, step_seconds(st, mesh)))
+    for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
+        if st.kind not in ("slice", "mask", "none"):
+            out.append(Collective(costed.graph.loss, "output", 0, "forward",
+                                  mesh.axes[st.axis].name, st.kind, st.bytes_per_device,
+                                  step_seconds(st, mesh)))
+    return out
+
+
+def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
+    """Cost and memory of a plan: totals, per mesh axis, per collective kind, memory parts."""
+    mesh, graph = costed.mesh, costed.graph
+    colls = predicted_collectives(costed, choice)
+    per_axis: dict[str, dict[str, float]] = {
+        a.name: {"bytes": 0.0, "seconds": 0.0, "count": 0} for a in mesh.axes}
+    per_kind: dict[str, dict[str, float]] = defaultdict(lambda: {"bytes": 0.0, "seconds": 0.0,
+                                                                 "count": 0})
+    for c in colls:
+        for bucket in (per_axis[c.axis], per_kind[c.kind]):
+            bucket["bytes"] += c.bytes_per_device
+            bucket["seconds"] += c.seconds
+            bucket["count"] += 1
+    bandwidth_s = sum(c.seconds for c in colls)
+    penalty_s = sum(node_compute_penalty_s(n.flops, choice[n.name].out, mesh,
+                                           costed.cluster.peak_flops)
+                    for n in graph.ops)
+    compute_s = 0.0
+    for n in graph.ops:
+        d = 1
+        for p, ax in zip(choice[n.name].out, mesh.axes):
+            d *= ax.size if p != "B" else 1
+        compute_s += 3.0 * n.flops / d / costed.cluster.peak_flops
+    mem = {"weights_bytes": 0.0, "activations_bytes": 0.0, "converted_inputs_bytes": 0.0}
+    for n in graph.nodes:
+        b = node_memory_bytes(n, choice[n.name], mesh, costed.config)
+        mem["weights_bytes" if n.kind == "param" else "activations_bytes"] += b
+        if n.target in SAVES_INPUTS:
+            for i, src in enumerate(n.inputs):
+                pin = choice[n.name].ins[i]
+                if choice[src].out != pin:
+                    mem["converted_inputs_bytes"] += (
+                        graph[src].out.nbytes * local_fraction(pin, mesh.shape))
+    mem["per_device_bytes"] = sum(mem.values())
+    mem["capacity_bytes"] = float(costed.cluster.memory_per_device_bytes)
+    return {
+        "total_s": bandwidth_s + penalty_s,
+        "bandwidth_s": bandwidth_s,
+        "redundant_compute_s": penalty_s,
+        "compute_s": compute_s,
+        "step_time_s": compute_s + bandwidth_s,  # no overlap assumed: an upper estimate
+        "bytes_per_device": sum(c.bytes_per_device for c in colls),
+        "per_axis": per_axis,
+        "per_kind": dict(sorted(per_kind.items())),
+        "memory": mem,
+    }

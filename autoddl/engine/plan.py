@@ -1,0 +1,209 @@
+"""Plans as plain data: placements keyed by mesh-axis name, the predicted cost, the solver's proof.
+
+A plan file is JSON with ``schema_version``; :func:`save_plan` writes it atomically (a temporary
+file in the same folder, then a rename), so a crash never leaves half a plan behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoddl.errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OpPlacement:
+    """One node's planned placements: output, each tensor input as read, each input's gradient."""
+
+    name: str
+    target: str
+    out: dict[str, str]
+    ins: tuple[dict[str, str], ...] = ()
+    grads: tuple[dict[str, str] | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A solved parallelization plan."""
+
+    model: dict[str, Any]
+    cluster: dict[str, Any]
+    mesh: dict[str, Any]
+    training: dict[str, Any]
+    ops: tuple[OpPlacement, ...]
+    cost: dict[str, Any]
+    memory: dict[str, Any]
+    solver: dict[str, Any]
+    candidates: tuple[dict[str, Any], ...] = ()
+    schema_version: int = SCHEMA_VERSION
+    _by_name: dict[str, OpPlacement] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {o.name: o for o in self.ops})
+
+    def op(self, name: str) -> OpPlacement:
+        """The placements of node ``name``."""
+        return self._by_name[name]
+
+    @property
+    def axis_names(self) -> list[str]:
+        """The mesh's axis names, outermost first."""
+        return [a["name"] for a in self.mesh["axes"]]
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        """The mesh's axis sizes."""
+        return tuple(int(a["size"]) for a in self.mesh["axes"])
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the plan runs on."""
+        n = 1
+        for s in self.mesh_shape:
+            n *= s
+        return n
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        d = asdict(self)
+        d.pop("_by_name")
+        d["ops"] = [
+            {"name": o.name, "target": o.target, "out": o.out, "in": list(o.ins),
+             "grad": list(o.grads)}
+            for o in self.ops
+        ]
+        d["candidates"] = list(self.candidates)
+        return {"schema_version": d.pop("schema_version"), **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        """Inverse of :meth:`to_dict` (checks the schema version)."""
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise UserError(
+                f"plan file has schema_version {version!r}; this autoddl reads version "
+                f"{SCHEMA_VERSION}: re-run `autoddl plan` to regenerate it"
+            )
+        try:
+            ops = tuple(
+                OpPlacement(o["name"], o["target"], dict(o["out"]),
+                            tuple(dict(i) for i in o["in"]),
+                            tuple(None if g is None else dict(g) for g in o["grad"]))
+                for o in d["ops"]
+            )
+            return cls(model=d["model"], cluster=d["cluster"], mesh=d["mesh"],
+                       training=d["training"], ops=ops, cost=d["cost"], memory=d["memory"],
+                       solver=d["solver"], candidates=tuple(d.get("candidates", ())),
+                       schema_version=version)
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"plan file is malformed: missing or bad field {exc}") from None
+
+
+def save_plan(plan: Plan, path: str | os.PathLike) -> None:
+    """Write ``plan`` as JSON, atomically."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise UserError(f"cannot write plan: folder {str(path.parent)!r} does not exist")
+    text = json.dumps(plan.to_dict(), indent=1, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read a plan file written by :func:`save_plan`."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"plan file {str(path)!r} not found; create it with `autoddl plan`") from None
+    except OSError as exc:
+        raise UserError(f"cannot read plan file {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"plan file {str(path)!r} is not valid JSON ({exc.msg}, line {exc.lineno})")
+    if not isinstance(data, dict):
+        raise UserError(f"plan file {str(path)!r} is not a JSON object")
+    return Plan.from_dict(data)
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(b) < 1024 or unit == "TiB":
+            return f"{b:.1f} {unit}" if unit != "B" else f"{b:.0f} B"
+        b /= 1024
+    return f"{b:.1f} TiB"
+
+
+def _fmt_s(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def summary(plan: Plan) -> str:
+    """A short human-readable table of a plan: mesh, cost by axis and kind, memory, solver."""
+    c, m, s = plan.cost, plan.memory, plan.solver
+    axes = " × ".join(f"{a['name']}={a['size']} ({a['bandwidth_gbps']:g} GB/s)"
+                      for a in plan.mesh["axes"])
+    gap = "n/a" if s.get("gap") is None else f"{100 * s['gap']:.3g} %"
+    lines = [
+        f"model    {plan.model['spec']}  ({plan.model['num_params']:,} parameters, "
+        f"{plan.model['num_ops']} ops)",
+        f"cluster  {plan.cluster.get('spec') or plan.cluster['name']}  "
+        f"({plan.num_devices} devices)",
+        f"mesh     {axes}",
+        f"solver   {s['backend']}: {s['status']}, objective {_fmt_s(s['objective'])}, "
+        f"gap {gap}, {s['time_s']:.2f} s over {len(plan.candidates)} mesh(es)",
+        "",
+        f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
+        f"{'  total (objective)':<28}{_fmt_s(c['total_s']):>14}",
+        f"{'  bandwidth':<28}{_fmt_s(c['bandwidth_s']):>14}{_fmt_bytes(c['bytes_per_device']):>16}",
+        f"{'  redundant compute':<28}{_fmt_s(c['redundant_compute_s']):>14}",
+    ]
+    for name, v in c["per_axis"].items():
+        lines.append(f"{'  axis ' + name:<28}{_fmt_s(v['seconds']):>14}"
+                     f"{_fmt_bytes(v['bytes']):>16}{v['count']:>7}")
+    for name, v in c["per_kind"].items():
+        lines.append(f"{'  ' + name:<28}{_fmt_s(v['seconds']):>14}"
+                     f"{_fmt_bytes(v['bytes']):>16}{v['count']:>7}")
+    lines += [
+        f"{'estimated step time':<28}{_fmt_s(c['step_time_s']):>14}   (compute + communication)",
+        "",
+        f"memory per device  {_fmt_bytes(m['per_device_bytes'])} of "
+        f"{_fmt_bytes(m['capacity_bytes'])}  (weights+grads+optimizer "
+        f"{_fmt_bytes(m['weights_bytes'])}, activations {_fmt_bytes(m['activations_bytes'])}, "
+        f"converted inputs {_fmt_bytes(m['converted_inputs_bytes'])})",
+    ]
+    return "\n".join(lines)
+
+
+def explain(plan: Plan, name: str) -> str:
+    """One node's placements in words."""
+    o = plan.op(name)
+    ins = ", ".join("·".join(i.values()) for i in o.ins)
+    return f"{o.name} [{o.target}]: ({ins}) -> {'·'.join(o.out.values())}"
+
+
+def diff(a: Plan, b: Plan) -> list[str]:
+    """Nodes whose placements differ between two plans of the same model."""
+    out = []
+    for o in a.ops:
+        if o.name in b._by_name and (b.op(o.name).out, b.op(o.name).ins) != (o.out, o.ins):
+            out.append(f"{explain(a, o.name)}  vs  {explain(b, o.name)}")
+    return out

@@ -1,0 +1,256 @@
+"""Execute a captured graph on local shards, exactly as planned.
+
+Every tensor lives as one device's *local* piece plus the placement the plan gave it. For each
+edge the executor converts the producer's piece to the placement the consumer's signature reads
+(:func:`autoddl.engine.placements.reshard_steps`, one mesh axis at a time, through DTensor's
+redistribute), runs the ATen operator on local pieces, and declares the planned output placement.
+The conversion is an autograd function whose backward runs the gradient's planned steps (the
+consumer's gradient placement back to the producer's), so forward *and* backward move exactly the
+bytes the cost model predicted. DTensor's own sharding propagation is never used: a legal
+signature makes local execution correct by construction.
+
+Local execution needs three adjustments, flagged by the rules (:mod:`autoddl.engine.rules`):
+masked additive inputs (only coordinate 0 of an axis adds a bias under a ``P`` output), means over
+a split dim (scaled by 1/axis size), and row-split embedding tables (look up owned rows only).
+Arguments that carry global sizes (view, reshape, expand) get the local sizes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+from autoddl.engine.graph import OpGraph
+from autoddl.engine.placements import (
+    Placement, Step, grad_target, local_shape, reshard_steps, split_dim,
+)
+from autoddl.engine.plan import Plan
+from autoddl.engine.rules import Signature, signatures
+
+_SIZE_ARG_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+                 "aten.expand.default"}
+
+
+def to_dtensor_placements(placement: Placement) -> list:
+    """autoddl placement strings as DTensor placements."""
+    out = []
+    for p in placement:
+        if p == "B":
+            out.append(Replicate())
+        elif p == "P":
+            out.append(Partial())
+        else:
+            out.append(Shard(split_dim(p)))
+    return out
+
+
+@dataclass
+class CommLog:
+    """Collectives the executor ran: (direction, axis name, kind) -> [count, bytes sent/device]."""
+
+    entries: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    direction: str = "forward"
+
+    def add(self, axis: str, kind: str, nbytes: float) -> None:
+        """Record one collective step."""
+        e = self.entries.setdefault((self.direction, axis, kind), [0, 0.0])
+        e[0] += 1
+        e[1] += nbytes
+
+    def by_kind(self) -> Counter:
+        """Counts per collective kind."""
+        c: Counter = Counter()
+        for (_, _, kind), (n, _) in self.entries.items():
+            c[kind] += int(n)
+        return c
+
+
+class Converter:
+    """Runs the steps of a placement conversion on local tensors of one mesh."""
+
+    def __init__(self, mesh: DeviceMesh, axis_names: Sequence[str], log: CommLog) -> None:
+        self.mesh = mesh
+        self.names = list(axis_names)
+        self.shape = tuple(mesh.shape)
+        self.log = log
+
+    def run(self, local: torch.Tensor, src: Placement, steps: list[Step],
+            global_shape: Sequence[int]) -> torch.Tensor:
+        """Apply ``steps`` (from placement ``src``) to the local piece ``local``."""
+        cur = list(src)
+        stride = torch.empty(global_shape, device="meta").stride()
+        for st in steps:
+            nxt = list(cur)
+            nxt[st.axis] = st.dst
+            p = self.shape[st.axis]
+            if st.kind == "mask":
+                keep = self.mesh.get_local_rank(st.axis) == 0
+                local = local if keep else torch.zeros_like(local)
+            else:
+                nbytes_before = local.numel() * local.element_size()
+                d = DTensor.from_local(local.contiguous(), self.mesh,
+                                       to_dtensor_placements(tuple(cur)), run_check=False,
+                                       shape=torch.Size(global_shape), stride=stride)
+                local = d.redistribute(self.mesh, to_dtensor_placements(tuple(nxt))).to_local()
+                if st.kind != "slice":
+                    self.log.add(self.names[st.axis], st.kind,
+                                 _sent_bytes(st.kind, p, nbytes_before))
+            cur = nxt
+        return local
+
+
+def _sent_bytes(kind: str, p: int, held: float) -> float:
+    """Bytes one device sends in a ring collective, from the bytes it held before."""
+    if kind == "all_gather":
+        return (p - 1) * held
+    if kind == "all_reduce":
+        return 2 * (p - 1) / p * held
+    return (p - 1) / p * held
+
+
+class _Reshard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, conv, src, fwd, gsrc, bwd, shape):  # type: ignore[override]
+        ctx.conv, ctx.gsrc, ctx.bwd, ctx.shape = conv, gsrc, bwd, shape
+        conv.log.direction = "forward"
+        return conv.run(x, src, fwd, shape)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        ctx.conv.log.direction = "backward"
+        out = ctx.conv.run(g, ctx.gsrc, ctx.bwd, ctx.shape)
+        return out, None, None, None, None, None, None
+
+
+def find_signature(graph: OpGraph, name: str, plan: Plan, mesh_shape) -> Signature:
+    """The rule signature matching the plan's placements for node ``name``."""
+    op = plan.op(name)
+    names = plan.axis_names
+    out = tuple(op.out[a] for a in names)
+    ins = tuple(tuple(i[a] for a in names) for i in op.ins)
+    for s in signatures(graph[name], graph, mesh_shape):
+        if s.out == out and s.ins == ins:
+            return s
+    raise ValueError(f"plan gives {name} placements {ins} -> {out}, which no rule allows")
+
+
+class ShardedExecutor:
+    """Holds the planned local parameters and runs forward (and, via autograd, backward)."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, graph: OpGraph, plan: Plan,
+                 mesh: DeviceMesh, params: dict[str, torch.Tensor]) -> None:
+        self.ep, self.graph, self.plan, self.mesh = ep, graph, plan, mesh
+        self.mesh_shape = tuple(mesh.shape)
+        self.log = CommLog()
+        self.conv = Converter(mesh, plan.axis_names, self.log)
+        self.sigs = {n.name: find_signature(graph, n.name, plan, self.mesh_shape)
+                     for n in graph.nodes}
+        self.params: dict[str, torch.nn.Parameter] = {}
+        for n in graph.params:
+            full = params[n.fqn].detach()
+            dt = distribute_tensor(full, mesh, to_dtensor_placements(self.sigs[n.name].out),
+                                   src_data_rank=None)
+            self.params[n.fqn] = torch.nn.Parameter(dt, requires_grad=n.requires_grad)
+
+    def _edge(self, src: str, dst: str, i: int, local: torch.Tensor) -> torch.Tensor:
+        s_src, s_dst = self.sigs[src], self.sigs[dst]
+        meta = self.graph[src].out
+        src_pl, in_pl, g_pl = s_src.out, s_dst.ins[i], s_dst.grads[i]
+        fwd = reshard_steps(src_pl, in_pl, meta.nbytes, self.mesh_shape)
+        assert fwd is not None
+        if g_pl is None or not local.requires_grad:
+            with torch.no_grad():
+                return self.conv.run(local, src_pl, fwd, meta.shape)
+        gsrc = tuple(grad_target(p) for p in src_pl)
+        bwd = reshard_steps(g_pl, gsrc, meta.nbytes, self.mesh_shape)
+        if not fwd and not bwd:
+            return local
+        return _Reshard.apply(local, self.conv, src_pl, fwd, g_pl, bwd, meta.shape)
+
+    def local_input(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This device's piece of a user input under its planned placement."""
+        return distribute_tensor(full, self.mesh, to_dtensor_placements(self.sigs[name].out),
+                                 src_data_rank=None).to_local()
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the graph; returns (loss local piece, loss value replicated everywhere)."""
+        env: dict[str, torch.Tensor] = {}
+        for n in self.graph.nodes:
+            if n.kind == "param":
+                env[n.name] = self.params[n.fqn].to_local()
+            elif n.kind == "input":
+                env[n.name] = self.local_input(n.name, inputs[n.name])
+        fx_nodes = {fx.name: fx for fx in self.ep.graph.nodes}
+        for n in self.graph.ops:
+            locals_ = [self._edge(src, n.name, i, env[src]) for i, src in enumerate(n.inputs)]
+            env[n.name] = self._run_op(n, fx_nodes[n.name], locals_)
+        loss = self.graph.loss
+        value = self._edge_to_replicated(loss, env[loss])
+        return env[loss], value
+
+    def _edge_to_replicated(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        src = self.sigs[name].out
+        dst = ("B",) * len(src)
+        meta = self.graph[name].out
+        fwd = reshard_steps(src, dst, meta.nbytes, self.mesh_shape)
+        if not fwd:
+            return local
+        return _Reshard.apply(local, self.conv, src, fwd, dst, [], meta.shape)
+
+    def _run_op(self, node, fx, locals_: list[torch.Tensor]) -> torch.Tensor:
+        sig = self.sigs[node.name]
+        for axis, asig in enumerate(sig.axes):
+            if self.mesh_shape[axis] > 1 and asig.masked and self.mesh.get_local_rank(axis) != 0:
+                for j in asig.masked:
+                    locals_[j] = locals_[j] * 0.0
+        index = {a.name: k for k, a in enumerate(fx.all_input_nodes)}
+
+        def sub(v: Any) -> Any:
+            if isinstance(v, torch.fx.Node):
+                return locals_[index[v.name]]
+            if isinstance(v, (list, tuple)):
+                return type(v)(sub(x) for x in v)
+            return v
+
+        args, kwargs = sub(fx.args), {k: sub(v) for k, v in fx.kwargs.items()}
+        if node.target in _SIZE_ARG_OPS:
+            args = (args[0], list(local_shape(node.out.shape, sig.out, self.mesh_shape)),
+                    *args[2:])
+        vocab_axes = [a for a, s in enumerate(sig.axes) if s.vocab and self.mesh_shape[a] > 1]
+        if vocab_axes:
+            out = self._vocab_embedding(args, vocab_axes[0])
+        else:
+            out = fx.target(*args, **kwargs)
+        for axis, asig in enumerate(sig.axes):
+            if asig.scale and self.mesh_shape[axis] > 1:
+                out = out / self.mesh_shape[axis]
+        want = local_shape(node.out.shape, sig.out, self.mesh_shape)
+        assert tuple(out.shape) == want, f"{node.name}: local shape {tuple(out.shape)} != {want}"
+        return out
+
+    def _vocab_embedding(self, args, axis: int) -> torch.Tensor:
+        weight, idx = args[0], args[1]
+        rows = weight.shape[0]
+        offset = self.mesh.get_local_rank(axis) * rows
+        shifted = idx - offset
+        valid = (shifted >= 0) & (shifted < rows)
+        out = torch.nn.functional.embedding(shifted.clamp(0, rows - 1), weight)
+        return out * valid.unsqueeze(-1).to(out.dtype)
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Every parameter's gradient gathered whole (collective: all ranks must call)."""
+        out = {}
+        for fqn, p in self.params.items():
+            if p.grad is not None:
+                out[fqn] = p.grad.full_tensor()
+        return out
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """Every parameter gathered whole (collective: all ranks must call)."""
+        return {fqn: p.detach().full_tensor() for fqn, p in self.params.items()}
+
