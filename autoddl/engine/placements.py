@@ -10,21 +10,25 @@ Conversion on one axis of size p, for T the bytes each device of that axis's gro
 tensor before the step (ring algorithms; bytes *sent per device*):
 
     ========  ==============  ============================  =================
-    from→to   collective      bytes sent per device          latency steps
+    from→to   collective      bytes sent per device          latency (α) steps
     ========  ==============  ============================  =================
     same      none            0                             0
     B→S       local slice     0                             0
     B→P       local mask      0 (keep on coordinate 0)      0
-    S(i)→S(j) all-to-all      (p−1)/p · T                   p−1
-    S→B       all-gather      (p−1) · T   (= (p−1)/p · T_full)   p−1
-    P→S       reduce-scatter  (p−1)/p · T                   p−1
-    P→B       all-reduce      2(p−1)/p · T                  2(p−1)
+    S(i)→S(j) all-to-all      (p−1)/p · T                   p
+    S→B       all-gather      (p−1) · T   (= (p−1)/p · T_full)   p
+    P→S       reduce-scatter  (p−1)/p · T                   p
+    P→B       all-reduce      2(p−1)/p · T                  2(p−1) + 1
     S→P       forbidden (a consumer that needs P must get it from P or B)
     ========  ==============  ============================  =================
 
 A multi-axis conversion is done one axis at a time, in the order :func:`reshard_steps` fixes:
 steps that shrink the local tensor first (B→S, B→P, P→S, S→S), then those that grow it (S→B,
 P→B), each group in axis order. The cost model and the runtime both follow these steps.
+
+Latency: a collective costs α (its axis's latency) per ring step plus one α to start, so one
+all-reduce, 2(p−1)+1 α, beats the all-gather and reduce-scatter that move the same bytes, 2p α:
+with equal bandwidth, fewer collectives win (plain data parallelism over ZeRO-3 when both fit).
 
 Gradients. For an operator run on local shards under a legal signature, the gradient of an input
 held ``S(d)`` is ``S(d)``; of an input held ``P`` is ``B``; of an input held ``B`` is ``B`` when the
@@ -159,13 +163,13 @@ def reshard_steps(
         p = mesh_shape[axis]
         held = nbytes * local_fraction(tuple(cur), mesh_shape)  # bytes this device holds now
         if kind == "all_to_all":
-            sent, lat = (p - 1) / p * held, p - 1
+            sent, lat = (p - 1) / p * held, p
         elif kind == "all_gather":
-            sent, lat = (p - 1) * held, p - 1
+            sent, lat = (p - 1) * held, p
         elif kind == "reduce_scatter":
-            sent, lat = (p - 1) / p * held, p - 1
+            sent, lat = (p - 1) / p * held, p
         elif kind == "all_reduce":
-            sent, lat = 2 * (p - 1) / p * held, 2 * (p - 1)
+            sent, lat = 2 * (p - 1) / p * held, 2 * (p - 1) + 1
         else:
             sent, lat = 0.0, 0
         steps.append(Step(axis, cur[axis], dst[axis], kind, sent, lat))

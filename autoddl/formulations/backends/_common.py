@@ -69,7 +69,10 @@ def compress(milp: MILP, by: str) -> Compressed:
     rows = np.asarray(milp.a_rows, dtype=np.int64)
     cols = np.asarray(milp.a_cols, dtype=np.int64)
     vals = np.asarray(milp.a_vals, dtype=np.float64)
-    major, minor, n_major = (rows, cols, milp.num_rows) if by == "row" else (cols, rows, milp.num_cols)
+    if by == "row":
+        major, minor, n_major = rows, cols, milp.num_rows
+    else:
+        major, minor, n_major = cols, rows, milp.num_cols
     if vals.size:
         order = np.lexsort((minor, major))
         major, minor, vals = major[order], minor[order], vals[order]
@@ -118,7 +121,8 @@ def finish(
     elapsed = time.perf_counter() - t0
     has_x = status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE) and x is not None
     if status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE) and not has_x:
-        status, message = SolveStatus.ERROR, message or "solver reported a solution but returned none"
+        status = SolveStatus.ERROR
+        message = message or "the solver reported a solution but returned none"
     if not has_x:
         b = bound if bound is not None and np.isfinite(bound) else None
         if status in (SolveStatus.INFEASIBLE, SolveStatus.ERROR):
@@ -133,8 +137,8 @@ def finish(
         bound = objective
     if bound is not None:
         bound = min(float(bound), objective)
-    return SolveResult(backend, status, x, objective, bound, relative_gap(objective, bound), elapsed,
-                       message, extra or {})
+    gap = relative_gap(objective, bound)
+    return SolveResult(backend, status, x, objective, bound, gap, elapsed, message, extra or {})
 
 
 #: :func:`objective_scale` keeps the largest scaled cost within [1, 2**_MAX_COST_BITS).
@@ -160,7 +164,7 @@ def objective_scale(c: np.ndarray) -> float:
 
 
 def all_bounds_finite(milp: MILP) -> bool:
-    """Whether every column has finite lower and upper bounds (then the model is never unbounded)."""
+    """Whether every column has finite bounds (then the model cannot be unbounded)."""
     return bool(np.all(np.isfinite(milp.col_lower)) and np.all(np.isfinite(milp.col_upper)))
 
 

@@ -88,7 +88,8 @@ def highs_outcome(h: Any, milp: MILP) -> tuple[SolveStatus, bool, float | None, 
     limits = {"kTimeLimit", "kIterationLimit", "kSolutionLimit", "kInterrupt", "kHighsInterrupt",
               "kObjectiveBound", "kObjectiveTarget", "kMemoryLimit"}
     if status.name in limits:
-        return (SolveStatus.FEASIBLE if has_x else SolveStatus.NO_SOLUTION), has_x, bound, status.name
+        msg = f"HiGHS: {h.modelStatusToString(status)}"
+        return (SolveStatus.FEASIBLE if has_x else SolveStatus.NO_SOLUTION), has_x, bound, msg
     return SolveStatus.ERROR, False, None, f"HiGHS: {h.modelStatusToString(status)}"
 
 

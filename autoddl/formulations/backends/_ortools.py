@@ -149,11 +149,14 @@ class PywraplpBackend(Backend):
             status = SolveStatus.INFEASIBLE
         elif code == pywraplp.Solver.UNBOUNDED and all_bounds_finite(milp):
             status = SolveStatus.INFEASIBLE
-        elif code == pywraplp.Solver.NOT_SOLVED and time_limit_s is not None:
+        elif time_limit_s is not None and code not in (pywraplp.Solver.ABNORMAL,
+                                                       pywraplp.Solver.MODEL_INVALID):
+            # NOT_SOLVED, or 99 (unknown): OR-Tools' HiGHS returns no incumbent on a time limit.
             status = SolveStatus.NO_SOLUTION
         else:
             status = SolveStatus.ERROR
-        msg = "" if status is not SolveStatus.ERROR else f"OR-Tools {self.solver_id}: status {code}"
+        msg = "" if status in (SolveStatus.OPTIMAL, SolveStatus.INFEASIBLE) else (
+            f"OR-Tools {self.solver_id}: status {code}, {response.status_str or 'no detail'}")
         return finish(self.name, milp, status, x if status.value in ("optimal", "feasible") else None,
                       bound, t0, msg)
 
@@ -169,7 +172,7 @@ def _row_scale(vals: np.ndarray) -> tuple[float, bool]:
     for k in range(10):
         f = 10.0**k
         sv = vals * f
-        if np.all(np.abs(sv - np.round(sv)) <= 1e-9 * np.maximum(1.0, np.abs(sv))):
+        if np.all(np.abs(sv - np.round(sv)) <= 1e-9 + 1e-12 * np.abs(sv)):  # float noise only
             return f, True
     return 2.0 ** (_ROW_BITS - math.ceil(math.log2(float(np.abs(vals).max())))), False
 
@@ -190,11 +193,18 @@ class CpSatBackend(Backend):
       coefficients survive as long as they matter at that precision. The reported objective is
       recomputed exactly as ``milp.evaluate(x)``; the bound is CP-SAT's bound divided by S, lowered
       by the worst-case rounding error, so it stays a valid bound on the unscaled objective.
-    * ``num_workers = 2`` with ``interleave_search``, so results do not depend on thread timing.
+    * One worker by default: measured here, two workers (CP-SAT's portfolio) return different
+      optimal ``x`` from run to run on models with ties, and ``interleave_search`` (CP-SAT's
+      deterministic parallel mode) was ~10x slower than one worker. ``CpSatBackend(num_workers=2)``
+      trades determinism of ``x`` for the portfolio (the optimal objective is unaffected).
     """
 
     name = "ortools-cpsat"
     package = "ortools"
+
+    def __init__(self, num_workers: int = 1) -> None:
+        assert 1 <= num_workers <= MAX_THREADS
+        self.num_workers = num_workers
 
     def available(self) -> bool:
         """Whether OR-Tools (with CP-SAT) is installed (checked without importing it)."""
@@ -249,8 +259,7 @@ class CpSatBackend(Backend):
                                                         c_int[nz].tolist()))
         solver = cp_model.CpSolver()
         p = solver.parameters
-        p.num_workers = MAX_THREADS
-        p.interleave_search = True
+        p.num_workers = self.num_workers
         p.random_seed = 0
         p.log_search_progress = False
         p.relative_gap_limit = float(mip_rel_gap)

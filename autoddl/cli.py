@@ -1,0 +1,143 @@
+"""The ``autoddl`` command line: plan, run, show, demo, backends.
+
+Every user error prints one line, ``autoddl: error: ...``, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from autoddl.errors import UserError
+
+
+def _plan(a: argparse.Namespace) -> int:
+    from autoddl.engine.capture import capture
+    from autoddl.engine.cluster import parse_cluster
+    from autoddl.engine.costs import TrainingConfig
+    from autoddl.engine.models import build_model, parse_model_spec
+    from autoddl.engine.plan import save_plan, summary
+    from autoddl.engine.planner import plan_graph
+    from autoddl.formulations.backends import get_backend
+
+    spec = parse_model_spec(a.model)
+    cluster = parse_cluster(a.cluster)
+    get_backend(a.backend)
+    if a.time_limit is not None and a.time_limit <= 0:
+        raise UserError(f"--time-limit must be positive, got {a.time_limit}")
+    t0 = time.perf_counter()
+    model, inputs = build_model(spec, "meta")
+    graph = capture(model, inputs)
+    capture_s = time.perf_counter() - t0
+    log = (lambda m: print(f"  {m}", file=sys.stderr)) if a.verbose else None
+    plan = plan_graph(graph, cluster, model_spec=spec.text, backend=a.backend,
+                      time_limit_s=a.time_limit, config=TrainingConfig(a.optimizer), log=log)
+    save_plan(plan, a.output)
+    print(summary(plan))
+    print(f"\ncapture {capture_s:.2f} s, total {time.perf_counter() - t0:.2f} s; "
+          f"plan written to {a.output}")
+    return 0
+
+
+def _run(a: argparse.Namespace) -> int:
+    from autoddl.runtime.launch import launch
+
+    return launch(a.plan, a.nproc, steps=a.steps, check=a.check, lr=a.lr, tol=a.tol)
+
+
+def _show(a: argparse.Namespace) -> int:
+    from autoddl.engine.plan import explain, load_plan, summary
+
+    plan = load_plan(a.plan)
+    print(summary(plan))
+    print()
+    for o in plan.ops:
+        if a.all or o.target not in ("param",):
+            print(explain(plan, o.name))
+    return 0
+
+
+def _demo(a: argparse.Namespace) -> int:
+    """Plan the built-in GPT on 4 CPU devices, then run the plan with a numerical check."""
+    ns = argparse.Namespace(model=a.model, cluster=a.cluster, output=a.output, backend="highs",
+                            time_limit=None, optimizer="adam", verbose=False)
+    print(f"== autoddl plan --model {a.model} --cluster {a.cluster} -o {a.output}\n")
+    _plan(ns)
+    print(f"\n== autoddl run {a.output} --steps {a.steps} --check\n", flush=True)
+    rc = _run(argparse.Namespace(plan=a.output, nproc=None, steps=a.steps, check=True,
+                                 lr=1e-3, tol=1e-5))
+    return rc
+
+
+def _backends(a: argparse.Namespace) -> int:
+    from autoddl.formulations.backends import BACKENDS, DEFAULT_BACKEND
+
+    for name, b in BACKENDS.items():
+        mark = " (default)" if name == DEFAULT_BACKEND else ""
+        print(f"{name:<16}{'available' if b.available() else 'not installed'}{mark}")
+    return 0
+
+
+DEMO_MODEL = "gpt:layers=2,hidden=256,heads=8,seq=64,batch=16,vocab=512"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``autoddl`` command."""
+    from autoddl.formulations.backends import DEFAULT_BACKEND
+
+    ap = argparse.ArgumentParser(prog="autoddl", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="solve the optimal plan of a model on a cluster")
+    p.add_argument("--model", required=True, help="e.g. gpt:layers=2,hidden=64 or mlp")
+    p.add_argument("--cluster", required=True, help="cpu:devices=4, dgx-a100:nodes=2 or a file")
+    p.add_argument("-o", "--output", default="plan.json")
+    p.add_argument("--backend", default=DEFAULT_BACKEND)
+    p.add_argument("--time-limit", type=float, default=None, help="seconds per mesh")
+    p.add_argument("--optimizer", default="adam", help="adam, adamw, momentum or sgd")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=_plan)
+
+    r = sub.add_parser("run", help="run a plan with torchrun (gloo on CPU, NCCL on GPUs)")
+    r.add_argument("plan")
+    r.add_argument("--nproc", type=int, default=None, help="processes (default: the plan's)")
+    r.add_argument("--steps", type=int, default=1)
+    r.add_argument("--check", action="store_true",
+                   help="compare loss and gradients with a single-process run")
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--tol", type=float, default=1e-5)
+    r.set_defaults(fn=_run)
+
+    s = sub.add_parser("show", help="print a plan file")
+    s.add_argument("plan")
+    s.add_argument("--all", action="store_true", help="include parameters")
+    s.set_defaults(fn=_show)
+
+    d = sub.add_parser("demo", help="plan the built-in GPT on 4 CPU devices and run it checked")
+    d.add_argument("--model", default=DEMO_MODEL)
+    d.add_argument("--cluster", default="cpu:devices=4")
+    d.add_argument("-o", "--output", default="plan.json")
+    d.add_argument("--steps", type=int, default=3)
+    d.set_defaults(fn=_demo)
+
+    b = sub.add_parser("backends", help="list solver backends")
+    b.set_defaults(fn=_backends)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``autoddl`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        print(f"autoddl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autoddl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
