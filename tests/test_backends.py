@@ -87,12 +87,14 @@ def make_assignment(seed: int, n_nodes: int = 4, cost_scale: float = 1.0, log_co
 
     for v in range(n_nodes):
         row([(j, 1.0) for j in x_index[v]], 1.0, 1.0)
-    for e in edges:
+    for e in edges:  # marginals: sum_b y[e,a,b] = x[u,a] and sum_a y[e,a,b] = x[v,b]
         u, v = e
         for a in range(choices[u]):
-            row([(y_index[e, a, b], 1.0) for b in range(choices[v])] + [(x_index[u][a], -1.0)], 0, 0)
+            flow = [(y_index[e, a, b], 1.0) for b in range(choices[v])]
+            row(flow + [(x_index[u][a], -1.0)], 0.0, 0.0)
         for b in range(choices[v]):
-            row([(y_index[e, a, b], 1.0) for a in range(choices[u])] + [(x_index[v][b], -1.0)], 0, 0)
+            flow = [(y_index[e, a, b], 1.0) for a in range(choices[u])]
+            row(flow + [(x_index[v][b], -1.0)], 0.0, 0.0)
 
     combos = list(itertools.product(*[range(k) for k in choices]))
     total_mem = np.array([sum(mem[v][s] for v, s in enumerate(cb)) for cb in combos])
@@ -100,7 +102,7 @@ def make_assignment(seed: int, n_nodes: int = 4, cost_scale: float = 1.0, log_co
     q = float(np.quantile(total_mem, mem_quantile))
     above = total_mem[total_mem > q]
     budget = (q + float(above.min())) / 2 if above.size else q + 1.0
-    if mem_quantile == 0.0:
+    if mem_quantile == 0.0:  # below the leanest combination: infeasible
         budget = float(total_mem.min()) / 2
     row([(x_index[v][s], mem[v][s]) for v in range(n_nodes) for s in range(choices[v])],
         -np.inf, budget)
@@ -180,13 +182,16 @@ def test_cpsat_keeps_tiny_coefficients() -> None:
 
 @pytest.mark.parametrize("backend", AVAILABLE)
 def test_infeasible(backend: str) -> None:
+    """A memory budget nothing fits (brute force agrees), and an LP-feasible 2x = 1, x integer."""
     inst = make_assignment(3, mem_quantile=0.0)
-    ru = inst.milp.row_upper.copy()
-    ru[-1] = -1.0  # memory budget below zero: nothing fits
-    milp = MILP(**{**inst.milp.__dict__, "row_upper": ru})
-    res = solve(milp, backend=backend)
-    assert res.status is SolveStatus.INFEASIBLE, res.message
-    assert not res.has_solution and res.x is None and res.objective is None
+    assert inst.best is None
+    parity = MILP(c=np.array([1.0]), a_rows=np.array([0]), a_cols=np.array([0]),
+                  a_vals=np.array([2.0]), row_lower=np.array([1.0]), row_upper=np.array([1.0]),
+                  col_lower=np.zeros(1), col_upper=np.ones(1), integrality=np.ones(1, dtype=bool))
+    for milp in (inst.milp, parity):
+        res = solve(milp, backend=backend)
+        assert res.status is SolveStatus.INFEASIBLE, res.message
+        assert not res.has_solution and res.x is None and res.objective is None
 
 
 def _hard_milp(seed: int, n: int = 60, m: int = 40) -> MILP:
@@ -301,29 +306,38 @@ def test_unknown_backend_and_bad_args() -> None:
 _ORDER_SCRIPT = textwrap.dedent(
     """
     import sys
-    sys.path.insert(0, {tests!r})
-    from test_backends import make_assignment
+    import numpy as np
     from autoddl.formulations.backends import solve
-    inst = make_assignment(4)
-    for name in sys.argv[1:]:
-        res = solve(inst.milp, backend=name)
-        assert abs(res.objective - inst.best) <= 1e-6 * abs(inst.best), (name, res)
+    from autoddl.formulations.milp import MILP
+    assert not {"pulp", "highspy", "ortools"} & set(sys.modules), "a solver imported too early"
+    data = dict(np.load(sys.argv[1]))
+    best, offset = float(data.pop("best")), float(data.pop("offset"))
+    milp = MILP(**data, offset=offset)
+    for name in sys.argv[2:]:
+        res = solve(milp, backend=name)
+        assert res.objective is not None, (name, res.message)
+        assert abs(res.objective - best) <= 1e-6 * abs(best), (name, res.objective, best)
     print("ok")
     """
 )
 
 
 @pytest.mark.parametrize("order", ["pulp-first", "ortools-first"])
-def test_all_backends_in_one_process(order: str) -> None:
-    """All backends in one interpreter, pulp first or last; a segfault fails only this test."""
+def test_all_backends_in_one_process(order: str, tmp_path: Path) -> None:
+    """All backends in one fresh interpreter, pulp's first or last; a segfault fails only this
+    test, and nothing may reach stdout but the script's own "ok"."""
+    inst = make_assignment(4)
+    fields = ("c", "a_rows", "a_cols", "a_vals", "row_lower", "row_upper", "col_lower",
+              "col_upper", "integrality", "offset")
+    path = tmp_path / "model.npz"
+    np.savez(path, best=inst.best, **{f: getattr(inst.milp, f) for f in fields})
     pulps = [b for b in AVAILABLE if b.startswith("pulp")]
     others = [b for b in AVAILABLE if b not in pulps]
     names = pulps + others if order == "pulp-first" else others + pulps
-    script = _ORDER_SCRIPT.format(tests=str(Path(__file__).parent))
-    proc = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _ORDER_SCRIPT, str(path), *names],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (names, proc.returncode, proc.stderr[-2000:])
-    assert proc.stdout == "ok\n", proc.stdout  # solvers print nothing on stdout
+    assert proc.stdout == "ok\n", proc.stdout
 
 
 def test_raw_pulp_import_first_does_not_crash() -> None:

@@ -57,7 +57,8 @@ def configure(h: Any, time_limit_s: float | None, mip_rel_gap: float) -> None:
     h.setOptionValue("threads", MAX_THREADS)
     h.setOptionValue("random_seed", 0)
     h.setOptionValue("mip_rel_gap", float(mip_rel_gap))
-    # HiGHS' default absolute gap (1e-6) would stop early on objectives measured in seconds.
+    # Only the relative gap decides; HiGHS' default absolute gap (1e-6) would stop early on
+    # objectives measured in seconds.
     h.setOptionValue("mip_abs_gap", 0.0)
     if time_limit_s is not None:
         h.setOptionValue("time_limit", max(float(time_limit_s), 1e-3))
@@ -66,8 +67,9 @@ def configure(h: Any, time_limit_s: float | None, mip_rel_gap: float) -> None:
 def highs_outcome(h: Any, milp: MILP) -> tuple[SolveStatus, bool, float | None, str]:
     """Read a solved ``Highs`` object: (status, whether a primal solution exists, bound, message).
 
-    The bound is in the solver's units: unscaled, without ``milp.offset``. Limits of any kind (time, iterations,
-    solutions, interrupt, objective target) give FEASIBLE with a solution, NO_SOLUTION without.
+    The bound is in the solver's units (objective as passed, without ``milp.offset``). Limits of
+    any kind (time, iterations, solutions, interrupt, objective target) give FEASIBLE with a
+    solution, NO_SOLUTION without.
     """
     import highspy
 

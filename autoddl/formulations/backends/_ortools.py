@@ -114,8 +114,8 @@ class PywraplpBackend(Backend):
         pywraplp = _import_pywraplp()
         if self.solver_id == "HIGHS" and _highs_clobbered:
             return finish(self.name, milp, SolveStatus.ERROR, None, None, t0,
-                          "pulp was imported before OR-Tools in this process, which makes OR-Tools' "
-                          "HiGHS crash; import autoddl.formulations.backends solvers before pulp")
+                          "pulp was imported before OR-Tools in this process, which makes "
+                          "OR-Tools' HiGHS crash; use the autoddl backends before importing pulp")
         from ortools.linear_solver import linear_solver_pb2
 
         solver = pywraplp.Solver.CreateSolver(self.solver_id)
@@ -138,37 +138,42 @@ class PywraplpBackend(Backend):
         code = solver.Solve(params)
         response = linear_solver_pb2.MPSolutionResponse()
         solver.FillSolutionResponseProto(response)
-        x = np.array(response.variable_value, dtype=np.float64)
+        x: np.ndarray | None = np.array(response.variable_value, dtype=np.float64)
         bound: float | None = None
+        msg = ""
         if code in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-            status = SolveStatus.OPTIMAL if code == pywraplp.Solver.OPTIMAL else SolveStatus.FEASIBLE
-            bound = solver.Objective().BestBound() / scale + milp.offset if is_mip else None
-            if x.shape != (milp.num_cols,):
-                status = SolveStatus.ERROR
-        elif code == pywraplp.Solver.INFEASIBLE:
-            status = SolveStatus.INFEASIBLE
-        elif code == pywraplp.Solver.UNBOUNDED and all_bounds_finite(milp):
+            optimal = code == pywraplp.Solver.OPTIMAL
+            status = SolveStatus.OPTIMAL if optimal else SolveStatus.FEASIBLE
+            if is_mip:
+                bound = solver.Objective().BestBound() / scale + milp.offset
+            if status is SolveStatus.FEASIBLE:
+                msg = f"OR-Tools {self.solver_id}: limit reached"
+        elif code == pywraplp.Solver.INFEASIBLE or (
+            code == pywraplp.Solver.UNBOUNDED and all_bounds_finite(milp)
+        ):
             status = SolveStatus.INFEASIBLE
         elif time_limit_s is not None and code not in (pywraplp.Solver.ABNORMAL,
                                                        pywraplp.Solver.MODEL_INVALID):
             # NOT_SOLVED, or 99 (unknown): OR-Tools' HiGHS returns no incumbent on a time limit.
             status = SolveStatus.NO_SOLUTION
+            msg = f"OR-Tools {self.solver_id}: limit reached without a solution (status {code})"
         else:
             status = SolveStatus.ERROR
-        msg = "" if status in (SolveStatus.OPTIMAL, SolveStatus.INFEASIBLE) else (
-            f"OR-Tools {self.solver_id}: status {code}, {response.status_str or 'no detail'}")
-        return finish(self.name, milp, status, x if status.value in ("optimal", "feasible") else None,
-                      bound, t0, msg)
+            msg = f"OR-Tools {self.solver_id}: status {code} {response.status_str}".strip()
+        if status not in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE) or x.shape != milp.c.shape:
+            x = None  # finish() turns a claimed solution without x into ERROR
+        return finish(self.name, milp, status, x, bound, t0, msg)
 
 
 #: CP-SAT's objective is scaled so that sum_j |c_j| * max|x_j| is at most 2**_OBJ_BITS.
 _OBJ_BITS = 50
-#: Rows with non-decimal coefficients are scaled so their largest coefficient is about 2**_ROW_BITS.
+#: Rows with non-decimal coefficients are scaled so their largest one is ~2**_ROW_BITS.
 _ROW_BITS = 30
 
 
 def _row_scale(vals: np.ndarray) -> tuple[float, bool]:
-    """A factor making ``vals`` integral: (10**k, True) exactly if k <= 9 does, else (2**b, False)."""
+    """A factor making ``vals`` integral: (10**k, True) if some k <= 9 does exactly, else an
+    approximate (2**b, False)."""
     for k in range(10):
         f = 10.0**k
         sv = vals * f
@@ -181,9 +186,11 @@ class CpSatBackend(Backend):
     """CP-SAT through ``ortools.sat.python.cp_model``, on an integer copy of the model.
 
     * Every column is treated as integer. This is exact for the models this project builds: their
-      continuous columns are pairwise "flow" variables y[e,a,b] in [0, 1] whose marginals equal
-      binary choices, so some optimal solution has them integral whenever the binaries are.
-      Bounds must be finite (else :class:`UserError`); they are rounded inwards.
+      continuous columns are pairwise "flow" variables y[e,a,b] >= 0 whose marginal rows
+      (sum_b y = x[u,a], sum_a y = x[v,b]) force them to the 0/1 indicator of the chosen pair
+      whenever the one-hot x are binary. A model with other continuous columns (a float makespan,
+      say) would be solved as if they were integers. Bounds must be finite (else
+      :class:`UserError`); they are rounded inwards.
     * Rows whose coefficients become integral after multiplying by 10**k (k <= 9) are exact; bounds
       are rounded inwards (the activity is an integer). Other rows are scaled so their largest
       coefficient is ~2**30 and rounded: a relative error of ~2**-31 per coefficient.
@@ -282,13 +289,18 @@ class CpSatBackend(Backend):
         if status is SolveStatus.ERROR:
             msg = f"CP-SAT: {solver.status_name(code)} {model.validate()}".strip()
         elif approx_rows and x is not None and not milp.is_feasible(x):
-            msg = f"CP-SAT: {approx_rows} rows were rounded to integers; x violates the model slightly"
+            msg = f"CP-SAT: {approx_rows} rows were scaled approximately; x violates one slightly"
+        elif status in (SolveStatus.FEASIBLE, SolveStatus.NO_SOLUTION):
+            msg = "CP-SAT: limit reached"
         extra = {"objective_scale": scale, "approximate_rows": approx_rows}
         return finish(self.name, milp, status, x, bound, t0, msg, extra)
 
     @staticmethod
-    def _objective(c: np.ndarray, lo: np.ndarray, up: np.ndarray) -> tuple[float, np.ndarray, float]:
-        """(scale S, integer coefficients round(c*S), worst-case |error| of c·x in original units)."""
+    def _objective(
+        c: np.ndarray, lo: np.ndarray, up: np.ndarray
+    ) -> tuple[float, np.ndarray, float]:
+        """(scale S, integer coefficients round(c*S), worst-case |error| of c·x in the original
+        units)."""
         reach = np.maximum(np.abs(lo), np.abs(up))
         total = float(np.abs(c) @ reach)
         if total == 0.0:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,14 +44,16 @@ def _import_pulp() -> Any:
 def _build(pulp: Any, milp: MILP, scale: float) -> tuple[Any, list[Any]]:
     """``milp`` (objective times ``scale``, no offset) as an ``LpProblem`` and its variables."""
     prob = pulp.LpProblem("autoddl", pulp.LpMinimize)
-    xs = []
-    for j, (lo, up, integer) in enumerate(zip(milp.col_lower.tolist(), milp.col_upper.tolist(),
-                                              milp.integrality.tolist())):
-        xs.append(pulp.LpVariable(f"x{j}", lowBound=lo if np.isfinite(lo) else None,
-                                  upBound=up if np.isfinite(up) else None,
-                                  cat=pulp.LpInteger if integer else pulp.LpContinuous))
-    nz = np.flatnonzero(milp.c)
-    prob.setObjective(pulp.LpAffineExpression([(xs[j], float(milp.c[j] * scale)) for j in nz.tolist()]))
+    # PuLP >= 3.3 deprecates constructing LpVariable directly in favour of prob.add_variable.
+    new_var = getattr(prob, "add_variable", None) or pulp.LpVariable
+    xs = [
+        new_var(f"x{j}", lo if np.isfinite(lo) else None, up if np.isfinite(up) else None,
+                pulp.LpInteger if integer else pulp.LpContinuous)
+        for j, (lo, up, integer) in enumerate(zip(milp.col_lower.tolist(), milp.col_upper.tolist(),
+                                                  milp.integrality.tolist()))
+    ]
+    cs = (milp.c * scale).tolist()
+    prob.setObjective(pulp.LpAffineExpression([(xs[j], cs[j]) for j in np.flatnonzero(milp.c)]))
     csr = compress(milp, "row")
     start, index, value = csr.start.tolist(), csr.index.tolist(), csr.value.tolist()
     for i, (lo, up) in enumerate(zip(milp.row_lower.tolist(), milp.row_upper.tolist())):
@@ -100,7 +104,9 @@ class PulpBackend(Backend):
     def _make(self, pulp: Any, time_limit_s: float | None, mip_rel_gap: float) -> Any:
         """The PuLP solver object, silent and configured."""
         if self.solver == "cbc":
-            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=mip_rel_gap)
+            with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC for PuLP 4
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=mip_rel_gap)
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=mip_rel_gap,
                           threads=MAX_THREADS, mip_abs_gap=0.0, random_seed=0)
 
@@ -110,48 +116,51 @@ class PulpBackend(Backend):
         if milp.num_cols == 0:
             return trivial_result(self.name, milp, t0)
         pulp = _import_pulp()
+        scale = objective_scale(milp.c)
         try:
-            scale = objective_scale(milp.c)
             prob, xs = _build(pulp, milp, scale)
         except _EmptyRowInfeasible:
             return finish(self.name, milp, SolveStatus.INFEASIBLE, None, None, t0)
         if time_limit_s is not None:
             time_limit_s = max(float(time_limit_s), 1e-3)
         if self.solver == "highs":
-            _highs.new_highs()  # the process' first Highs prints a banner: let it go to /dev/null
-        solver = self._make(pulp, time_limit_s, mip_rel_gap)
+            _highs.new_highs()  # the process' first Highs prints a banner: send it to /dev/null
+        crashed = ""
         try:
-            prob.solve(solver)
-            crashed = ""
-        except (pulp.PulpSolverError, IndexError) as exc:  # PuLP-HiGHS indexes an empty solution
-            crashed = f"PuLP: {exc}"
+            prob.solve(self._make(pulp, time_limit_s, mip_rel_gap))
+        except (pulp.PulpSolverError, IndexError) as exc:
+            crashed = f"PuLP: {exc!r}"
 
         def values() -> np.ndarray:
             raw = [np.nan if v.varValue is None else float(v.varValue) for v in xs]
             return fill_missing(milp, np.array(raw, dtype=np.float64))
 
         if self.solver == "highs" and getattr(prob, "solverModel", None) is not None:
+            # Read HiGHS itself: PuLP reports a time-limited run with a solution as "Optimal".
             status, has_x, bound, msg = _highs.highs_outcome(prob.solverModel, milp)
             if has_x and crashed:
                 status, msg = SolveStatus.ERROR, crashed
             x = values() if has_x and not crashed else None
-            return finish(self.name, milp, status, x, None if bound is None else bound / scale + milp.offset,
-                          t0, msg)
+            if bound is not None:
+                bound = bound / scale + milp.offset
+            return finish(self.name, milp, status, x, bound, t0, msg)
         if crashed:
             return finish(self.name, milp, SolveStatus.ERROR, None, None, t0, crashed)
         return self._cbc_result(pulp, prob, milp, values, t0, time_limit_s)
 
-    def _cbc_result(self, pulp: Any, prob: Any, milp: MILP, values: Any, t0: float,
-                    time_limit_s: float | None) -> SolveResult:
+    def _cbc_result(self, pulp: Any, prob: Any, milp: MILP, values: Callable[[], np.ndarray],
+                    t0: float, time_limit_s: float | None) -> SolveResult:
         """Normalize PuLP's (status, sol_status) pair for CBC; CBC reports no bound."""
         st, sol = prob.status, prob.sol_status
         if sol == pulp.LpSolutionOptimal and st == pulp.LpStatusOptimal:
             return finish(self.name, milp, SolveStatus.OPTIMAL, values(), None, t0)
         if sol == pulp.LpSolutionIntegerFeasible:
-            return finish(self.name, milp, SolveStatus.FEASIBLE, values(), None, t0)
+            return finish(self.name, milp, SolveStatus.FEASIBLE, values(), None, t0,
+                          "PuLP CBC: limit reached")
         if st == pulp.LpStatusInfeasible or sol == pulp.LpSolutionInfeasible:
             return finish(self.name, milp, SolveStatus.INFEASIBLE, None, None, t0)
         if st == pulp.LpStatusNotSolved and time_limit_s is not None:
-            return finish(self.name, milp, SolveStatus.NO_SOLUTION, None, None, t0)
+            return finish(self.name, milp, SolveStatus.NO_SOLUTION, None, None, t0,
+                          "PuLP CBC: limit reached without a solution")
         return finish(self.name, milp, SolveStatus.ERROR, None, None, t0,
                       f"PuLP CBC: status {pulp.LpStatus.get(st, st)}, solution status {sol}")
