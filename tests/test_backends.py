@@ -361,3 +361,30 @@ def test_raw_pulp_import_first_does_not_crash() -> None:
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["error", "True", "-2.0"]
+
+
+def test_highs_scheduler_started_elsewhere() -> None:
+    """Other code ran HiGHS first with 1 thread: HiGHS then refuses threads=2, so the HiGHS
+    backends must adapt instead of failing."""
+    script = textwrap.dedent(
+        """
+        import highspy
+        import numpy as np
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("threads", 1)
+        h.addVar(0.0, 1.0)
+        h.run()
+        from autoddl.formulations.backends import solve
+        from autoddl.formulations.milp import MILP
+        m = MILP(c=np.array([-1.0]), a_rows=np.array([0]), a_cols=np.array([0]),
+                 a_vals=np.array([1.0]), row_lower=np.array([-np.inf]),
+                 row_upper=np.array([2.5]), col_lower=np.zeros(1), col_upper=np.array([9.0]),
+                 integrality=np.ones(1, dtype=bool))
+        print(solve(m, backend="highs").objective, solve(m, backend="pulp-highs").objective)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["-2.0", "-2.0"]

@@ -144,7 +144,8 @@ def test_torch_distributed_only_in_runtime():
         for p in _modules() if not _rel(p).startswith("autoddl/runtime/")
         for i in imports_of(p) if _is(i.module, "torch.distributed")
     ]
-    assert not broken, _report(broken, "only modules under autoddl/runtime/ import torch.distributed")
+    assert not broken, _report(
+        broken, "only modules under autoddl/runtime/ import torch.distributed")
 
 
 def test_backends_import_solvers_lazily():

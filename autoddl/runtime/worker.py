@@ -32,9 +32,12 @@ _FUNCOL_KIND = {
 
 
 def pick_device() -> tuple[str, torch.device]:
-    """(backend, device) for this rank: NCCL on its own GPU when CUDA is there, else gloo/CPU."""
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+    """(backend, device) for this rank: NCCL on its own GPU when there is one GPU per local
+    rank, else gloo on CPU. ``AUTODDL_DEVICE=cpu`` forces the CPU path."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    forced_cpu = os.environ.get("AUTODDL_DEVICE", "") == "cpu"
+    if not forced_cpu and torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
         torch.cuda.set_device(local)
         return "nccl", torch.device("cuda", local)
     return "gloo", torch.device("cpu")
@@ -72,6 +75,10 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
     if world != plan.num_devices:
         raise UserError(f"plan needs {plan.num_devices} processes, torchrun gave {world}")
     mesh = init_device_mesh(device.type, plan.mesh_shape, mesh_dim_names=tuple(plan.axis_names))
+    if rank == 0:
+        print(f"{world} rank(s), backend {backend} on {device.type}, mesh "
+              f"{dict(zip(plan.axis_names, plan.mesh_shape))}, torch {torch.__version__}",
+              flush=True)
     spec = parse_model_spec(plan.model["spec"])
     model, inputs = build_model(spec, device, seed=0)
     ep = export(model, inputs)

@@ -13,8 +13,8 @@ name                 solver and API
 ===================  =========================================================================
 
 OR-Tools MIP solvers use ``pywraplp`` (MPSolver) rather than MathOpt because it is the only
-OR-Tools API reaching HiGHS, SCIP and CBC alike, loads a whole model as one proto, is silent by
-default, and MathOpt's HiGHS is the path known to crash after ``import pulp``. CP-SAT uses its own
+OR-Tools API reaching HiGHS, SCIP and CBC alike (MathOpt has no CBC), loads a whole model as one
+proto, is silent by default and has uniform gap/time-limit/bound calls. CP-SAT uses its own
 ``cp_model`` API because it needs an integer model whose scaling we control; see
 :class:`~autoddl.formulations.backends._ortools.CpSatBackend` for the exact rules (every column
 integer, finite bounds required, objective scaled by a power of two to ~2**50, result objective
@@ -27,9 +27,13 @@ the objective itself for a pure LP or when a solver proves optimality without re
 OPTIMAL / FEASIBLE / INFEASIBLE / NO_SOLUTION / ERROR (with ``message``). Solvers are silent on
 stdout, use at most 2 threads, and give the same answer for the same input (absent time limits).
 
+LP-based backends hand the solver the objective times a power of two that centers the costs
+around 1 (exact; see :func:`~autoddl.formulations.backends._common.objective_scale`): costs in
+seconds, down to 1e-9, would otherwise drown in solvers' absolute tolerances.
+
 No solver library is imported by this module: each backend imports its package inside its own
 functions, in an order that lets all of them live in one process (``import pulp`` first would break
-OR-Tools' HiGHS, so the PuLP backends load OR-Tools before pulp).
+OR-Tools' HiGHS, so the PuLP backends load OR-Tools before pulp; see ``_ortools``).
 """
 
 from __future__ import annotations

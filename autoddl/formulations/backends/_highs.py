@@ -52,9 +52,30 @@ def new_highs() -> Any:
     return h
 
 
+_threads: int | None = None
+
+
+def highs_threads() -> int:
+    """The ``threads`` option to give HiGHS: 2, or 0 (keep what exists) once the process' HiGHS
+    thread scheduler was started by other code with another count. HiGHS fixes the scheduler's
+    size at its first run in a process, and refuses to run (kError, status "Not Set") if a later
+    ``threads`` option disagrees; a tiny probe run finds out once and starts it with 2 if unset.
+    """
+    global _threads
+    if _threads is None:
+        import highspy
+
+        probe = new_highs()
+        probe.setOptionValue("threads", MAX_THREADS)
+        probe.addVar(0.0, 1.0)
+        ok = probe.run() != highspy.HighsStatus.kError
+        _threads = MAX_THREADS if ok else 0
+    return _threads
+
+
 def configure(h: Any, time_limit_s: float | None, mip_rel_gap: float) -> None:
     """Set the options every HiGHS solve of this package uses (threads, gaps, limit, seed)."""
-    h.setOptionValue("threads", MAX_THREADS)
+    h.setOptionValue("threads", highs_threads())
     h.setOptionValue("random_seed", 0)
     h.setOptionValue("mip_rel_gap", float(mip_rel_gap))
     # Only the relative gap decides; HiGHS' default absolute gap (1e-6) would stop early on

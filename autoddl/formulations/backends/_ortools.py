@@ -4,18 +4,21 @@ API choice. The three MIP solvers go through ``ortools.linear_solver.pywraplp`` 
 MathOpt: MPSolver is the one OR-Tools API that reaches all of HiGHS, SCIP *and* CBC (MathOpt has
 no CBC), it takes a whole model as one ``MPModelProto`` (built here with one protobuf call per
 column and per row, no per-nonzero calls), it is silent by default, and it exposes the relative
-MIP gap, the time limit and the best bound uniformly. MathOpt's HiGHS is also the path known to
-crash once ``pulp`` has been imported. CP-SAT instead goes through its own ``ortools.sat.python.
-cp_model`` API: pywraplp's MP-to-CP-SAT conversion rescales float coefficients with its own
-precision heuristics, whereas CP-SAT needs an integer model and we want to control that scaling
-(see :class:`CpSatBackend`) and the number of workers.
+MIP gap, the time limit and the best bound uniformly. CP-SAT instead goes through its own
+``ortools.sat.python.cp_model`` API: pywraplp's MP-to-CP-SAT conversion rescales float
+coefficients with its own precision heuristics, whereas CP-SAT needs an integer model and we want
+to control that scaling (see :class:`CpSatBackend`).
 
-Import order hazard. ``import pulp`` loads highspy's ``_core`` library with ``RTLD_GLOBAL``; if
-OR-Tools' native library is loaded *after* that, its bundled (older) HiGHS binds to highspy's
-symbols and MPSolver's HiGHS segfaults. Once OR-Tools is loaded its bindings are fixed (Python
-loads extensions with ``RTLD_NOW``), so the pulp backends call :func:`preload` before importing
-pulp, and ``ortools-highs`` refuses (status ERROR, no crash) in a process where pulp got there
-first.
+Import order hazard (the "pulp before OR-Tools' HiGHS segfaults" problem; it hits MPSolver's HiGHS
+exactly as it does MathOpt's). ``import pulp`` loads highspy's ``_core`` library with
+``RTLD_GLOBAL``; if OR-Tools' native library is loaded *after* that, its bundled (older, 1.12)
+HiGHS binds to highspy's (1.16) symbols and segfaults in ``HighsSolveProto``. Once OR-Tools is
+loaded its bindings are fixed (Python loads extensions with ``RTLD_NOW``), so the pulp backends
+call :func:`preload` before importing pulp, and ``ortools-highs`` refuses (status ERROR, no crash)
+in a process where pulp got there first. SCIP, CBC and CP-SAT are unaffected.
+
+OR-Tools' HiGHS returns no incumbent when its time limit hits (MPSolver status 99): such runs are
+NO_SOLUTION even when HiGHS had found solutions; use the ``highs`` backend for time-limited runs.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ import numpy as np
 from autoddl.formulations.backends import _highs, _ortools
 from autoddl.formulations.backends._common import (
     Backend,
-    MAX_THREADS,
     compress,
     fill_missing,
     finish,
@@ -87,6 +86,7 @@ class PulpBackend(Backend):
         assert solver in ("cbc", "highs")
         self.name = name
         self.solver = solver
+        self.package = "pulp" if solver == "cbc" else "pulp highspy"
         self._available: bool | None = None
 
     def available(self) -> bool:
@@ -97,18 +97,19 @@ class PulpBackend(Backend):
                 ok = importlib.util.find_spec("highspy") is not None
             if ok:
                 pulp = _import_pulp()
-                ok = bool(self._make(pulp, None, 1e-6).available())
+                ok = bool(self._make(pulp, None, 1e-6, threads=None).available())
             self._available = ok
         return self._available
 
-    def _make(self, pulp: Any, time_limit_s: float | None, mip_rel_gap: float) -> Any:
-        """The PuLP solver object, silent and configured."""
+    def _make(self, pulp: Any, time_limit_s: float | None, mip_rel_gap: float,
+              threads: int | None) -> Any:
+        """The PuLP solver object, silent and configured (``threads`` for HiGHS only)."""
         if self.solver == "cbc":
             with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC for PuLP 4
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=mip_rel_gap)
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=mip_rel_gap,
-                          threads=MAX_THREADS, mip_abs_gap=0.0, random_seed=0)
+                          threads=threads, mip_abs_gap=0.0, random_seed=0)
 
     def solve(self, milp: MILP, time_limit_s: float | None, mip_rel_gap: float) -> SolveResult:
         """Solve through PuLP; see :func:`autoddl.formulations.backends.solve` for the contract."""
@@ -123,11 +124,11 @@ class PulpBackend(Backend):
             return finish(self.name, milp, SolveStatus.INFEASIBLE, None, None, t0)
         if time_limit_s is not None:
             time_limit_s = max(float(time_limit_s), 1e-3)
-        if self.solver == "highs":
-            _highs.new_highs()  # the process' first Highs prints a banner: send it to /dev/null
         crashed = ""
         try:
-            prob.solve(self._make(pulp, time_limit_s, mip_rel_gap))
+            # highs_threads() also lets the process' first Highs print its banner into /dev/null.
+            threads = _highs.highs_threads() if self.solver == "highs" else None
+            prob.solve(self._make(pulp, time_limit_s, mip_rel_gap, threads))
         except (pulp.PulpSolverError, IndexError) as exc:
             crashed = f"PuLP: {exc!r}"
 
