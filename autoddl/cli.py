@@ -60,7 +60,7 @@ def _show(a: argparse.Namespace) -> int:
 
 def _demo(a: argparse.Namespace) -> int:
     """Plan the built-in GPT on 4 CPU devices, then run the plan with a numerical check."""
-    ns = argparse.Namespace(model=a.model, cluster=a.cluster, output=a.output, backend="highs",
+    ns = argparse.Namespace(model=a.model, cluster=a.cluster, output=a.output, backend=None,
                             time_limit=None, optimizer="adam", verbose=False)
     print(f"== autoddl plan --model {a.model} --cluster {a.cluster} -o {a.output}\n")
     _plan(ns)
@@ -71,10 +71,11 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 def _backends(a: argparse.Namespace) -> int:
-    from autoddl.formulations.backends import BACKENDS, DEFAULT_BACKEND
+    from autoddl.formulations.backends import BACKENDS, default_backend
 
+    default = default_backend()
     for name, b in BACKENDS.items():
-        mark = " (default)" if name == DEFAULT_BACKEND else ""
+        mark = " (default)" if name == default else ""
         print(f"{name:<16}{'available' if b.available() else 'not installed'}{mark}")
     return 0
 
@@ -84,8 +85,6 @@ DEMO_MODEL = "gpt:layers=2,hidden=256,heads=8,seq=64,batch=16,vocab=512"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``autoddl`` command."""
-    from autoddl.formulations.backends import DEFAULT_BACKEND
-
     ap = argparse.ArgumentParser(prog="autoddl", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -93,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="e.g. gpt:layers=2,hidden=64 or mlp")
     p.add_argument("--cluster", required=True, help="cpu:devices=4, dgx-a100:nodes=2 or a file")
     p.add_argument("-o", "--output", default="plan.json")
-    p.add_argument("--backend", default=DEFAULT_BACKEND)
+    p.add_argument("--backend", default=None,
+                   help="solver backend (default: ortools-cbc, the fastest measured; see "
+                        "`autoddl backends`)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per mesh")
     p.add_argument("--optimizer", default="adam", help="adam, adamw, momentum or sgd")
     p.add_argument("-v", "--verbose", action="store_true")

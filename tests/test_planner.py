@@ -63,9 +63,9 @@ def test_sharded_weights_when_replicas_do_not_fit():
                     memory_bytes=int(others + 0.6 * replicated_weights))
     _, plan = plan_for(spec, tight)
     assert plan.memory["per_device_bytes"] <= tight.memory_per_device_bytes
-    for n in big:
-        if True:
-            assert any(is_split(p) for p in plan.op(n.name).out.values()), n.name
+    assert free.memory["weights_bytes"] == pytest.approx(replicated_weights)
+    assert plan.memory["weights_bytes"] < replicated_weights  # weight states are sharded now
+    assert any(is_split(p) for n in big for p in plan.op(n.name).out.values())
     assert plan.cost["total_s"] >= free.cost["total_s"] - 1e-12
 
 

@@ -16,7 +16,7 @@ from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan
 from autoddl.engine.rules import Signature, check_rules
 from autoddl.errors import InfeasibleError, SolverError
-from autoddl.formulations.backends import DEFAULT_BACKEND, solve
+from autoddl.formulations.backends import default_backend, solve
 from autoddl.formulations.milp import SolveResult, SolveStatus
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingModel, ShardingProblem
 
@@ -31,7 +31,7 @@ class MeshSolution:
     build_s: float
 
 
-def solve_mesh(costed: CostedGraph, backend: str = DEFAULT_BACKEND,
+def solve_mesh(costed: CostedGraph, backend: str | None = None,
                time_limit_s: float | None = None, mip_rel_gap: float = 1e-6) -> MeshSolution:
     """Solve the sharding ILP of one mesh."""
     t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def solve_mesh(costed: CostedGraph, backend: str = DEFAULT_BACKEND,
     return MeshSolution(costed, result, choice, build_s)
 
 
-def min_memory_bytes(costed: CostedGraph, backend: str = DEFAULT_BACKEND) -> float:
+def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
     """The least memory per device any plan on this mesh needs (ignoring communication)."""
     p = costed.problem
     nodes = tuple(NodeChoices(n.name, n.memory_bytes, n.memory_bytes) for n in p.nodes)
@@ -93,12 +93,13 @@ def to_plan(sol: MeshSolution, model_info: dict, cluster: Cluster,
 
 
 def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
-               backend: str = DEFAULT_BACKEND, time_limit_s: float | None = None,
+               backend: str | None = None, time_limit_s: float | None = None,
                config: TrainingConfig = TrainingConfig(), meshes: list[Mesh] | None = None,
                mip_rel_gap: float = 1e-6,
                log: Callable[[str], None] | None = None) -> Plan:
     """The minimum-cost plan of ``graph`` on ``cluster`` over all candidate meshes."""
     t0 = time.perf_counter()
+    backend = backend or default_backend()
     check_rules(graph)
     meshes = meshes if meshes is not None else cluster.meshes()
     best: MeshSolution | None = None

@@ -45,9 +45,16 @@ from autoddl.formulations.backends._ortools import CpSatBackend, PywraplpBackend
 from autoddl.formulations.backends._pulp import PulpBackend
 from autoddl.formulations.milp import MILP, SolveResult
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "available_backends", "get_backend", "solve"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "available_backends", "default_backend",
+           "get_backend", "solve"]
 
-DEFAULT_BACKEND = "highs"
+#: The backend that proved optimality fastest on the sharding ILPs of
+#: experiments/backend_speed.py (results/backends.md: e.g. 0.32 s vs 1.5-2.9 s for the HiGHS
+#: backends on a 22,592-variable 2x2-mesh GPT problem, 8.4 s vs 11.5-17 s on a 289,327-variable
+#: 3-axis one). Where OR-Tools is missing, :func:`default_backend` falls back in this order.
+DEFAULT_BACKEND = "ortools-cbc"
+_FALLBACK_ORDER = ("ortools-cbc", "highs", "pulp-cbc", "ortools-highs", "pulp-highs",
+                   "ortools-scip", "ortools-cpsat")
 
 #: Every backend, by name, in order of preference.
 BACKENDS: dict[str, Backend] = {
@@ -69,8 +76,18 @@ def available_backends() -> list[str]:
     return [name for name, b in BACKENDS.items() if b.available()]
 
 
-def get_backend(name: str) -> Backend:
-    """The backend called ``name``; :class:`UserError` if unknown or its package is missing."""
+def default_backend() -> str:
+    """:data:`DEFAULT_BACKEND` if installed, else the next installed one in fallback order."""
+    for name in _FALLBACK_ORDER:
+        if BACKENDS[name].available():
+            return name
+    raise UserError("no solver backend is installed: `pip install ortools` (or highspy, pulp)")
+
+
+def get_backend(name: str | None) -> Backend:
+    """The backend called ``name`` (None: the default); :class:`UserError` if unknown or its
+    package is missing."""
+    name = default_backend() if name is None else name
     backend = BACKENDS.get(name)
     if backend is None:
         raise UserError(f"unknown solver backend {name!r}; known backends: {', '.join(BACKENDS)}")
@@ -82,11 +99,11 @@ def get_backend(name: str) -> Backend:
 
 def solve(
     milp: MILP,
-    backend: str = DEFAULT_BACKEND,
+    backend: str | None = None,
     time_limit_s: float | None = None,
     mip_rel_gap: float = 1e-6,
 ) -> SolveResult:
-    """Minimize ``milp`` with the named backend and return a normalized :class:`SolveResult`.
+    """Minimize ``milp`` with the named backend (None: :func:`default_backend`) and return a normalized :class:`SolveResult`.
 
     ``time_limit_s`` (None: unlimited) bounds the solver's run; when it is hit, the status is
     FEASIBLE with the best solution found or NO_SOLUTION. ``mip_rel_gap`` is the relative gap at
