@@ -140,7 +140,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
     return Plan.from_dict(data)
 
 
-def _fmt_bytes(b: float) -> str:
+def format_bytes(b: float) -> str:
+    """Bytes in B/KiB/MiB/GiB/TiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(b) < 1024 or unit == "TiB":
             return f"{b:.1f} {unit}" if unit != "B" else f"{b:.0f} B"
@@ -173,22 +174,22 @@ def summary(plan: Plan) -> str:
         "",
         f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
         f"{'  total (objective)':<28}{_fmt_s(c['total_s']):>14}",
-        f"{'  bandwidth':<28}{_fmt_s(c['bandwidth_s']):>14}{_fmt_bytes(c['bytes_per_device']):>16}",
+        f"{'  bandwidth':<28}{_fmt_s(c['bandwidth_s']):>14}{format_bytes(c['bytes_per_device']):>16}",
         f"{'  redundant compute':<28}{_fmt_s(c['redundant_compute_s']):>14}",
     ]
     for name, v in c["per_axis"].items():
         lines.append(f"{'  axis ' + name:<28}{_fmt_s(v['seconds']):>14}"
-                     f"{_fmt_bytes(v['bytes']):>16}{v['count']:>7}")
+                     f"{format_bytes(v['bytes']):>16}{v['count']:>7}")
     for name, v in c["per_kind"].items():
         lines.append(f"{'  ' + name:<28}{_fmt_s(v['seconds']):>14}"
-                     f"{_fmt_bytes(v['bytes']):>16}{v['count']:>7}")
+                     f"{format_bytes(v['bytes']):>16}{v['count']:>7}")
     lines += [
         f"{'estimated step time':<28}{_fmt_s(c['step_time_s']):>14}   (compute + communication)",
         "",
-        f"memory per device  {_fmt_bytes(m['per_device_bytes'])} of "
-        f"{_fmt_bytes(m['capacity_bytes'])}  (weights+grads+optimizer "
-        f"{_fmt_bytes(m['weights_bytes'])}, activations {_fmt_bytes(m['activations_bytes'])}, "
-        f"converted inputs {_fmt_bytes(m['converted_inputs_bytes'])})",
+        f"memory per device  {format_bytes(m['per_device_bytes'])} of "
+        f"{format_bytes(m['capacity_bytes'])}  (weights+grads+optimizer "
+        f"{format_bytes(m['weights_bytes'])}, activations {format_bytes(m['activations_bytes'])}, "
+        f"converted inputs {format_bytes(m['converted_inputs_bytes'])})",
     ]
     return "\n".join(lines)
 

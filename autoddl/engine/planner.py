@@ -13,7 +13,7 @@ from autoddl.engine.cluster import Cluster, Mesh
 from autoddl.engine.costs import CostedGraph, TrainingConfig, breakdown, build_problem
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import format_placement
-from autoddl.engine.plan import OpPlacement, Plan
+from autoddl.engine.plan import OpPlacement, Plan, format_bytes
 from autoddl.engine.rules import Signature, check_rules
 from autoddl.errors import InfeasibleError, SolverError
 from autoddl.formulations.backends import default_backend, solve
@@ -61,8 +61,6 @@ def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
     return float(r.objective) if r.has_solution else float("inf")
 
 
-def _gib(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB"
 
 
 def to_plan(sol: MeshSolution, model_info: dict, cluster: Cluster,
@@ -126,8 +124,8 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
         if statuses <= {SolveStatus.INFEASIBLE}:
             need = min(min_memory_bytes(s.costed, backend) for s in solutions)
             raise InfeasibleError(
-                f"no plan fits {_gib(cluster.memory_per_device_bytes)} per device: the "
-                f"leanest plan needs {_gib(need)} per device; use more devices, a smaller "
+                f"no plan fits {format_bytes(cluster.memory_per_device_bytes)} per device: "
+                f"the leanest plan needs {format_bytes(need)} per device; use more devices, a smaller "
                 "model or batch, or devices with more memory"
             )
         msgs = "; ".join(f"{s.costed.mesh}: {s.result.status.value} {s.result.message}".strip()
