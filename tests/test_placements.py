@@ -60,3 +60,19 @@ def test_view_groups():
     assert view_groups((8, 32, 64), (8, 32, 4, 16)) == [([0], [0]), ([1], [1]), ([2], [2, 3])]
     assert view_groups((8, 32, 4, 16), (256, 64)) == [([0, 1], [0]), ([2, 3], [1])]
     assert view_groups((8, 1, 4), (8, 4)) == [([0], [0]), ([1, 2], [1])]
+
+
+def test_capture_records_shapes_flops_weights_and_edges():
+    from autoddl.engine.capture import capture
+    from autoddl.engine.models import build_model, parse_model_spec
+
+    spec = parse_model_spec("gpt:layers=1,hidden=32,heads=2,seq=8,batch=4,vocab=64")
+    g = capture(*build_model(spec, "meta"))
+    assert g[g.loss].target == "aten.cross_entropy_loss.default"
+    fc1 = next(n for n in g.ops if g.weights_read(n.name) == ["p_blocks_0_fc1_weight",
+                                                               "p_blocks_0_fc1_bias"])
+    assert fc1.out.shape == (4, 8, 128)
+    assert fc1.flops == 2 * 4 * 8 * 32 * 128  # 2·M·K·N by hand
+    e = next(e for e in g.edges if e.dst == fc1.name and e.index == 0)
+    assert g.edge_bytes(e) == 4 * 8 * 32 * 4  # float32 activations (b, s, h)
+    assert g.param_count == sum(p.numel() for p in build_model(spec, "meta")[0].parameters())

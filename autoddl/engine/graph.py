@@ -143,6 +143,14 @@ class OpGraph:
         """Operator nodes."""
         return [n for n in self.nodes if n.kind == "op"]
 
+    def weights_read(self, name: str) -> list[str]:
+        """The parameters node ``name`` reads directly."""
+        return [i for i in self[name].inputs if self[i].kind == "param"]
+
+    def edge_bytes(self, edge: Edge) -> int:
+        """Bytes of the tensor an edge carries (whole, unsharded)."""
+        return self[edge.src].out.nbytes
+
     def to_networkx(self) -> nx.MultiDiGraph:
         """The graph as networkx (node attribute ``node``; edge attribute ``index``)."""
         g = nx.MultiDiGraph()
