@@ -27,6 +27,7 @@ class OpPlacement:
     out: dict[str, str]
     ins: tuple[dict[str, str], ...] = ()
     grads: tuple[dict[str, str] | None, ...] = ()
+    stage: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Plan:
     memory: dict[str, Any]
     solver: dict[str, Any]
     candidates: tuple[dict[str, Any], ...] = ()
+    pipeline: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
     _by_name: dict[str, OpPlacement] = field(default_factory=dict, compare=False, repr=False)
 
@@ -54,29 +56,54 @@ class Plan:
 
     @property
     def axis_names(self) -> list[str]:
-        """The mesh's axis names, outermost first."""
+        """The (stage) mesh's axis names, outermost first: the axes placements are keyed by."""
         return [a["name"] for a in self.mesh["axes"]]
 
     @property
     def mesh_shape(self) -> tuple[int, ...]:
-        """The mesh's axis sizes."""
+        """The (stage) mesh's axis sizes."""
         return tuple(int(a["size"]) for a in self.mesh["axes"])
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages (1: not pipelined)."""
+        return int(self.pipeline["stages"]) if self.pipeline else 1
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per step (1: not pipelined)."""
+        return int(self.pipeline["microbatches"]) if self.pipeline else 1
+
+    @property
+    def device_mesh_shape(self) -> tuple[int, ...]:
+        """Shape of the whole device mesh: (stages, *stage mesh) when pipelined."""
+        return ((self.num_stages,) if self.pipeline else ()) + self.mesh_shape
+
+    @property
+    def device_mesh_names(self) -> tuple[str, ...]:
+        """Axis names of the whole device mesh (the pipeline axis first when pipelined)."""
+        head = (self.pipeline["axis"]["name"],) if self.pipeline else ()
+        return head + tuple(self.axis_names)
 
     @property
     def num_devices(self) -> int:
         """Devices the plan runs on."""
         n = 1
-        for s in self.mesh_shape:
+        for s in self.device_mesh_shape:
             n *= s
         return n
+
+    def stage_nodes(self, stage: int) -> list[str]:
+        """Names of the nodes (parameters, inputs, ops) placed in ``stage``, in graph order."""
+        return [o.name for o in self.ops if o.stage == stage]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data."""
         d = asdict(self)
         d.pop("_by_name")
         d["ops"] = [
-            {"name": o.name, "target": o.target, "out": o.out, "in": list(o.ins),
-             "grad": list(o.grads)}
+            {"name": o.name, "target": o.target, "stage": o.stage, "out": o.out,
+             "in": list(o.ins), "grad": list(o.grads)}
             for o in self.ops
         ]
         d["candidates"] = list(self.candidates)
@@ -95,13 +122,14 @@ class Plan:
             ops = tuple(
                 OpPlacement(o["name"], o["target"], dict(o["out"]),
                             tuple(dict(i) for i in o["in"]),
-                            tuple(None if g is None else dict(g) for g in o["grad"]))
+                            tuple(None if g is None else dict(g) for g in o["grad"]),
+                            int(o.get("stage", 0)))
                 for o in d["ops"]
             )
             return cls(model=d["model"], cluster=d["cluster"], mesh=d["mesh"],
                        training=d["training"], ops=ops, cost=d["cost"], memory=d["memory"],
                        solver=d["solver"], candidates=tuple(d.get("candidates", ())),
-                       schema_version=version)
+                       pipeline=d.get("pipeline"), schema_version=version)
         except (KeyError, TypeError) as exc:
             raise UserError(f"plan file is malformed: missing or bad field {exc}") from None
 
