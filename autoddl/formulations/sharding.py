@@ -92,6 +92,10 @@ class ShardingProblem:
 class ShardingModel:
     """Builds the MILP of a :class:`ShardingProblem` and reads assignments back."""
 
+    #: fold an edge whose consumer side has one key onto the producer's x (no y variables);
+    #: the pipeline model turns it off so that an edge's memory stays with its consumer's stage
+    fold_into_producer = True
+
     def __init__(self, problem: ShardingProblem) -> None:
         self.problem = problem
         self._c: list[np.ndarray] = []
@@ -145,7 +149,7 @@ class ShardingModel:
         for e in self.problem.edges:
             cost, mem = e.cost_s, e.memory_bytes
             ks, kd = cost.shape
-            if ks == 1 or kd == 1:  # no y: the single-key side is implied, fold onto x
+            if ks == 1 or (kd == 1 and self.fold_into_producer):  # no y needed: fold onto x
                 self.y_blocks.append(None)
                 side, key = (e.dst, e.dst_key) if ks == 1 else (e.src, e.src_key)
                 row = cost[0, :] if ks == 1 else cost[:, 0]
