@@ -13,7 +13,7 @@ from autoddl.errors import UserError
 
 
 def _plan(a: argparse.Namespace) -> int:
-    from autoddl.engine.capture import capture
+    from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
     from autoddl.engine.cluster import parse_cluster
     from autoddl.engine.costs import TrainingConfig
     from autoddl.engine.models import build_model, parse_model_spec
@@ -29,10 +29,18 @@ def _plan(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, inputs = build_model(spec, "meta")
     graph = capture(model, inputs)
+    m = a.microbatches or default_microbatches(inputs)
+    if a.stages is not None and a.stages < 1:
+        raise UserError(f"--stages must be at least 1, got {a.stages}")
+    mb_graph = None
+    if a.stages != 1 and cluster.num_devices > 1 and m > 1:
+        mb_graph = capture(model, microbatch_inputs(inputs, m))
     capture_s = time.perf_counter() - t0
-    log = (lambda m: print(f"  {m}", file=sys.stderr)) if a.verbose else None
+    log = (lambda msg: print(f"  {msg}", file=sys.stderr)) if a.verbose else None
     plan = plan_graph(graph, cluster, model_spec=spec.text, backend=a.backend,
-                      time_limit_s=a.time_limit, config=TrainingConfig(a.optimizer), log=log)
+                      time_limit_s=a.time_limit, config=TrainingConfig(a.optimizer), log=log,
+                      microbatch_graph=mb_graph, microbatches=m, stages=a.stages,
+                      balance_eps=a.balance_eps, schedule=a.schedule)
     save_plan(plan, a.output)
     print(summary(plan))
     print(f"\ncapture {capture_s:.2f} s, total {time.perf_counter() - t0:.2f} s; "
@@ -61,7 +69,8 @@ def _show(a: argparse.Namespace) -> int:
 def _demo(a: argparse.Namespace) -> int:
     """Plan the built-in GPT on 4 CPU devices, then run the plan with a numerical check."""
     ns = argparse.Namespace(model=a.model, cluster=a.cluster, output=a.output, backend=None,
-                            time_limit=None, optimizer="adam", verbose=False)
+                            time_limit=None, optimizer="adam", verbose=False, stages=None,
+                            microbatches=None, schedule="1F1B", balance_eps=0.1)
     print(f"== autoddl plan --model {a.model} --cluster {a.cluster} -o {a.output}\n")
     _plan(ns)
     print(f"\n== autoddl run {a.output} --steps {a.steps} --check\n", flush=True)
@@ -97,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "`autoddl backends`)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per mesh")
     p.add_argument("--optimizer", default="adam", help="adam, adamw, momentum or sgd")
+    p.add_argument("--stages", type=int, default=None,
+                   help="pipeline stages (default: the best of all; 1: no pipelining)")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="micro-batches per step when pipelined (default: the largest divisor "
+                        "of the batch up to 8)")
+    p.add_argument("--schedule", default="1F1B", help="pipeline schedule: 1F1B or GPipe")
+    p.add_argument("--balance-eps", type=float, default=0.1,
+                   help="each stage's FLOPs at most (1+eps) x the mean")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=_plan)
 

@@ -79,7 +79,7 @@ def test_best_mesh_is_the_cheapest_candidate():
 
 
 def test_no_plan_fits_reports_memory_needed():
-    with pytest.raises(InfeasibleError, match=r"leanest plan needs [\d.]+ [KMG]?i?B per device"):
+    with pytest.raises(InfeasibleError, match=r"leanest plan \(.*\) needs [\d.]+ [KMG]?i?B per device"):
         plan_for("mlp:batch=64,dim_in=256,hidden=1024,layers=2,dim_out=256",
                  cluster(devices=2, memory_bytes=10_000))
 

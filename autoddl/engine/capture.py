@@ -132,3 +132,18 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
 def capture(model: torch.nn.Module, example_inputs: tuple) -> OpGraph:
     """Export ``model(*example_inputs)`` (which returns the loss) into an :class:`OpGraph`."""
     return graph_from_export(export(model, example_inputs))
+
+
+def microbatch_inputs(inputs: tuple, microbatches: int) -> tuple:
+    """The first of ``microbatches`` equal micro-batches of ``inputs`` (split along dim 0)."""
+    batch = inputs[0].shape[0]
+    if microbatches < 1 or batch % microbatches:
+        raise UserError(f"{microbatches} micro-batches do not divide the batch of {batch}; "
+                        "choose a divisor of the batch size")
+    return tuple(t[: batch // microbatches] for t in inputs)
+
+
+def default_microbatches(inputs: tuple, most: int = 8) -> int:
+    """The largest divisor of the batch size that is at most ``most``."""
+    batch = inputs[0].shape[0]
+    return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)

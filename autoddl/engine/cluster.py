@@ -263,7 +263,7 @@ class Cluster:
         if isinstance(max_axes, bool) or not isinstance(max_axes, int) or max_axes < 1:
             raise UserError(f"max_axes={max_axes!r} must be an integer >= 1")
         n = self.num_devices
-        shapes = [(n,)] + [s for s in _ordered_factorizations(n, max_axes) if len(s) >= 2]
+        shapes = [(n,)] + [s for s in ordered_factorizations(n, max_axes) if len(s) >= 2]
         shapes.sort(key=lambda s: (len(s), s))
         return [self.mesh(s) for s in shapes]
 
@@ -304,7 +304,7 @@ class Cluster:
                                      allow_spec=True)
 
 
-def _ordered_factorizations(n: int, max_factors: int) -> list[tuple[int, ...]]:
+def ordered_factorizations(n: int, max_factors: int) -> list[tuple[int, ...]]:
     """Ordered tuples of factors >= 2 with product n and length 1..max_factors (n >= 2)."""
     if n < 2 or max_factors < 1:
         return []
@@ -312,7 +312,7 @@ def _ordered_factorizations(n: int, max_factors: int) -> list[tuple[int, ...]]:
     if max_factors >= 2:
         for f in range(2, n // 2 + 1):
             if n % f == 0:
-                out.extend((f,) + rest for rest in _ordered_factorizations(n // f, max_factors - 1))
+                out.extend((f,) + rest for rest in ordered_factorizations(n // f, max_factors - 1))
     return out
 
 

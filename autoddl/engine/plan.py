@@ -191,12 +191,20 @@ def summary(plan: Plan) -> str:
     axes = " × ".join(f"{a['name']}={a['size']} ({a['bandwidth_gbps']:g} GB/s)"
                       for a in plan.mesh["axes"])
     gap = "n/a" if s.get("gap") is None else f"{100 * s['gap']:.3g} %"
+    pipe = ""
+    if plan.pipeline:
+        ax = plan.pipeline["axis"]
+        pipe = (f"\npipeline {plan.num_stages} stages × {plan.num_microbatches} micro-batches "
+                f"({plan.pipeline['schedule']}) over {ax['name']} ({ax['bandwidth_gbps']:g} GB/s); "
+                f"ops per stage: "
+                + ", ".join(str(len([o for o in plan.ops if o.stage == k and o.target not in
+                                     ("param", "input")])) for k in range(plan.num_stages)))
     lines = [
         f"model    {plan.model['spec']}  ({plan.model['num_params']:,} parameters, "
         f"{plan.model['num_ops']} ops)",
         f"cluster  {plan.cluster.get('spec') or plan.cluster['name']}  "
         f"({plan.num_devices} devices)",
-        f"mesh     {axes}",
+        f"mesh     {axes}" + (" (each stage)" if plan.pipeline else "") + pipe,
         f"solver   {s['backend']}: {s['status']}, objective {_fmt_s(s['objective'])}, "
         f"gap {gap}, {s['time_s']:.2f} s over {len(plan.candidates)} mesh(es)",
         "",
@@ -205,6 +213,8 @@ def summary(plan: Plan) -> str:
         f"{'  bandwidth':<28}{_fmt_s(c['bandwidth_s']):>14}{format_bytes(c['bytes_per_device']):>16}",
         f"{'  redundant compute':<28}{_fmt_s(c['redundant_compute_s']):>14}",
     ]
+    if "bubble_s" in c:
+        lines.append(f"{'  pipeline bubble':<28}{_fmt_s(c['bubble_s']):>14}")
     for name, v in c["per_axis"].items():
         lines.append(f"{'  axis ' + name:<28}{_fmt_s(v['seconds']):>14}"
                      f"{format_bytes(v['bytes']):>16}{v['count']:>7}")
@@ -212,7 +222,8 @@ def summary(plan: Plan) -> str:
         lines.append(f"{'  ' + name:<28}{_fmt_s(v['seconds']):>14}"
                      f"{format_bytes(v['bytes']):>16}{v['count']:>7}")
     lines += [
-        f"{'estimated step time':<28}{_fmt_s(c['step_time_s']):>14}   (compute + communication)",
+        f"{'estimated step time':<28}{_fmt_s(c['step_time_s']):>14}   (compute + communication"
+        + (" + bubble, slowest stage)" if plan.pipeline else ")"),
         "",
         f"memory per device  {format_bytes(m['per_device_bytes'])} of "
         f"{format_bytes(m['capacity_bytes'])}  (weights+grads+optimizer "
@@ -226,7 +237,8 @@ def explain(plan: Plan, name: str) -> str:
     """One node's placements in words."""
     o = plan.op(name)
     ins = ", ".join("·".join(i.values()) for i in o.ins)
-    return f"{o.name} [{o.target}]: ({ins}) -> {'·'.join(o.out.values())}"
+    stage = f"stage {o.stage} " if plan.pipeline else ""
+    return f"{stage}{o.name} [{o.target}]: ({ins}) -> {'·'.join(o.out.values())}"
 
 
 def diff(a: Plan, b: Plan) -> list[str]:

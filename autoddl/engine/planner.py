@@ -1,4 +1,9 @@
-"""Find the optimal plan: build the sharding ILP for every candidate mesh, solve, keep the best."""
+"""Find the optimal plan: solve the ILP of every candidate (mesh, pipeline degree), keep the best.
+
+Candidates: every mesh of the cluster's devices without pipelining (the whole-batch graph), and,
+when a micro-batch graph is given, every pipeline degree K >= 2 dividing the devices (K <= the
+micro-batch count) with every stage-mesh shape, solved jointly for stages and shardings.
+"""
 
 from __future__ import annotations
 
@@ -9,48 +14,91 @@ from typing import Callable
 
 import numpy as np
 
-from autoddl.engine.cluster import Cluster, Mesh
+from autoddl.engine.cluster import Cluster, Mesh, MeshAxis
 from autoddl.engine.costs import CostedGraph, TrainingConfig, breakdown, build_problem
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes
 from autoddl.engine.rules import Signature, check_rules
-from autoddl.errors import InfeasibleError, SolverError
+from autoddl.engine.stages import (
+    build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
+)
+from autoddl.errors import InfeasibleError, SolverError, UserError
 from autoddl.formulations.backends import default_backend, solve
 from autoddl.formulations.milp import SolveResult, SolveStatus
+from autoddl.formulations.pipeline import PipelineModel, PipelineProblem
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingModel, ShardingProblem
+
+SCHEDULES = ("1F1B", "GPipe")
 
 
 @dataclass(frozen=True, eq=False)
-class MeshSolution:
-    """The solver's answer on one mesh."""
+class Candidate:
+    """The solver's answer for one (pipeline degree, stage mesh)."""
 
     costed: CostedGraph
+    stages: int
+    pp: MeshAxis | None
+    microbatches: int
     result: SolveResult
     choice: dict[str, Signature] | None
+    stage: dict[str, int] | None
+    num_cols: int
     build_s: float
 
+    @property
+    def label(self) -> str:
+        """e.g. "x2·y2" or "pp2 × x2"."""
+        return str(self.costed.mesh) if self.stages == 1 else f"pp{self.stages} × {self.costed.mesh}"
 
-def solve_mesh(costed: CostedGraph, backend: str | None = None,
-               time_limit_s: float | None = None, mip_rel_gap: float = 1e-6) -> MeshSolution:
-    """Solve the sharding ILP of one mesh."""
+
+def _decode(costed: CostedGraph, model: ShardingModel, x: np.ndarray) -> dict[str, Signature]:
+    idx = model.choice(x)
+    return {n.name: costed.sigs[n.name][int(k)] for n, k in zip(costed.graph.nodes, idx)}
+
+
+def solve_sharding(costed: CostedGraph, backend: str | None = None,
+                   time_limit_s: float | None = None, mip_rel_gap: float = 1e-6) -> Candidate:
+    """Solve the sharding ILP of one mesh (no pipelining)."""
     t0 = time.perf_counter()
     model = ShardingModel(costed.problem)
     milp = model.milp()
     build_s = time.perf_counter() - t0
-    result = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
-    choice = None
-    if result.has_solution:
-        idx = model.choice(result.x)
-        choice = {n.name: costed.sigs[n.name][int(k)] for n, k in zip(costed.graph.nodes, idx)}
-        cost, _ = costed.problem.evaluate(idx)
-        assert abs(cost - result.objective) <= 1e-6 * max(1.0, abs(cost)) + 1e-12, \
-            f"decoded plan costs {cost}, solver said {result.objective}"
-    return MeshSolution(costed, result, choice, build_s)
+    r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    choice = stage = None
+    if r.has_solution:
+        choice = _decode(costed, model, r.x)
+        stage = {n: 0 for n in choice}
+        cost, _ = costed.problem.evaluate(model.choice(r.x))
+        assert abs(cost - r.objective) <= 1e-6 * max(1.0, abs(cost)) + 1e-12, \
+            f"decoded plan costs {cost}, solver said {r.objective}"
+    return Candidate(costed, 1, None, 1, r, choice, stage, milp.num_cols, build_s)
+
+
+def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: MeshAxis,
+                   balance_eps: float = 0.1, backend: str | None = None,
+                   time_limit_s: float | None = None, mip_rel_gap: float = 1e-6) -> Candidate:
+    """Solve the joint stage + sharding ILP of one (K, stage mesh)."""
+    t0 = time.perf_counter()
+    problem = build_pipeline_problem(costed, stages, microbatches, pp, balance_eps)
+    model = PipelineModel(problem)
+    milp = model.milp()
+    build_s = time.perf_counter() - t0
+    r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    choice = stage = None
+    if r.has_solution:
+        choice = _decode(costed, model, r.x)
+        st = model.stages_of(r.x)
+        stage = {n.name: int(k) for n, k in zip(costed.graph.nodes, st)}
+        assert problem.legal_stages(st), "solver returned illegal stages"
+        cost, _ = problem.evaluate(model.choice(r.x), st)
+        assert abs(cost - r.objective) <= 1e-5 * max(1.0, abs(cost)) + 1e-12, \
+            f"decoded plan costs {cost}, solver said {r.objective}"
+    return Candidate(costed, stages, pp, microbatches, r, choice, stage, milp.num_cols, build_s)
 
 
 def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
-    """The least memory per device any plan on this mesh needs (ignoring communication)."""
+    """The least memory per device any unpipelined plan on this mesh needs."""
     p = costed.problem
     nodes = tuple(NodeChoices(n.name, n.memory_bytes, n.memory_bytes) for n in p.nodes)
     edges = tuple(EdgeChoices(e.src, e.dst, e.src_key, e.dst_key,
@@ -61,76 +109,128 @@ def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
     return float(r.objective) if r.has_solution else float("inf")
 
 
+def min_pipeline_memory_bytes(problem: PipelineProblem, backend: str | None = None) -> float:
+    """The least worst-stage memory per device any plan of a pipeline problem needs."""
+    model = PipelineModel(problem, minimize_memory=True)
+    r = solve(model.milp(), backend=backend)
+    return model.memory_of(float(r.objective)) if r.has_solution else float("inf")
 
 
-def to_plan(sol: MeshSolution, model_info: dict, cluster: Cluster,
-            candidates: list[dict], total_time_s: float) -> Plan:
-    """Turn a mesh solution into a :class:`Plan`."""
-    costed, r = sol.costed, sol.result
+def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[dict],
+            total_time_s: float, schedule: str) -> Plan:
+    """Turn a solved candidate into a :class:`Plan`."""
+    costed, r = c.costed, c.result
     names = costed.mesh.names
-    assert sol.choice is not None
+    assert c.choice is not None and c.stage is not None
     ops = []
     for n in costed.graph.nodes:
-        s = sol.choice[n.name]
+        s = c.choice[n.name]
         ops.append(OpPlacement(
             n.name, n.target, format_placement(s.out, names),
             tuple(format_placement(p, names) for p in s.ins),
             tuple(None if g is None else format_placement(g, names) for g in s.grads),
+            c.stage[n.name],
         ))
-    cost = breakdown(costed, sol.choice)
+    if c.stages == 1:
+        cost = breakdown(costed, c.choice)
+        pipeline = None
+    else:
+        assert c.pp is not None
+        cost = pipeline_breakdown(costed, c.choice, c.stage, c.stages, c.microbatches, c.pp)
+        pipeline = {"stages": c.stages, "microbatches": c.microbatches, "schedule": schedule,
+                    "axis": c.pp.to_dict(),
+                    "stage_flops": [sum(n.flops for n in costed.graph.ops
+                                        if c.stage[n.name] == k) for k in range(c.stages)]}
     memory = cost.pop("memory")
-    solver = {
-        "backend": r.backend, "status": r.status.value, "objective": r.objective,
-        "bound": r.bound, "gap": r.gap, "time_s": total_time_s,
-        "mesh_solve_time_s": r.time_s,
-    }
+    solver = {"backend": r.backend, "status": r.status.value, "objective": r.objective,
+              "bound": r.bound, "gap": r.gap, "time_s": total_time_s,
+              "mesh_solve_time_s": r.time_s}
     return Plan(model=model_info, cluster={**cluster.to_dict(), "spec": cluster.spec},
                 mesh=costed.mesh.to_dict(), training={"optimizer": costed.config.optimizer},
                 ops=tuple(ops), cost=cost, memory=memory, solver=solver,
-                candidates=tuple(candidates))
+                candidates=tuple(candidates), pipeline=pipeline)
 
 
 def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                backend: str | None = None, time_limit_s: float | None = None,
                config: TrainingConfig = TrainingConfig(), meshes: list[Mesh] | None = None,
-               mip_rel_gap: float = 1e-6,
-               log: Callable[[str], None] | None = None) -> Plan:
-    """The minimum-cost plan of ``graph`` on ``cluster`` over all candidate meshes."""
+               mip_rel_gap: float = 1e-6, microbatch_graph: OpGraph | None = None,
+               microbatches: int = 1, stages: int | None = None, balance_eps: float = 0.1,
+               schedule: str = "1F1B", log: Callable[[str], None] | None = None) -> Plan:
+    """The minimum-cost plan of ``graph`` on ``cluster`` over all candidates.
+
+    ``microbatch_graph`` (the graph of one of ``microbatches`` micro-batches) enables pipelined
+    candidates; ``stages`` forces the pipeline degree (1: none); ``meshes`` restricts the
+    unpipelined meshes.
+    """
     t0 = time.perf_counter()
     backend = backend or default_backend()
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not 0 <= balance_eps:
+        raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
     check_rules(graph)
-    meshes = meshes if meshes is not None else cluster.meshes()
-    best: MeshSolution | None = None
+    jobs: list[Callable[[], Candidate]] = []
+    if stages in (None, 1):
+        for mesh in (meshes if meshes is not None else cluster.meshes()):
+            jobs.append(lambda mesh=mesh: solve_sharding(
+                build_problem(graph, mesh, cluster, config), backend, time_limit_s, mip_rel_gap))
+    if microbatch_graph is not None and stages != 1:
+        check_rules(microbatch_graph)
+        for k, pp, smesh in pipeline_candidates(cluster, microbatches, stages=stages):
+            jobs.append(lambda k=k, pp=pp, smesh=smesh: solve_pipeline(
+                build_problem(microbatch_graph, smesh, cluster, config), k, microbatches, pp,
+                balance_eps, backend, time_limit_s, mip_rel_gap))
+    if not jobs:
+        raise UserError(f"no candidate with {stages} pipeline stages: the stage count must "
+                        f"divide the {cluster.num_devices} devices and be at most the "
+                        f"{microbatches} micro-batches")
+    best: Candidate | None = None
+    solved: list[Candidate] = []
     candidates: list[dict] = []
-    solutions = []
-    for mesh in meshes:
-        costed = build_problem(graph, mesh, cluster, config)
-        sol = solve_mesh(costed, backend, time_limit_s, mip_rel_gap)
-        solutions.append(sol)
-        r = sol.result
-        candidates.append({"mesh": str(mesh), "shape": list(mesh.shape), "status": r.status.value,
-                           "objective": r.objective, "gap": r.gap, "time_s": r.time_s,
-                           "variables": None, "build_s": sol.build_s})
+    for job in jobs:
+        c = job()
+        solved.append(c)
+        r = c.result
+        candidates.append({"mesh": c.label, "stages": c.stages, "shape": list(c.costed.mesh.shape),
+                           "status": r.status.value, "objective": r.objective, "gap": r.gap,
+                           "time_s": r.time_s, "build_s": c.build_s, "variables": c.num_cols})
         if log:
-            log(f"mesh {mesh}: {r.status.value}"
+            log(f"{c.label}: {r.status.value}"
                 + (f", objective {r.objective:.6g} s" if r.objective is not None else ""))
         if r.status is SolveStatus.FEASIBLE:
-            print(f"warning: mesh {mesh}: time limit reached, best plan has gap "
+            print(f"warning: {c.label}: time limit reached, best plan has gap "
                   f"{100 * (r.gap or 0):.3g} %", file=sys.stderr)
-        if sol.choice is not None and (best is None or r.objective < best.result.objective):
-            best = sol
+        if c.choice is not None and (best is None or r.objective < best.result.objective):
+            best = c
     if best is None:
-        statuses = {s.result.status for s in solutions}
-        if statuses <= {SolveStatus.INFEASIBLE}:
-            need = min(min_memory_bytes(s.costed, backend) for s in solutions)
-            raise InfeasibleError(
-                f"no plan fits {format_bytes(cluster.memory_per_device_bytes)} per device: "
-                f"the leanest plan needs {format_bytes(need)} per device; use more devices, a smaller "
-                "model or batch, or devices with more memory"
-            )
-        msgs = "; ".join(f"{s.costed.mesh}: {s.result.status.value} {s.result.message}".strip()
-                         for s in solutions)
-        raise SolverError(f"the solver returned no plan ({msgs}); raise --time-limit")
-    info = {"spec": model_spec, "graph_hash": graph.digest(), "num_ops": len(graph.ops),
-            "num_params": graph.param_count}
-    return to_plan(best, info, cluster, candidates, time.perf_counter() - t0)
+        _raise_no_plan(solved, cluster, backend, balance_eps)
+    g = graph if best.stages == 1 else microbatch_graph
+    assert g is not None
+    info = {"spec": model_spec, "graph_hash": g.digest(), "num_ops": len(g.ops),
+            "num_params": g.param_count}
+    return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule)
+
+
+def _raise_no_plan(solved: list[Candidate], cluster: Cluster, backend: str,
+                   balance_eps: float) -> None:
+    statuses = {c.result.status for c in solved}
+    if statuses <= {SolveStatus.INFEASIBLE}:
+        needs = []
+        for c in solved:
+            if c.stages == 1:
+                needs.append((min_memory_bytes(c.costed, backend), c.label))
+            else:
+                assert c.pp is not None
+                prob = build_pipeline_problem(c.costed, c.stages, c.microbatches, c.pp,
+                                              balance_eps)
+                needs.append((min_pipeline_memory_bytes(prob, backend), c.label))
+        need, where = min(needs)
+        raise InfeasibleError(
+            f"no plan fits {format_bytes(cluster.memory_per_device_bytes)} per device at any "
+            f"mesh or pipeline degree: the leanest plan ({where}) needs {format_bytes(need)} per "
+            "device; use more devices, a smaller model or batch, or devices with more memory"
+        )
+    msgs = "; ".join(f"{c.label}: {c.result.status.value} {c.result.message}".strip()
+                     for c in solved)
+    raise SolverError(f"the solver returned no plan ({msgs}); raise --time-limit")

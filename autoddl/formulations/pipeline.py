@@ -128,8 +128,12 @@ class PipelineModel(ShardingModel):
 
     fold_into_producer = False
 
-    def __init__(self, problem: PipelineProblem) -> None:
+    def __init__(self, problem: PipelineProblem, minimize_memory: bool = False) -> None:
+        """``minimize_memory``: instead of the cost, minimize the worst stage's memory (the
+        capacity then only scales the rows); read the result with :meth:`memory_of`."""
         self.pipe = problem
+        self.minimize_memory = minimize_memory
+        self.t_col: int | None = None
         self.a_start: list[int] = []
         super().__init__(problem.sharding)  # x, y, one-hot, edge marginals, memory (overridden)
         self.stage_monotone()
@@ -229,7 +233,11 @@ class PipelineModel(ShardingModel):
         r""":math:`n_{v,k} \ge \mu_{v,k} - M_v(1 - z_{v,k})`, :math:`\sum_v n_{v,k} \le` capacity."""
         pipe, p = self.pipe, self.problem
         cap = p.memory_capacity_bytes
-        if not np.isfinite(cap):
+        if self.minimize_memory:
+            cap = cap if np.isfinite(cap) else 1e9
+            self.t_col = self._new_cols(np.ones(1), np.zeros(1), integer=False)
+            self._ub[-1][:] = INF
+        elif not np.isfinite(cap):
             return
         into: dict[int, list[int]] = {}
         for i, e in enumerate(p.edges):
@@ -265,14 +273,23 @@ class PipelineModel(ShardingModel):
                 # n - mu - M z >= -M
                 self._row([([n], [1.0], 0.0), (cols, [-x for x in vals], 0.0),
                            *[self._scaled(t, -big_m) for t in zk]], -big_m, INF)
-            if n_cols:
+            if n_cols and self.t_col is not None:  # sum n - t <= 0
+                self._add_row(np.array(n_cols + [self.t_col]),
+                              np.array([1.0] * len(n_cols) + [-1.0]), -INF, 0.0)
+            elif n_cols:
                 self._add_row(np.array(n_cols), np.ones(len(n_cols)), -INF, 1.0)
+        self._mem_scale = 1.0 / scale
 
     # ---------------------------------------------------------------- output
     def milp(self) -> MILP:
         """The assembled MILP: sharding costs times m, plus transfers, plus the bubble."""
         m = self.pipe.microbatches
         base = ShardingModel.milp(self)
+        if self.t_col is not None:
+            c = np.zeros_like(base.c)
+            c[self.t_col] = 1.0
+            return MILP(c, base.a_rows, base.a_cols, base.a_vals, base.row_lower,
+                        base.row_upper, base.col_lower, base.col_upper, base.integrality)
         c = base.c.copy()
         n_sharding = sum(len(x) for x in self._c[: len(self.problem.nodes)])
         c[:n_sharding] *= m  # x columns
@@ -282,6 +299,10 @@ class PipelineModel(ShardingModel):
                 c[start:start + len(pa)] *= m
         return MILP(c, base.a_rows, base.a_cols, base.a_vals, base.row_lower, base.row_upper,
                     base.col_lower, base.col_upper, base.integrality, offset=self.pipe.bubble_s)
+
+    def memory_of(self, objective: float) -> float:
+        """Bytes per device of a ``minimize_memory`` model's objective."""
+        return objective * self._mem_scale
 
     def stages_of(self, x: np.ndarray) -> np.ndarray:
         """Each node's stage in a solution vector."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -56,9 +56,9 @@ class CommLog:
     entries: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
     direction: str = "forward"
 
-    def add(self, axis: str, kind: str, nbytes: float) -> None:
-        """Record one collective step."""
-        e = self.entries.setdefault((self.direction, axis, kind), [0, 0.0])
+    def add(self, axis: str, kind: str, nbytes: float, direction: str | None = None) -> None:
+        """Record one collective step (or one point-to-point send, kind ``p2p``)."""
+        e = self.entries.setdefault((direction or self.direction, axis, kind), [0, 0.0])
         e[0] += 1
         e[1] += nbytes
 
@@ -67,6 +67,13 @@ class CommLog:
         c: Counter = Counter()
         for (_, _, kind), (n, _) in self.entries.items():
             c[kind] += int(n)
+        return c
+
+    def bytes_by_kind(self) -> Counter:
+        """Bytes sent per device, per collective kind."""
+        c: Counter = Counter()
+        for (_, _, kind), (_, b) in self.entries.items():
+            c[kind] += b
         return c
 
 
@@ -140,18 +147,32 @@ def find_signature(graph: OpGraph, name: str, plan: Plan, mesh_shape) -> Signatu
 
 
 class ShardedExecutor:
-    """Holds the planned local parameters and runs forward (and, via autograd, backward)."""
+    """Holds the planned local parameters and runs forward (and, via autograd, backward).
+
+    ``nodes`` (names) restricts the executor to a subset of the graph — one pipeline stage: it
+    then holds only those parameters and :meth:`run_ops` runs only those operators, reading any
+    tensor produced outside the subset (a stage's boundary input) from the environment as the
+    producer's local piece in the producer's planned output placement.
+    """
 
     def __init__(self, ep: torch.export.ExportedProgram, graph: OpGraph, plan: Plan,
-                 mesh: DeviceMesh, params: dict[str, torch.Tensor]) -> None:
+                 mesh: DeviceMesh, params: dict[str, torch.Tensor],
+                 nodes: Iterable[str] | None = None) -> None:
         self.ep, self.graph, self.plan, self.mesh = ep, graph, plan, mesh
         self.mesh_shape = tuple(mesh.shape)
         self.log = CommLog()
         self.conv = Converter(mesh, plan.axis_names, self.log)
+        self.nodes = [n.name for n in graph.nodes] if nodes is None else list(nodes)
+        members = set(self.nodes)
+        need = members | {i for name in self.nodes for i in graph[name].inputs}
         self.sigs = {n.name: find_signature(graph, n.name, plan, self.mesh_shape)
-                     for n in graph.nodes}
+                     for n in graph.nodes if n.name in need}
+        self.ops = [n for n in graph.ops if n.name in members]
+        self._fx = {fx.name: fx for fx in ep.graph.nodes}
         self.params: dict[str, torch.nn.Parameter] = {}
         for n in graph.params:
+            if n.name not in members:
+                continue
             full = params[n.fqn].detach()
             dt = distribute_tensor(full, mesh, to_dtensor_placements(self.sigs[n.name].out),
                                    src_data_rank=None)
@@ -177,21 +198,32 @@ class ShardedExecutor:
         return distribute_tensor(full, self.mesh, to_dtensor_placements(self.sigs[name].out),
                                  src_data_rank=None).to_local()
 
+    def param_locals(self) -> dict[str, torch.Tensor]:
+        """Node name -> local piece of each held parameter (autograd flows to the DTensor)."""
+        return {n.name: self.params[n.fqn].to_local() for n in self.graph.params
+                if n.fqn in self.params}
+
+    def run_ops(self, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run this executor's operators in graph order on local pieces, adding their outputs to
+        ``env`` (which must hold the local piece of every tensor they read)."""
+        for n in self.ops:
+            locals_ = [self._edge(src, n.name, i, env[src]) for i, src in enumerate(n.inputs)]
+            env[n.name] = self._run_op(n, self._fx[n.name], locals_)
+        return env
+
+    def loss_value(self, local: torch.Tensor) -> torch.Tensor:
+        """The loss made whole on every device from its local piece (planned collectives)."""
+        return self._edge_to_replicated(self.graph.loss, local)
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the graph; returns (loss local piece, loss value replicated everywhere)."""
-        env: dict[str, torch.Tensor] = {}
+        env: dict[str, torch.Tensor] = self.param_locals()
         for n in self.graph.nodes:
-            if n.kind == "param":
-                env[n.name] = self.params[n.fqn].to_local()
-            elif n.kind == "input":
+            if n.kind == "input":
                 env[n.name] = self.local_input(n.name, inputs[n.name])
-        fx_nodes = {fx.name: fx for fx in self.ep.graph.nodes}
-        for n in self.graph.ops:
-            locals_ = [self._edge(src, n.name, i, env[src]) for i, src in enumerate(n.inputs)]
-            env[n.name] = self._run_op(n, fx_nodes[n.name], locals_)
+        self.run_ops(env)
         loss = self.graph.loss
-        value = self._edge_to_replicated(loss, env[loss])
-        return env[loss], value
+        return env[loss], self.loss_value(env[loss])
 
     def _edge_to_replicated(self, name: str, local: torch.Tensor) -> torch.Tensor:
         src = self.sigs[name].out

@@ -1,0 +1,149 @@
+"""Pipeline candidates and costs: stage meshes, the joint problem, and a pipelined plan's cost.
+
+With K stages the device mesh is ``(pp=K, *stage mesh)``: the pipeline axis outermost (so, with
+node-major ranks, stages fall across nodes first) and every stage on an identical stage mesh. The
+graph is one micro-batch's; its sharding costs count once per micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+
+from autoddl.engine.cluster import Cluster, Mesh, MeshAxis, ordered_factorizations
+from autoddl.engine.costs import (
+    SAVES_INPUTS, CostedGraph, breakdown, edge_steps, node_memory_bytes, steps_seconds,
+)
+from autoddl.engine.placements import local_fraction
+from autoddl.engine.rules import Signature
+from autoddl.formulations.pipeline import PipelineProblem
+
+PIPELINE_AXIS = "pp"
+STAGE_AXES = ("x", "y", "z")
+
+
+def pipeline_candidates(cluster: Cluster, microbatches: int, max_axes: int = 3,
+                        stages: int | None = None) -> list[tuple[int, MeshAxis, Mesh]]:
+    """(K, pipeline axis, stage mesh) for every K >= 2 dividing the devices, K <= micro-batches."""
+    n = cluster.num_devices
+    out = []
+    for k in range(2, n + 1):
+        if n % k or k > microbatches or (stages is not None and k != stages):
+            continue
+        rest = n // k
+        shapes = [(1,)] if rest == 1 else ordered_factorizations(rest, max_axes - 1)
+        for shape in shapes:
+            full = cluster.mesh((k, *shape))
+            pp = dataclasses.replace(full.axes[0], name=PIPELINE_AXIS)
+            stage_axes = tuple(dataclasses.replace(a, name=STAGE_AXES[i])
+                               for i, a in enumerate(full.axes[1:]))
+            out.append((k, pp, Mesh(stage_axes)))
+    return out
+
+
+def bubble_seconds(costed: CostedGraph, stages: int) -> float:
+    """1F1B idle time: (K−1) forward+backward passes of one micro-batch through one stage."""
+    flops = sum(n.flops for n in costed.graph.ops)
+    devices = stages * costed.mesh.num_devices
+    return (stages - 1) * 3.0 * flops / (devices * costed.cluster.peak_flops)
+
+
+def build_pipeline_problem(costed: CostedGraph, stages: int, microbatches: int, pp: MeshAxis,
+                           balance_eps: float = 0.1) -> PipelineProblem:
+    """The joint problem of a micro-batch graph costed on a stage mesh."""
+    g, mesh = costed.graph, costed.mesh
+    acts, pieces = [], []
+    for n in g.nodes:
+        sigs = costed.sigs[n.name]
+        acts.append(np.array([node_memory_bytes(n, s, mesh, costed.config)
+                              if n.kind == "op" else 0.0 for s in sigs]))
+        pieces.append(np.array([n.out.nbytes * local_fraction(s.out, mesh.shape) for s in sigs]))
+    return PipelineProblem(
+        sharding=costed.problem, stages=stages, microbatches=microbatches,
+        node_kind=tuple(n.kind for n in g.nodes),
+        flops=np.array([n.flops if n.kind == "op" else 0.0 for n in g.nodes]),
+        activation_bytes=tuple(acts), piece_bytes=tuple(pieces),
+        carries_grad=np.array([n.requires_grad for n in g.nodes]),
+        loss=costed.index[g.loss], p2p_bandwidth_gbps=pp.bandwidth_gbps,
+        p2p_latency_s=pp.latency_s, bubble_s=bubble_seconds(costed, stages),
+        balance_eps=balance_eps,
+    )
+
+
+def _scaled(d: dict, m: int) -> dict:
+    return {k: v * m for k, v in d.items()}
+
+
+def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage: dict[str, int],
+                       stages: int, microbatches: int, pp: MeshAxis) -> dict:
+    """Cost and memory of a pipelined plan, per training step of ``microbatches`` micro-batches."""
+    g, mesh, m = costed.graph, costed.mesh, microbatches
+    per_mb = breakdown(costed, choice)
+    mem_mb = per_mb.pop("memory")
+    out = {
+        "per_axis": {a: _scaled(v, m) for a, v in per_mb["per_axis"].items()},
+        "per_kind": {k: _scaled(v, m) for k, v in per_mb["per_kind"].items()},
+    }
+    p2p = {"bytes": 0.0, "seconds": 0.0, "count": 0}
+    stage_comm = np.zeros(stages)
+    stage_compute = np.zeros(stages)
+    converted = np.zeros(stages)
+    for n in g.nodes:
+        k = stage[n.name]
+        if n.kind == "op":
+            d = 1
+            for p, ax in zip(choice[n.name].out, mesh.axes):
+                d *= ax.size if p != "B" else 1
+            stage_compute[k] += 3.0 * n.flops / d / costed.cluster.peak_flops
+        for i, src in enumerate(n.inputs):
+            fwd, bwd = edge_steps(g[src].out.nbytes, choice[src].out, choice[n.name].ins[i],
+                                  choice[n.name].grads[i], mesh)
+            stage_comm[k] += steps_seconds(fwd or [], mesh) + steps_seconds(bwd, mesh)
+            pin = choice[n.name].ins[i]
+            if n.target in SAVES_INPUTS and choice[src].out != pin:
+                converted[k] += (g[src].out.nbytes * local_fraction(pin, mesh.shape)
+                                 * min(stages - k, m))
+            hops = k - stage[src]
+            if hops:
+                piece = g[src].out.nbytes * local_fraction(choice[src].out, mesh.shape)
+                sends = hops * (1 + int(g[src].requires_grad))
+                secs = sends * (piece / (pp.bandwidth_gbps * 1e9) + pp.latency_s)
+                p2p["bytes"] += m * sends * piece
+                p2p["seconds"] += m * secs
+                p2p["count"] += m * sends
+                stage_comm[k] += secs
+    out["per_axis"][PIPELINE_AXIS] = p2p
+    out["per_kind"]["p2p"] = p2p
+    bubble = bubble_seconds(costed, stages)
+    bandwidth = m * per_mb["bandwidth_s"] + p2p["seconds"]
+    slowest = float((stage_compute + stage_comm).max())
+    # activations per stage: micro-batches in flight under 1F1B
+    mem_stage = defaultdict(lambda: {"weights_bytes": 0.0, "activations_bytes": 0.0})
+    for n in g.nodes:
+        k = stage[n.name]
+        b = node_memory_bytes(n, choice[n.name], mesh, costed.config)
+        key = "weights_bytes" if n.kind == "param" else "activations_bytes"
+        mem_stage[k][key] += b * (min(stages - k, m) if n.kind == "op" else 1)
+    per_stage = [sum(mem_stage[k].values()) + converted[k] for k in range(stages)]
+    worst = int(np.argmax(per_stage))
+    out.update({
+        "total_s": m * per_mb["total_s"] + p2p["seconds"] + bubble,
+        "bandwidth_s": bandwidth,
+        "redundant_compute_s": m * per_mb["redundant_compute_s"],
+        "bubble_s": bubble,
+        "compute_s": m * per_mb["compute_s"],
+        "step_time_s": (m + stages - 1) * slowest,
+        "bytes_per_device": m * per_mb["bytes_per_device"] + p2p["bytes"],
+    })
+    memory = {
+        "weights_bytes": mem_stage[worst]["weights_bytes"],
+        "activations_bytes": mem_stage[worst]["activations_bytes"],
+        "converted_inputs_bytes": float(converted[worst]),
+        "per_device_bytes": per_stage[worst],
+        "per_stage_bytes": per_stage,
+        "capacity_bytes": mem_mb["capacity_bytes"],
+    }
+    out["memory"] = memory
+    return out
