@@ -312,7 +312,7 @@ _ORDER_SCRIPT = textwrap.dedent(
     assert not {"pulp", "highspy", "ortools"} & set(sys.modules), "a solver imported too early"
     data = dict(np.load(sys.argv[1]))
     best, offset = float(data.pop("best")), float(data.pop("offset"))
-    milp = MILP(**data, offset=offset)
+    milp = MILP(**data, offset=offset, continuous_integral=True)
     for name in sys.argv[2:]:
         res = solve(milp, backend=name)
         assert res.objective is not None, (name, res.message)

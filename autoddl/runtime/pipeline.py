@@ -1,0 +1,340 @@
+"""Run a pipelined plan: one stage per rank group, scheduled by ``torch.distributed.pipelining``.
+
+The device mesh is ``(pp=K, *stage mesh)``. Rank ``r`` belongs to stage ``k`` (its ``pp``
+coordinate) and runs that stage's nodes op by op on the stage sub-mesh with the same planned
+resharding as the unpipelined runtime (:class:`~autoddl.runtime.execute.ShardedExecutor`,
+restricted to the stage's nodes). The ranks with the same stage-mesh coordinate form one
+pipeline group (the ``pp`` axis's process group); ``PipelineStage`` and the schedule run per
+group, so the ranks of a stage run the same schedule and meet in their collectives together.
+
+What crosses a boundary is the producer's *local piece* in the producer's planned output
+placement; every stage has the same stage-mesh shape, so the piece is valid on the next stage's
+device with the same stage-mesh coordinate. Boundary ``k -> k+1`` carries every tensor made in a
+stage ``<= k`` and read in a stage ``> k``, in graph order: a tensor whose readers are two or
+more stages ahead is relayed through the stages in between (sent once per boundary). User inputs
+are made in stage 0 (the int64 targets of a language model are relayed to the loss). A relayed
+tensor's gradient is the sum of its readers' gradients, in the producer's gradient placement
+(``grad_target`` of its output placement) — what the unpipelined executor's edge backward
+produces — so it crosses each boundary once backward too. Tensors that carry no gradient (int
+targets, float targets, inputs) are declared ``requires_grad=False`` to the stage, which then
+allocates no gradient buffer and sends nothing back for them.
+
+The last stage returns the loss made whole on its stage mesh (the planned scalar collective);
+the schedule's ``loss_fn`` returns that output as is. The full-batch loss is the mean of the m
+micro-batch losses (equal micro-batches, mean-reduced losses); the schedule accumulates each
+micro-batch's gradients and, with ``scale_grads=True`` (torch 2.13's default), divides every
+stage parameter's gradient by m after the last backward (``PipelineStage.scale_grads``), which
+gives exactly the gradient of that mean.
+
+Stages are built in the library's *static* metadata mode (``input_args``/``output_args`` given as
+local-shape plain tensors): no metadata-inference forward runs, so the only collectives in a step
+are the planned ones.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from autoddl.engine.graph import OpGraph, TensorMeta
+from autoddl.engine.placements import local_shape
+from autoddl.engine.plan import Plan
+from autoddl.errors import UserError
+from autoddl.runtime.execute import CommLog, ShardedExecutor
+
+P2P = "p2p"
+SCHEDULES = {"1F1B": Schedule1F1B, "GPIPE": ScheduleGPipe}
+
+
+def microbatch_inputs(inputs: tuple, microbatches: int) -> tuple:
+    """The first micro-batch of ``inputs``: each tensor's first ``batch/microbatches`` rows
+    along dim 0 (the batch dim of every built-in model's example inputs)."""
+    if microbatches < 1:
+        raise UserError(f"micro-batches must be at least 1, got {microbatches}")
+    out = []
+    for t in inputs:
+        if t.dim() == 0 or t.shape[0] % microbatches:
+            raise UserError(f"input of shape {list(t.shape)}: the batch (dim 0) does not split "
+                            f"into {microbatches} equal micro-batches")
+        out.append(t[: t.shape[0] // microbatches])
+    return tuple(out)
+
+
+def stage_of(plan: Plan) -> dict[str, int]:
+    """Node name -> pipeline stage."""
+    return {o.name: o.stage for o in plan.ops}
+
+
+def check_stages(graph: OpGraph, plan: Plan) -> None:
+    """The stage rules the runtime relies on (raises :class:`UserError` when one fails)."""
+    k_of, k_max = stage_of(plan), plan.num_stages - 1
+    bad: list[str] = []
+    for n in graph.nodes:
+        k = k_of[n.name]
+        if not 0 <= k <= k_max:
+            bad.append(f"{n.name} in stage {k} of {k_max + 1}")
+        for src in n.inputs:
+            if k_of[src] > k:
+                bad.append(f"{src} (stage {k_of[src]}) feeds {n.name} (stage {k})")
+            if graph[src].kind == "param" and k_of[src] != k:
+                bad.append(f"parameter {src} (stage {k_of[src]}) is read in stage {k}")
+        if n.kind == "input" and k != 0:
+            bad.append(f"input {n.name} in stage {k}, not 0")
+    if k_of[graph.loss] != k_max:
+        bad.append(f"loss {graph.loss} in stage {k_of[graph.loss]}, not {k_max}")
+    empty = [k for k in range(k_max + 1) if not any(k_of[n.name] == k for n in graph.ops)]
+    if empty:
+        bad.append(f"stage(s) {empty} have no operator")
+    if bad:
+        raise UserError("plan's pipeline stages break the stage rules: " + "; ".join(bad[:5]))
+
+
+def boundary_tensors(graph: OpGraph, plan: Plan) -> list[list[str]]:
+    """For each boundary ``k -> k+1`` (k = 0..K-2), the tensors crossing it, in graph order:
+    made in a stage ``<= k`` and read in a stage ``> k``."""
+    k_of = stage_of(plan)
+    last_reader: dict[str, int] = {}
+    for n in graph.nodes:
+        for src in n.inputs:
+            last_reader[src] = max(last_reader.get(src, -1), k_of[n.name])
+    return [[n.name for n in graph.nodes
+             if k_of[n.name] <= k < last_reader.get(n.name, -1)]
+            for k in range(plan.num_stages - 1)]
+
+
+def piece_bytes(meta: TensorMeta, placement, mesh_shape) -> int:
+    """Bytes of one device's local piece of ``meta`` under ``placement``."""
+    n = 1
+    for s in local_shape(meta.shape, placement, mesh_shape):
+        n *= s
+    return n * meta.itemsize
+
+
+def p2p_per_step(graph: OpGraph, plan: Plan) -> dict[str, float]:
+    """Point-to-point sends one step makes, summed over the boundaries, per device of the stage
+    mesh: one per tensor per boundary per micro-batch forward, and one more backward for a tensor
+    that carries a gradient; bytes = the sender's local piece."""
+    count, nbytes = 0, 0.0
+    for names in boundary_tensors(graph, plan):
+        for name in names:
+            node = graph[name]
+            pl = tuple(plan.op(name).out[a] for a in plan.axis_names)
+            sends = 1 + int(node.requires_grad)
+            count += sends
+            nbytes += sends * piece_bytes(node.out, pl, plan.mesh_shape)
+    m = plan.num_microbatches
+    return {"count": m * count, "bytes": m * nbytes}
+
+
+def _placement(plan: Plan, name: str) -> tuple[str, ...]:
+    return tuple(plan.op(name).out[a] for a in plan.axis_names)
+
+
+def _torch_dtype(meta: TensorMeta) -> torch.dtype:
+    return getattr(torch, meta.dtype)
+
+
+class _BoundaryGrad(torch.autograd.Function):
+    """Identity on a received boundary tensor; its backward is the gradient sent back."""
+
+    @staticmethod
+    def forward(ctx, x, log, axis, nbytes):  # type: ignore[override]
+        ctx.log, ctx.axis, ctx.nbytes = log, axis, nbytes
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        ctx.log.add(ctx.axis, P2P, ctx.nbytes, direction="backward")
+        return g.contiguous(), None, None, None
+
+
+class StageModule(torch.nn.Module):
+    """One pipeline stage's nodes, run op by op on local pieces as planned.
+
+    Stage 0 takes the user inputs (one micro-batch, whole); later stages take the local pieces
+    crossing the boundary before them. Non-last stages return the local pieces crossing the
+    boundary after them; the last stage returns the loss, whole on every device of its mesh.
+    """
+
+    def __init__(self, ex: ShardedExecutor, plan: Plan, stage: int, inputs: list[str],
+                 outputs: list[str]) -> None:
+        super().__init__()
+        self.ex, self.graph, self.plan = ex, ex.graph, plan
+        self.stage, self.inputs, self.outputs = stage, inputs, outputs
+        self.is_first, self.is_last = stage == 0, stage == plan.num_stages - 1
+        self.axis = plan.pipeline["axis"]["name"]
+        # registered so that the schedule's scale_grads and the optimizer see them
+        self.stage_params = torch.nn.ParameterList(ex.params.values())
+        shape = plan.mesh_shape
+        self._bytes = {n: piece_bytes(self.graph[n].out, _placement(plan, n), shape)
+                       for n in set(inputs) | set(outputs)}
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        # No module hooks: CommDebugMode's module tracker (torch 2.13) adds a forward hook on
+        # every call of a module and then pops its parent list once per hook, so a module called
+        # twice inside one CommDebugMode (once per micro-batch) fails with an IndexError.
+        return self.forward(*args)
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        ex, log = self.ex, self.ex.log
+        env = ex.param_locals()
+        for name, t in zip(self.inputs, args, strict=True):
+            if self.is_first:
+                env[name] = ex.local_input(name, t)
+            elif t.requires_grad:
+                env[name] = _BoundaryGrad.apply(t, log, self.axis, self._bytes[name])
+            else:
+                env[name] = t
+        ex.run_ops(env)
+        if self.is_last:
+            return ex.loss_value(env[self.graph.loss])
+        outs = []
+        for name in self.outputs:
+            t = env[name].contiguous()
+            want = self.graph[name].requires_grad and torch.is_grad_enabled()
+            if t.requires_grad != want:
+                raise RuntimeError(f"stage {self.stage}: boundary tensor {name} has "
+                                   f"requires_grad={t.requires_grad}, the graph says {want}")
+            log.add(self.axis, P2P, self._bytes[name], direction="forward")
+            outs.append(t)
+        return tuple(outs)
+
+
+class _CountingStage(PipelineStage):
+    """A PipelineStage that counts the point-to-point sends the library issues."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: dict[str, list[float]] = {}
+
+    def _count(self, direction: str, ops: list) -> list:
+        e = self.sent.setdefault(direction, [0, 0.0])
+        for op in ops:
+            e[0] += 1
+            e[1] += op.tensor.numel() * op.tensor.element_size()
+        return ops
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int) -> list:
+        return self._count("forward", super().get_fwd_send_ops(fwd_chunk_id))
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list:
+        return self._count("backward", super().get_bwd_send_ops(bwd_chunk_id))
+
+
+def _stage_loss(output: torch.Tensor, target: Any) -> torch.Tensor:
+    """The schedule's loss_fn: the last stage's output already is the micro-batch loss."""
+    return output
+
+
+class PipelineRunner:
+    """This rank's stage, its ``PipelineStage`` and the schedule over m micro-batches."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, graph: OpGraph, plan: Plan,
+                 mesh: DeviceMesh, params: dict[str, torch.Tensor], device: torch.device,
+                 example_inputs: tuple) -> None:
+        if not plan.pipeline:
+            raise ValueError("plan is not pipelined")
+        check_stages(graph, plan)
+        K, m = plan.num_stages, plan.num_microbatches
+        kind = str(plan.pipeline.get("schedule", "1F1B")).upper()
+        if kind not in SCHEDULES:
+            raise UserError(f"plan's pipeline schedule {plan.pipeline.get('schedule')!r} is not "
+                            f"one of {', '.join(SCHEDULES)}")
+        if kind == "1F1B" and m < K:
+            raise UserError(f"1F1B needs at least as many micro-batches as stages "
+                            f"({m} < {K}); use GPipe or more micro-batches")
+        pp = plan.pipeline["axis"]["name"]
+        self.plan, self.graph, self.device = plan, graph, device
+        self.stage_index = int(mesh.get_local_rank(pp))
+        self.stage_mesh = mesh[tuple(plan.axis_names)]
+        self.group = mesh.get_group(pp)
+        k_of = stage_of(plan)
+        self.executor = ShardedExecutor(ep, graph, plan, self.stage_mesh, params,
+                                        nodes=[n.name for n in graph.nodes
+                                               if k_of[n.name] == self.stage_index])
+        bounds = boundary_tensors(graph, plan)
+        k = self.stage_index
+        user = [n.name for n in graph.nodes if n.kind == "input"]
+        ins = user if k == 0 else bounds[k - 1]
+        outs = [] if k == K - 1 else bounds[k]
+        self.module = StageModule(self.executor, plan, k, ins, outs)
+        if k == 0:
+            in_args = tuple(example_inputs)
+        else:
+            in_args = tuple(self._example(n) for n in ins)
+        if k == K - 1:
+            loss = graph[graph.loss].out
+            out_args: tuple = (torch.empty((), dtype=_torch_dtype(loss), device=device,
+                                           requires_grad=True),)
+        else:
+            out_args = tuple(self._example(n) for n in outs)
+        self.stage = _CountingStage(self.module, k, K, device, input_args=in_args,
+                                    output_args=out_args, group=self.group)
+        self.schedule = SCHEDULES[kind](self.stage, n_microbatches=m, loss_fn=_stage_loss,
+                                        scale_grads=True)
+        self._target = torch.zeros(m, device=device)  # the schedule splits it; _stage_loss
+        self.params = self.executor.params             # ignores it
+
+    def _example(self, name: str) -> torch.Tensor:
+        meta = self.graph[name].out
+        shape = local_shape(meta.shape, _placement(self.plan, name), self.plan.mesh_shape)
+        return torch.empty(shape, dtype=_torch_dtype(meta), device=self.device,
+                           requires_grad=self.graph[name].requires_grad)
+
+    @property
+    def log(self) -> CommLog:
+        """Collectives and sends this rank's stage ran (the executor's log)."""
+        return self.executor.log
+
+    def torch_sends(self) -> Counter:
+        """Sends the pipelining library issued (count, bytes) since the last reset."""
+        c: Counter = Counter()
+        for n, b in self.stage.sent.values():
+            c["count"] += int(n)
+            c["bytes"] += b
+        return c
+
+    def reset_logs(self) -> None:
+        """Forget the logged collectives and sends."""
+        self.executor.log.entries.clear()
+        self.stage.sent.clear()
+
+    def step(self, inputs: tuple) -> torch.Tensor | None:
+        """One training step's forward and backward over m micro-batches of the whole-batch
+        ``inputs`` (split along dim 0 by the schedule). Gradients accumulate into the stage's
+        parameters already divided by m. Returns the mean micro-batch loss on the last stage,
+        ``None`` elsewhere."""
+        losses: list[torch.Tensor] = []
+        first, last = self.stage.is_first, self.stage.is_last
+        self.schedule.step(*(inputs if first else ()),
+                           target=self._target if last else None,
+                           losses=losses if last else None, return_outputs=False)
+        if not last:
+            return None
+        return torch.stack([x.detach() for x in losses]).mean()
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """This stage's parameter gradients gathered whole on the stage mesh (collective)."""
+        return self.executor.full_grads()
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """This stage's parameters gathered whole on the stage mesh (collective)."""
+        return self.executor.full_params()
+
+
+def loss_everywhere(value: torch.Tensor | None, plan: Plan, device: torch.device) -> float:
+    """The step's loss on every rank: the last stage's value, shared with one all-reduce over all
+    ranks (each of the last stage's ranks holds it whole; divided by their number)."""
+    t = torch.zeros((), dtype=torch.float64, device=device)
+    if value is not None:
+        t += value.double()
+    dist.all_reduce(t)
+    n = 1
+    for s in plan.mesh_shape:
+        n *= s
+    return float(t) / n

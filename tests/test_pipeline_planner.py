@@ -1,0 +1,126 @@
+"""Pipeline stages in the ILP: brute force over (stage, signature), memory, the PTD-P rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autoddl.engine.capture import capture, microbatch_inputs
+from autoddl.engine.costs import build_problem
+from autoddl.engine.models import build_model, parse_model_spec
+from autoddl.engine.planner import plan_graph
+from autoddl.engine.stages import build_pipeline_problem, pipeline_candidates
+from autoddl.errors import InfeasibleError
+from autoddl.formulations.backends import available_backends, solve
+from autoddl.formulations.milp import SolveStatus
+from autoddl.formulations.pipeline import PipelineModel, PipelineProblem
+from tests.helpers import cluster, mlp_graph
+from tests.test_sharding_ilp import random_problem
+
+
+def random_pipeline(rng: np.random.Generator, n: int, stages: int, tight: bool) -> PipelineProblem:
+    sp = random_problem(rng, n, tight)
+    return PipelineProblem(
+        sp, stages=stages, microbatches=int(rng.integers(1, 4)),
+        node_kind=("input",) + ("op",) * (n - 1),
+        flops=np.array([0.0] + list(rng.uniform(1, 2, n - 1))),
+        activation_bytes=tuple(np.round(nd.memory_bytes * rng.uniform(0, 1), 1)
+                               for nd in sp.nodes),
+        piece_bytes=tuple(rng.uniform(0, 5e9, len(nd.cost_s)).round(-6) for nd in sp.nodes),
+        carries_grad=rng.uniform(size=n) < 0.5, loss=n - 1, p2p_bandwidth_gbps=10.0,
+        p2p_latency_s=0.01, bubble_s=0.05, balance_eps=0.6 if stages == 2 else 1.2)
+
+
+def _check(problem: PipelineProblem, backend: str | None) -> bool:
+    best, _ = problem.brute_force()
+    model = PipelineModel(problem)
+    r = solve(model.milp(), backend=backend)
+    if not np.isfinite(best):
+        assert r.status is SolveStatus.INFEASIBLE
+        return False
+    assert r.status is SolveStatus.OPTIMAL
+    assert r.objective == pytest.approx(best, rel=1e-6)
+    stages = model.stages_of(r.x)
+    cost, mem = problem.evaluate(model.choice(r.x), stages)
+    assert problem.legal_stages(stages)
+    assert cost == pytest.approx(best, rel=1e-6)
+    assert mem <= problem.sharding.memory_capacity_bytes * (1 + 1e-6)
+    return True
+
+
+PIPELINE_BACKENDS = [b for b in available_backends() if b != "ortools-cpsat"]
+
+
+def test_cpsat_refuses_continuous_pipeline_variables():
+    from autoddl.errors import UserError
+
+    rng = np.random.default_rng(5)
+    milp = PipelineModel(random_pipeline(rng, 4, 2, False)).milp()
+    if "ortools-cpsat" in available_backends():
+        with pytest.raises(UserError, match="integer variables only"):
+            solve(milp, backend="ortools-cpsat")
+
+
+@pytest.mark.parametrize("backend", PIPELINE_BACKENDS)
+def test_two_stage_random_problems_match_brute_force(backend):
+    rng = np.random.default_rng(3)
+    solved = sum(_check(random_pipeline(rng, int(rng.integers(3, 6)), 2, t % 2 == 1), backend)
+                 for t in range(8))
+    assert solved >= 4
+
+
+def test_three_stage_random_problems_match_brute_force():
+    rng = np.random.default_rng(11)
+    solved = sum(_check(random_pipeline(rng, 5, 3, t % 2 == 1), None) for t in range(4))
+    assert solved >= 2
+
+
+def test_real_costs_two_stages_match_brute_force():
+    """Hand-built MLP, real rules and costs, 2 stages of 2 devices: joint ILP == enumeration."""
+    graph = mlp_graph(batch=4, d_in=4, hidden=8, d_out=4)
+    c = cluster(devices=4, latency_s=1e-6, peak_flops=1e9)
+    (k, pp, smesh), *_ = pipeline_candidates(c, microbatches=2, stages=2)
+    costed = build_problem(graph, smesh, c)
+    problem = build_pipeline_problem(costed, 2, 2, pp, balance_eps=0.6)
+    assert _check(problem, None)
+
+
+def _plan(spec: str, c, m: int, **kw):
+    s = parse_model_spec(spec)
+    model, inputs = build_model(s, "meta")
+    graph, mb = capture(model, inputs), capture(model, microbatch_inputs(inputs, m))
+    return graph, plan_graph(graph, c, model_spec=s.text, microbatch_graph=mb,
+                             microbatches=m, **kw)
+
+
+def test_pipelines_when_no_unpipelined_plan_fits():
+    spec = "mlp:batch=2,dim_in=509,hidden=509,layers=3,dim_out=509"  # 509 is prime: no splits
+    graph, _ = _plan(spec, cluster(devices=2), 2, stages=1)
+    replicated = sum(n.out.nbytes for n in graph.params) * 4
+    tight = cluster(devices=2, latency_s=1e-6, peak_flops=1e10, memory_bytes=int(0.7 * replicated))
+    with pytest.raises(InfeasibleError):
+        _plan(spec, tight, 2, stages=1)
+    _, plan = _plan(spec, tight, 2)
+    assert plan.num_stages == 2
+    assert max(plan.memory["per_stage_bytes"]) <= tight.memory_per_device_bytes
+    assert {o.stage for o in plan.ops} == {0, 1}
+
+
+def test_megatron_ptdp_rule_tensor_parallel_in_nodes_pipeline_across():
+    """Slow inter-node link, fast intra-node: stages across nodes, tensor parallelism within."""
+    c = cluster(devices=4, nodes=2, gbps=100, inter_gbps=1, latency_s=1e-6, peak_flops=1e12)
+    _, plan = _plan("mlp:batch=256,dim_in=1024,hidden=1024,layers=7,dim_out=1024", c, 8)
+    assert plan.num_stages == 2
+    assert plan.pipeline["axis"]["spans_nodes"]
+    (axis,) = plan.mesh["axes"]
+    assert not axis["spans_nodes"] and axis["size"] == 2
+    weights = [o for o in plan.ops if o.target == "param" and len(o.out) and "weight" in o.name]
+    assert all(o.out["x"].startswith("S(") for o in weights)  # tensor parallel inside the stage
+    others = [c for c in plan.candidates if c["stages"] == 1]
+    assert all(c["objective"] > plan.solver["objective"] for c in others)
+
+
+def test_no_plan_at_any_degree_reports_memory():
+    with pytest.raises(InfeasibleError, match=r"at any mesh or pipeline degree.*needs"):
+        _plan("mlp:batch=4,dim_in=64,hidden=64,layers=2,dim_out=64",
+              cluster(devices=2, memory_bytes=1000), 2)
