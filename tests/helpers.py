@@ -44,3 +44,95 @@ def mlp_graph(batch: int, d_in: int, hidden: int, d_out: int, bias: bool = False
                (TensorArg(0), TensorArg(1)), flops=batch * d_out, requires_grad=True),
     ]
     return OpGraph(tuple(n), "loss")
+
+
+def microbatch_graph(spec_text: str, microbatches: int) -> OpGraph:
+    """The graph of one micro-batch of a built-in model: its example inputs sliced to their
+    first batch/microbatches rows (what a pipelined plan is made on)."""
+    from autoddl.engine.capture import capture
+    from autoddl.engine.models import build_model, parse_model_spec
+    from autoddl.runtime.pipeline import microbatch_inputs
+
+    model, inputs = build_model(parse_model_spec(spec_text), "meta")
+    return capture(model, microbatch_inputs(inputs, microbatches))
+
+
+def _balanced_cuts(n_ops: int, stages: int, forbidden: set[int]) -> list[int]:
+    """Cut positions 0 < c_1 < ... < c_{K-1} < n_ops (op c starts a stage) nearest to an even
+    split of the op count, avoiding ``forbidden`` positions."""
+    allowed = [c for c in range(1, n_ops) if c not in forbidden]
+    cuts: list[int] = []
+    for k in range(1, stages):
+        target = k * n_ops / stages
+        lo = cuts[-1] if cuts else 0
+        # leave room for the remaining stages to get one op each
+        room = [c for c in allowed if c > lo and
+                len([d for d in allowed if d > c]) >= stages - 1 - k]
+        if not room:
+            raise ValueError(f"cannot cut {n_ops} ops into {stages} stages")
+        cuts.append(min(room, key=lambda c: (abs(c - target), c)))
+    return cuts
+
+
+def make_pipelined_plan(plan, stages: int, microbatches: int, schedule: str = "1F1B",
+                        graph: OpGraph | None = None):
+    """A pipelined copy of ``plan``, an unpipelined plan made on the micro-batch graph (the model
+    spec's inputs sliced to batch/microbatches rows) on a cluster of stage-mesh size.
+
+    Stages are contiguous chunks of operators in graph order balanced by operator count (FLOPs
+    ignored), never cutting between two readers of one parameter; parameters go to their
+    readers' stage, user inputs to stage 0, the loss (last op) to stage K-1. The cost is the
+    micro-batch plan's scaled by the micro-batch count (every collective runs once per
+    micro-batch) plus ``per_kind["p2p"]`` (and ``per_axis["pp"]``): the point-to-point sends the
+    runtime executes — one per tensor per boundary crossed per micro-batch forward, one more
+    backward for a tensor carrying a gradient, bytes = the producer's local piece.
+    """
+    import dataclasses
+
+    from autoddl.runtime.pipeline import p2p_per_step
+
+    assert plan.pipeline is None, "plan is already pipelined"
+    if graph is None:
+        graph = microbatch_graph(plan.model["spec"], microbatches)
+    assert graph.digest() == plan.model["graph_hash"], "plan was not made on the micro-batch graph"
+    ops = graph.ops
+    pos = {n.name: i for i, n in enumerate(ops)}
+    forbidden: set[int] = set()
+    for p in graph.params:
+        readers = [pos[n.name] for n in ops if p.name in n.inputs]
+        if readers:
+            forbidden.update(range(min(readers) + 1, max(readers) + 1))
+    cuts = _balanced_cuts(len(ops), stages, forbidden)
+    stage: dict[str, int] = {}
+    for i, n in enumerate(ops):
+        stage[n.name] = sum(1 for c in cuts if i >= c)
+    for n in graph.nodes:
+        if n.kind == "input":
+            stage[n.name] = 0
+        elif n.kind == "param":
+            readers = [stage[c.name] for c in ops if n.name in c.inputs]
+            stage[n.name] = readers[0] if readers else 0
+    assert stage[graph.loss] == stages - 1
+    bw, lat = 10.0, 1e-5
+    new = dataclasses.replace(
+        plan, ops=tuple(dataclasses.replace(o, stage=stage[o.name]) for o in plan.ops),
+        pipeline={"stages": stages, "microbatches": microbatches, "schedule": schedule,
+                  "axis": {"name": "pp", "size": stages, "bandwidth_gbps": bw,
+                           "latency_s": lat}})
+    m = microbatches
+    sends = p2p_per_step(graph, new)
+    p2p = {"bytes": sends["bytes"], "count": int(sends["count"]),
+           "seconds": sends["bytes"] / (bw * 1e9) + sends["count"] * lat}
+
+    def scaled(d: dict) -> dict:
+        return {k: (int(v * m) if k == "count" else v * m) for k, v in d.items()}
+
+    cost = dict(plan.cost)
+    cost["per_kind"] = {k: scaled(v) for k, v in plan.cost["per_kind"].items()}
+    cost["per_kind"]["p2p"] = p2p
+    cost["per_axis"] = {k: scaled(v) for k, v in plan.cost["per_axis"].items()}
+    cost["per_axis"]["pp"] = p2p
+    for key in ("total_s", "bandwidth_s", "bytes_per_device"):
+        cost[key] = plan.cost[key] * m + (p2p["bytes"] if key == "bytes_per_device"
+                                          else p2p["seconds"])
+    return dataclasses.replace(new, cost=cost, memory=dict(plan.memory))

@@ -122,6 +122,7 @@ def make_assignment(seed: int, n_nodes: int = 4, cost_scale: float = 1.0, log_co
         c=np.array(c), a_rows=np.array(rows), a_cols=np.array(cols), a_vals=np.array(vals),
         row_lower=np.array(rlo, dtype=float), row_upper=np.array(rup, dtype=float),
         col_lower=np.array(lo), col_upper=np.array(up), integrality=np.array(integ), offset=offset,
+        continuous_integral=True,  # flow variables: integral once the one-hot columns are
     )
     milp.check()
     return Assignment(milp, choices, x_index, best, best_choice)
@@ -226,7 +227,7 @@ def test_pure_lp_and_empty(backend: str) -> None:
         c=np.array([-1.0, -1.0]), a_rows=np.array([0, 0]), a_cols=np.array([0, 1]),
         a_vals=np.array([1.0, 2.0]), row_lower=np.array([-np.inf]), row_upper=np.array([4.0]),
         col_lower=np.zeros(2), col_upper=np.array([3.0, 5.0]), integrality=np.zeros(2, dtype=bool),
-        offset=1.0,
+        offset=1.0, continuous_integral=True,  # as before the flag existed: CP-SAT rounds
     )
     res = solve(milp, backend=backend)
     assert res.status is SolveStatus.OPTIMAL, res.message

@@ -18,7 +18,6 @@ def test_one_axis_collectives_match_ring_formulas(p):
         (P, S(0)): ("reduce_scatter", (p - 1) / p * T),
         (S(0), S(1)): ("all_to_all", (p - 1) / p * T / p),
         (B, S(1)): ("slice", 0.0),
-        (B, P): ("mask", 0.0),
     }
     for (a, b), (kind, nbytes) in cases.items():
         (step,) = reshard_steps((a,), (b,), T, (p,))
@@ -29,6 +28,7 @@ def test_one_axis_collectives_match_ring_formulas(p):
 def test_identity_and_forbidden():
     assert reshard_steps((S(0), B), (S(0), B), T, (2, 2)) == []
     assert reshard_steps((S(0),), (P,), T, (2,)) is None  # partial sums come only from ops
+    assert reshard_steps((B,), (P,), T, (2,)) is None
 
 
 def test_two_axis_sizes_follow_the_other_axis():

@@ -92,13 +92,23 @@ def _keys(items: list) -> tuple[np.ndarray, list]:
     return idx, list(seen)
 
 
-def node_compute_penalty_s(flops: float, out: Placement, mesh: Mesh, peak_flops: float) -> float:
-    """Seconds of forward+backward work a signature repeats instead of dividing."""
+def work_divisor(sig: Signature, mesh: Mesh) -> int:
+    """Devices an op's work is divided over: the axes on which its output or an input is split.
+
+    A ``P`` output made from ``P`` inputs (linearity) is *not* divided work: every device runs
+    the whole operator on its addend.
+    """
     d = 1
-    for p, ax in zip(out, mesh.axes):
-        if p != "B":
+    for axis, ax in enumerate(mesh.axes):
+        pls = [sig.out[axis]] + [p[axis] for p in sig.ins]
+        if any(p.startswith("S(") for p in pls):
             d *= ax.size
-    return 3.0 * flops * (1.0 / d - 1.0 / mesh.num_devices) / peak_flops
+    return d
+
+
+def node_compute_penalty_s(flops: float, sig: Signature, mesh: Mesh, peak_flops: float) -> float:
+    """Seconds of forward+backward work a signature repeats instead of dividing."""
+    return 3.0 * flops * (1.0 / work_divisor(sig, mesh) - 1.0 / mesh.num_devices) / peak_flops
 
 
 def node_memory_bytes(node, sig: Signature, mesh: Mesh, config: TrainingConfig) -> float:
@@ -140,7 +150,7 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
         ss = sigs[n.name]
         if not ss:
             raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
-        cost = np.array([node_compute_penalty_s(n.flops, s.out, mesh, cluster.peak_flops)
+        cost = np.array([node_compute_penalty_s(n.flops, s, mesh, cluster.peak_flops)
                          if n.kind == "op" else 0.0 for s in ss])
         if n.name == graph.loss:  # the loss value is made whole on every device
             cost += [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
@@ -194,12 +204,12 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
             assert fwd is not None, f"plan converts {src}->{n.name} in a forbidden way"
             for direction, steps in (("forward", fwd), ("backward", bwd)):
                 for st in steps:
-                    if st.kind in ("slice", "mask", "none"):
+                    if st.kind in ("slice", "none"):
                         continue
                     out.append(Collective(src, n.name, i, direction, mesh.axes[st.axis].name,
                                           st.kind, st.bytes_per_device, step_seconds(st, mesh)))
     for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
-        if st.kind not in ("slice", "mask", "none"):
+        if st.kind not in ("slice", "none"):
             out.append(Collective(costed.graph.loss, "output", 0, "forward",
                                   mesh.axes[st.axis].name, st.kind, st.bytes_per_device,
                                   step_seconds(st, mesh)))
@@ -220,15 +230,11 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
             bucket["seconds"] += c.seconds
             bucket["count"] += 1
     bandwidth_s = sum(c.seconds for c in colls)
-    penalty_s = sum(node_compute_penalty_s(n.flops, choice[n.name].out, mesh,
+    penalty_s = sum(node_compute_penalty_s(n.flops, choice[n.name], mesh,
                                            costed.cluster.peak_flops)
                     for n in graph.ops)
-    compute_s = 0.0
-    for n in graph.ops:
-        d = 1
-        for p, ax in zip(choice[n.name].out, mesh.axes):
-            d *= ax.size if p != "B" else 1
-        compute_s += 3.0 * n.flops / d / costed.cluster.peak_flops
+    compute_s = sum(3.0 * n.flops / work_divisor(choice[n.name], mesh) / costed.cluster.peak_flops
+                    for n in graph.ops)
     mem = {"weights_bytes": 0.0, "activations_bytes": 0.0, "converted_inputs_bytes": 0.0}
     for n in graph.nodes:
         b = node_memory_bytes(n, choice[n.name], mesh, costed.config)

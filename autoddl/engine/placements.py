@@ -14,16 +14,16 @@ tensor before the step (ring algorithms; bytes *sent per device*):
     ========  ==============  ============================  =================
     same      none            0                             0
     B→S       local slice     0                             0
-    B→P       local mask      0 (keep on coordinate 0)      0
     S(i)→S(j) all-to-all      (p−1)/p · T                   p
     S→B       all-gather      (p−1) · T   (= (p−1)/p · T_full)   p
     P→S       reduce-scatter  (p−1)/p · T                   p
     P→B       all-reduce      2(p−1)/p · T                  2(p−1) + 1
-    S→P       forbidden (a consumer that needs P must get it from P or B)
+    x→P       forbidden: partial sums come only from operators (a masked B operand of a
+              signature, e.g. a bias added on coordinate 0, is the op's own business)
     ========  ==============  ============================  =================
 
 A multi-axis conversion is done one axis at a time, in the order :func:`reshard_steps` fixes:
-steps that shrink the local tensor first (B→S, B→P, P→S, S→S), then those that grow it (S→B,
+steps that shrink the local tensor first (B→S, P→S, S→S), then those that grow it (S→B,
 P→B), each group in axis order. The cost model and the runtime both follow these steps.
 
 Latency: a collective costs α (its axis's latency) per ring step plus one α to start, so one
@@ -123,7 +123,7 @@ class Step:
     axis: int
     src: str
     dst: str
-    kind: str  # "slice", "mask", "all_to_all", "all_gather", "reduce_scatter", "all_reduce"
+    kind: str  # "slice", "all_to_all", "all_gather", "reduce_scatter", "all_reduce"
     bytes_per_device: float
     latency_steps: int
 
@@ -133,7 +133,7 @@ def step_kind(src: str, dst: str) -> str | None:
     if src == dst:
         return "none"
     if dst == P:
-        return "mask" if src == B else None
+        return None
     if src == B:
         return "slice"
     if src == P:
@@ -141,7 +141,7 @@ def step_kind(src: str, dst: str) -> str | None:
     return "all_gather" if dst == B else "all_to_all"
 
 
-_SHRINKING = ("slice", "mask", "reduce_scatter", "all_to_all")
+_SHRINKING = ("slice", "reduce_scatter", "all_to_all")
 COLLECTIVES = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce")
 
 

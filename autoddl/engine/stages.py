@@ -15,6 +15,7 @@ import numpy as np
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis, ordered_factorizations
 from autoddl.engine.costs import (
     SAVES_INPUTS, CostedGraph, breakdown, edge_steps, node_memory_bytes, steps_seconds,
+    work_divisor,
 )
 from autoddl.engine.placements import local_fraction
 from autoddl.engine.rules import Signature
@@ -93,9 +94,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
     for n in g.nodes:
         k = stage[n.name]
         if n.kind == "op":
-            d = 1
-            for p, ax in zip(choice[n.name].out, mesh.axes):
-                d *= ax.size if p != "B" else 1
+            d = work_divisor(choice[n.name], mesh)
             stage_compute[k] += 3.0 * n.flops / d / costed.cluster.peak_flops
         for i, src in enumerate(n.inputs):
             fwd, bwd = edge_steps(g[src].out.nbytes, choice[src].out, choice[n.name].ins[i],

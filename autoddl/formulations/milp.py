@@ -34,6 +34,9 @@ class MILP:
     col_upper: np.ndarray
     integrality: np.ndarray
     offset: float = 0.0
+    #: every continuous column is integral at an optimum once the integer columns are (flow
+    #: variables): solvers that only take integers (CP-SAT) may then treat them as integers
+    continuous_integral: bool = False
 
     @property
     def num_cols(self) -> int:

@@ -134,6 +134,7 @@ class PipelineModel(ShardingModel):
         self.pipe = problem
         self.minimize_memory = minimize_memory
         self.t_col: int | None = None
+        self._mem_scale = 1.0
         self.a_start: list[int] = []
         super().__init__(problem.sharding)  # x, y, one-hot, edge marginals, memory (overridden)
         self.stage_monotone()
@@ -193,24 +194,29 @@ class PipelineModel(ShardingModel):
                     self._row([self._a(v, k)], 0.0, 0.0)
 
     def transfers(self) -> None:
-        r""":math:`w_{e,k} \ge L_u - M_e (1 - a_{u,k} + a_{v,k})`, cost per byte and per crossing."""
+        r""":math:`w_{e,k} \ge L_u - M_e (1 - a_{u,k} + a_{v,k})`, cost per byte and per crossing.
+
+        Each :math:`w_{e,k}` is stored in units of its own :math:`M_e` (so in [0, 1]) to keep the
+        rows well scaled whatever the bytes and bandwidths.
+        """
         pipe, m = self.pipe, self.pipe.microbatches
         beta = pipe.p2p_bandwidth_gbps * 1e9
         for e in self.problem.edges:
             if pipe.node_kind[e.src] == "param":
                 continue  # tied: never crosses
-            piece_s = np.asarray(pipe.piece_bytes[e.src], float) / beta  # seconds, well scaled
+            piece_s = np.asarray(pipe.piece_bytes[e.src], float) / beta  # seconds of one send
             big_m = float(piece_s.max())
             sends = 1 + int(pipe.carries_grad[e.src])
+            if big_m > 0:
+                for k in range(pipe.stages - 1):
+                    w = self._new_cols(np.array([m * sends * big_m]), np.zeros(1), integer=False)
+                    xs = self.x_start[e.src] + np.arange(len(piece_s))
+                    au, av = self._a(e.src, k), self._a(e.dst, k)
+                    # w - sum (L/M) x - a_u + a_v >= -1
+                    self._row([([w], [1.0], 0.0), (list(xs), list(-piece_s / big_m), 0.0),
+                               self._scaled(au, -1.0), av], -1.0, INF)
+            lat = m * sends * pipe.p2p_latency_s  # per crossing: + lat a_u - lat a_v
             for k in range(pipe.stages - 1):
-                w = self._new_cols(np.array([float(m * sends)]), np.zeros(1), integer=False)
-                self._ub[-1][:] = INF
-                xs = self.x_start[e.src] + np.arange(len(piece_s))
-                au, av = self._a(e.src, k), self._a(e.dst, k)
-                # w - sum (L/beta) x - M a_u + M a_v >= -M      (w: seconds of one transfer)
-                self._row([([w], [1.0], 0.0), (list(xs), list(-piece_s), 0.0),
-                           self._scaled(au, -big_m), self._scaled(av, big_m)], -big_m, INF)
-                lat = m * sends * pipe.p2p_latency_s  # per crossing: + lat a_u - lat a_v
                 self._c[self.a_start_block(e.src)][k] += lat
                 self._c[self.a_start_block(e.dst)][k] -= lat
 
@@ -230,22 +236,21 @@ class PipelineModel(ShardingModel):
             self._row(terms, -INF, cap)
 
     def memory(self) -> None:
-        r""":math:`n_{v,k} \ge \mu_{v,k} - M_v(1 - z_{v,k})`, :math:`\sum_v n_{v,k} \le` capacity."""
+        r""":math:`n_{v,k} \ge \mu_{v,k} - M_v(1 - z_{v,k})`, :math:`\sum_v n_{v,k} \le` capacity.
+
+        :math:`n_{v,k}` is stored in units of :math:`M_v` (in [0, 1]); the stage rows are divided
+        by the capacity, and left out when even the most memory-hungry choices fit.
+        """
         pipe, p = self.pipe, self.problem
-        cap = p.memory_capacity_bytes
-        if self.minimize_memory:
-            cap = cap if np.isfinite(cap) else 1e9
-            self.t_col = self._new_cols(np.ones(1), np.zeros(1), integer=False)
-            self._ub[-1][:] = INF
-        elif not np.isfinite(cap):
-            return
+        cap = float(p.memory_capacity_bytes)
         into: dict[int, list[int]] = {}
         for i, e in enumerate(p.edges):
             into.setdefault(e.dst, []).append(i)
-        scale = 1.0 / float(cap)  # rows in fractions of the capacity: well scaled for big-M
+        rows: list[tuple[list[int], list[float]]] = []
+        worst: list[float] = []
         for k in range(pipe.stages):
             f = pipe.in_flight(k)
-            n_cols = []
+            n_cols, n_big = [], []
             for v, node in enumerate(p.nodes):
                 act = np.asarray(pipe.activation_bytes[v], float)
                 folded = self._mem[v] - node.memory_bytes  # edges into v folded onto its x
@@ -253,32 +258,39 @@ class PipelineModel(ShardingModel):
                 cols, vals = list(self.x_start[v] + np.arange(len(coef))), list(coef)
                 for i in into.get(v, []):
                     blk = self.y_blocks[i]
-                    e = p.edges[i]
                     if blk is None:
                         continue  # single-key edges' memory was folded onto x already
                     start, pa, pb = blk
-                    mem = e.memory_bytes[pa, pb]
+                    mem = p.edges[i].memory_bytes[pa, pb]
                     nz = np.nonzero(mem)[0]
                     cols += list(start + nz)
                     vals += list(f * mem[nz])
-                if not any(vals):
+                big_m = float(np.abs(coef).max()) + sum(
+                    f * float(p.edges[i].memory_bytes.max()) for i in into.get(v, []))
+                if big_m <= 0:
                     continue
-                vals = [x * scale for x in vals]
-                big_m = scale * (float(np.abs(coef).max()) + sum(
-                    f * float(p.edges[i].memory_bytes.max()) for i in into.get(v, [])))
                 n = self._new_cols(np.zeros(1), np.zeros(1), integer=False)
-                self._ub[-1][:] = INF
                 n_cols.append(n)
+                n_big.append(big_m)
                 zk = [self._a(v, k), self._scaled(self._a(v, k - 1), -1.0)]
-                # n - mu - M z >= -M
-                self._row([([n], [1.0], 0.0), (cols, [-x for x in vals], 0.0),
-                           *[self._scaled(t, -big_m) for t in zk]], -big_m, INF)
-            if n_cols and self.t_col is not None:  # sum n - t <= 0
-                self._add_row(np.array(n_cols + [self.t_col]),
-                              np.array([1.0] * len(n_cols) + [-1.0]), -INF, 0.0)
-            elif n_cols:
-                self._add_row(np.array(n_cols), np.ones(len(n_cols)), -INF, 1.0)
-        self._mem_scale = 1.0 / scale
+                # n - mu/M - z >= -1
+                self._row([([n], [1.0], 0.0), (cols, [-x / big_m for x in vals], 0.0),
+                           *[self._scaled(t, -1.0) for t in zk]], -1.0, INF)
+            rows.append((n_cols, n_big))
+            worst.append(sum(n_big))
+        top = max(worst, default=0.0)
+        if self.minimize_memory:  # minimize t >= every stage's memory, t in units of `top`
+            self._mem_scale = max(top, 1.0)
+            self.t_col = self._new_cols(np.ones(1), np.zeros(1), integer=False)
+            for n_cols, n_big in rows:
+                if n_cols:
+                    self._add_row(np.array(n_cols + [self.t_col]),
+                                  np.array([b / self._mem_scale for b in n_big] + [-1.0]),
+                                  -INF, 0.0)
+        elif np.isfinite(cap) and top > cap:
+            for n_cols, n_big in rows:
+                if n_cols:
+                    self._add_row(np.array(n_cols), np.array(n_big) / cap, -INF, 1.0)
 
     # ---------------------------------------------------------------- output
     def milp(self) -> MILP:
@@ -289,7 +301,8 @@ class PipelineModel(ShardingModel):
             c = np.zeros_like(base.c)
             c[self.t_col] = 1.0
             return MILP(c, base.a_rows, base.a_cols, base.a_vals, base.row_lower,
-                        base.row_upper, base.col_lower, base.col_upper, base.integrality)
+                        base.row_upper, base.col_lower, base.col_upper, base.integrality,
+                        continuous_integral=False)
         c = base.c.copy()
         n_sharding = sum(len(x) for x in self._c[: len(self.problem.nodes)])
         c[:n_sharding] *= m  # x columns
@@ -298,7 +311,8 @@ class PipelineModel(ShardingModel):
                 start, pa, _ = blk
                 c[start:start + len(pa)] *= m
         return MILP(c, base.a_rows, base.a_cols, base.a_vals, base.row_lower, base.row_upper,
-                    base.col_lower, base.col_upper, base.integrality, offset=self.pipe.bubble_s)
+                    base.col_lower, base.col_upper, base.integrality, offset=self.pipe.bubble_s,
+                    continuous_integral=False)
 
     def memory_of(self, objective: float) -> float:
         """Bytes per device of a ``minimize_memory`` model's objective."""

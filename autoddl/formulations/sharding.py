@@ -197,6 +197,7 @@ class ShardingModel:
             col_lower=np.zeros(self.num_cols),
             col_upper=np.concatenate(self._ub),
             integrality=np.concatenate(self._int).astype(bool),
+            continuous_integral=True,  # the only continuous columns are flow variables y
         )
         m.check()
         return m

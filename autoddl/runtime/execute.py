@@ -173,7 +173,7 @@ class ShardedExecutor:
         for n in graph.params:
             if n.name not in members:
                 continue
-            full = params[n.fqn].detach()
+            full = params[n.fqn].detach().clone()  # never share storage with the caller's
             dt = distribute_tensor(full, mesh, to_dtensor_placements(self.sigs[n.name].out),
                                    src_data_rank=None)
             self.params[n.fqn] = torch.nn.Parameter(dt, requires_grad=n.requires_grad)

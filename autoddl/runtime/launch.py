@@ -27,7 +27,7 @@ def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = Fals
     nproc = need if nproc is None else nproc
     if nproc != need:
         raise UserError(f"plan {plan_path!r} is for {need} devices (mesh "
-                        f"{'x'.join(map(str, plan.mesh_shape))}); got --nproc {nproc}")
+                        f"{'x'.join(map(str, plan.device_mesh_shape))}); got --nproc {nproc}")
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     args = ["--steps", str(steps), "--lr", repr(lr), "--tol", repr(tol)]

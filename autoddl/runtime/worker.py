@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections import Counter
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from autoddl.engine.models import build_model, parse_model_spec
 from autoddl.engine.plan import Plan, load_plan
 from autoddl.errors import UserError
 from autoddl.runtime.execute import ShardedExecutor
+from autoddl.runtime.pipeline import P2P, PipelineRunner, loss_everywhere, microbatch_inputs
 
 _FUNCOL_KIND = {
     "all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
@@ -52,19 +54,115 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
                            foreach=False)
 
 
-def relative_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict:
-    """||got − ref|| / ||ref|| per tensor, the denominator floored at 1e-3 of the norm of all of
-    ``ref`` together (a tensor whose true value is ~0, such as the key bias's gradient under
-    softmax, is compared at the scale of the whole set, not at its own rounding noise)."""
-    total = torch.sqrt(sum((r.double() ** 2).sum() for r in ref.values()))
+def relative_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
+                    scale: dict[str, torch.Tensor] | None = None) -> dict:
+    """||got − ref|| / ||ref|| per tensor of ``got``, the denominator floored at 1e-3 of the norm
+    of all of ``scale`` (default ``ref``) together (a tensor whose true value is ~0, such as the
+    key bias's gradient under softmax, is compared at the scale of the whole set, not at its own
+    rounding noise)."""
+    scale = ref if scale is None else scale
+    total = torch.sqrt(sum((r.double() ** 2).sum() for r in scale.values()))
     floor = max(float(total) * 1e-3, 1e-30)
-    return {k: float((got[k].double() - r.double()).norm()) / max(float(r.double().norm()), floor)
-            for k, r in ref.items()}
+    return {k: float((g.double() - ref[k].double()).norm())
+            / max(float(ref[k].double().norm()), floor)
+            for k, g in got.items()}
 
 
 def predicted_counts(plan: Plan) -> Counter:
     """Collective counts per kind the plan predicts for one step."""
     return Counter({k: int(v["count"]) for k, v in plan.cost["per_kind"].items()})
+
+
+def _kind_counts(counts) -> Counter:
+    """CommDebugMode's counts per op, as counts per autoddl collective kind."""
+    measured: Counter = Counter()
+    for op, n in counts.items():
+        name = str(op).split(".")[-1] if not hasattr(op, "__name__") else op.__name__
+        name = name.split(".")[0]
+        measured[_FUNCOL_KIND.get(name, name)] += n
+    return measured
+
+
+class _Flat:
+    """Unpipelined: every rank runs the whole graph on its piece of the whole batch."""
+
+    def __init__(self, ep, graph, plan: Plan, mesh, model, inputs: tuple) -> None:
+        self.ex = ShardedExecutor(ep, graph, plan, mesh, dict(model.named_parameters()))
+        names = [n.name for n in graph.nodes if n.kind == "input"]
+        self.feed = dict(zip(names, inputs))
+        self.params = self.ex.params
+
+    def reset_logs(self) -> None:
+        self.ex.log.entries.clear()
+
+    def forward_backward(self) -> torch.Tensor:
+        _, loss = self.ex.forward(self.feed)
+        loss.backward()
+        return loss
+
+    def loss_value(self, raw: torch.Tensor) -> float:
+        return float(raw.detach())
+
+    def table(self, comm_counts) -> tuple[Counter, Counter, Counter]:
+        """(torch saw, executed, executed bytes) per kind, on this rank."""
+        return _kind_counts(comm_counts), self.ex.log.by_kind(), self.ex.log.bytes_by_kind()
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        return self.ex.full_grads()
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        return self.ex.full_params()
+
+
+class _Piped:
+    """Pipelined: this rank runs its stage of the micro-batch graph under the plan's schedule."""
+
+    def __init__(self, ep, graph, plan: Plan, mesh, model, inputs: tuple, device) -> None:
+        self.plan, self.device, self.inputs = plan, device, inputs
+        self.runner = PipelineRunner(ep, graph, plan, mesh, dict(model.named_parameters()),
+                                     device, microbatch_inputs(inputs, plan.num_microbatches))
+        self.params = self.runner.params
+
+    def reset_logs(self) -> None:
+        self.runner.reset_logs()
+
+    def forward_backward(self) -> torch.Tensor | None:
+        return self.runner.step(self.inputs)
+
+    def loss_value(self, raw: torch.Tensor | None) -> float:
+        return loss_everywhere(raw, self.plan, self.device)  # collective
+
+    def table(self, comm_counts) -> tuple[Counter, Counter, Counter]:
+        """(torch saw, executed, executed bytes) per kind, summed over the stages of rank 0's
+        pipeline group (one device per stage). Point-to-point sends: "torch saw" counts the sends
+        the pipelining library issued. Collective: all ranks call it."""
+        seen = _kind_counts(comm_counts)
+        sends = self.runner.torch_sends()
+        if sends["count"]:
+            seen[P2P] += sends["count"]
+        mine = (dict(seen), dict(self.runner.log.by_kind()), dict(self.runner.log.bytes_by_kind()))
+        rows: list = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, mine)
+        stage_devices = dist.get_world_size() // self.plan.num_stages
+        out = (Counter(), Counter(), Counter())
+        for r, row in enumerate(rows):
+            if r % stage_devices == 0:  # stage-mesh coordinate 0: rank 0's pipeline group
+                for acc, part in zip(out, row):
+                    acc.update(part)
+        return out
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        return self.runner.full_grads()
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        return self.runner.full_params()
+
+
+def _max_all(value: float, device) -> float:
+    """The largest ``value`` over all ranks (collective)."""
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
@@ -74,60 +172,76 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != plan.num_devices:
         raise UserError(f"plan needs {plan.num_devices} processes, torchrun gave {world}")
-    mesh = init_device_mesh(device.type, plan.mesh_shape, mesh_dim_names=tuple(plan.axis_names))
+    mesh = init_device_mesh(device.type, plan.device_mesh_shape,
+                            mesh_dim_names=plan.device_mesh_names)
     if rank == 0:
+        pipe = ""
+        if plan.pipeline:
+            pipe = (f", {plan.num_stages} stages × {plan.num_microbatches} micro-batches "
+                    f"({plan.pipeline.get('schedule', '1F1B')})")
         print(f"{world} rank(s), backend {backend} on {device.type}, mesh "
-              f"{dict(zip(plan.axis_names, plan.mesh_shape))}, torch {torch.__version__}",
-              flush=True)
+              f"{dict(zip(plan.device_mesh_names, plan.device_mesh_shape))}{pipe}, "
+              f"torch {torch.__version__}", flush=True)
     spec = parse_model_spec(plan.model["spec"])
     model, inputs = build_model(spec, device, seed=0)
-    ep = export(model, inputs)
+    captured = microbatch_inputs(inputs, plan.num_microbatches) if plan.pipeline else inputs
+    ep = export(model, captured)
     graph = graph_from_export(ep)
     if graph.digest() != plan.model["graph_hash"]:
         raise UserError("plan was made for a different graph of this model (graph hash "
                         "differs); re-run `autoddl plan` with this autoddl and torch")
-    full_params = dict(model.named_parameters())
-    ex = ShardedExecutor(ep, graph, plan, mesh, full_params)
-    names = [n.name for n in graph.nodes if n.kind == "input"]
-    feed = dict(zip(names, inputs))
-    opt = make_optimizer(plan.training["optimizer"], list(ex.params.values()), lr)
+    if plan.pipeline:
+        trainer: Any = _Piped(ep, graph, plan, mesh, model, inputs, device)
+    else:
+        trainer = _Flat(ep, graph, plan, mesh, model, inputs)
+    opt = make_optimizer(plan.training["optimizer"], list(trainer.params.values()), lr)
     ref_opt = make_optimizer(plan.training["optimizer"], list(model.parameters()), lr)
     worst = 0.0
     ok = True
     from torch.distributed.tensor.debug import CommDebugMode
     for step in range(steps):
         opt.zero_grad()
-        ex.log.entries.clear()
+        trainer.reset_logs()
         with CommDebugMode() as comm:
-            _, loss = ex.forward(feed)
-            loss.backward()
+            raw = trainer.forward_backward()
         counts = comm.get_comm_counts()
-        value = float(loss.detach())
+        value = trainer.loss_value(raw)
         msg = f"step {step}: loss {value:.6f}"
         if check:
             ref_opt.zero_grad()
             ref_loss = model(*inputs)
             ref_loss.backward()
-            grads = ex.full_grads()
+            grads = trainer.full_grads()
             ref_value = float(ref_loss.detach())
+            ref_grads = {k: p.grad for k, p in model.named_parameters()}
             errs = {"loss": abs(value - ref_value) / max(abs(ref_value), 1e-30)}
-            errs.update(relative_errors(grads, {k: p.grad for k, p in model.named_parameters()}))
-            step_worst = max(errs.values())
-            worst = max(worst, step_worst)
+            errs.update(relative_errors(grads, ref_grads))
             bad = {k: v for k, v in errs.items() if v > tol}
+            step_worst = _max_all(max(errs.values()), device)
+            any_bad = _max_all(float(bool(bad)), device) > 0
+            worst = max(worst, step_worst)
             msg += f"  reference {ref_value:.6f}  max relative error {step_worst:.2e}"
-            if bad:
+            if any_bad:
                 ok = False
-                msg += "  MISMATCH: " + ", ".join(f"{k} {v:.2e}" for k, v in list(bad.items())[:5])
+                msg += "  MISMATCH" + (": " + ", ".join(f"{k} {v:.2e}"
+                                                         for k, v in list(bad.items())[:5])
+                                       if bad else " (on other ranks)")
+                if bad and rank != 0:
+                    print(f"rank {rank} step {step}: MISMATCH: "
+                          + ", ".join(f"{k} {v:.2e}" for k, v in list(bad.items())[:5]),
+                          flush=True)
             ref_opt.step()
         opt.step()
         if rank == 0:
             print(msg, flush=True)
-        if step == 0 and rank == 0:
-            _print_collectives(plan, ex, counts)
+        if step == 0:
+            table = trainer.table(counts)  # collective when pipelined
+            if rank == 0:
+                _print_collectives(plan, *table)
     if check:
         ref = {k: p.detach() for k, p in model.named_parameters()}
-        weights = max(relative_errors(ex.full_params(), ref).values())
+        mine = relative_errors(trainer.full_params(), ref)
+        weights = _max_all(max(mine.values(), default=0.0), device)
         if rank == 0:
             verdict = "PASSED" if ok else "FAILED"
             print(f"check {verdict}: {steps} step(s), worst relative error {worst:.2e} over loss "
@@ -138,19 +252,11 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
     return 0 if ok else 1
 
 
-def _print_collectives(plan: Plan, ex: ShardedExecutor, counts) -> None:
-    measured = Counter()
-    for op, n in counts.items():
-        name = str(op).split(".")[-1] if not hasattr(op, "__name__") else op.__name__
-        name = name.split(".")[0]
-        measured[_FUNCOL_KIND.get(name, name)] += n
+def _print_collectives(plan: Plan, measured: Counter, executed: Counter,
+                       bytes_exec: Counter) -> None:
     predicted = predicted_counts(plan)
-    executed = ex.log.by_kind()
     print(f"{'collective':<16}{'predicted':>10}{'executed':>10}{'torch saw':>10}"
           f"{'pred. bytes':>14}{'exec. bytes':>14}")
-    bytes_exec = Counter()
-    for (_, _, kind), (_, b) in ex.log.entries.items():
-        bytes_exec[kind] += b
     for kind in sorted(set(predicted) | set(executed) | set(measured)):
         pb = plan.cost["per_kind"].get(kind, {}).get("bytes", 0.0)
         print(f"{kind:<16}{predicted[kind]:>10}{executed[kind]:>10}{measured[kind]:>10}"

@@ -228,6 +228,10 @@ class CpSatBackend(Backend):
         if not all_bounds_finite(milp):
             raise UserError("backend ortools-cpsat needs finite bounds on every variable; "
                             "use another backend (e.g. highs)")
+        if not milp.continuous_integral and not bool(milp.integrality.all()):
+            raise UserError("backend ortools-cpsat takes integer variables only, and this model "
+                            "has continuous ones (pipeline transfers and memory): use another "
+                            "backend (e.g. ortools-cbc or highs)")
         preload()  # CP-SAT shares OR-Tools' native library: bind it before any later pulp import
         from ortools.sat.python import cp_model
 
