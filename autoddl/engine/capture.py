@@ -8,6 +8,7 @@ allocated for weights.
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any
 
 import torch
@@ -50,6 +51,27 @@ _ZERO_FLOP = {
 }
 
 
+_NUMBERED = re.compile(r"^(.+)\.(\d+)$")
+
+
+def _scope_of_module_stack(fx: torch.fx.Node) -> str:
+    """The outermost numbered submodule (a ModuleList entry such as ``blocks.3``) of an op."""
+    for entry in (fx.meta.get("nn_module_stack") or {}).values():
+        path = entry[0] if isinstance(entry, tuple) else str(entry)
+        if _NUMBERED.match(path):
+            return path
+    return ""
+
+
+def _scope_of_fqn(fqn: str) -> str:
+    """The outermost numbered submodule in a parameter's qualified name."""
+    parts = fqn.split(".")
+    for i in range(1, len(parts)):
+        if parts[i].isdigit():
+            return ".".join(parts[: i + 1])
+    return ""
+
+
 def _flops(target: str, ins: list[TensorMeta], out: TensorMeta) -> float:
     """Forward FLOPs of one op (matmul-like ops exactly, others one per output element)."""
     if target in ("aten.linear.default",):
@@ -87,7 +109,8 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
             meta = tensor_meta(val)
             rg = is_param and meta.is_float
             requires_grad[fx.name] = rg
-            nodes.append(OpNode(fx.name, kind, kind, meta, requires_grad=rg, fqn=fqn))
+            nodes.append(OpNode(fx.name, kind, kind, meta, requires_grad=rg, fqn=fqn,
+                                scope=_scope_of_fqn(fqn) if is_param else ""))
         elif fx.op == "call_function":
             if fx.target is operator.getitem:
                 raise UserError(
@@ -112,6 +135,7 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
                 kwargs=tuple((k, _plain(v, index)) for k, v in fx.kwargs.items()),
                 flops=_flops(target, in_metas, meta),
                 requires_grad=rg,
+                scope=_scope_of_module_stack(fx),
             ))
         elif fx.op == "output":
             outs = fx.args[0]

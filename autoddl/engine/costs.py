@@ -83,6 +83,7 @@ class CostedGraph:
     sigs: dict[str, list[Signature]]
     problem: ShardingProblem
     index: dict[str, int] = field(default_factory=dict)
+    mult: "Multiplicity | None" = None
 
 
 def _keys(items: list) -> tuple[np.ndarray, list]:
@@ -140,10 +141,83 @@ def loss_steps(graph: OpGraph, placement: Placement, mesh: Mesh) -> list[Step]:
     return steps
 
 
+@dataclass(frozen=True)
+class Multiplicity:
+    """How many real copies each node and edge of a reduced graph stands for.
+
+    ``extra_edges`` are edges the reduced graph does not hold: (src, dst, index, copies), e.g. a
+    repeated layer's output feeding the next copy of the same layer.
+    """
+
+    nodes: dict[str, int] = field(default_factory=dict)
+    edges: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    extra_edges: tuple[tuple[str, str, int, int], ...] = ()
+
+    def node(self, name: str) -> int:
+        """Copies of node ``name``."""
+        return self.nodes.get(name, 1)
+
+    def edge(self, src: str, dst: str, index: int) -> int:
+        """Copies of an edge."""
+        return self.edges.get((src, dst, index), 1)
+
+    def all_edges(self, graph: OpGraph) -> list[tuple[str, str, int, int]]:
+        """Every (src, dst, index, copies), the graph's edges and the extra ones."""
+        out = [(src, n.name, i, self.edge(src, n.name, i))
+               for n in graph.nodes for i, src in enumerate(n.inputs)]
+        return out + [e for e in self.extra_edges if e[3] > 0]
+
+
+class _EdgeCoster:
+    """Edge cost and memory matrices, cached by (bytes, placements): identical tensors of
+    repeated layers are costed once."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.cache: dict[tuple, tuple[float, float]] = {}
+
+    def pair(self, nbytes: int, pa: Placement, pin: Placement, pgrad: Placement | None,
+             saves: bool) -> tuple[float, float]:
+        key = (nbytes, pa, pin, pgrad, saves)
+        hit = self.cache.get(key)
+        if hit is None:
+            fwd, bwd = edge_steps(nbytes, pa, pin, pgrad, self.mesh)
+            if fwd is None:
+                hit = (np.inf, 0.0)
+            else:
+                cost = steps_seconds(fwd, self.mesh) + steps_seconds(bwd, self.mesh)
+                mem = nbytes * local_fraction(pin, self.mesh.shape) if saves and pa != pin else 0.0
+                hit = (cost, mem)
+            self.cache[key] = hit
+        return hit
+
+    def choices(self, graph: OpGraph, sigs: dict[str, list[Signature]], index: dict[str, int],
+                src: str, dst: str, i: int, copies: int) -> EdgeChoices:
+        src_key, src_vals = _keys([s.out for s in sigs[src]])
+        dst_key, dst_vals = _keys([(s.ins[i], s.grads[i]) for s in sigs[dst]])
+        nbytes = graph[src].out.nbytes
+        saves = graph[dst].target in SAVES_INPUTS
+        cost = np.empty((len(src_vals), len(dst_vals)))
+        mem = np.empty_like(cost)
+        for a, pa in enumerate(src_vals):
+            for b, (pin, pgrad) in enumerate(dst_vals):
+                cost[a, b], mem[a, b] = self.pair(nbytes, pa, pin, pgrad, saves)
+        return EdgeChoices(index[src], index[dst], src_key, dst_key, cost * copies, mem * copies)
+
+
 def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
-                  config: TrainingConfig = TrainingConfig()) -> CostedGraph:
-    """Signatures and costs of every node and edge of ``graph`` on ``mesh``."""
-    sigs = {n.name: signatures(n, graph, mesh.shape) for n in graph.nodes}
+                  config: TrainingConfig = TrainingConfig(),
+                  mult: Multiplicity | None = None) -> CostedGraph:
+    """Signatures and costs of every node and edge of ``graph`` on ``mesh`` (times ``mult``)."""
+    mult = mult or Multiplicity()
+    sig_cache: dict[tuple, list[Signature]] = {}
+    sigs = {}
+    for n in graph.nodes:  # identical nodes of repeated layers share their signature lists
+        key = (n.kind, n.target, n.out, tuple(graph[i].out for i in n.inputs),
+               tuple(graph[i].requires_grad for i in n.inputs), n.args, n.kwargs)
+        if key not in sig_cache:
+            sig_cache[key] = signatures(n, graph, mesh.shape)
+        sigs[n.name] = sig_cache[key]
     index = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = []
     for n in graph.nodes:
@@ -155,27 +229,13 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
         if n.name == graph.loss:  # the loss value is made whole on every device
             cost += [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
         mem = np.array([node_memory_bytes(n, s, mesh, config) for s in ss])
-        nodes.append(NodeChoices(n.name, cost, mem))
-    edges = []
-    for n in graph.nodes:
-        for i, src in enumerate(n.inputs):
-            src_key, src_vals = _keys([s.out for s in sigs[src]])
-            dst_key, dst_vals = _keys([(s.ins[i], s.grads[i]) for s in sigs[n.name]])
-            nbytes = graph[src].out.nbytes
-            cost = np.full((len(src_vals), len(dst_vals)), np.inf)
-            mem = np.zeros_like(cost)
-            saves = n.target in SAVES_INPUTS
-            for a, pa in enumerate(src_vals):
-                for b, (pin, pgrad) in enumerate(dst_vals):
-                    fwd, bwd = edge_steps(nbytes, pa, pin, pgrad, mesh)
-                    if fwd is None:
-                        continue
-                    cost[a, b] = steps_seconds(fwd, mesh) + steps_seconds(bwd, mesh)
-                    if saves and pa != pin:
-                        mem[a, b] = nbytes * local_fraction(pin, mesh.shape)
-            edges.append(EdgeChoices(index[src], index[n.name], src_key, dst_key, cost, mem))
+        k = mult.node(n.name)
+        nodes.append(NodeChoices(n.name, cost * k, mem * k))
+    coster = _EdgeCoster(mesh)
+    edges = [coster.choices(graph, sigs, index, src, dst, i, k)
+             for src, dst, i, k in mult.all_edges(graph)]
     problem = ShardingProblem(tuple(nodes), tuple(edges), float(cluster.memory_per_device_bytes))
-    return CostedGraph(graph, mesh, cluster, config, sigs, problem, index)
+    return CostedGraph(graph, mesh, cluster, config, sigs, problem, index, mult)
 
 
 @dataclass(frozen=True)
@@ -190,24 +250,26 @@ class Collective:
     kind: str
     bytes_per_device: float
     seconds: float
+    copies: int = 1  # repeated layers: how many real copies of this edge
 
 
 def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> list[Collective]:
     """Every collective step the plan runs in one training step (local steps omitted)."""
     out = []
     mesh = costed.mesh
-    for n in costed.graph.nodes:
-        sv = choice[n.name]
-        for i, src in enumerate(n.inputs):
-            fwd, bwd = edge_steps(costed.graph[src].out.nbytes, choice[src].out, sv.ins[i],
-                                  sv.grads[i], mesh)
-            assert fwd is not None, f"plan converts {src}->{n.name} in a forbidden way"
-            for direction, steps in (("forward", fwd), ("backward", bwd)):
-                for st in steps:
-                    if st.kind in ("slice", "none"):
-                        continue
-                    out.append(Collective(src, n.name, i, direction, mesh.axes[st.axis].name,
-                                          st.kind, st.bytes_per_device, step_seconds(st, mesh)))
+    mult = costed.mult or Multiplicity()
+    for src, dst, i, copies in mult.all_edges(costed.graph):
+        sv = choice[dst]
+        fwd, bwd = edge_steps(costed.graph[src].out.nbytes, choice[src].out, sv.ins[i],
+                              sv.grads[i], mesh)
+        assert fwd is not None, f"plan converts {src}->{dst} in a forbidden way"
+        for direction, steps in (("forward", fwd), ("backward", bwd)):
+            for st in steps:
+                if st.kind in ("slice", "none"):
+                    continue
+                out.append(Collective(src, dst, i, direction, mesh.axes[st.axis].name,
+                                      st.kind, st.bytes_per_device, step_seconds(st, mesh),
+                                      copies))
     for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
         if st.kind not in ("slice", "none"):
             out.append(Collective(costed.graph.loss, "output", 0, "forward",
@@ -226,25 +288,25 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
                                                                  "count": 0})
     for c in colls:
         for bucket in (per_axis[c.axis], per_kind[c.kind]):
-            bucket["bytes"] += c.bytes_per_device
-            bucket["seconds"] += c.seconds
-            bucket["count"] += 1
-    bandwidth_s = sum(c.seconds for c in colls)
-    penalty_s = sum(node_compute_penalty_s(n.flops, choice[n.name], mesh,
-                                           costed.cluster.peak_flops)
+            bucket["bytes"] += c.bytes_per_device * c.copies
+            bucket["seconds"] += c.seconds * c.copies
+            bucket["count"] += c.copies
+    bandwidth_s = sum(c.seconds * c.copies for c in colls)
+    mult = costed.mult or Multiplicity()
+    peak = costed.cluster.peak_flops
+    penalty_s = sum(mult.node(n.name) * node_compute_penalty_s(n.flops, choice[n.name], mesh, peak)
                     for n in graph.ops)
-    compute_s = sum(3.0 * n.flops / work_divisor(choice[n.name], mesh) / costed.cluster.peak_flops
+    compute_s = sum(mult.node(n.name) * 3.0 * n.flops / work_divisor(choice[n.name], mesh) / peak
                     for n in graph.ops)
     mem = {"weights_bytes": 0.0, "activations_bytes": 0.0, "converted_inputs_bytes": 0.0}
     for n in graph.nodes:
-        b = node_memory_bytes(n, choice[n.name], mesh, costed.config)
+        b = node_memory_bytes(n, choice[n.name], mesh, costed.config) * mult.node(n.name)
         mem["weights_bytes" if n.kind == "param" else "activations_bytes"] += b
-        if n.target in SAVES_INPUTS:
-            for i, src in enumerate(n.inputs):
-                pin = choice[n.name].ins[i]
-                if choice[src].out != pin:
-                    mem["converted_inputs_bytes"] += (
-                        graph[src].out.nbytes * local_fraction(pin, mesh.shape))
+    for src, dst, i, copies in mult.all_edges(graph):
+        pin = choice[dst].ins[i]
+        if graph[dst].target in SAVES_INPUTS and choice[src].out != pin:
+            mem["converted_inputs_bytes"] += (
+                copies * graph[src].out.nbytes * local_fraction(pin, mesh.shape))
     mem["per_device_bytes"] = sum(mem.values())
     mem["capacity_bytes"] = float(costed.cluster.memory_per_device_bytes)
     return {
@@ -253,7 +315,7 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
         "redundant_compute_s": penalty_s,
         "compute_s": compute_s,
         "step_time_s": compute_s + bandwidth_s,  # no overlap assumed: an upper estimate
-        "bytes_per_device": sum(c.bytes_per_device for c in colls),
+        "bytes_per_device": sum(c.bytes_per_device * c.copies for c in colls),
         "per_axis": per_axis,
         "per_kind": dict(sorted(per_kind.items())),
         "memory": mem,

@@ -83,6 +83,7 @@ class OpNode:
     flops: float = 0.0
     requires_grad: bool = False
     fqn: str = ""  # parameter's qualified name in the module, for params
+    scope: str = ""  # outermost numbered submodule it belongs to ("blocks.3"), or ""
 
     def kwarg(self, key: str, default: Any = None) -> Any:
         """A keyword argument's value, or ``default``."""

@@ -77,10 +77,11 @@ def solve_sharding(costed: CostedGraph, backend: str | None = None,
 
 def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: MeshAxis,
                    balance_eps: float = 0.1, backend: str | None = None,
-                   time_limit_s: float | None = None, mip_rel_gap: float = 1e-6) -> Candidate:
+                   time_limit_s: float | None = None, mip_rel_gap: float = 1e-6,
+                   tied: tuple[tuple[str, ...], ...] = ()) -> Candidate:
     """Solve the joint stage + sharding ILP of one (K, stage mesh)."""
     t0 = time.perf_counter()
-    problem = build_pipeline_problem(costed, stages, microbatches, pp, balance_eps)
+    problem = build_pipeline_problem(costed, stages, microbatches, pp, balance_eps, tied)
     model = PipelineModel(problem)
     milp = model.milp()
     build_s = time.perf_counter() - t0

@@ -52,7 +52,8 @@ def bubble_seconds(costed: CostedGraph, stages: int) -> float:
 
 
 def build_pipeline_problem(costed: CostedGraph, stages: int, microbatches: int, pp: MeshAxis,
-                           balance_eps: float = 0.1) -> PipelineProblem:
+                           balance_eps: float = 0.1,
+                           tied: tuple[tuple[str, ...], ...] = ()) -> PipelineProblem:
     """The joint problem of a micro-batch graph costed on a stage mesh."""
     g, mesh = costed.graph, costed.mesh
     acts, pieces = [], []
@@ -70,6 +71,7 @@ def build_pipeline_problem(costed: CostedGraph, stages: int, microbatches: int, 
         loss=costed.index[g.loss], p2p_bandwidth_gbps=pp.bandwidth_gbps,
         p2p_latency_s=pp.latency_s, bubble_s=bubble_seconds(costed, stages),
         balance_eps=balance_eps,
+        tied=tuple(tuple(costed.index[n] for n in grp) for grp in tied),
     )
 
 

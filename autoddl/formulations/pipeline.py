@@ -66,6 +66,7 @@ class PipelineProblem:
     p2p_latency_s: float
     bubble_s: float
     balance_eps: float = 0.1
+    tied: tuple[tuple[int, ...], ...] = ()  # node groups that must share a stage (whole layers)
 
     def in_flight(self, k: int) -> int:
         """Micro-batches whose activations stage ``k`` holds at once under 1F1B."""
@@ -85,6 +86,8 @@ class PipelineProblem:
                 return False
             if self.node_kind[e.src] == "param" and stage[e.src] != stage[e.dst]:
                 return False
+        if any(len({int(stage[v]) for v in grp}) > 1 for grp in self.tied):
+            return False
         per_stage = np.bincount(stage, weights=self.flops, minlength=self.stages)
         return bool(np.all(per_stage <= (1 + self.balance_eps) * self.flops.sum() / self.stages
                            + 1e-9))
@@ -186,6 +189,10 @@ class PipelineModel(ShardingModel):
             for k in range(pipe.stages - 1):
                 lo = 0.0 if tied else -INF
                 self._row([self._a(e.dst, k), self._scaled(self._a(e.src, k), -1.0)], lo, 0.0)
+        for grp in pipe.tied:
+            for v, w in zip(grp[:-1], grp[1:]):
+                for k in range(pipe.stages - 1):
+                    self._row([self._a(v, k), self._scaled(self._a(w, k), -1.0)], 0.0, 0.0)
         for v, kind in enumerate(pipe.node_kind):
             for k in range(pipe.stages - 1):
                 if kind == "input":

@@ -46,6 +46,7 @@ class NodeChoices:
     name: str
     cost_s: np.ndarray
     memory_bytes: np.ndarray
+    group: int = 0  # memory group: the devices whose memory this counts against (a stage)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +59,7 @@ class EdgeChoices:
     dst_key: np.ndarray  # consumer signature -> consumer key
     cost_s: np.ndarray  # (num producer keys, num consumer keys)
     memory_bytes: np.ndarray
+    group: int = 0  # memory group of the consumer
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,14 +71,17 @@ class ShardingProblem:
     memory_capacity_bytes: float
 
     def evaluate(self, choice: np.ndarray) -> tuple[float, float]:
-        """(cost in seconds, memory per device in bytes) of one signature per node."""
+        """(cost in seconds, memory per device in bytes, the worst group's) of one signature
+        per node."""
         cost = sum(float(n.cost_s[c]) for n, c in zip(self.nodes, choice))
-        mem = sum(float(n.memory_bytes[c]) for n, c in zip(self.nodes, choice))
+        mem: dict[int, float] = {}
+        for n, c in zip(self.nodes, choice):
+            mem[n.group] = mem.get(n.group, 0.0) + float(n.memory_bytes[c])
         for e in self.edges:
             a, b = e.src_key[choice[e.src]], e.dst_key[choice[e.dst]]
             cost += float(e.cost_s[a, b])
-            mem += float(e.memory_bytes[a, b])
-        return cost, mem
+            mem[e.group] = mem.get(e.group, 0.0) + float(e.memory_bytes[a, b])
+        return cost, max(mem.values(), default=0.0)
 
     def brute_force(self) -> tuple[float, np.ndarray | None]:
         """Exhaustive optimum (for tests on tiny problems): (cost, choice) or (inf, None)."""
@@ -134,8 +139,10 @@ class ShardingModel:
         self._rhi.append(hi)
 
     def _add_x(self) -> None:
+        self._group: list[int] = []
         for n in self.problem.nodes:
             self.x_start.append(self._new_cols(n.cost_s, n.memory_bytes, integer=True))
+            self._group.append(n.group)
 
     # ---------------------------------------------------------------- constraint families
     def one_hot(self) -> None:
@@ -149,7 +156,8 @@ class ShardingModel:
         for e in self.problem.edges:
             cost, mem = e.cost_s, e.memory_bytes
             ks, kd = cost.shape
-            if ks == 1 or (kd == 1 and self.fold_into_producer):  # no y needed: fold onto x
+            foldable = e.group == self.problem.nodes[e.src].group or not mem.any()
+            if ks == 1 or (kd == 1 and self.fold_into_producer and foldable):  # no y: fold onto x
                 self.y_blocks.append(None)
                 side, key = (e.dst, e.dst_key) if ks == 1 else (e.src, e.src_key)
                 row = cost[0, :] if ks == 1 else cost[:, 0]
@@ -164,6 +172,7 @@ class ShardingModel:
                 continue
             pa, pb = np.nonzero(np.isfinite(cost))
             start = self._new_cols(cost[pa, pb], mem[pa, pb], integer=False)
+            self._group.append(e.group)
             self.y_blocks.append((start, pa, pb))
             ycols = start + np.arange(len(pa))
             for a in range(ks):
@@ -178,11 +187,18 @@ class ShardingModel:
                               np.concatenate([np.ones(len(ys)), -np.ones(len(xs))]), 0.0, 0.0)
 
     def memory(self) -> None:
-        r"""Memory per device: :math:`\sum m_{v,s} x_{v,s} + \sum m_{e,a,b} y_{e,a,b} \le M`."""
-        mem = np.concatenate(self._mem)
-        nz = np.nonzero(mem)[0]
-        if np.isfinite(self.problem.memory_capacity_bytes) and len(nz):
-            self._add_row(nz, mem[nz], -INF, float(self.problem.memory_capacity_bytes))
+        r"""Memory per device: :math:`\sum m_{v,s} x_{v,s} + \sum m_{e,a,b} y_{e,a,b} \le M`,
+        one row per memory group (pipeline stage)."""
+        cap = float(self.problem.memory_capacity_bytes)
+        if not np.isfinite(cap):
+            return
+        blocks = self._mem[: len(self._group)]
+        groups = np.concatenate([np.full(len(b), g) for b, g in zip(blocks, self._group)])
+        mem = np.concatenate(blocks)
+        for g in np.unique(groups):
+            nz = np.nonzero((groups == g) & (mem != 0))[0]
+            if len(nz) and mem[nz].sum() > cap:  # a row that cannot bind is left out
+                self._add_row(nz, mem[nz] / cap, -INF, 1.0)
 
     # ---------------------------------------------------------------- output
     def milp(self) -> MILP:

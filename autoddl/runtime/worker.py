@@ -3,6 +3,13 @@
 Launched by torchrun (``python -m torch.distributed.run ... -m autoddl.runtime.worker``). The
 backend follows the device: NCCL with one GPU per rank when CUDA is there, gloo on CPUs; nothing
 else differs between the two paths.
+
+A pipelined plan (``plan.pipeline``) runs through :mod:`autoddl.runtime.pipeline`: the graph is
+captured on one micro-batch, each rank runs its stage under the plan's schedule, and ``--check``
+compares the mean micro-batch loss and each stage's parameter gradients (gathered on the stage
+mesh) with the single-process full-batch run; the verdict is combined over all ranks. The
+collective table then sums one device per stage (rank 0's pipeline group) over the step's
+micro-batches, with point-to-point sends as kind ``p2p``.
 """
 
 from __future__ import annotations
@@ -56,16 +63,16 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 def relative_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
                     scale: dict[str, torch.Tensor] | None = None) -> dict:
-    """||got − ref|| / ||ref|| per tensor of ``got``, the denominator floored at 1e-3 of the norm
-    of all of ``scale`` (default ``ref``) together (a tensor whose true value is ~0, such as the
-    key bias's gradient under softmax, is compared at the scale of the whole set, not at its own
-    rounding noise)."""
+    """||got − ref|| / ||ref|| per tensor of ``ref`` (inf where ``got`` lacks it), the denominator
+    floored at 1e-3 of the norm of all of ``scale`` (default ``ref``) together (a tensor whose true
+    value is ~0, such as the key bias's gradient under softmax, is compared at the scale of the
+    whole set, not at its own rounding noise)."""
     scale = ref if scale is None else scale
     total = torch.sqrt(sum((r.double() ** 2).sum() for r in scale.values()))
     floor = max(float(total) * 1e-3, 1e-30)
-    return {k: float((g.double() - ref[k].double()).norm())
-            / max(float(ref[k].double().norm()), floor)
-            for k, g in got.items()}
+    return {k: float((got[k].double() - r.double()).norm()) / max(float(r.double().norm()), floor)
+            if k in got else float("inf")
+            for k, r in ref.items()}
 
 
 def predicted_counts(plan: Plan) -> Counter:
@@ -215,7 +222,9 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
             ref_value = float(ref_loss.detach())
             ref_grads = {k: p.grad for k, p in model.named_parameters()}
             errs = {"loss": abs(value - ref_value) / max(abs(ref_value), 1e-30)}
-            errs.update(relative_errors(grads, ref_grads))
+            # the parameters this rank holds (all of them unless pipelined: its stage's)
+            errs.update(relative_errors(grads, {k: ref_grads[k] for k in trainer.params},
+                                        scale=ref_grads))
             bad = {k: v for k, v in errs.items() if v > tol}
             step_worst = _max_all(max(errs.values()), device)
             any_bad = _max_all(float(bool(bad)), device) > 0
@@ -240,7 +249,8 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
                 _print_collectives(plan, *table)
     if check:
         ref = {k: p.detach() for k, p in model.named_parameters()}
-        mine = relative_errors(trainer.full_params(), ref)
+        mine = relative_errors(trainer.full_params(), {k: ref[k] for k in trainer.params},
+                               scale=ref)
         weights = _max_all(max(mine.values(), default=0.0), device)
         if rank == 0:
             verdict = "PASSED" if ok else "FAILED"

@@ -1,0 +1,247 @@
+"""Pipelined plans of repeated layers: the stage programs, solved once with multiplicities.
+
+With L identical blocks on K stages, each stage runs n = L/K consecutive blocks; stage 0 also
+runs the prefix (embedding), stage K−1 the suffix (head, loss). Stages 1..K−2 run the same
+program, so one representative of them stands for K−2 (its costs count K−2 times; its memory is
+checked once, with the most micro-batches any of them holds in flight, K−1). Within a stage the
+n blocks reduce as in :mod:`autoddl.engine.repeat`: first, mid (n−2 copies), last. Edges that
+cross a stage boundary pay the point-to-point transfer of the producer's local piece (forward,
+and backward for tensors with gradients) over the pipeline axis, per micro-batch.
+
+The result is an ordinary sharding problem with memory groups (one per represented stage):
+:class:`~autoddl.formulations.sharding.ShardingModel` solves it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from autoddl.engine.cluster import Mesh, MeshAxis
+from autoddl.engine.costs import CostedGraph, Multiplicity, TrainingConfig, build_problem
+from autoddl.engine.graph import OpGraph
+from autoddl.engine.placements import local_fraction
+from autoddl.engine.repeat import Blocks
+from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One represented block: which stage group, its tag, how many real blocks it stands for."""
+
+    stage: str  # "s0", "sm" (middle stages), "sl" (last stage)
+    tag: str  # "b0", "b1" (explicit), or "first", "mid", "last"
+    copies: int  # real blocks per represented stage
+
+
+@dataclass(frozen=True, eq=False)
+class Program:
+    """A reduced pipelined graph with everything needed to cost it."""
+
+    graph: OpGraph
+    cost_mult: Multiplicity  # copies for costs (stage copies x block copies x micro-batches)
+    node_group: dict[str, int]
+    node_mem_copies: dict[str, int]
+    inflight: tuple[int, ...]  # per group
+    crossing: dict[tuple[str, str, int], int]  # boundary edges: copies (x micro-batches)
+    stages: int
+    microbatches: int
+    layers: int
+
+
+def _stage_blocks(n: int) -> list[tuple[str, int]]:
+    return [("first", 1), ("mid", n - 2), ("last", 1)] if n >= 3 else [(f"b{i}", 1)
+                                                                        for i in range(n)]
+
+
+def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
+                  microbatches: int) -> Program:
+    """The reduced graph of ``layers`` blocks over ``stages`` stages (``stages`` divides it)."""
+    K, m = stages, microbatches
+    assert layers % K == 0 and K >= 2
+    n = layers // K
+    template = blocks.members[1]
+    pos = {name: (b, j) for b, mem in enumerate(blocks.members) for j, name in enumerate(mem)}
+    stage_list = [("s0", 1, 0)] + ([("sm", K - 2, 1)] if K >= 3 else []) + [("sl", 1, 2)]
+    groups = {"s0": 0, "sm": 1, "sl": 2}
+    inflight = (min(K, m), min(K - 1, m), 1)
+    # the represented block sequence, in execution order
+    seq: list[tuple[str, str, int, int]] = []  # (stage, tag, block copies, stage copies)
+    for st, st_copies, _ in stage_list:
+        for tag, copies in _stage_blocks(n):
+            seq.append((st, tag, copies, st_copies))
+    nodes, node_mult, node_group, node_mem = [], {}, {}, {}
+    edge_mult: dict[tuple[str, str, int], int] = {}
+    crossing: dict[tuple[str, str, int], int] = {}
+    extra: list[tuple[str, str, int, int]] = []
+    first_block, last_block = set(blocks.members[0]), set(blocks.members[-1])
+    block_nodes = {nm for mem in blocks.members for nm in mem}
+    rename = {}
+
+    def name(inst: int, j: int) -> str:
+        st, tag, _, _ = seq[inst]
+        return f"{st}.{tag}/{j}"
+
+    # prefix: everything before the blocks that is not a block node, in stage 0
+    for nd in graph.nodes:
+        if nd.name not in block_nodes and not _is_suffix(graph, nd, block_nodes):
+            rename[nd.name] = f"pre/{nd.name}"
+    suffix = [nd for nd in graph.nodes if nd.name not in block_nodes and nd.name not in rename]
+    for i, nd in enumerate(suffix):
+        rename[nd.name] = f"post/{i}"
+    # params first (graph order keeps placeholders first), then ops
+    out_nodes: list = []
+    for nd in graph.nodes:
+        if nd.name in rename and rename[nd.name].startswith("pre/") and nd.kind != "op":
+            out_nodes.append(dataclasses.replace(nd, name=rename[nd.name], inputs=()))
+            node_group[rename[nd.name]] = 0
+    for inst, (st, tag, copies, st_copies) in enumerate(seq):
+        for j, nm in enumerate(template):
+            nd = graph[nm]
+            if nd.kind == "param":
+                new = name(inst, j)
+                out_nodes.append(dataclasses.replace(nd, name=new, inputs=()))
+                node_mult[new] = copies * st_copies
+                node_mem[new] = copies
+                node_group[new] = groups[st]
+    for nd in graph.nodes:
+        if nd.name in rename and rename[nd.name].startswith("pre/") and nd.kind == "op":
+            out_nodes.append(dataclasses.replace(
+                nd, name=rename[nd.name], inputs=tuple(rename[i] for i in nd.inputs)))
+            node_group[rename[nd.name]] = 0
+            node_mult[rename[nd.name]] = m
+    real0 = blocks.members[0]
+    for inst, (st, tag, copies, st_copies) in enumerate(seq):
+        for j, nm in enumerate(template):
+            nd = graph[nm]
+            if nd.kind == "param":
+                continue
+            ins = []
+            for k, src in enumerate(nd.inputs):
+                b, jj = pos.get(src, (None, None))
+                if b == 1:  # same block
+                    ins.append(name(inst, jj))
+                    continue
+                if b == 0:  # previous block
+                    if inst == 0:
+                        real_src = graph[real0[j]].inputs[k]
+                        ins.append(rename[real_src] if real_src in rename else name(0, jj))
+                        continue
+                    ins.append(name(inst - 1, jj))
+                    continue
+                ins.append(rename[src])  # shared outside tensor (prefix)
+            new = name(inst, j)
+            out_nodes.append(dataclasses.replace(nd, name=new, inputs=tuple(ins)))
+            node_mult[new] = copies * st_copies * m
+            node_mem[new] = copies
+            node_group[new] = groups[st]
+    for i, nd in enumerate(suffix):
+        ins = []
+        for src in nd.inputs:
+            if src in last_block:
+                ins.append(name(len(seq) - 1, pos[src][1]))
+            else:
+                ins.append(rename[src])
+        out_nodes.append(dataclasses.replace(nd, name=rename[nd.name], inputs=tuple(ins)))
+        node_group[rename[nd.name]] = 2
+        node_mult[rename[nd.name]] = m
+    reduced = OpGraph(tuple(_params_first(out_nodes)), rename[graph.loss])
+    # edge copies: an edge counts as often as its consumer (per micro-batch) except where the
+    # producer stands for fewer copies (the entry into a repeated block or stage)
+    inst_of = {f"{st}.{tag}": (st, tag, c, sc) for st, tag, c, sc in seq}
+    for nd in reduced.nodes:
+        for k, src in enumerate(nd.inputs):
+            key = (src, nd.name, k)
+            dst_inst, src_inst = nd.name.split("/")[0], src.split("/")[0]
+            if dst_inst in inst_of:
+                st, tag, c, sc = inst_of[dst_inst]
+                same = src_inst == dst_inst
+                prod = inst_of.get(src_inst)
+                if same or prod is None or (prod[0] == st and prod[1] == tag):
+                    edge_mult[key] = c * sc * m
+                elif prod[0] == st:
+                    edge_mult[key] = sc * m  # entry into this block: once per stage copy
+                else:
+                    edge_mult[key] = m  # from the previous stage: once
+                    crossing[key] = m
+            else:
+                edge_mult[key] = m
+                if node_group.get(src, 0) != node_group[nd.name] and reduced[src].kind != "param":
+                    # a prefix tensor read by the suffix is relayed through every stage
+                    crossing[key] = (K - 1) * m if node_group[nd.name] == 2 else m
+    # repeated-block self edges: block i -> i+1 inside a stage's mid, and stage -> stage in sm
+    for st, tag, c, sc in seq:
+        inst = f"{st}.{tag}"
+        for j, nm in enumerate(template):
+            nd = graph[nm]
+            for k, src in enumerate(nd.inputs):
+                if pos.get(src, (None,))[0] != 0:
+                    continue
+                jj = pos[src][1]
+                if tag == "mid" and c >= 2:
+                    extra.append((f"{inst}/{jj}", f"{inst}/{j}", k, (c - 1) * sc * m))
+                if st == "sm" and tag in ("first", "b0") and sc >= 2:
+                    last_tag = _stage_blocks(n)[-1][0]
+                    key = (f"sm.{last_tag}/{jj}", f"{inst}/{j}", k)
+                    extra.append((*key, (sc - 1) * m))
+                    crossing[key] = (sc - 1) * m
+    mult = Multiplicity(node_mult, edge_mult, tuple(extra))
+    return Program(reduced, mult, node_group, node_mem, inflight, crossing, K, m, layers)
+
+
+def _is_suffix(graph: OpGraph, nd, block_nodes: set[str]) -> bool:
+    """An op that (transitively) reads a block's output."""
+    if nd.kind != "op":
+        return False
+    stack, seen = list(nd.inputs), set()
+    while stack:
+        s = stack.pop()
+        if s in block_nodes:
+            return True
+        if s not in seen:
+            seen.add(s)
+            stack.extend(graph[s].inputs)
+    return False
+
+
+def _params_first(nodes: list) -> list:
+    leaves = [n for n in nodes if n.kind != "op"]
+    return leaves + [n for n in nodes if n.kind == "op"]
+
+
+def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
+                 config: TrainingConfig) -> tuple[CostedGraph, ShardingProblem]:
+    """The sharding problem of a program on a stage mesh: costs x copies, memory per stage
+    group (activations x micro-batches in flight), boundary transfers over the pipeline axis."""
+    costed = build_problem(prog.graph, mesh, cluster, config, mult=prog.cost_mult)
+    g = prog.graph
+    beta = pp.bandwidth_gbps * 1e9
+    nodes = []
+    for nd, nc in zip(g.nodes, costed.problem.nodes):
+        copies = prog.cost_mult.node(nd.name)
+        raw_mem = nc.memory_bytes / max(copies, 1)
+        grp = prog.node_group[nd.name]
+        factor = prog.node_mem_copies.get(nd.name, 1) * (prog.inflight[grp]
+                                                          if nd.kind == "op" else 1)
+        nodes.append(NodeChoices(nc.name, nc.cost_s, raw_mem * factor, grp))
+    edges = []
+    all_edges = prog.cost_mult.all_edges(g)
+    for (src, dst, k, copies), ec in zip(all_edges, costed.problem.edges):
+        grp = prog.node_group[dst]
+        mem = ec.memory_bytes / max(copies, 1) * prog.node_mem_copies.get(dst, 1) \
+            * prog.inflight[grp]
+        cost = ec.cost_s
+        cross = prog.crossing.get((src, dst, k), 0)
+        if cross:
+            sends = 1 + int(g[src].requires_grad)
+            sigs = costed.sigs[src]
+            piece = np.zeros(cost.shape[0])
+            for s_idx, s in enumerate(sigs):
+                piece[ec.src_key[s_idx]] = g[src].out.nbytes * local_fraction(s.out, mesh.shape)
+            p2p = cross * sends * (piece / beta + pp.latency_s)
+            cost = cost + p2p[:, None]
+        edges.append(EdgeChoices(ec.src, ec.dst, ec.src_key, ec.dst_key, cost, mem, grp))
+    problem = ShardingProblem(tuple(nodes), tuple(edges), costed.problem.memory_capacity_bytes)
+    return dataclasses.replace(costed, problem=problem), problem
