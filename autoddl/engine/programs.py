@@ -148,6 +148,11 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
         node_group[rename[nd.name]] = 2
         node_mult[rename[nd.name]] = m
     reduced = OpGraph(tuple(_params_first(out_nodes)), rename[graph.loss])
+    for nd in reduced.nodes:  # a parameter lives with its consumers (the head's, in the last)
+        if nd.kind == "param" and nd.name.startswith("pre/"):
+            consumers = [c.name for c in reduced.nodes if nd.name in c.inputs]
+            if consumers:
+                node_group[nd.name] = node_group[consumers[0]]
     # edge copies: an edge counts as often as its consumer (per micro-batch) except where the
     # producer stands for fewer copies (the entry into a repeated block or stage)
     inst_of = {f"{st}.{tag}": (st, tag, c, sc) for st, tag, c, sc in seq}
@@ -245,3 +250,61 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
         edges.append(EdgeChoices(ec.src, ec.dst, ec.src_key, ec.dst_key, cost, mem, grp))
     problem = ShardingProblem(tuple(nodes), tuple(edges), costed.problem.memory_capacity_bytes)
     return dataclasses.replace(costed, problem=problem), problem
+
+
+def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProblem,
+                      choice: dict, pp: MeshAxis, bubble_s: float) -> dict:
+    """Cost and memory of a pipelined program plan, per training step."""
+    from autoddl.engine.costs import breakdown  # the per-axis/kind totals, copies included
+
+    out = breakdown(costed, choice)
+    mem_parts = out.pop("memory")
+    g, mesh = prog.graph, costed.mesh
+    p2p = {"bytes": 0.0, "seconds": 0.0, "count": 0}
+    for (src, dst, k), copies in prog.crossing.items():
+        sends = 1 + int(g[src].requires_grad)
+        piece = g[src].out.nbytes * local_fraction(choice[src].out, mesh.shape)
+        p2p["bytes"] += copies * sends * piece
+        p2p["seconds"] += copies * sends * (piece / (pp.bandwidth_gbps * 1e9) + pp.latency_s)
+        p2p["count"] += copies * sends
+    out["per_axis"][pp.name] = p2p
+    out["per_kind"]["p2p"] = p2p
+    idx = {n.name: i for i, n in enumerate(g.nodes)}
+    per_group: dict[int, float] = {}
+    sig_index = {n: costed.sigs[n].index(s) for n, s in choice.items()}
+    for nd, nc in zip(g.nodes, problem.nodes):
+        per_group[nc.group] = per_group.get(nc.group, 0.0) + float(nc.memory_bytes[sig_index[nd.name]])
+    for e in problem.edges:
+        src, dst = g.nodes[e.src].name, g.nodes[e.dst].name
+        a, b = e.src_key[sig_index[src]], e.dst_key[sig_index[dst]]
+        per_group[e.group] = per_group.get(e.group, 0.0) + float(e.memory_bytes[a, b])
+    del idx
+    total = out["total_s"] + p2p["seconds"] + bubble_s
+    out.update({
+        "total_s": total, "bandwidth_s": out["bandwidth_s"] + p2p["seconds"], "bubble_s": bubble_s,
+        "bytes_per_device": out["bytes_per_device"] + p2p["bytes"],
+        "step_time_s": (out["compute_s"] + out["bandwidth_s"] + p2p["seconds"])
+        / max(prog.stages, 1) * (prog.microbatches + prog.stages - 1) / prog.microbatches,
+    })
+    stage_names = ["stage 0", "stages 1..K-2", f"stage {prog.stages - 1}"]
+    worst = max(per_group, key=per_group.get)
+    out["memory"] = {
+        "weights_bytes": mem_parts["weights_bytes"], "activations_bytes": 0.0,
+        "converted_inputs_bytes": 0.0, "per_device_bytes": per_group[worst],
+        "per_stage_bytes": {stage_names[k]: v for k, v in sorted(per_group.items())},
+        "capacity_bytes": mem_parts["capacity_bytes"],
+    }
+    return out
+
+
+def stage_of_real_block(i: int, layers: int, stages: int) -> tuple[int, str]:
+    """(stage, canonical instance prefix) of real block ``i``."""
+    n = layers // stages
+    k, r = divmod(i, n)
+    st = "s0" if k == 0 else ("sl" if k == stages - 1 else "sm")
+    tags = [t for t, _ in _stage_blocks(n)]
+    if n >= 3:
+        tag = "first" if r == 0 else ("last" if r == n - 1 else "mid")
+    else:
+        tag = tags[r]
+    return k, f"{st}.{tag}"

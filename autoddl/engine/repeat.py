@@ -185,14 +185,35 @@ def reduce_graph(graph: OpGraph, blocks: Blocks, layers: int | None = None) -> R
 
 
 def expand_plan(plan: Plan, graph: OpGraph) -> Plan:
-    """The plan of a reduced graph, written out for every node of the full ``graph``."""
+    """The plan of a reduced graph (or pipelined program), written out for every node of the
+    full ``graph``, each with its real stage."""
+    from autoddl.engine.programs import stage_of_real_block
+
     blocks = find_blocks(graph)
+    assert blocks is not None, "plan has repeated layers, the graph none"
+    pos = {name: (b, j) for b, m in enumerate(blocks.members) for j, name in enumerate(m)}
+    program = bool(plan.pipeline)
     names = _canonical(graph, blocks)
+    post = [n.name for n in graph.nodes if names[n.name].startswith("post/")]
     ops = []
     for n in graph.nodes:
-        canon = names[n.name]
-        if canon.startswith("mid") and "/" in canon:
-            canon = "mid/" + canon.split("/", 1)[1]
+        if n.name in pos:
+            b, j = pos[n.name]
+            if program:
+                stage, inst = stage_of_real_block(b, blocks.count, plan.num_stages)
+                canon = f"{inst}/{j}"
+            else:
+                stage, tag = 0, ("first" if b == 0 else "last" if b == blocks.count - 1 else "mid")
+                canon = f"{tag}/{j}"
+        elif n.name in post:
+            stage, canon = plan.num_stages - 1, f"post/{post.index(n.name)}"
+        else:
+            stage, canon = 0, f"pre/{n.name}"
         src: OpPlacement = plan.op(canon)
-        ops.append(dataclasses.replace(src, name=n.name))
+        ops.append(dataclasses.replace(src, name=n.name, stage=stage))
+    stage_of = {o.name: o.stage for o in ops}
+    for i, o in enumerate(ops):  # parameters and inputs live with (or relay to) their consumers
+        if graph[o.name].kind == "param":
+            consumers = [c.name for c in graph.nodes if o.name in c.inputs]
+            ops[i] = dataclasses.replace(o, stage=min(stage_of[c] for c in consumers))
     return dataclasses.replace(plan, ops=tuple(ops))
