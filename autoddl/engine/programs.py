@@ -192,6 +192,12 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
                     key = (f"sm.{last_tag}/{jj}", f"{inst}/{j}", k)
                     extra.append((*key, (sc - 1) * m))
                     crossing[key] = (sc - 1) * m
+    seen: set[tuple[str, int]] = set()  # one send per tensor per boundary: charge one edge
+    for key in sorted(crossing):
+        if (key[0], node_group[key[1]]) in seen:
+            del crossing[key]
+        else:
+            seen.add((key[0], node_group[key[1]]))
     mult = Multiplicity(node_mult, edge_mult, tuple(extra))
     return Program(reduced, mult, node_group, node_mem, inflight, crossing, K, m, layers)
 

@@ -106,15 +106,21 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
             if n.target in SAVES_INPUTS and choice[src].out != pin:
                 converted[k] += (g[src].out.nbytes * local_fraction(pin, mesh.shape)
                                  * min(stages - k, m))
-            hops = k - stage[src]
-            if hops:
-                piece = g[src].out.nbytes * local_fraction(choice[src].out, mesh.shape)
-                sends = hops * (1 + int(g[src].requires_grad))
-                secs = sends * (piece / (pp.bandwidth_gbps * 1e9) + pp.latency_s)
-                p2p["bytes"] += m * sends * piece
-                p2p["seconds"] += m * secs
-                p2p["count"] += m * sends
-                stage_comm[k] += secs
+    last_reader: dict[str, int] = {}
+    for n in g.nodes:
+        for src in n.inputs:
+            last_reader[src] = max(last_reader.get(src, 0), stage[n.name])
+    for src, far in last_reader.items():  # one send per tensor per boundary it crosses
+        hops = far - stage[src]
+        if hops and g[src].kind != "param":
+            piece = g[src].out.nbytes * local_fraction(choice[src].out, mesh.shape)
+            sends = hops * (1 + int(g[src].requires_grad))
+            secs = sends * (piece / (pp.bandwidth_gbps * 1e9) + pp.latency_s)
+            p2p["bytes"] += m * sends * piece
+            p2p["seconds"] += m * secs
+            p2p["count"] += m * sends
+            for k in range(stage[src] + 1, far + 1):  # the receiving stages wait for it
+                stage_comm[k] += secs / hops
     out["per_axis"][PIPELINE_AXIS] = p2p
     out["per_kind"]["p2p"] = p2p
     bubble = bubble_seconds(costed, stages)

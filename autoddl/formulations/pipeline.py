@@ -12,13 +12,13 @@ Stage variables (cumulative form): :math:`a_{v,k} = 1` iff :math:`stage(v) \le k
 * **order** — :meth:`PipelineModel.stage_order`: stages never decrease along an edge,
   :math:`a_{v,k} \le a_{u,k}` for every edge :math:`(u,v)`; a parameter sits with its consumers
   (:math:`a_{p,k} = a_{v,k}`); user inputs are in stage 0 and the loss in stage K−1;
-* **boundary transfers** — :meth:`PipelineModel.transfers`: edge :math:`e=(u,v)` crosses boundary
-  :math:`k` iff :math:`d_{e,k} = a_{u,k} - a_{v,k} = 1`; then the producer's local piece, of
-  :math:`L_u = \sum_s L_{u,s} x_{u,s}` bytes, is sent point to point over the pipeline axis
-  forward, and its gradient backward: :math:`w_{e,k} \ge L_u - M_e (1 - d_{e,k})`,
-  :math:`w \ge 0`, costing :math:`m (1 + g_e) (w_{e,k} / \beta_{pp} + \alpha_{pp} d_{e,k})`
-  (:math:`g_e = 1` when a gradient flows back). A tensor that skips stages is relayed, so it pays
-  at each boundary it crosses;
+* **boundary transfers** — :meth:`PipelineModel.transfers`: the output of :math:`u` crosses
+  boundary :math:`k` iff some consumer :math:`v` has :math:`a_{u,k} - a_{v,k} = 1`
+  (:math:`c_{u,k}`); then the producer's local piece, :math:`L_u = \sum_s L_{u,s} x_{u,s}` bytes,
+  is sent once point to point over the pipeline axis forward, and its gradient backward:
+  :math:`w_{u,k} \ge L_u - M_u (1 - c_{u,k})`, costing
+  :math:`m (1 + g_u) (w_{u,k} / \beta_{pp} + \alpha_{pp} c_{u,k})` (:math:`g_u = 1` when a
+  gradient flows back). A tensor read stages later is relayed: it pays at each boundary;
 * **memory per stage** — :meth:`PipelineModel.memory`: with :math:`f_k = \min(K-k, m)` micro-batches
   in flight in stage :math:`k` under 1F1B, node :math:`v` needs
   :math:`\mu_{v,k} = \sum_s (W_{v,s} + f_k A_{v,s}) x_{v,s} + f_k \sum_{e \to v} \sum_{a,b} A_{e,a,b}
@@ -100,13 +100,16 @@ class PipelineProblem:
         for v, n in enumerate(p.nodes):
             act = self.activation_bytes[v][choice[v]]
             mem[stage[v]] += n.memory_bytes[choice[v]] - act + self.in_flight(stage[v]) * act
+        last_reader: dict[int, int] = {}
         for e in p.edges:
             a, b = e.src_key[choice[e.src]], e.dst_key[choice[e.dst]]
             mem[stage[e.dst]] += self.in_flight(stage[e.dst]) * e.memory_bytes[a, b]
-            hops = stage[e.dst] - stage[e.src]
-            if hops:
-                sends = hops * (1 + int(self.carries_grad[e.src]))
-                piece = self.piece_bytes[e.src][choice[e.src]]
+            last_reader[e.src] = max(last_reader.get(e.src, 0), int(stage[e.dst]))
+        for u, far in last_reader.items():  # one send per tensor per boundary crossed
+            hops = far - int(stage[u])
+            if hops and self.node_kind[u] != "param":
+                sends = hops * (1 + int(self.carries_grad[u]))
+                piece = self.piece_bytes[u][choice[u]]
                 cost += m * sends * (piece / (self.p2p_bandwidth_gbps * 1e9) + self.p2p_latency_s)
         return cost, float(mem.max())
 
@@ -201,31 +204,34 @@ class PipelineModel(ShardingModel):
                     self._row([self._a(v, k)], 0.0, 0.0)
 
     def transfers(self) -> None:
-        r""":math:`w_{e,k} \ge L_u - M_e (1 - a_{u,k} + a_{v,k})`, cost per byte and per crossing.
+        r"""Per producer :math:`u` and boundary :math:`k`: :math:`c_{u,k} \ge a_{u,k} - a_{v,k}`
+        for every consumer :math:`v` (the tensor crosses :math:`k` once, however many read it
+        beyond), :math:`w_{u,k} \ge L_u - M_u (1 - c_{u,k})`; cost
+        :math:`m (1+g_u)(w_{u,k}/\beta + \alpha c_{u,k})`.
 
-        Each :math:`w_{e,k}` is stored in units of its own :math:`M_e` (so in [0, 1]) to keep the
-        rows well scaled whatever the bytes and bandwidths.
+        :math:`w` is stored in units of :math:`M_u` (so in [0, 1]) to keep rows well scaled.
         """
         pipe, m = self.pipe, self.pipe.microbatches
         beta = pipe.p2p_bandwidth_gbps * 1e9
+        consumers: dict[int, list[int]] = {}
         for e in self.problem.edges:
-            if pipe.node_kind[e.src] == "param":
-                continue  # tied: never crosses
-            piece_s = np.asarray(pipe.piece_bytes[e.src], float) / beta  # seconds of one send
+            if pipe.node_kind[e.src] != "param":  # tied to its consumers: never crosses
+                consumers.setdefault(e.src, []).append(e.dst)
+        for u, vs in consumers.items():
+            piece_s = np.asarray(pipe.piece_bytes[u], float) / beta  # seconds of one send
             big_m = float(piece_s.max())
-            sends = 1 + int(pipe.carries_grad[e.src])
-            if big_m > 0:
-                for k in range(pipe.stages - 1):
-                    w = self._new_cols(np.array([m * sends * big_m]), np.zeros(1), integer=False)
-                    xs = self.x_start[e.src] + np.arange(len(piece_s))
-                    au, av = self._a(e.src, k), self._a(e.dst, k)
-                    # w - sum (L/M) x - a_u + a_v >= -1
-                    self._row([([w], [1.0], 0.0), (list(xs), list(-piece_s / big_m), 0.0),
-                               self._scaled(au, -1.0), av], -1.0, INF)
-            lat = m * sends * pipe.p2p_latency_s  # per crossing: + lat a_u - lat a_v
+            sends = 1 + int(pipe.carries_grad[u])
+            xs = self.x_start[u] + np.arange(len(piece_s))
             for k in range(pipe.stages - 1):
-                self._c[self.a_start_block(e.src)][k] += lat
-                self._c[self.a_start_block(e.dst)][k] -= lat
+                c = self._new_cols(np.array([m * sends * pipe.p2p_latency_s]), np.zeros(1),
+                                   integer=False)
+                for v in dict.fromkeys(vs):  # c - a_u + a_v >= 0
+                    self._row([([c], [1.0], 0.0), self._scaled(self._a(u, k), -1.0),
+                               self._a(v, k)], 0.0, INF)
+                if big_m > 0:  # w - sum (L/M) x - c >= -1
+                    w = self._new_cols(np.array([m * sends * big_m]), np.zeros(1), integer=False)
+                    self._row([([w], [1.0], 0.0), (list(xs), list(-piece_s / big_m), 0.0),
+                               ([c], [-1.0], 0.0)], -1.0, INF)
 
     def a_start_block(self, v: int) -> int:
         """Index, among the column blocks, of node v's stage block."""
