@@ -16,7 +16,7 @@ def _plan(a: argparse.Namespace) -> int:
     from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
     from autoddl.engine.cluster import parse_cluster
     from autoddl.engine.costs import TrainingConfig
-    from autoddl.engine.models import build_model, parse_model_spec
+    from autoddl.engine.models import build_model, parse_model_spec, with_layers
     from autoddl.engine.plan import save_plan, summary
     from autoddl.engine.planner import plan_graph
     from autoddl.formulations.backends import get_backend
@@ -27,7 +27,9 @@ def _plan(a: argparse.Namespace) -> int:
     if a.time_limit is not None and a.time_limit <= 0:
         raise UserError(f"--time-limit must be positive, got {a.time_limit}")
     t0 = time.perf_counter()
-    model, inputs = build_model(spec, "meta")
+    layers = dict(spec.params).get("layers")
+    fast = spec.name == "gpt" and layers is not None and layers > 3  # repeated layers:
+    model, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")  # capture 3
     graph = capture(model, inputs)
     m = a.microbatches or default_microbatches(inputs)
     if a.stages is not None and a.stages < 1:
@@ -40,7 +42,8 @@ def _plan(a: argparse.Namespace) -> int:
     plan = plan_graph(graph, cluster, model_spec=spec.text, backend=a.backend,
                       time_limit_s=a.time_limit, config=TrainingConfig(a.optimizer), log=log,
                       microbatch_graph=mb_graph, microbatches=m, stages=a.stages,
-                      balance_eps=a.balance_eps, schedule=a.schedule)
+                      balance_eps=a.balance_eps, schedule=a.schedule,
+                      layers=layers if fast else None)
     save_plan(plan, a.output)
     print(summary(plan))
     print(f"\ncapture {capture_s:.2f} s, total {time.perf_counter() - t0:.2f} s; "

@@ -51,7 +51,7 @@ def microbatch_graph(spec_text: str, microbatches: int) -> OpGraph:
     first batch/microbatches rows (what a pipelined plan is made on)."""
     from autoddl.engine.capture import capture
     from autoddl.engine.models import build_model, parse_model_spec
-    from autoddl.runtime.pipeline import microbatch_inputs
+    from autoddl.engine.capture import microbatch_inputs
 
     model, inputs = build_model(parse_model_spec(spec_text), "meta")
     return capture(model, microbatch_inputs(inputs, microbatches))

@@ -167,7 +167,7 @@ def microbatch_inputs(inputs: tuple, microbatches: int) -> tuple:
     return tuple(t[: batch // microbatches] for t in inputs)
 
 
-def default_microbatches(inputs: tuple, most: int = 8) -> int:
+def default_microbatches(inputs: tuple, most: int = 16) -> int:
     """The largest divisor of the batch size that is at most ``most``."""
     batch = inputs[0].shape[0]
     return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)

@@ -144,15 +144,47 @@ MODELS: dict[str, tuple[dict[str, int], Builder, str]] = {
 }
 
 
+#: GPT configurations of the Megatron-LM SC'21 table (heads, hidden, layers, global batch;
+#: sequence 2048, vocabulary 51200), and GPT-3 175B. Each is ``gpt`` with these defaults.
+GPT_PRESETS: dict[str, dict[str, int]] = {
+    name: dict(heads=h, hidden=d, layers=L, batch=b, seq=2048, vocab=51200)
+    for name, h, d, L, b in [
+        ("gpt-1.7b", 24, 2304, 24, 512), ("gpt-3.6b", 32, 3072, 30, 512),
+        ("gpt-7.5b", 32, 4096, 36, 512), ("gpt-18.4b", 48, 6144, 40, 1024),
+        ("gpt-39.1b", 64, 8192, 48, 1536), ("gpt-76.1b", 80, 10240, 60, 1792),
+        ("gpt-145.6b", 96, 12288, 80, 2304), ("gpt-310.1b", 128, 16384, 96, 2160),
+        ("gpt-529.6b", 128, 20480, 105, 2520), ("gpt-1t", 160, 25600, 128, 3072),
+        ("gpt3-175b", 96, 12288, 96, 1536),
+    ]
+}
+
+
 def parse_model_spec(text: str) -> ModelSpec:
     """Parse ``--model NAME[:key=value,...]`` against the built-in models' parameters."""
     name, raw = parse_spec(text, "--model")
+    if name in GPT_PRESETS:
+        defaults = GPT_PRESETS[name]
+        check_keys(raw, defaults, f"--model {name}")
+        params = {k: as_int(raw, k, v, f"--model {name}") for k, v in defaults.items()}
+        if params["hidden"] % params["heads"]:
+            raise UserError(f"--model {name}: hidden={params['hidden']} is not divisible by "
+                            f"heads={params['heads']}")
+        return ModelSpec("gpt", tuple(sorted(params.items())), text)
     if name not in MODELS:
-        raise UserError(f"--model: unknown model {name!r}; built-in models: {', '.join(MODELS)}")
+        known = ", ".join([*MODELS, *GPT_PRESETS])
+        raise UserError(f"--model: unknown model {name!r}; built-in models: {known}")
     defaults = MODELS[name][0]
     check_keys(raw, defaults, f"--model {name}")
     params = {k: as_int(raw, k, v, f"--model {name}") for k, v in defaults.items()}
     return ModelSpec(name, tuple(sorted(params.items())), text)
+
+
+def with_layers(spec: ModelSpec, layers: int) -> ModelSpec:
+    """The same model with ``layers`` layers (to capture a repeated-layer model fast)."""
+    params = dict(spec.params)
+    assert "layers" in params
+    params["layers"] = layers
+    return ModelSpec(spec.name, tuple(sorted(params.items())), spec.text)
 
 
 def build_model(

@@ -7,6 +7,7 @@ micro-batch count) with every stage-mesh shape, solved jointly for stages and sh
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes
 from autoddl.engine.rules import Signature, check_rules
+from autoddl.engine.programs import Program, build_program, cost_program, program_breakdown
+from autoddl.engine.repeat import Reduced, find_blocks, reduce_graph
 from autoddl.engine.stages import (
-    build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
+    bubble_seconds, build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
 )
 from autoddl.errors import InfeasibleError, SolverError, UserError
 from autoddl.formulations.backends import default_backend, solve
@@ -45,6 +48,9 @@ class Candidate:
     stage: dict[str, int] | None
     num_cols: int
     build_s: float
+    program: Program | None = None
+    problem: ShardingProblem | None = None
+    bubble_s: float = 0.0
 
     @property
     def label(self) -> str:
@@ -98,16 +104,48 @@ def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: Mesh
     return Candidate(costed, stages, pp, microbatches, r, choice, stage, milp.num_cols, build_s)
 
 
+def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
+                  config: TrainingConfig, backend: str | None = None,
+                  time_limit_s: float | None = None, mip_rel_gap: float = 1e-6) -> Candidate:
+    """Solve the sharding ILP of a pipelined program of repeated layers (stages fixed)."""
+    t0 = time.perf_counter()
+    costed, problem = cost_program(prog, smesh, pp, cluster, config)
+    # 1F1B idle time: (K-1) passes of one micro-batch through one stage (as bubble_seconds)
+    flops = sum(prog.cost_mult.node(n.name) * n.flops for n in prog.graph.ops) / prog.microbatches
+    bubble = (prog.stages - 1) * 3.0 * flops / (
+        prog.stages * smesh.num_devices * cluster.peak_flops)
+    model = ShardingModel(problem)
+    milp = model.milp()
+    build_s = time.perf_counter() - t0
+    r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    if r.objective is not None:
+        r = dataclasses.replace(r, objective=r.objective + bubble,
+                                bound=None if r.bound is None else r.bound + bubble)
+    choice = stage = None
+    if r.has_solution:
+        choice = _decode(costed, model, r.x)
+        real = (0, 1, prog.stages - 1)
+        stage = {n.name: real[n.group] for n in problem.nodes}
+    return Candidate(costed, prog.stages, pp, prog.microbatches, r, choice, stage,
+                     milp.num_cols, build_s, prog, problem, bubble)
+
+
 def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
-    """The least memory per device any unpipelined plan on this mesh needs."""
+    """The least memory per device any plan of this (sharding) problem needs; with memory
+    groups (pipeline stages), the largest of each group's least (a lower bound)."""
     p = costed.problem
-    nodes = tuple(NodeChoices(n.name, n.memory_bytes, n.memory_bytes) for n in p.nodes)
-    edges = tuple(EdgeChoices(e.src, e.dst, e.src_key, e.dst_key,
-                              np.where(np.isfinite(e.cost_s), e.memory_bytes, np.inf),
-                              e.memory_bytes) for e in p.edges)
-    model = ShardingModel(ShardingProblem(nodes, edges, float("inf")))
-    r = solve(model.milp(), backend=backend)
-    return float(r.objective) if r.has_solution else float("inf")
+    need = 0.0
+    for g in sorted({n.group for n in p.nodes} | {e.group for e in p.edges}):
+        nodes = tuple(NodeChoices(n.name, n.memory_bytes * (n.group == g), n.memory_bytes)
+                      for n in p.nodes)
+        edges = tuple(EdgeChoices(e.src, e.dst, e.src_key, e.dst_key,
+                                  np.where(np.isfinite(e.cost_s),
+                                           e.memory_bytes * (e.group == g), np.inf),
+                                  e.memory_bytes) for e in p.edges)
+        model = ShardingModel(ShardingProblem(nodes, edges, float("inf")))
+        r = solve(model.milp(), backend=backend)
+        need = max(need, float(r.objective) if r.has_solution else float("inf"))
+    return need
 
 
 def min_pipeline_memory_bytes(problem: PipelineProblem, backend: str | None = None) -> float:
@@ -135,6 +173,11 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
     if c.stages == 1:
         cost = breakdown(costed, c.choice)
         pipeline = None
+    elif c.program is not None:
+        assert c.pp is not None and c.problem is not None
+        cost = program_breakdown(c.program, costed, c.problem, c.choice, c.pp, c.bubble_s)
+        pipeline = {"stages": c.stages, "microbatches": c.microbatches, "schedule": schedule,
+                    "axis": c.pp.to_dict(), "layers_per_stage": c.program.layers // c.stages}
     else:
         assert c.pp is not None
         cost = pipeline_breakdown(costed, c.choice, c.stage, c.stages, c.microbatches, c.pp)
@@ -157,12 +200,14 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                config: TrainingConfig = TrainingConfig(), meshes: list[Mesh] | None = None,
                mip_rel_gap: float = 1e-6, microbatch_graph: OpGraph | None = None,
                microbatches: int = 1, stages: int | None = None, balance_eps: float = 0.1,
-               schedule: str = "1F1B", log: Callable[[str], None] | None = None) -> Plan:
+               schedule: str = "1F1B", log: Callable[[str], None] | None = None,
+               layers: int | None = None, reduce: bool = True) -> Plan:
     """The minimum-cost plan of ``graph`` on ``cluster`` over all candidates.
 
     ``microbatch_graph`` (the graph of one of ``microbatches`` micro-batches) enables pipelined
     candidates; ``stages`` forces the pipeline degree (1: none); ``meshes`` restricts the
-    unpipelined meshes.
+    unpipelined meshes. Repeated layers are solved once with a multiplicity (``reduce``);
+    ``layers`` is the real layer count when the graphs were captured with fewer.
     """
     t0 = time.perf_counter()
     backend = backend or default_backend()
@@ -171,14 +216,31 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     if not 0 <= balance_eps:
         raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
     check_rules(graph)
+    blocks = find_blocks(graph) if reduce else None
+    if blocks is not None and (layers or blocks.count) < 4 and layers is None:
+        blocks = None  # three layers or fewer: nothing to gain
+    reduced: Reduced | None = reduce_graph(graph, blocks, layers) if blocks else None
+    if layers is not None and reduced is None:
+        raise UserError("a layer count was given but the graph has no repeated layers")
     jobs: list[Callable[[], Candidate]] = []
     if stages in (None, 1):
+        g, mult = (reduced.graph, reduced.mult) if reduced else (graph, None)
         for mesh in (meshes if meshes is not None else cluster.meshes()):
             jobs.append(lambda mesh=mesh: solve_sharding(
-                build_problem(graph, mesh, cluster, config), backend, time_limit_s, mip_rel_gap))
+                build_problem(g, mesh, cluster, config, mult), backend, time_limit_s,
+                mip_rel_gap))
     if microbatch_graph is not None and stages != 1:
         check_rules(microbatch_graph)
+        mb_blocks = find_blocks(microbatch_graph) if reduced else None
+        n_layers = reduced.layers if reduced else 0
         for k, pp, smesh in pipeline_candidates(cluster, microbatches, stages=stages):
+            if mb_blocks is not None:
+                if n_layers % k:
+                    continue  # stages hold whole, equal runs of layers
+                jobs.append(lambda k=k, pp=pp, smesh=smesh: solve_program(
+                    build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches),
+                    smesh, pp, cluster, config, backend, time_limit_s, mip_rel_gap))
+                continue
             jobs.append(lambda k=k, pp=pp, smesh=smesh: solve_pipeline(
                 build_problem(microbatch_graph, smesh, cluster, config), k, microbatches, pp,
                 balance_eps, backend, time_limit_s, mip_rel_gap))
@@ -206,10 +268,12 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
             best = c
     if best is None:
         _raise_no_plan(solved, cluster, backend, balance_eps)
-    g = graph if best.stages == 1 else microbatch_graph
-    assert g is not None
+    g = best.costed.graph
     info = {"spec": model_spec, "graph_hash": g.digest(), "num_ops": len(g.ops),
-            "num_params": g.param_count}
+            "num_params": reduced.param_count if reduced else g.param_count}
+    if reduced is not None:
+        info["repeat"] = {"layers": reduced.layers, "container": reduced.container,
+                          "block_size": reduced.block_size}
     return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule)
 
 
@@ -219,14 +283,22 @@ def _raise_no_plan(solved: list[Candidate], cluster: Cluster, backend: str,
     if statuses <= {SolveStatus.INFEASIBLE}:
         needs = []
         for c in solved:
-            if c.stages == 1:
-                needs.append((min_memory_bytes(c.costed, backend), c.label))
+            if c.stages == 1 or c.program is not None:
+                prob = c.problem if c.program is not None else c.costed.problem
+                needs.append((min_memory_bytes(dataclasses.replace(c.costed, problem=prob),
+                                               backend), c.label))
             else:
                 assert c.pp is not None
                 prob = build_pipeline_problem(c.costed, c.stages, c.microbatches, c.pp,
                                               balance_eps)
                 needs.append((min_pipeline_memory_bytes(prob, backend), c.label))
         need, where = min(needs)
+        if not np.isfinite(need):
+            raise InfeasibleError(
+                "no candidate admits any plan, whatever the memory: no stage split keeps every "
+                "stage's FLOPs within (1 + balance epsilon) of the mean, and no unpipelined mesh "
+                "was allowed; raise --balance-eps or choose another --stages"
+            )
         raise InfeasibleError(
             f"no plan fits {format_bytes(cluster.memory_per_device_bytes)} per device at any "
             f"mesh or pipeline degree: the leanest plan ({where}) needs {format_bytes(need)} per "

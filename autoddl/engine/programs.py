@@ -23,7 +23,7 @@ from autoddl.engine.cluster import Mesh, MeshAxis
 from autoddl.engine.costs import CostedGraph, Multiplicity, TrainingConfig, build_problem
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import local_fraction
-from autoddl.engine.repeat import Blocks
+from autoddl.engine.repeat import Blocks, _canonical
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem
 
 
@@ -84,13 +84,12 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
         st, tag, _, _ = seq[inst]
         return f"{st}.{tag}/{j}"
 
-    # prefix: everything before the blocks that is not a block node, in stage 0
+    # prefix (stage 0) and suffix (last stage): named as in the unpipelined reduction
+    canon = _canonical(graph, blocks)
     for nd in graph.nodes:
-        if nd.name not in block_nodes and not _is_suffix(graph, nd, block_nodes):
-            rename[nd.name] = f"pre/{nd.name}"
-    suffix = [nd for nd in graph.nodes if nd.name not in block_nodes and nd.name not in rename]
-    for i, nd in enumerate(suffix):
-        rename[nd.name] = f"post/{i}"
+        if nd.name not in block_nodes:
+            rename[nd.name] = canon[nd.name]
+    suffix = [nd for nd in graph.nodes if rename.get(nd.name, "").startswith("post/")]
     # params first (graph order keeps placeholders first), then ops
     out_nodes: list = []
     for nd in graph.nodes:
@@ -200,21 +199,6 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
             seen.add((key[0], node_group[key[1]]))
     mult = Multiplicity(node_mult, edge_mult, tuple(extra))
     return Program(reduced, mult, node_group, node_mem, inflight, crossing, K, m, layers)
-
-
-def _is_suffix(graph: OpGraph, nd, block_nodes: set[str]) -> bool:
-    """An op that (transitively) reads a block's output."""
-    if nd.kind != "op":
-        return False
-    stack, seen = list(nd.inputs), set()
-    while stack:
-        s = stack.pop()
-        if s in block_nodes:
-            return True
-        if s not in seen:
-            seen.add(s)
-            stack.extend(graph[s].inputs)
-    return False
 
 
 def _params_first(nodes: list) -> list:

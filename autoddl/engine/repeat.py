@@ -217,3 +217,30 @@ def expand_plan(plan: Plan, graph: OpGraph) -> Plan:
             consumers = [c.name for c in graph.nodes if o.name in c.inputs]
             ops[i] = dataclasses.replace(o, stage=min(stage_of[c] for c in consumers))
     return dataclasses.replace(plan, ops=tuple(ops))
+
+
+def match_plan(plan: Plan, graph: OpGraph) -> Plan:
+    """Check that ``plan`` was made for ``graph`` (by graph hash) and return it written out for
+    every node of the graph (plans of repeated layers name representatives only)."""
+    from autoddl.engine.programs import build_program
+    from autoddl.errors import UserError
+
+    stale = ("plan was made for a different graph of this model (graph hash differs); re-run "
+             "`autoddl plan` with this autoddl and torch")
+    rep = plan.model.get("repeat")
+    if rep is None:
+        if graph.digest() != plan.model["graph_hash"]:
+            raise UserError(stale)
+        return plan
+    blocks = find_blocks(graph)
+    if blocks is None or blocks.count != rep["layers"]:
+        raise UserError(f"plan is for {rep['layers']} repeated layers; this model has "
+                        f"{0 if blocks is None else blocks.count}: re-run `autoddl plan`")
+    if plan.pipeline:
+        reduced = build_program(graph, blocks, blocks.count, plan.num_stages,
+                                plan.num_microbatches).graph
+    else:
+        reduced = reduce_graph(graph, blocks).graph
+    if reduced.digest() != plan.model["graph_hash"]:
+        raise UserError(stale)
+    return expand_plan(plan, graph)

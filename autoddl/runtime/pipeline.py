@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from autoddl.engine.capture import microbatch_inputs  # noqa: F401  (re-exported)
 from autoddl.engine.graph import OpGraph, TensorMeta
 from autoddl.engine.placements import local_shape
 from autoddl.engine.plan import Plan
@@ -49,20 +50,6 @@ from autoddl.runtime.execute import CommLog, ShardedExecutor
 
 P2P = "p2p"
 SCHEDULES = {"1F1B": Schedule1F1B, "GPIPE": ScheduleGPipe}
-
-
-def microbatch_inputs(inputs: tuple, microbatches: int) -> tuple:
-    """The first micro-batch of ``inputs``: each tensor's first ``batch/microbatches`` rows
-    along dim 0 (the batch dim of every built-in model's example inputs)."""
-    if microbatches < 1:
-        raise UserError(f"micro-batches must be at least 1, got {microbatches}")
-    out = []
-    for t in inputs:
-        if t.dim() == 0 or t.shape[0] % microbatches:
-            raise UserError(f"input of shape {list(t.shape)}: the batch (dim 0) does not split "
-                            f"into {microbatches} equal micro-batches")
-        out.append(t[: t.shape[0] // microbatches])
-    return tuple(out)
 
 
 def stage_of(plan: Plan) -> dict[str, int]:

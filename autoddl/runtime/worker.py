@@ -24,13 +24,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from autoddl.engine.capture import export, graph_from_export
+from autoddl.engine.capture import export, graph_from_export, microbatch_inputs
+from autoddl.engine.repeat import match_plan
 from autoddl.engine.costs import OPTIMIZER_STATES
 from autoddl.engine.models import build_model, parse_model_spec
 from autoddl.engine.plan import Plan, load_plan
 from autoddl.errors import UserError
 from autoddl.runtime.execute import ShardedExecutor
-from autoddl.runtime.pipeline import P2P, PipelineRunner, loss_everywhere, microbatch_inputs
+from autoddl.runtime.pipeline import P2P, PipelineRunner, loss_everywhere
 
 _FUNCOL_KIND = {
     "all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
@@ -194,9 +195,7 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
     captured = microbatch_inputs(inputs, plan.num_microbatches) if plan.pipeline else inputs
     ep = export(model, captured)
     graph = graph_from_export(ep)
-    if graph.digest() != plan.model["graph_hash"]:
-        raise UserError("plan was made for a different graph of this model (graph hash "
-                        "differs); re-run `autoddl plan` with this autoddl and torch")
+    plan = match_plan(plan, graph)  # checks the graph hash, writes out repeated layers
     if plan.pipeline:
         trainer: Any = _Piped(ep, graph, plan, mesh, model, inputs, device)
     else:

@@ -39,6 +39,7 @@ from autoddl.formulations.backends._common import (
     compress,
     finish,
     objective_scale,
+    stdout_silenced,
     trivial_result,
 )
 from autoddl.formulations.milp import MILP, SolveResult, SolveStatus
@@ -138,7 +139,11 @@ class PywraplpBackend(Backend):
         is_mip = bool(milp.integrality.any())
         if is_mip:
             params.SetDoubleParam(params.RELATIVE_MIP_GAP, float(mip_rel_gap))
-        code = solver.Solve(params)
+        if self.solver_id == "CBC":  # CBC's cut generators print to C stdout mid-solve
+            with stdout_silenced():
+                code = solver.Solve(params)
+        else:
+            code = solver.Solve(params)
         response = linear_solver_pb2.MPSolutionResponse()
         solver.FillSolutionResponseProto(response)
         x: np.ndarray | None = np.array(response.variable_value, dtype=np.float64)
