@@ -66,3 +66,23 @@ def test_mlp_data_parallel_on_4(tmp_path):
     path = tmp_path / "plan.json"
     _plan("mlp:batch=2048,dim_in=32,hidden=64,layers=2,dim_out=32", (4,), path)
     _run_checked(path, steps=2)
+
+
+@pytest.mark.parametrize("extra", [[], ["--stages", "2", "--microbatches", "4"]])
+def test_cli_plan_of_repeated_layers_runs_checked(tmp_path, extra):
+    """`autoddl plan` captures 3 of the 4 layers and solves one representative; the runtime
+    captures all 4, checks the hash and writes the plan out for every layer."""
+    path = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "autoddl.cli", "plan", "--model",
+         "gpt:layers=4,hidden=64,heads=4,seq=16,batch=8,vocab=128", "--cluster",
+         "cpu:devices=4,intra_latency_us=1,tflops=0.01", "-o", str(path), *extra],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    plan = json.loads(path.read_text())
+    assert plan["model"]["repeat"]["layers"] == 4
+    assert any(o["name"].startswith(("mid/", "s0.")) for o in plan["ops"])
+    _run_checked(path, steps=2)
