@@ -1,0 +1,100 @@
+"""Planning time and quality on the Megatron-LM SC'21 GPT table and GPT-3 175B.
+
+For each case: capture, build and solve seconds, variables, status, gap, peak memory of the
+process; CSV and a log-log plot under experiments/results/. Run:
+
+    python experiments/solve_scaling.py [--cases gpt-1.7b,gpt3-175b] [--time-limit 60]
+
+Each case runs `plan_graph` on the preset (3 layers captured, repeated layers solved once) with
+the DGX-A100 cluster of the published GPU count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import resource
+import sys
+import time
+from pathlib import Path
+
+from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
+from autoddl.engine.cluster import parse_cluster
+from autoddl.engine.models import GPT_PRESETS, build_model, parse_model_spec, with_layers
+from autoddl.engine.planner import plan_graph
+from autoddl.errors import UserError
+
+GPUS = {"gpt-1.7b": 32, "gpt-3.6b": 64, "gpt-7.5b": 128, "gpt-18.4b": 256, "gpt-39.1b": 512,
+        "gpt-76.1b": 1024, "gpt-145.6b": 1536, "gpt-310.1b": 1920, "gpt-529.6b": 2520,
+        "gpt-1t": 3072, "gpt3-175b": 1024}
+
+
+def run_case(name: str, time_limit_s: float | None) -> dict:
+    """Plan one preset on its published GPU count; what it cost and what it found."""
+    t0 = time.perf_counter()
+    spec = parse_model_spec(name)
+    layers = dict(spec.params)["layers"]
+    model, inputs = build_model(with_layers(spec, 3), "meta")
+    graph = capture(model, inputs)
+    m = default_microbatches(inputs)
+    mb = capture(model, microbatch_inputs(inputs, m))
+    capture_s = time.perf_counter() - t0
+    cluster = parse_cluster(f"dgx-a100:nodes={GPUS[name] // 8}")
+    row = {"case": name, "gpus": GPUS[name], "layers": layers, "capture_s": round(capture_s, 2)}
+    t1 = time.perf_counter()
+    try:
+        plan = plan_graph(graph, cluster, model_spec=name, microbatch_graph=mb, microbatches=m,
+                          layers=layers, time_limit_s=time_limit_s)
+        row.update(status=plan.solver["status"], gap=plan.solver["gap"],
+                   objective_s=plan.solver["objective"],
+                   mesh="x".join(map(str, plan.device_mesh_shape)), stages=plan.num_stages,
+                   candidates=len(plan.candidates),
+                   variables=max(c["variables"] or 0 for c in plan.candidates))
+    except UserError as exc:
+        row.update(status="no plan", note=str(exc)[:160])
+    row["plan_s"] = round(time.perf_counter() - t1, 2)
+    row["total_s"] = round(time.perf_counter() - t0, 2)
+    row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    return row
+
+
+def main() -> None:
+    """Run the cases given (default: all) and write the results."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=",".join(GPUS))
+    ap.add_argument("--time-limit", type=float, default=None)
+    a = ap.parse_args()
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    rows = []
+    for name in a.cases.split(","):
+        assert name in GPT_PRESETS, name
+        rows.append(run_case(name, a.time_limit))
+        print(rows[-1], file=sys.stderr, flush=True)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
+                  if k in rows[0] else 99)
+    with open(out / "solve_scaling.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["gpus"] for r in rows]
+        ax.loglog(xs, [r["total_s"] for r in rows], "o-")
+        for r in rows:
+            ax.annotate(r["case"], (r["gpus"], r["total_s"]), fontsize=7)
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("autoddl plan, seconds (2-core box)")
+        fig.tight_layout()
+        fig.savefig(out / "solve_scaling.png", dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
