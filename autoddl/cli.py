@@ -40,7 +40,8 @@ def _plan(a: argparse.Namespace) -> int:
     capture_s = time.perf_counter() - t0
     log = (lambda msg: print(f"  {msg}", file=sys.stderr)) if a.verbose else None
     plan = plan_graph(graph, cluster, model_spec=spec.text, backend=a.backend,
-                      time_limit_s=a.time_limit, config=TrainingConfig(a.optimizer), log=log,
+                      time_limit_s=a.time_limit, config=TrainingConfig(a.optimizer, a.recompute),
+                      log=log,
                       microbatch_graph=mb_graph, microbatches=m, stages=a.stages,
                       balance_eps=a.balance_eps, schedule=a.schedule,
                       layers=layers if fast else None)
@@ -73,7 +74,8 @@ def _demo(a: argparse.Namespace) -> int:
     """Plan the built-in GPT on 4 CPU devices, then run the plan with a numerical check."""
     ns = argparse.Namespace(model=a.model, cluster=a.cluster, output=a.output, backend=None,
                             time_limit=None, optimizer="adam", verbose=False, stages=None,
-                            microbatches=None, schedule="1F1B", balance_eps=0.1)
+                            microbatches=None, schedule="1F1B", balance_eps=0.1,
+                            recompute="none")
     print(f"== autoddl plan --model {a.model} --cluster {a.cluster} -o {a.output}\n")
     _plan(ns)
     print(f"\n== autoddl run {a.output} --steps {a.steps} --check\n", flush=True)
@@ -115,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro-batches per step when pipelined (default: the largest divisor "
                         "of the batch up to 8)")
     p.add_argument("--schedule", default="1F1B", help="pipeline schedule: 1F1B or GPipe")
+    p.add_argument("--recompute", default="none", choices=("none", "layers"),
+                   help="layers: keep only each repeated layer's input and recompute it in "
+                        "backward (Megatron's full activation recomputation)")
     p.add_argument("--balance-eps", type=float, default=0.1,
                    help="each stage's FLOPs at most (1+eps) x the mean")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
 from autoddl.engine.cluster import parse_cluster
+from autoddl.engine.costs import TrainingConfig
 from autoddl.engine.models import GPT_PRESETS, build_model, parse_model_spec, with_layers
 from autoddl.engine.planner import plan_graph
 from autoddl.errors import UserError
@@ -44,7 +45,8 @@ def run_case(name: str, time_limit_s: float | None) -> dict:
     t1 = time.perf_counter()
     try:
         plan = plan_graph(graph, cluster, model_spec=name, microbatch_graph=mb, microbatches=m,
-                          layers=layers, time_limit_s=time_limit_s)
+                          layers=layers, time_limit_s=time_limit_s,
+                          config=TrainingConfig("adam", recompute="layers"))  # as Megatron
         row.update(status=plan.solver["status"], gap=plan.solver["gap"],
                    objective_s=plan.solver["objective"],
                    mesh="x".join(map(str, plan.device_mesh_shape)), stages=plan.num_stages,

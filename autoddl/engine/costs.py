@@ -46,8 +46,13 @@ class TrainingConfig:
     """What a training step keeps in memory besides activations."""
 
     optimizer: str = "adam"
+    #: "none", or "layers": repeated layers keep only their inputs and are recomputed in
+    #: backward (Megatron-LM's full activation recomputation)
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
+        if self.recompute not in ("none", "layers"):
+            raise UserError(f"unknown recompute {self.recompute!r}; choose none or layers")
         if self.optimizer not in OPTIMIZER_STATES:
             raise UserError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}"
@@ -152,10 +157,25 @@ class Multiplicity:
     nodes: dict[str, int] = field(default_factory=dict)
     edges: dict[tuple[str, str, int], int] = field(default_factory=dict)
     extra_edges: tuple[tuple[str, str, int, int], ...] = ()
+    #: memory copies where they differ from the cost copies (activation recomputation keeps
+    #: only layer inputs, and one layer's activations while it is recomputed)
+    node_mem: dict[str, float] = field(default_factory=dict)
+    edge_mem: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    #: ops whose forward runs twice (recomputed in backward): 4 passes of FLOPs instead of 3,
+    #: forward conversions of their inputs twice
+    recomputed: frozenset[str] = frozenset()
 
     def node(self, name: str) -> int:
         """Copies of node ``name``."""
         return self.nodes.get(name, 1)
+
+    def node_memory(self, name: str) -> float:
+        """Memory copies of node ``name``."""
+        return self.node_mem.get(name, self.node(name))
+
+    def edge_memory(self, src: str, dst: str, index: int, copies: int) -> float:
+        """Memory copies of an edge (its consumer's saved converted input)."""
+        return self.edge_mem.get((src, dst, index), copies)
 
     def edge(self, src: str, dst: str, index: int) -> int:
         """Copies of an edge."""
@@ -177,22 +197,23 @@ class _EdgeCoster:
         self.cache: dict[tuple, tuple[float, float]] = {}
 
     def pair(self, nbytes: int, pa: Placement, pin: Placement, pgrad: Placement | None,
-             saves: bool) -> tuple[float, float]:
-        key = (nbytes, pa, pin, pgrad, saves)
+             saves: bool, fwd_times: int = 1) -> tuple[float, float]:
+        key = (nbytes, pa, pin, pgrad, saves, fwd_times)
         hit = self.cache.get(key)
         if hit is None:
             fwd, bwd = edge_steps(nbytes, pa, pin, pgrad, self.mesh)
             if fwd is None:
                 hit = (np.inf, 0.0)
             else:
-                cost = steps_seconds(fwd, self.mesh) + steps_seconds(bwd, self.mesh)
+                cost = fwd_times * steps_seconds(fwd, self.mesh) + steps_seconds(bwd, self.mesh)
                 mem = nbytes * local_fraction(pin, self.mesh.shape) if saves and pa != pin else 0.0
                 hit = (cost, mem)
             self.cache[key] = hit
         return hit
 
     def choices(self, graph: OpGraph, sigs: dict[str, list[Signature]], index: dict[str, int],
-                src: str, dst: str, i: int, copies: int) -> EdgeChoices:
+                src: str, dst: str, i: int, copies: int, mem_copies: float = -1.0,
+                fwd_times: int = 1) -> EdgeChoices:
         src_key, src_vals = _keys([s.out for s in sigs[src]])
         dst_key, dst_vals = _keys([(s.ins[i], s.grads[i]) for s in sigs[dst]])
         nbytes = graph[src].out.nbytes
@@ -201,8 +222,10 @@ class _EdgeCoster:
         mem = np.empty_like(cost)
         for a, pa in enumerate(src_vals):
             for b, (pin, pgrad) in enumerate(dst_vals):
-                cost[a, b], mem[a, b] = self.pair(nbytes, pa, pin, pgrad, saves)
-        return EdgeChoices(index[src], index[dst], src_key, dst_key, cost * copies, mem * copies)
+                cost[a, b], mem[a, b] = self.pair(nbytes, pa, pin, pgrad, saves, fwd_times)
+        mem_copies = copies if mem_copies < 0 else mem_copies
+        return EdgeChoices(index[src], index[dst], src_key, dst_key, cost * copies,
+                           mem * mem_copies)
 
 
 def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
@@ -224,15 +247,17 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
         ss = sigs[n.name]
         if not ss:
             raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
-        cost = np.array([node_compute_penalty_s(n.flops, s, mesh, cluster.peak_flops)
+        redo = 4.0 / 3.0 if n.name in mult.recomputed else 1.0  # forward once more
+        cost = np.array([redo * node_compute_penalty_s(n.flops, s, mesh, cluster.peak_flops)
                          if n.kind == "op" else 0.0 for s in ss])
         if n.name == graph.loss:  # the loss value is made whole on every device
             cost += [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
         mem = np.array([node_memory_bytes(n, s, mesh, config) for s in ss])
         k = mult.node(n.name)
-        nodes.append(NodeChoices(n.name, cost * k, mem * k))
+        nodes.append(NodeChoices(n.name, cost * k, mem * mult.node_memory(n.name)))
     coster = _EdgeCoster(mesh)
-    edges = [coster.choices(graph, sigs, index, src, dst, i, k)
+    edges = [coster.choices(graph, sigs, index, src, dst, i, k,
+                            mult.edge_memory(src, dst, i, k), 2 if dst in mult.recomputed else 1)
              for src, dst, i, k in mult.all_edges(graph)]
     problem = ShardingProblem(tuple(nodes), tuple(edges), float(cluster.memory_per_device_bytes))
     return CostedGraph(graph, mesh, cluster, config, sigs, problem, index, mult)
@@ -267,9 +292,10 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
             for st in steps:
                 if st.kind in ("slice", "none"):
                     continue
+                again = 2 if direction == "forward" and dst in mult.recomputed else 1
                 out.append(Collective(src, dst, i, direction, mesh.axes[st.axis].name,
                                       st.kind, st.bytes_per_device, step_seconds(st, mesh),
-                                      copies))
+                                      copies * again))
     for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
         if st.kind not in ("slice", "none"):
             out.append(Collective(costed.graph.loss, "output", 0, "forward",
@@ -294,19 +320,24 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
     bandwidth_s = sum(c.seconds * c.copies for c in colls)
     mult = costed.mult or Multiplicity()
     peak = costed.cluster.peak_flops
-    penalty_s = sum(mult.node(n.name) * node_compute_penalty_s(n.flops, choice[n.name], mesh, peak)
+    def redo(name: str) -> float:
+        return 4.0 / 3.0 if name in mult.recomputed else 1.0
+
+    penalty_s = sum(mult.node(n.name) * redo(n.name)
+                    * node_compute_penalty_s(n.flops, choice[n.name], mesh, peak)
                     for n in graph.ops)
-    compute_s = sum(mult.node(n.name) * 3.0 * n.flops / work_divisor(choice[n.name], mesh) / peak
-                    for n in graph.ops)
+    compute_s = sum(mult.node(n.name) * redo(n.name) * 3.0 * n.flops
+                    / work_divisor(choice[n.name], mesh) / peak for n in graph.ops)
     mem = {"weights_bytes": 0.0, "activations_bytes": 0.0, "converted_inputs_bytes": 0.0}
     for n in graph.nodes:
-        b = node_memory_bytes(n, choice[n.name], mesh, costed.config) * mult.node(n.name)
+        b = node_memory_bytes(n, choice[n.name], mesh, costed.config) * mult.node_memory(n.name)
         mem["weights_bytes" if n.kind == "param" else "activations_bytes"] += b
     for src, dst, i, copies in mult.all_edges(graph):
         pin = choice[dst].ins[i]
         if graph[dst].target in SAVES_INPUTS and choice[src].out != pin:
-            mem["converted_inputs_bytes"] += (
-                copies * graph[src].out.nbytes * local_fraction(pin, mesh.shape))
+            mem["converted_inputs_bytes"] += (mult.edge_memory(src, dst, i, copies)
+                                              * graph[src].out.nbytes
+                                              * local_fraction(pin, mesh.shape))
     mem["per_device_bytes"] = sum(mem.values())
     mem["capacity_bytes"] = float(costed.cluster.memory_per_device_bytes)
     return {

@@ -64,10 +64,11 @@ def _decode(costed: CostedGraph, model: ShardingModel, x: np.ndarray) -> dict[st
 
 
 def solve_sharding(costed: CostedGraph, backend: str | None = None,
-                   time_limit_s: float | None = None, mip_rel_gap: float = 1e-6) -> Candidate:
-    """Solve the sharding ILP of one mesh (no pipelining)."""
+                   time_limit_s: float | None = None, mip_rel_gap: float = 1e-6,
+                   cutoff: float = float("inf")) -> Candidate:
+    """Solve the sharding ILP of one mesh (no pipelining); ``cutoff``: see ShardingModel."""
     t0 = time.perf_counter()
-    model = ShardingModel(costed.problem)
+    model = ShardingModel(costed.problem, cutoff)
     milp = model.milp()
     build_s = time.perf_counter() - t0
     r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
@@ -106,7 +107,8 @@ def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: Mesh
 
 def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
                   config: TrainingConfig, backend: str | None = None,
-                  time_limit_s: float | None = None, mip_rel_gap: float = 1e-6) -> Candidate:
+                  time_limit_s: float | None = None, mip_rel_gap: float = 1e-6,
+                  cutoff: float = float("inf")) -> Candidate:
     """Solve the sharding ILP of a pipelined program of repeated layers (stages fixed)."""
     t0 = time.perf_counter()
     costed, problem = cost_program(prog, smesh, pp, cluster, config)
@@ -114,7 +116,7 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     flops = sum(prog.cost_mult.node(n.name) * n.flops for n in prog.graph.ops) / prog.microbatches
     bubble = (prog.stages - 1) * 3.0 * flops / (
         prog.stages * smesh.num_devices * cluster.peak_flops)
-    model = ShardingModel(problem)
+    model = ShardingModel(problem, cutoff - bubble)
     milp = model.milp()
     build_s = time.perf_counter() - t0
     r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
@@ -190,7 +192,9 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
               "bound": r.bound, "gap": r.gap, "time_s": total_time_s,
               "mesh_solve_time_s": r.time_s}
     return Plan(model=model_info, cluster={**cluster.to_dict(), "spec": cluster.spec},
-                mesh=costed.mesh.to_dict(), training={"optimizer": costed.config.optimizer},
+                mesh=costed.mesh.to_dict(),
+                training={"optimizer": costed.config.optimizer,
+                          "recompute": costed.config.recompute},
                 ops=tuple(ops), cost=cost, memory=memory, solver=solver,
                 candidates=tuple(candidates), pipeline=pipeline)
 
@@ -219,16 +223,20 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     blocks = find_blocks(graph) if reduce else None
     if blocks is not None and (layers or blocks.count) < 4 and layers is None:
         blocks = None  # three layers or fewer: nothing to gain
-    reduced: Reduced | None = reduce_graph(graph, blocks, layers) if blocks else None
+    recompute = config.recompute == "layers"
+    reduced: Reduced | None = reduce_graph(graph, blocks, layers, recompute) if blocks else None
     if layers is not None and reduced is None:
         raise UserError("a layer count was given but the graph has no repeated layers")
+    if recompute and reduced is None:
+        raise UserError("--recompute layers needs repeated layers (a ModuleList of identical "
+                        "blocks, four or more)")
     jobs: list[Callable[[], Candidate]] = []
     if stages in (None, 1):
         g, mult = (reduced.graph, reduced.mult) if reduced else (graph, None)
         for mesh in (meshes if meshes is not None else cluster.meshes()):
-            jobs.append(lambda mesh=mesh: solve_sharding(
+            jobs.append(lambda cut, mesh=mesh: solve_sharding(
                 build_problem(g, mesh, cluster, config, mult), backend, time_limit_s,
-                mip_rel_gap))
+                mip_rel_gap, cut))
     if microbatch_graph is not None and stages != 1:
         check_rules(microbatch_graph)
         mb_blocks = find_blocks(microbatch_graph) if reduced else None
@@ -237,11 +245,12 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
             if mb_blocks is not None:
                 if n_layers % k:
                     continue  # stages hold whole, equal runs of layers
-                jobs.append(lambda k=k, pp=pp, smesh=smesh: solve_program(
-                    build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches),
-                    smesh, pp, cluster, config, backend, time_limit_s, mip_rel_gap))
+                jobs.append(lambda cut, k=k, pp=pp, smesh=smesh: solve_program(
+                    build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches,
+                                  recompute),
+                    smesh, pp, cluster, config, backend, time_limit_s, mip_rel_gap, cut))
                 continue
-            jobs.append(lambda k=k, pp=pp, smesh=smesh: solve_pipeline(
+            jobs.append(lambda cut, k=k, pp=pp, smesh=smesh: solve_pipeline(
                 build_problem(microbatch_graph, smesh, cluster, config), k, microbatches, pp,
                 balance_eps, backend, time_limit_s, mip_rel_gap))
     if not jobs:
@@ -252,14 +261,18 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     solved: list[Candidate] = []
     candidates: list[dict] = []
     for job in jobs:
-        c = job()
+        cut = best.result.objective if best is not None else float("inf")
+        c = job(cut)
         solved.append(c)
         r = c.result
+        status = r.status.value
+        if r.status is SolveStatus.INFEASIBLE and np.isfinite(cut):
+            status = "dominated"  # proven unable to beat the best plan found before it
         candidates.append({"mesh": c.label, "stages": c.stages, "shape": list(c.costed.mesh.shape),
-                           "status": r.status.value, "objective": r.objective, "gap": r.gap,
+                           "status": status, "objective": r.objective, "gap": r.gap,
                            "time_s": r.time_s, "build_s": c.build_s, "variables": c.num_cols})
         if log:
-            log(f"{c.label}: {r.status.value}"
+            log(f"{c.label}: {status}"
                 + (f", objective {r.objective:.6g} s" if r.objective is not None else ""))
         if r.status is SolveStatus.FEASIBLE:
             print(f"warning: {c.label}: time limit reached, best plan has gap "
@@ -279,7 +292,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
 
 def _raise_no_plan(solved: list[Candidate], cluster: Cluster, backend: str,
                    balance_eps: float) -> None:
-    statuses = {c.result.status for c in solved}
+    statuses = {c.result.status for c in solved}  # no best: no cutoff was ever applied
     if statuses <= {SolveStatus.INFEASIBLE}:
         needs = []
         for c in solved:

@@ -23,7 +23,7 @@ from autoddl.engine.cluster import Mesh, MeshAxis
 from autoddl.engine.costs import CostedGraph, Multiplicity, TrainingConfig, build_problem
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import local_fraction
-from autoddl.engine.repeat import Blocks, _canonical
+from autoddl.engine.repeat import Blocks, _canonical, block_outputs
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem
 
 
@@ -49,6 +49,8 @@ class Program:
     stages: int
     microbatches: int
     layers: int
+    recompute: bool = False
+    outputs: frozenset[int] = frozenset()  # block positions whose outputs leave the block
 
 
 def _stage_blocks(n: int) -> list[tuple[str, int]]:
@@ -57,7 +59,7 @@ def _stage_blocks(n: int) -> list[tuple[str, int]]:
 
 
 def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
-                  microbatches: int) -> Program:
+                  microbatches: int, recompute: bool = False) -> Program:
     """The reduced graph of ``layers`` blocks over ``stages`` stages (``stages`` divides it)."""
     K, m = stages, microbatches
     assert layers % K == 0 and K >= 2
@@ -197,8 +199,38 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
             del crossing[key]
         else:
             seen.add((key[0], node_group[key[1]]))
-    mult = Multiplicity(node_mult, edge_mult, tuple(extra))
-    return Program(reduced, mult, node_group, node_mem, inflight, crossing, K, m, layers)
+    recomputed = frozenset(nd.name for nd in reduced.nodes if nd.kind == "op"
+                           and nd.name.split("/")[0] in inst_of) if recompute else frozenset()
+    mult = Multiplicity(node_mult, edge_mult, tuple(extra), recomputed=recomputed)
+    return Program(reduced, mult, node_group, node_mem, inflight, crossing, K, m, layers,
+                   recompute, frozenset(block_outputs(graph, blocks)))
+
+
+def _transient(name: str) -> bool:
+    """The block instance that stands for the layer being recomputed in its stage."""
+    tag = name.split("/")[0].split(".")[-1]
+    return tag in ("mid", "b0")
+
+
+def _mem_factor(prog: Program, nd) -> float:
+    """Memory copies of a node: weights once per represented layer; activations per layer and
+    micro-batch in flight, or, recomputed, only the layers' outputs plus one layer live."""
+    copies = prog.node_mem_copies.get(nd.name, 1)
+    if nd.kind != "op":
+        return copies
+    flight = prog.inflight[prog.node_group[nd.name]]
+    if nd.name not in prog.cost_mult.recomputed:
+        return copies * flight
+    j = int(nd.name.split("/")[1])
+    return (copies * flight if j in prog.outputs else 0) + (1 if _transient(nd.name) else 0)
+
+
+def _edge_mem_factor(prog: Program, dst, src: str) -> float:
+    """Memory copies of a consumer's saved converted input."""
+    if dst.name in prog.cost_mult.recomputed:
+        same = src.split("/")[0] == dst.name.split("/")[0]
+        return 1.0 if _transient(dst.name) and same else 0.0
+    return prog.node_mem_copies.get(dst.name, 1) * prog.inflight[prog.node_group[dst.name]]
 
 
 def _params_first(nodes: list) -> list:
@@ -215,18 +247,16 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
     beta = pp.bandwidth_gbps * 1e9
     nodes = []
     for nd, nc in zip(g.nodes, costed.problem.nodes):
-        copies = prog.cost_mult.node(nd.name)
+        copies = prog.cost_mult.node_memory(nd.name)
         raw_mem = nc.memory_bytes / max(copies, 1)
         grp = prog.node_group[nd.name]
-        factor = prog.node_mem_copies.get(nd.name, 1) * (prog.inflight[grp]
-                                                          if nd.kind == "op" else 1)
-        nodes.append(NodeChoices(nc.name, nc.cost_s, raw_mem * factor, grp))
+        nodes.append(NodeChoices(nc.name, nc.cost_s, raw_mem * _mem_factor(prog, nd), grp))
     edges = []
     all_edges = prog.cost_mult.all_edges(g)
     for (src, dst, k, copies), ec in zip(all_edges, costed.problem.edges):
         grp = prog.node_group[dst]
-        mem = ec.memory_bytes / max(copies, 1) * prog.node_mem_copies.get(dst, 1) \
-            * prog.inflight[grp]
+        mem_copies = prog.cost_mult.edge_memory(src, dst, k, copies)
+        mem = ec.memory_bytes / max(mem_copies, 1) * _edge_mem_factor(prog, g[dst], src)
         cost = ec.cost_s
         cross = prog.crossing.get((src, dst, k), 0)
         if cross:

@@ -137,7 +137,19 @@ def _canonical(graph: OpGraph, blocks: Blocks | None) -> dict[str, str]:
     return names
 
 
-def reduce_graph(graph: OpGraph, blocks: Blocks, layers: int | None = None) -> Reduced:
+def block_outputs(graph: OpGraph, blocks: Blocks) -> set[int]:
+    """Positions of a block whose outputs leave it (read by the next block or the suffix)."""
+    inside = set(blocks.members[1])
+    pos = {name: j for j, name in enumerate(blocks.members[1])}
+    out = set()
+    for n in graph.nodes:
+        if n.name not in inside:
+            out |= {pos[i] for i in n.inputs if i in pos}
+    return out
+
+
+def reduce_graph(graph: OpGraph, blocks: Blocks, layers: int | None = None,
+                 recompute: bool = False) -> Reduced:
     """Keep prefix, first, one mid, last block and suffix; multiplicities for ``layers`` blocks.
 
     ``layers`` is the real block count when ``graph`` was captured with fewer (a preset built
@@ -180,8 +192,24 @@ def reduce_graph(graph: OpGraph, blocks: Blocks, layers: int | None = None) -> R
                     extra.append((f"mid/{j_src}", f"mid/{j_dst}", i, L - 3))
     per_block = sum(graph[nm].out.numel for nm in blocks.members[1] if graph[nm].kind == "param")
     params = graph.param_count + (L - blocks.count) * per_block
-    return Reduced(reduced, Multiplicity(node_mult, edge_mult, tuple(extra)), L,
-                   len(blocks.members[0]), blocks.container, params)
+    node_mem: dict[str, float] = {}
+    edge_mem: dict[tuple[str, str, int], float] = {}
+    recomputed: frozenset[str] = frozenset()
+    if recompute:  # keep each layer's outputs (the next one's input); one layer's activations
+        outs = block_outputs(graph, blocks)  # live again while it is recomputed: the mid block's
+        ops = [n for n in reduced.nodes if n.kind == "op" and n.name.split("/")[0] in
+               ("first", "mid", "last")]
+        recomputed = frozenset(n.name for n in ops)
+        for n in ops:
+            tag, j = n.name.split("/")
+            stored = (mid if tag == "mid" else 1) if int(j) in outs else 0
+            node_mem[n.name] = stored + (1 if tag == "mid" else 0)
+            for i, src in enumerate(n.inputs):
+                edge_mem[(src, n.name, i)] = 1.0 if tag == "mid" else 0.0
+        for src, dst, i, _ in extra:
+            edge_mem[(src, dst, i)] = 0.0
+    mult = Multiplicity(node_mult, edge_mult, tuple(extra), node_mem, edge_mem, recomputed)
+    return Reduced(reduced, mult, L, len(blocks.members[0]), blocks.container, params)
 
 
 def expand_plan(plan: Plan, graph: OpGraph) -> Plan:

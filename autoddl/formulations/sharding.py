@@ -94,6 +94,42 @@ class ShardingProblem:
         return best, arg
 
 
+def bound_pruning(problem: ShardingProblem, cutoff: float) -> tuple[list, list, float]:
+    r"""Signatures and edge pairs that no plan cheaper than ``cutoff`` can use.
+
+    A lower bound on any plan: :math:`LB_0 = \sum_v \min_s c_v + \sum_e \min_{a,b} c_e`
+    (costs are non-negative). A plan using signature :math:`s` of :math:`v` costs at least
+    :math:`LB_0` with :math:`v`'s term and its edges' terms replaced by their minima given
+    :math:`s`; likewise for an edge pair. Whatever exceeds ``cutoff`` is removed: exact.
+    Returns (keep masks per node, keep masks per edge, LB_0).
+    """
+    nodes, edges = problem.nodes, problem.edges
+    node_min = [float(n.cost_s.min()) for n in nodes]
+    finite = [np.where(np.isfinite(e.cost_s), e.cost_s, np.inf) for e in edges]
+    edge_min = [float(c.min()) for c in finite]
+    lb0 = sum(node_min) + sum(edge_min)
+    lift = [n.cost_s - m for n, m in zip(nodes, node_min)]  # per node, per signature
+    for e, c, m in zip(edges, finite, edge_min):
+        row = c.min(axis=1) - m  # per producer key
+        col = c.min(axis=0) - m  # per consumer key
+        lift[e.src] = lift[e.src] + row[e.src_key]
+        lift[e.dst] = lift[e.dst] + col[e.dst_key]
+    tol = cutoff * 1e-9 + 1e-15
+    keep_nodes = [lb0 + lf <= cutoff + tol for lf in lift]
+    keep_edges = []
+    for e, c, m in zip(edges, finite, edge_min):
+        best_src = np.full(c.shape[0], np.inf)
+        np.minimum.at(best_src, e.src_key, np.where(keep_nodes[e.src],
+                                                    nodes[e.src].cost_s, np.inf))
+        best_dst = np.full(c.shape[1], np.inf)
+        np.minimum.at(best_dst, e.dst_key, np.where(keep_nodes[e.dst],
+                                                    nodes[e.dst].cost_s, np.inf))
+        lb = (lb0 - m - node_min[e.src] - node_min[e.dst] + c + best_src[:, None]
+              + best_dst[None, :])
+        keep_edges.append(lb <= cutoff + tol)
+    return keep_nodes, keep_edges, lb0
+
+
 class ShardingModel:
     """Builds the MILP of a :class:`ShardingProblem` and reads assignments back."""
 
@@ -101,8 +137,17 @@ class ShardingModel:
     #: the pipeline model turns it off so that an edge's memory stays with its consumer's stage
     fold_into_producer = True
 
-    def __init__(self, problem: ShardingProblem) -> None:
+    def __init__(self, problem: ShardingProblem, cutoff: float = INF) -> None:
+        """``cutoff``: an upper bound on the optimum (the cost of a known plan). Costs are
+        non-negative, so a signature or an edge pair costing more on its own is in no optimal
+        plan: it gets no variable (exact pruning)."""
         self.problem = problem
+        self.cutoff = cutoff
+        self.keep_nodes: list | None = None
+        self.keep_edges: list | None = None
+        self.lower_bound = 0.0
+        if np.isfinite(cutoff):
+            self.keep_nodes, self.keep_edges, self.lower_bound = bound_pruning(problem, cutoff)
         self._c: list[np.ndarray] = []
         self._mem: list[np.ndarray] = []
         self._ub: list[np.ndarray] = []
@@ -142,6 +187,8 @@ class ShardingModel:
         self._group: list[int] = []
         for n in self.problem.nodes:
             self.x_start.append(self._new_cols(n.cost_s, n.memory_bytes, integer=True))
+            if self.keep_nodes is not None:
+                self._ub[-1][~self.keep_nodes[len(self.x_start) - 1]] = 0.0
             self._group.append(n.group)
 
     # ---------------------------------------------------------------- constraint families
@@ -153,8 +200,10 @@ class ShardingModel:
 
     def edge_marginals(self) -> None:
         r"""Per edge: :math:`\sum_b y_{a,b} = \sum_{key_u(s)=a} x_{u,s}`, and the same per b."""
-        for e in self.problem.edges:
+        for i_e, e in enumerate(self.problem.edges):
             cost, mem = e.cost_s, e.memory_bytes
+            if self.keep_edges is not None:
+                cost = np.where(self.keep_edges[i_e], cost, np.inf)
             ks, kd = cost.shape
             foldable = e.group == self.problem.nodes[e.src].group or not mem.any()
             if ks == 1 or (kd == 1 and self.fold_into_producer and foldable):  # no y: fold onto x
@@ -202,7 +251,14 @@ class ShardingModel:
 
     # ---------------------------------------------------------------- output
     def milp(self) -> MILP:
-        """The assembled MILP."""
+        """The assembled MILP (with ``cutoff``, also the row objective <= cutoff: a candidate
+        that cannot beat the known plan comes back infeasible, fast)."""
+        if np.isfinite(self.cutoff) and not getattr(self, "_cut_added", False):
+            c = np.concatenate(self._c)
+            nz = np.nonzero(c)[0]
+            if len(nz):
+                self._add_row(nz, c[nz] / max(self.cutoff, 1e-30), -INF, 1.0 + 1e-9)
+            self._cut_added = True
         m = MILP(
             c=np.concatenate(self._c),
             a_rows=np.concatenate(self._rows).astype(np.int64),
