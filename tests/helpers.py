@@ -136,3 +136,29 @@ def make_pipelined_plan(plan, stages: int, microbatches: int, schedule: str = "1
         cost[key] = plan.cost[key] * m + (p2p["bytes"] if key == "bytes_per_device"
                                           else p2p["seconds"])
     return dataclasses.replace(new, cost=cost, memory=dict(plan.memory))
+
+
+def run_checked(path, steps: int = 2, require: tuple[str, ...] = ()) -> str:
+    """``autoddl run PATH --check``: assert it passes and that every collective kind in its table
+    (and each kind in ``require``) was predicted, executed and seen equally, bytes included."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "autoddl.cli", "run", str(path), "--steps", str(steps), "--check"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "check PASSED" in out, out
+    assert len(re.findall(r"^step \d+: loss", out, re.M)) == steps
+    table = re.findall(
+        r"^(all_\w+|reduce_scatter|p2p)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.M)
+    assert table, out
+    for kind in require:
+        assert any(k == kind for k, *_ in table), (kind, out)
+    for kind, predicted, executed, seen, pbytes, ebytes in table:
+        assert predicted == executed == seen, (kind, predicted, executed, seen)
+        assert pbytes == ebytes, (kind, pbytes, ebytes)
+    return out

@@ -18,7 +18,7 @@ from autoddl.engine.models import build_model, parse_model_spec
 from autoddl.engine.placements import P, S
 from autoddl.engine.plan import save_plan
 from autoddl.engine.planner import plan_graph
-from tests.helpers import cluster
+from tests.helpers import cluster, run_checked
 
 pytestmark = pytest.mark.dist
 
@@ -33,20 +33,7 @@ def _plan(spec: str, mesh_shape: tuple[int, ...], path):
 
 
 def _run_checked(path, steps: int = 2) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "autoddl.cli", "run", str(path), "--steps", str(steps), "--check"],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    out = proc.stdout
-    assert "check PASSED" in out, out
-    table = re.findall(r"^(all_\w+|reduce_scatter)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$",
-                       out, re.M)
-    assert table, out
-    for kind, predicted, executed, seen, pbytes, ebytes in table:
-        assert predicted == executed == seen, (kind, predicted, executed, seen)
-        assert pbytes == ebytes, (kind, pbytes, ebytes)
-    return out
+    return run_checked(path, steps)
 
 
 def test_gpt_mixed_data_and_tensor_parallel_on_2x2(tmp_path):

@@ -23,7 +23,7 @@ from autoddl.errors import UserError
 from autoddl.runtime.pipeline import (
     boundary_tensors, check_stages, microbatch_inputs, p2p_per_step, stage_of,
 )
-from tests.helpers import cluster, make_pipelined_plan, microbatch_graph
+from tests.helpers import cluster, make_pipelined_plan, microbatch_graph, run_checked
 
 GPT = "gpt:layers=2,hidden=64,heads=4,seq=16,batch=8,vocab=128"
 MLP = "mlp:batch=64,dim_in=32,hidden=64,layers=2,dim_out=32"
@@ -40,24 +40,7 @@ def _pipelined(spec: str, stages: int, stage_devices: int, microbatches: int, sc
 
 
 def _run_checked(path, steps: int = 2) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "autoddl.cli", "run", str(path), "--steps", str(steps), "--check"],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    out = proc.stdout
-    assert "check PASSED" in out, out
-    assert len(re.findall(r"^step \d+: loss", out, re.M)) == steps
-    table = re.findall(
-        r"^(all_\w+|reduce_scatter|p2p)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.M)
-    assert any(kind == "p2p" for kind, *_ in table), out
-    for kind, predicted, executed, seen, pbytes, ebytes in table:
-        assert predicted == executed == seen, (kind, predicted, executed, seen)
-        assert pbytes == ebytes, (kind, pbytes, ebytes)
-    return out
-
-
-# --- no processes -------------------------------------------------------------------------------
+    return run_checked(path, steps, require=("p2p",))
 
 def test_microbatch_inputs_slices_dim0():
     x, y = torch.arange(24).view(8, 3), torch.arange(8)
