@@ -189,26 +189,35 @@ class Multiplicity:
 
 
 class _EdgeCoster:
-    """Edge cost and memory matrices, cached by (bytes, placements): identical tensors of
-    repeated layers are costed once."""
+    """Edge cost and memory matrices. Time is linear in the tensor's bytes plus latency, so each
+    (placements) pair is costed once per unit byte, and whole matrices are cached by their
+    placement lists: the identical tensors of repeated layers are costed once."""
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        self.cache: dict[tuple, tuple[float, float]] = {}
+        self.pairs: dict[tuple, tuple[float, float, float, float, float]] = {}
+        self.matrices: dict[tuple, tuple[np.ndarray, ...]] = {}
 
-    def pair(self, nbytes: int, pa: Placement, pin: Placement, pgrad: Placement | None,
-             saves: bool, fwd_times: int = 1) -> tuple[float, float]:
-        key = (nbytes, pa, pin, pgrad, saves, fwd_times)
-        hit = self.cache.get(key)
+    def unit(self, pa: Placement, pin: Placement, pgrad: Placement | None,
+             ) -> tuple[float, float, float, float, float]:
+        """(fwd s/byte, fwd latency s, bwd s/byte, bwd latency s, memory fraction) of a pair;
+        inf when the conversion is forbidden."""
+        key = (pa, pin, pgrad)
+        hit = self.pairs.get(key)
         if hit is None:
-            fwd, bwd = edge_steps(nbytes, pa, pin, pgrad, self.mesh)
+            fwd, bwd = edge_steps(1.0, pa, pin, pgrad, self.mesh)
             if fwd is None:
-                hit = (np.inf, 0.0)
+                hit = (np.inf, np.inf, 0.0, 0.0, 0.0)
             else:
-                cost = fwd_times * steps_seconds(fwd, self.mesh) + steps_seconds(bwd, self.mesh)
-                mem = nbytes * local_fraction(pin, self.mesh.shape) if saves and pa != pin else 0.0
-                hit = (cost, mem)
-            self.cache[key] = hit
+                def split(steps):
+                    per_byte = sum(st.bytes_per_device / (self.mesh.axes[st.axis].bandwidth_gbps
+                                                          * 1e9) for st in steps)
+                    return per_byte, steps_seconds(steps, self.mesh) - per_byte
+                fb, fl = split(fwd)
+                bb, bl = split(bwd)
+                frac = local_fraction(pin, self.mesh.shape) if pa != pin else 0.0
+                hit = (fb, fl, bb, bl, frac)
+            self.pairs[key] = hit
         return hit
 
     def choices(self, graph: OpGraph, sigs: dict[str, list[Signature]], index: dict[str, int],
@@ -218,11 +227,18 @@ class _EdgeCoster:
         dst_key, dst_vals = _keys([(s.ins[i], s.grads[i]) for s in sigs[dst]])
         nbytes = graph[src].out.nbytes
         saves = graph[dst].target in SAVES_INPUTS
-        cost = np.empty((len(src_vals), len(dst_vals)))
-        mem = np.empty_like(cost)
-        for a, pa in enumerate(src_vals):
-            for b, (pin, pgrad) in enumerate(dst_vals):
-                cost[a, b], mem[a, b] = self.pair(nbytes, pa, pin, pgrad, saves, fwd_times)
+        mkey = (tuple(src_vals), tuple(dst_vals))
+        mats = self.matrices.get(mkey)
+        if mats is None:
+            units = np.array([[self.unit(pa, pin, pg) for pin, pg in dst_vals]
+                              for pa in src_vals], dtype=float).reshape(
+                                  len(src_vals), len(dst_vals), 5)
+            mats = tuple(units[..., k] for k in range(5))
+            self.matrices[mkey] = mats
+        fb, fl, bb, bl, frac = mats
+        # a forbidden pair is inf in fwd; the backward of a tensor with no gradient is empty
+        cost = fwd_times * (fb * nbytes + fl) + (bb * nbytes + bl)
+        mem = frac * nbytes if saves else np.zeros_like(cost)
         mem_copies = copies if mem_copies < 0 else mem_copies
         return EdgeChoices(index[src], index[dst], src_key, dst_key, cost * copies,
                            mem * mem_copies)

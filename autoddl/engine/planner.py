@@ -27,8 +27,8 @@ from autoddl.engine.stages import (
     bubble_seconds, build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
 )
 from autoddl.errors import InfeasibleError, SolverError, UserError
-from autoddl.formulations.backends import default_backend, solve
-from autoddl.formulations.milp import SolveResult, SolveStatus
+from autoddl.formulations.backends import available_backends, default_backend, solve
+from autoddl.formulations.milp import SolveResult, SolveStatus, relative_gap
 from autoddl.formulations.pipeline import PipelineModel, PipelineProblem
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingModel, ShardingProblem
 
@@ -63,15 +63,41 @@ def _decode(costed: CostedGraph, model: ShardingModel, x: np.ndarray) -> dict[st
     return {n.name: costed.sigs[n.name][int(k)] for n, k in zip(costed.graph.nodes, idx)}
 
 
+def solve_lp_first(milp, backend: str, time_limit_s: float | None,
+                   mip_rel_gap: float, lp_first: bool = True) -> SolveResult:
+    """Solve the LP relaxation first: where it is infeasible, or integral, it is already the
+    answer (and the proof); otherwise solve the MILP with ``backend``."""
+    if not lp_first:
+        return solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    lp_backend = "highs" if "highs" in available_backends() else backend
+    t0 = time.perf_counter()
+    lp = solve(dataclasses.replace(milp, integrality=np.zeros_like(milp.integrality)),
+               backend=lp_backend, time_limit_s=time_limit_s)
+    if lp.status is SolveStatus.INFEASIBLE:
+        return dataclasses.replace(lp, backend=f"{lp_backend} (LP)")
+    if lp.status is SolveStatus.OPTIMAL and lp.x is not None:
+        xi = lp.x[milp.integrality]
+        if np.all(np.abs(xi - np.round(xi)) <= 1e-7):
+            x = lp.x.copy()
+            x[milp.integrality] = np.round(xi)
+            if milp.is_feasible(x):
+                obj = milp.evaluate(x)
+                return SolveResult(f"{lp_backend} (LP, integral)", SolveStatus.OPTIMAL, x, obj,
+                                   lp.objective, relative_gap(obj, lp.objective),
+                                   time.perf_counter() - t0)
+    r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    return dataclasses.replace(r, time_s=time.perf_counter() - t0)
+
+
 def solve_sharding(costed: CostedGraph, backend: str | None = None,
                    time_limit_s: float | None = None, mip_rel_gap: float = 1e-6,
-                   cutoff: float = float("inf")) -> Candidate:
+                   cutoff: float = float("inf"), lp_first: bool = True) -> Candidate:
     """Solve the sharding ILP of one mesh (no pipelining); ``cutoff``: see ShardingModel."""
     t0 = time.perf_counter()
     model = ShardingModel(costed.problem, cutoff)
     milp = model.milp()
     build_s = time.perf_counter() - t0
-    r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    r = solve_lp_first(milp, backend or default_backend(), time_limit_s, mip_rel_gap, lp_first)
     choice = stage = None
     if r.has_solution:
         choice = _decode(costed, model, r.x)
@@ -108,7 +134,7 @@ def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: Mesh
 def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
                   config: TrainingConfig, backend: str | None = None,
                   time_limit_s: float | None = None, mip_rel_gap: float = 1e-6,
-                  cutoff: float = float("inf")) -> Candidate:
+                  cutoff: float = float("inf"), lp_first: bool = True) -> Candidate:
     """Solve the sharding ILP of a pipelined program of repeated layers (stages fixed)."""
     t0 = time.perf_counter()
     costed, problem = cost_program(prog, smesh, pp, cluster, config)
@@ -119,7 +145,7 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     model = ShardingModel(problem, cutoff - bubble)
     milp = model.milp()
     build_s = time.perf_counter() - t0
-    r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    r = solve_lp_first(milp, backend or default_backend(), time_limit_s, mip_rel_gap, lp_first)
     if r.objective is not None:
         r = dataclasses.replace(r, objective=r.objective + bubble,
                                 bound=None if r.bound is None else r.bound + bubble)
@@ -205,7 +231,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                mip_rel_gap: float = 1e-6, microbatch_graph: OpGraph | None = None,
                microbatches: int = 1, stages: int | None = None, balance_eps: float = 0.1,
                schedule: str = "1F1B", log: Callable[[str], None] | None = None,
-               layers: int | None = None, reduce: bool = True) -> Plan:
+               layers: int | None = None, reduce: bool = True, lp_first: bool = True) -> Plan:
     """The minimum-cost plan of ``graph`` on ``cluster`` over all candidates.
 
     ``microbatch_graph`` (the graph of one of ``microbatches`` micro-batches) enables pipelined
@@ -236,7 +262,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
         for mesh in (meshes if meshes is not None else cluster.meshes()):
             jobs.append(lambda cut, mesh=mesh: solve_sharding(
                 build_problem(g, mesh, cluster, config, mult), backend, time_limit_s,
-                mip_rel_gap, cut))
+                mip_rel_gap, cut, lp_first))
     if microbatch_graph is not None and stages != 1:
         check_rules(microbatch_graph)
         mb_blocks = find_blocks(microbatch_graph) if reduced else None
@@ -248,7 +274,8 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                 jobs.append(lambda cut, k=k, pp=pp, smesh=smesh: solve_program(
                     build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches,
                                   recompute),
-                    smesh, pp, cluster, config, backend, time_limit_s, mip_rel_gap, cut))
+                    smesh, pp, cluster, config, backend, time_limit_s, mip_rel_gap, cut,
+                    lp_first))
                 continue
             jobs.append(lambda cut, k=k, pp=pp, smesh=smesh: solve_pipeline(
                 build_problem(microbatch_graph, smesh, cluster, config), k, microbatches, pp,
