@@ -206,7 +206,7 @@ def summary(plan: Plan) -> str:
         f"({plan.num_devices} devices)",
         f"mesh     {axes}" + (" (each stage)" if plan.pipeline else "") + pipe,
         f"solver   {s['backend']}: {s['status']}, objective {_fmt_s(s['objective'])}, "
-        f"gap {gap}, {s['time_s']:.2f} s over {len(plan.candidates)} mesh(es)",
+        f"gap {gap}, {s['time_s']:.2f} s over {len(plan.candidates)} candidate(s)",
         "",
         f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
         f"{'  total (objective)':<28}{_fmt_s(c['total_s']):>14}",
