@@ -72,3 +72,17 @@ def test_expanded_plan_covers_every_node_with_its_stage():
         assert {full.op(n).stage for n in members if mb[n].kind == "op"} == {i // 2}
     prog = build_program(mb, blocks, 8, 4, 4)
     assert prog.graph.digest() == plan.model["graph_hash"]
+
+
+def test_recomputation_trades_memory_for_forward_communication():
+    from autoddl.engine.costs import TrainingConfig
+
+    s, g = _graph(SPEC)
+    c = cluster(devices=4, latency_s=1e-6, peak_flops=1e10)
+    kept = plan_graph(g, c, model_spec=s.text, meshes=[c.mesh((2, 2))])
+    redo = plan_graph(g, c, model_spec=s.text, meshes=[c.mesh((2, 2))],
+                      config=TrainingConfig(recompute="layers"))
+    assert redo.training["recompute"] == "layers"
+    assert redo.memory["activations_bytes"] < kept.memory["activations_bytes"]
+    assert redo.cost["compute_s"] > kept.cost["compute_s"]  # one more forward per layer
+    assert redo.solver["objective"] >= kept.solver["objective"] - 1e-12

@@ -55,10 +55,14 @@ def test_mlp_data_parallel_on_4(tmp_path):
     _run_checked(path, steps=2)
 
 
-@pytest.mark.parametrize("extra", [[], ["--stages", "2", "--microbatches", "4"]])
+@pytest.mark.parametrize("extra", [
+    [], ["--stages", "2", "--microbatches", "4"], ["--recompute", "layers"],
+    ["--stages", "2", "--microbatches", "4", "--recompute", "layers"],
+])
 def test_cli_plan_of_repeated_layers_runs_checked(tmp_path, extra):
     """`autoddl plan` captures 3 of the 4 layers and solves one representative; the runtime
-    captures all 4, checks the hash and writes the plan out for every layer."""
+    captures all 4, checks the hash and writes the plan out for every layer. With recomputed
+    layers the forward collectives run twice, as predicted (the table must agree)."""
     path = tmp_path / "plan.json"
     proc = subprocess.run(
         [sys.executable, "-m", "autoddl.cli", "plan", "--model",

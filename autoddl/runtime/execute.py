@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
@@ -205,11 +206,46 @@ class ShardedExecutor:
 
     def run_ops(self, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run this executor's operators in graph order on local pieces, adding their outputs to
-        ``env`` (which must hold the local piece of every tensor they read)."""
-        for n in self.ops:
-            locals_ = [self._edge(src, n.name, i, env[src]) for i, src in enumerate(n.inputs)]
-            env[n.name] = self._run_op(n, self._fx[n.name], locals_)
+        ``env`` (which must hold the local piece of every tensor they read). With a plan that
+        recomputes layers, each repeated layer runs under activation checkpointing: only its
+        inputs are kept, and its forward (planned collectives included) runs again in backward."""
+        recompute = self.plan.training.get("recompute", "none") == "layers"
+        for scope, group in self._groups(recompute):
+            if not scope:
+                for n in group:
+                    self._run_node(n, env)
+                continue
+            names = {n.name for n in group}
+            ext = list(dict.fromkeys(i for n in group for i in n.inputs if i not in names))
+            used_after = {i for n in self.graph.nodes if n.name not in names for i in n.inputs}
+            outs = [n.name for n in group if n.name in used_after or n.name == self.graph.loss]
+
+            def block(*tensors, group=group, ext=ext, outs=outs):
+                local_env = dict(zip(ext, tensors))
+                for n in group:
+                    self._run_node(n, local_env)
+                return tuple(local_env[o] for o in outs)
+
+            results = torch.utils.checkpoint.checkpoint(block, *[env[e] for e in ext],
+                                                        use_reentrant=False)
+            env.update(zip(outs, results))
         return env
+
+    def _run_node(self, n, env: dict[str, torch.Tensor]) -> None:
+        locals_ = [self._edge(src, n.name, i, env[src]) for i, src in enumerate(n.inputs)]
+        env[n.name] = self._run_op(n, self._fx[n.name], locals_)
+
+    def _groups(self, recompute: bool) -> list[tuple[str, list]]:
+        """Consecutive ops grouped by repeated layer (scope) when recomputing, else one group."""
+        if not recompute:
+            return [("", list(self.ops))]
+        groups: list[tuple[str, list]] = []
+        for n in self.ops:
+            if groups and groups[-1][0] == n.scope:
+                groups[-1][1].append(n)
+            else:
+                groups.append((n.scope, [n]))
+        return groups
 
     def loss_value(self, local: torch.Tensor) -> torch.Tensor:
         """The loss made whole on every device from its local piece (planned collectives)."""

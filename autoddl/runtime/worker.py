@@ -196,9 +196,6 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
     ep = export(model, captured)
     graph = graph_from_export(ep)
     plan = match_plan(plan, graph)  # checks the graph hash, writes out repeated layers
-    if plan.training.get("recompute", "none") != "none":
-        raise UserError("this plan recomputes layers in backward; the runtime does not run "
-                        "activation recomputation yet: plan with --recompute none to run it")
     if plan.pipeline:
         trainer: Any = _Piped(ep, graph, plan, mesh, model, inputs, device)
     else:
