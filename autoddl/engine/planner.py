@@ -140,7 +140,8 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     costed, problem = cost_program(prog, smesh, pp, cluster, config)
     # 1F1B idle time: (K-1) passes of one micro-batch through one stage (as bubble_seconds)
     flops = sum(prog.cost_mult.node(n.name) * n.flops for n in prog.graph.ops) / prog.microbatches
-    bubble = (prog.stages - 1) * 3.0 * flops / (
+    passes = 4.0 if prog.recompute else 3.0  # forward (again, when recomputing) + backward
+    bubble = (prog.stages - 1) * passes * flops / (
         prog.stages * smesh.num_devices * cluster.peak_flops)
     model = ShardingModel(problem, cutoff - bubble)
     milp = model.milp()
