@@ -56,6 +56,8 @@ def test_pipeline_optimum_equals_unreduced(layers, stages):
     reduced = plan_graph(g, c, reduce=True, **kw)
     assert reduced.model["repeat"]["layers"] == layers and "repeat" not in full.model
     assert reduced.solver["objective"] == pytest.approx(full.solver["objective"], rel=1e-7)
+    for plan in (full, reduced):  # the reported breakdown adds up to the solver's objective
+        assert plan.cost["total_s"] == pytest.approx(plan.solver["objective"], rel=1e-6)
 
 
 def test_expanded_plan_covers_every_node_with_its_stage():

@@ -94,3 +94,22 @@ def test_tight_memory_changes_the_optimum():
     b_tight, arg_tight = p_tight.brute_force()
     assert np.isfinite(b_tight) and b_tight >= b_loose
     assert p_tight.evaluate(arg_tight)[1] <= cap
+
+
+def test_bound_pruning_keeps_the_optimum_with_a_self_edge():
+    """A repeated layer's edge to its own next copy is an edge from a node to itself: pruning
+    against a cutoff above the optimum must keep the optimum (review finding, by hand)."""
+    import numpy as np
+
+    u = NodeChoices("u", np.array([0.0]), np.array([0.0]))
+    v = NodeChoices("v", np.array([0.0, 10.0]), np.array([0.0, 0.0]))
+    e_uv = EdgeChoices(0, 1, np.array([0]), np.array([0, 1]), np.array([[100.0, 0.0]]),
+                       np.zeros((1, 2)))
+    e_vv = EdgeChoices(1, 1, np.array([0, 1]), np.array([0, 1]),
+                       np.array([[0.0, 50.0], [50.0, 0.0]]), np.zeros((2, 2)))
+    problem = ShardingProblem((u, v), (e_uv, e_vv), float("inf"))
+    best, _ = problem.brute_force()
+    assert best == pytest.approx(10.0)
+    result = solve(ShardingModel(problem, cutoff=15.0).milp())
+    assert result.status is SolveStatus.OPTIMAL
+    assert result.objective == pytest.approx(best)

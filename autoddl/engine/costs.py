@@ -313,10 +313,10 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
                                       st.kind, st.bytes_per_device, step_seconds(st, mesh),
                                       copies * again))
     for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
-        if st.kind not in ("slice", "none"):
+        if st.kind not in ("slice", "none"):  # once per loss computed (per micro-batch)
             out.append(Collective(costed.graph.loss, "output", 0, "forward",
                                   mesh.axes[st.axis].name, st.kind, st.bytes_per_device,
-                                  step_seconds(st, mesh)))
+                                  step_seconds(st, mesh), mult.node(costed.graph.loss)))
     return out
 
 

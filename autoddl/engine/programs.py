@@ -174,9 +174,9 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
                     crossing[key] = m
             else:
                 edge_mult[key] = m
-                if node_group.get(src, 0) != node_group[nd.name] and reduced[src].kind != "param":
-                    # a prefix tensor read by the suffix is relayed through every stage
-                    crossing[key] = (K - 1) * m if node_group[nd.name] == 2 else m
+                if (node_group.get(src, 0) != node_group[nd.name] and reduced[src].kind != "param"
+                        and not src.startswith("pre/")):
+                    crossing[key] = m  # the last block's output into the suffix
     # repeated-block self edges: block i -> i+1 inside a stage's mid, and stage -> stage in sm
     for st, tag, c, sc in seq:
         inst = f"{st}.{tag}"
@@ -193,12 +193,30 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
                     key = (f"sm.{last_tag}/{jj}", f"{inst}/{j}", k)
                     extra.append((*key, (sc - 1) * m))
                     crossing[key] = (sc - 1) * m
-    seen: set[tuple[str, int]] = set()  # one send per tensor per boundary: charge one edge
+    # a prefix tensor read in later stages is relayed: one send per boundary up to its last
+    # reader (stage 1..K-2 readers are represented by "sm": the farthest is K-2)
+    far_stage = {0: 0, 1: K - 2, 2: K - 1}
+    for nd in reduced.nodes:
+        for k, src in enumerate(nd.inputs):
+            key = (src, nd.name, k)
+            if (node_group.get(src, 0) == 0 and src.startswith("pre/")
+                    and reduced[src].kind != "param" and node_group[nd.name] != 0):
+                crossing[key] = far_stage[node_group[nd.name]] * m
+    seen: set[str] = set()  # one relay chain per prefix tensor: keep its farthest edge only
+    for key in sorted(crossing, key=lambda kk: -crossing[kk]):
+        if key[0].startswith("pre/"):
+            if key[0] in seen:
+                del crossing[key]
+            else:
+                seen.add(key[0])
+    seen2: set[tuple[str, int]] = set()  # one send per tensor per boundary: charge one edge
     for key in sorted(crossing):
-        if (key[0], node_group[key[1]]) in seen:
+        if key[0].startswith("pre/"):
+            continue
+        if (key[0], node_group[key[1]]) in seen2:
             del crossing[key]
         else:
-            seen.add((key[0], node_group[key[1]]))
+            seen2.add((key[0], node_group[key[1]]))
     recomputed = frozenset(nd.name for nd in reduced.nodes if nd.kind == "op"
                            and nd.name.split("/")[0] in inst_of) if recompute else frozenset()
     mult = Multiplicity(node_mult, edge_mult, tuple(extra), recomputed=recomputed)
@@ -308,8 +326,14 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
     })
     stage_names = ["stage 0", "stages 1..K-2", f"stage {prog.stages - 1}"]
     worst = max(per_group, key=per_group.get)
+    weights: dict[int, float] = {}
+    for nd, nc in zip(g.nodes, problem.nodes):
+        if nd.kind == "param":
+            weights[nc.group] = weights.get(nc.group, 0.0) + float(
+                nc.memory_bytes[sig_index[nd.name]])
     out["memory"] = {
-        "weights_bytes": mem_parts["weights_bytes"], "activations_bytes": 0.0,
+        "weights_bytes": weights.get(worst, 0.0),
+        "activations_bytes": per_group[worst] - weights.get(worst, 0.0),
         "converted_inputs_bytes": 0.0, "per_device_bytes": per_group[worst],
         "per_stage_bytes": {stage_names[k]: v for k, v in sorted(per_group.items())},
         "capacity_bytes": mem_parts["capacity_bytes"],

@@ -110,6 +110,8 @@ def bound_pruning(problem: ShardingProblem, cutoff: float) -> tuple[list, list, 
     lb0 = sum(node_min) + sum(edge_min)
     lift = [n.cost_s - m for n, m in zip(nodes, node_min)]  # per node, per signature
     for e, c, m in zip(edges, finite, edge_min):
+        if e.src == e.dst:
+            continue  # a node's edge to itself (repeated layers): bounded by its minimum only
         row = c.min(axis=1) - m  # per producer key
         col = c.min(axis=0) - m  # per consumer key
         lift[e.src] = lift[e.src] + row[e.src_key]
@@ -118,6 +120,9 @@ def bound_pruning(problem: ShardingProblem, cutoff: float) -> tuple[list, list, 
     keep_nodes = [lb0 + lf <= cutoff + tol for lf in lift]
     keep_edges = []
     for e, c, m in zip(edges, finite, edge_min):
+        if e.src == e.dst:
+            keep_edges.append(np.ones(c.shape, dtype=bool))
+            continue
         best_src = np.full(c.shape[0], np.inf)
         np.minimum.at(best_src, e.src_key, np.where(keep_nodes[e.src],
                                                     nodes[e.src].cost_s, np.inf))
