@@ -10,18 +10,15 @@ for collectives, the sends the pipelining library issued for ``p2p``).
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from autoddl.engine.capture import microbatch_inputs
 from autoddl.engine.plan import load_plan, save_plan
 from autoddl.engine.planner import plan_graph
 from autoddl.errors import UserError
 from autoddl.runtime.pipeline import (
-    boundary_tensors, check_stages, microbatch_inputs, p2p_per_step, stage_of,
+    boundary_tensors, check_stages, p2p_per_step, stage_of,
 )
 from tests.helpers import cluster, make_pipelined_plan, microbatch_graph, run_checked
 

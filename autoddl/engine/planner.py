@@ -24,7 +24,7 @@ from autoddl.engine.rules import Signature, check_rules
 from autoddl.engine.programs import Program, build_program, cost_program, program_breakdown
 from autoddl.engine.repeat import Reduced, find_blocks, reduce_graph
 from autoddl.engine.stages import (
-    bubble_seconds, build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
+    build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
 )
 from autoddl.errors import InfeasibleError, SolverError, UserError
 from autoddl.formulations.backends import available_backends, default_backend, solve

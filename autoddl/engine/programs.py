@@ -74,11 +74,11 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
     for st, st_copies, _ in stage_list:
         for tag, copies in _stage_blocks(n):
             seq.append((st, tag, copies, st_copies))
-    nodes, node_mult, node_group, node_mem = [], {}, {}, {}
+    node_mult, node_group, node_mem = {}, {}, {}
     edge_mult: dict[tuple[str, str, int], int] = {}
     crossing: dict[tuple[str, str, int], int] = {}
     extra: list[tuple[str, str, int, int]] = []
-    first_block, last_block = set(blocks.members[0]), set(blocks.members[-1])
+    last_block = set(blocks.members[-1])
     block_nodes = {nm for mem in blocks.members for nm in mem}
     rename = {}
 

@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from autoddl.engine.costs import Multiplicity
-from autoddl.engine.graph import OpGraph, OpNode
+from autoddl.engine.graph import OpGraph
 from autoddl.engine.plan import OpPlacement, Plan
 
 _SCOPE = re.compile(r"^(.+)\.(\d+)$")

@@ -328,7 +328,7 @@ _MEAN = 1  # torch's Reduction enum: 0 none, 1 mean, 2 sum
 
 @rule("aten.cross_entropy_loss.default", "aten.nll_loss.default")
 def _cross_entropy(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
-    logits, target = ins[0], ins[1]
+    logits = ins[0]
     reduction = node.arg(3, "reduction", _MEAN)
     if reduction not in (1, 2) or (len(ins) > 2):
         return [_replicated(len(ins))]

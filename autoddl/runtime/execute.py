@@ -96,18 +96,13 @@ class Converter:
             nxt = list(cur)
             nxt[st.axis] = st.dst
             p = self.shape[st.axis]
-            if st.kind == "mask":
-                keep = self.mesh.get_local_rank(st.axis) == 0
-                local = local if keep else torch.zeros_like(local)
-            else:
-                nbytes_before = local.numel() * local.element_size()
-                d = DTensor.from_local(local.contiguous(), self.mesh,
-                                       to_dtensor_placements(tuple(cur)), run_check=False,
-                                       shape=torch.Size(global_shape), stride=stride)
-                local = d.redistribute(self.mesh, to_dtensor_placements(tuple(nxt))).to_local()
-                if st.kind != "slice":
-                    self.log.add(self.names[st.axis], st.kind,
-                                 _sent_bytes(st.kind, p, nbytes_before))
+            nbytes_before = local.numel() * local.element_size()
+            d = DTensor.from_local(local.contiguous(), self.mesh,
+                                   to_dtensor_placements(tuple(cur)), run_check=False,
+                                   shape=torch.Size(global_shape), stride=stride)
+            local = d.redistribute(self.mesh, to_dtensor_placements(tuple(nxt))).to_local()
+            if st.kind != "slice":
+                self.log.add(self.names[st.axis], st.kind, _sent_bytes(st.kind, p, nbytes_before))
             cur = nxt
         return local
 

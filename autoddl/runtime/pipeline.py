@@ -41,7 +41,6 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from autoddl.engine.capture import microbatch_inputs  # noqa: F401  (re-exported)
 from autoddl.engine.graph import OpGraph, TensorMeta
 from autoddl.engine.placements import local_shape
 from autoddl.engine.plan import Plan
