@@ -1,4 +1,4 @@
-"""The ``autoddl`` command line: plan, run, show, demo, backends.
+"""The ``autoddl`` command line: plan, compare, run, show, demo, backends.
 
 Every user error prints one line, ``autoddl: error: ...``, and exits with code 2.
 """
@@ -12,39 +12,40 @@ import time
 from autoddl.errors import UserError
 
 
-def _plan(a: argparse.Namespace) -> int:
-    from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
+def _workload(a: argparse.Namespace):
+    """The model and cluster of ``--model``/``--cluster`` and the training options, captured."""
     from autoddl.engine.cluster import parse_cluster
-    from autoddl.engine.costs import TrainingConfig
-    from autoddl.engine.models import build_model, parse_model_spec, with_layers
-    from autoddl.engine.plan import save_plan, summary
-    from autoddl.engine.planner import plan_graph
+    from autoddl.engine.models import parse_model_spec
+    from autoddl.engine.workload import load_workload
     from autoddl.formulations.backends import get_backend
 
-    spec = parse_model_spec(a.model)
+    parse_model_spec(a.model)  # spec errors before anything slow
     cluster = parse_cluster(a.cluster)
     get_backend(a.backend)
     if a.time_limit is not None and a.time_limit <= 0:
         raise UserError(f"--time-limit must be positive, got {a.time_limit}")
+    if not 0 <= getattr(a, "gap", 0.0) < 1:
+        raise UserError(f"--gap must be in [0, 1), got {a.gap}")
+    if getattr(a, "workers", None) is not None and a.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {a.workers}")
+    return load_workload(a.model, cluster, optimizer=a.optimizer, recompute=a.recompute,
+                         microbatches=a.microbatches, stages=a.stages,
+                         balance_eps=a.balance_eps)
+
+
+def _plan(a: argparse.Namespace) -> int:
+    from autoddl.engine.plan import save_plan, summary
+    from autoddl.engine.planner import plan_graph
+
     t0 = time.perf_counter()
-    layers = dict(spec.params).get("layers")
-    fast = spec.name == "gpt" and layers is not None and layers > 3  # repeated layers:
-    model, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")  # capture 3
-    graph = capture(model, inputs)
-    m = a.microbatches or default_microbatches(inputs)
-    if a.stages is not None and a.stages < 1:
-        raise UserError(f"--stages must be at least 1, got {a.stages}")
-    mb_graph = None
-    if a.stages != 1 and cluster.num_devices > 1 and m > 1:
-        mb_graph = capture(model, microbatch_inputs(inputs, m))
+    work = _workload(a)
     capture_s = time.perf_counter() - t0
     log = (lambda msg: print(f"  {msg}", file=sys.stderr)) if a.verbose else None
-    plan = plan_graph(graph, cluster, model_spec=spec.text, backend=a.backend,
-                      time_limit_s=a.time_limit, config=TrainingConfig(a.optimizer, a.recompute),
-                      log=log,
-                      microbatch_graph=mb_graph, microbatches=m, stages=a.stages,
-                      balance_eps=a.balance_eps, schedule=a.schedule,
-                      layers=layers if fast else None)
+    plan = plan_graph(work.graph, work.cluster, model_spec=work.spec_text, backend=a.backend,
+                      time_limit_s=a.time_limit, config=work.config, log=log,
+                      microbatch_graph=work.microbatch_graph, microbatches=work.microbatches,
+                      stages=a.stages, balance_eps=a.balance_eps, schedule=a.schedule,
+                      layers=work.layers, mip_rel_gap=a.gap, workers=a.workers)
     save_plan(plan, a.output)
     print(summary(plan))
     print(f"\ncapture {capture_s:.2f} s, total {time.perf_counter() - t0:.2f} s; "
@@ -59,14 +60,46 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def _show(a: argparse.Namespace) -> int:
-    from autoddl.engine.plan import explain, load_plan, summary
+    from autoddl.engine.plan import load_plan, summary
+    from autoddl.engine.show import layer_table, plot_plan
 
     plan = load_plan(a.plan)
     print(summary(plan))
     print()
-    for o in plan.ops:
-        if a.all or o.target not in ("param",):
-            print(explain(plan, o.name))
+    print(layer_table(plan, params=a.all))
+    if a.plot:
+        plot_plan(plan, a.plot)
+        print(f"\nplot written to {a.plot}")
+    return 0
+
+
+def _compare(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autoddl.engine.compare import compare, plot, table, to_json
+
+    t0 = time.perf_counter()
+    for opt, path in (("--json", a.json), ("--plot", a.plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{opt}: folder {str(Path(path).parent)!r} does not exist")
+    if a.plot:
+        from autoddl.engine.compare import pyplot
+        pyplot()  # a missing matplotlib fails before the search, not after
+    work = _workload(a)
+    log = (lambda msg: print(f"  {msg}", file=sys.stderr)) if a.verbose else None
+    rows, _ = compare(work, a.backend, a.time_limit, log)
+    title = f"{work.spec_text} on {work.cluster.spec or work.cluster.name}"
+    print(f"{title} ({work.cluster.num_devices} devices); cost = bandwidth + redundant compute"
+          " + pipeline bubble per step, under one cost model\n")
+    print(table(rows))
+    if a.json:
+        Path(a.json).write_text(to_json(rows, {"model": work.spec_text,
+                                               "cluster": work.cluster.spec}) + "\n")
+        print(f"\nrows written to {a.json}")
+    if a.plot:
+        plot(rows, a.plot, title)
+        print(f"plot written to {a.plot}")
+    print(f"total {time.perf_counter() - t0:.2f} s")
     return 0
 
 
@@ -94,6 +127,33 @@ def _backends(a: argparse.Namespace) -> int:
     return 0
 
 
+def _planning_options(p: argparse.ArgumentParser) -> None:
+    """The options ``plan`` and ``compare`` share."""
+    p.add_argument("--model", required=True, help="e.g. gpt:layers=2,hidden=64 or mlp")
+    p.add_argument("--cluster", required=True, help="cpu:devices=4, dgx-a100:nodes=2 or a file")
+    p.add_argument("--backend", default=None,
+                   help="solver backend (default: ortools-cbc, the fastest measured; see "
+                        "`autoddl backends`)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for the whole search; the best plan found is returned with "
+                        "its proven gap")
+    p.add_argument("--gap", type=float, default=1e-6,
+                   help="relative optimality gap at which the search stops (default 1e-6; "
+                        "e.g. 0.001 for 0.1 %%)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes screening candidates (default: the CPUs available)")
+    p.add_argument("--optimizer", default="adam", help="adam, adamw, momentum or sgd")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="micro-batches per step when pipelined (default: the largest divisor "
+                        "of the batch up to 16)")
+    p.add_argument("--recompute", default="none", choices=("none", "layers"),
+                   help="layers: keep only each repeated layer's input and recompute it in "
+                        "backward (Megatron's full activation recomputation)")
+    p.add_argument("--balance-eps", type=float, default=0.1,
+                   help="each stage's FLOPs at most (1+eps) x the mean")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
 DEMO_MODEL = "gpt:layers=2,hidden=256,heads=8,seq=64,batch=16,vocab=512"
 
 
@@ -103,27 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="solve the optimal plan of a model on a cluster")
-    p.add_argument("--model", required=True, help="e.g. gpt:layers=2,hidden=64 or mlp")
-    p.add_argument("--cluster", required=True, help="cpu:devices=4, dgx-a100:nodes=2 or a file")
+    _planning_options(p)
     p.add_argument("-o", "--output", default="plan.json")
-    p.add_argument("--backend", default=None,
-                   help="solver backend (default: ortools-cbc, the fastest measured; see "
-                        "`autoddl backends`)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds per mesh")
-    p.add_argument("--optimizer", default="adam", help="adam, adamw, momentum or sgd")
     p.add_argument("--stages", type=int, default=None,
                    help="pipeline stages (default: the best of all; 1: no pipelining)")
-    p.add_argument("--microbatches", type=int, default=None,
-                   help="micro-batches per step when pipelined (default: the largest divisor "
-                        "of the batch up to 8)")
     p.add_argument("--schedule", default="1F1B", help="pipeline schedule: 1F1B or GPipe")
-    p.add_argument("--recompute", default="none", choices=("none", "layers"),
-                   help="layers: keep only each repeated layer's input and recompute it in "
-                        "backward (Megatron's full activation recomputation)")
-    p.add_argument("--balance-eps", type=float, default=0.1,
-                   help="each stage's FLOPs at most (1+eps) x the mean")
-    p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=_plan)
+
+    c = sub.add_parser("compare", help="the optimal plan beside data parallel, ZeRO, Megatron, "
+                                       "PTD-P, coordinate descent, Alpa-style and greedy plans")
+    _planning_options(c)
+    c.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")
+    c.add_argument("--plot", default=None, metavar="FILE.png", help="write a bar chart")
+    c.set_defaults(fn=_compare, stages=None)
 
     r = sub.add_parser("run", help="run a plan with torchrun (gloo on CPU, NCCL on GPUs)")
     r.add_argument("plan")
@@ -137,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("show", help="print a plan file")
     s.add_argument("plan")
-    s.add_argument("--all", action="store_true", help="include parameters")
+    s.add_argument("--all", action="store_true", help="include parameters and inputs")
+    s.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="plot stages and per-operator communication")
     s.set_defaults(fn=_show)
 
     d = sub.add_parser("demo", help="plan the built-in GPT on 4 CPU devices and run it checked")

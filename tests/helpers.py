@@ -83,9 +83,11 @@ def make_pipelined_plan(plan, stages: int, microbatches: int, schedule: str = "1
     ignored), never cutting between two readers of one parameter; parameters go to their
     readers' stage, user inputs to stage 0, the loss (last op) to stage K-1. The cost is the
     micro-batch plan's scaled by the micro-batch count (every collective runs once per
-    micro-batch) plus ``per_kind["p2p"]`` (and ``per_axis["pp"]``): the point-to-point sends the
-    runtime executes — one per tensor per boundary crossed per micro-batch forward, one more
-    backward for a tensor carrying a gradient, bytes = the producer's local piece.
+    micro-batch) except the backward conversions of weight gradients accumulated over the
+    micro-batches (``accumulates_grad``), which run once per step, plus ``per_kind["p2p"]`` (and
+    ``per_axis["pp"]``): the point-to-point sends the runtime executes — one per tensor per
+    boundary crossed per micro-batch forward, one more backward for a tensor carrying a gradient,
+    bytes = the producer's local piece.
     """
     import dataclasses
 
@@ -135,7 +137,36 @@ def make_pipelined_plan(plan, stages: int, microbatches: int, schedule: str = "1
     for key in ("total_s", "bandwidth_s", "bytes_per_device"):
         cost[key] = plan.cost[key] * m + (p2p["bytes"] if key == "bytes_per_device"
                                           else p2p["seconds"])
+    for axis, kind, nbytes, secs in _accumulated_steps(graph, plan):  # counted m times: once
+        for bucket in (cost["per_kind"][kind], cost["per_axis"][axis]):
+            bucket["count"] -= m - 1
+            bucket["bytes"] -= (m - 1) * nbytes
+            bucket["seconds"] -= (m - 1) * secs
+        cost["total_s"] -= (m - 1) * secs
+        cost["bandwidth_s"] -= (m - 1) * secs
+        cost["bytes_per_device"] -= (m - 1) * nbytes
     return dataclasses.replace(new, cost=cost, memory=dict(plan.memory))
+
+
+def _accumulated_steps(graph: OpGraph, plan) -> list[tuple[str, str, float, float]]:
+    """(axis, kind, bytes, seconds) of each collective converting a weight gradient that a
+    pipelined step accumulates over its micro-batches (once per step)."""
+    from autoddl.engine.cluster import Mesh
+    from autoddl.engine.costs import (
+        accumulated_edges, accumulates_grad, edge_steps, grad_fraction, step_seconds,
+    )
+    from autoddl.runtime.execute import find_signature
+
+    mesh = Mesh.from_dict(plan.mesh)
+    out = []
+    for src, dst, i in accumulated_edges(graph):
+        s_src, s_dst = (find_signature(graph, n, plan, mesh.shape) for n in (src, dst))
+        if accumulates_grad(grad_fraction(s_src, mesh.shape), s_dst.grads[i], mesh.shape):
+            _, bwd = edge_steps(graph[src].out.nbytes, s_src.out, s_dst.ins[i], s_dst.grads[i],
+                                mesh)
+            out += [(mesh.axes[st.axis].name, st.kind, st.bytes_per_device,
+                     step_seconds(st, mesh)) for st in bwd if st.kind not in ("slice", "none")]
+    return out
 
 
 def run_checked(path, steps: int = 2, require: tuple[str, ...] = ()) -> str:

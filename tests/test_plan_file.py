@@ -132,7 +132,8 @@ def test_file_fields(any_plan, tmp_path):
     s = d["solver"]
     for key in ("backend", "status", "objective", "bound", "gap", "time_s"):
         assert key in s, f"solver.{key} missing"
-    assert s["backend"].split()[0] in (default_backend(), "highs") and s["status"] == "optimal"
+    assert s["backend"].split()[0] in (default_backend(), "highs", "tree")
+    assert s["status"] == "optimal"
     assert _number(s["objective"]) and _number(s["bound"]) and _number(s["time_s"])
     assert s["gap"] is None or 0 <= s["gap"] <= 1e-6
     assert s["bound"] <= s["objective"] * (1 + 1e-6) + 1e-12

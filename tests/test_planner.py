@@ -6,7 +6,7 @@ import pytest
 
 from autoddl.engine.capture import capture
 from autoddl.engine.models import build_model, parse_model_spec
-from autoddl.engine.placements import B, P, S, is_split
+from autoddl.engine.placements import B, P, S
 from autoddl.engine.planner import plan_graph
 from autoddl.errors import InfeasibleError
 from autoddl.formulations.backends import available_backends
@@ -64,8 +64,9 @@ def test_sharded_weights_when_replicas_do_not_fit():
     _, plan = plan_for(spec, tight)
     assert plan.memory["per_device_bytes"] <= tight.memory_per_device_bytes
     assert free.memory["weights_bytes"] == pytest.approx(replicated_weights)
-    assert plan.memory["weights_bytes"] < replicated_weights  # weight states are sharded now
-    assert all(any(is_split(p) for p in plan.op(n.name).out.values()) for n in big)
+    # weight states are divided now: the weights split, or kept whole with their gradients and
+    # optimizer states split ZeRO-style (same bytes on the wire, one more start-up)
+    assert plan.memory["weights_bytes"] < replicated_weights
     assert plan.cost["total_s"] >= free.cost["total_s"] - 1e-12
 
 
@@ -89,7 +90,8 @@ def test_every_backend_finds_the_same_optimum(backend):
     spec = "mlp:batch=64,dim_in=16,hidden=64,layers=1,dim_out=16"
     c = cluster(devices=2, latency_s=1e-6, peak_flops=1e10)
     _, ref = plan_for(spec, c)
-    _, plan = plan_for(spec, c, backend=backend, lp_first=False)  # the MILP backend itself
+    _, plan = plan_for(spec, c, backend=backend, lp_first=False,  # the MILP backend itself
+                       screen=False)
     assert plan.solver["backend"] == backend
     assert plan.solver["status"] == "optimal"
     assert plan.solver["objective"] == pytest.approx(ref.solver["objective"], rel=1e-6)

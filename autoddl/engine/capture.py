@@ -80,6 +80,8 @@ def _flops(target: str, ins: list[TensorMeta], out: TensorMeta) -> float:
                   "aten.addmm.default"):
         a = ins[1] if target == "aten.addmm.default" else ins[0]
         return 2.0 * out.numel * a.shape[-1]
+    if target == "aten.conv2d.default":  # out × (input channels × kernel) multiply-adds
+        return 2.0 * out.numel * ins[1].numel / ins[1].shape[0]
     if target == "aten.scaled_dot_product_attention.default":
         q, k = ins[0], ins[1]
         return 4.0 * q.numel * k.shape[-2]

@@ -191,6 +191,19 @@ class Mesh:
     def ndim(self) -> int:
         return len(self.axes)
 
+    def symmetry_key(self) -> tuple:
+        """Meshes with equal keys have equal optima: the same axes (size, link) in another
+        order. The cost model reads no axis position (conversion steps are ordered by kind and
+        axis size, :data:`~autoddl.engine.placements.STEP_ORDER`) except to break ties between
+        axes of one size, so where axes of one size differ in link the key is the mesh itself.
+        """
+        axes = [(a.size, a.bandwidth_gbps, a.latency_s, a.spans_nodes) for a in self.axes]
+        links = {}
+        for size, *link in axes:
+            if links.setdefault(size, link) != link:
+                return ("exact",) + tuple(axes)
+        return ("sorted",) + tuple(sorted(axes))
+
     def axis(self, name: str) -> MeshAxis:
         for a in self.axes:
             if a.name == name:
@@ -266,6 +279,17 @@ class Cluster:
         shapes = [(n,)] + [s for s in ordered_factorizations(n, max_axes) if len(s) >= 2]
         shapes.sort(key=lambda s: (len(s), s))
         return [self.mesh(s) for s in shapes]
+
+    def distinct_meshes(self, max_axes: int = 3) -> list[Mesh]:
+        """:meth:`meshes` without those equivalent to an earlier one (:meth:`Mesh.symmetry_key`):
+        the candidates the planner solves."""
+        seen: set = set()
+        out = []
+        for m in self.meshes(max_axes):
+            if m.symmetry_key() not in seen:
+                seen.add(m.symmetry_key())
+                out.append(m)
+        return out
 
     def mesh(self, shape: tuple[int, ...]) -> Mesh:
         """The mesh of ``shape`` (product = device count), with each axis's link decided."""

@@ -16,6 +16,25 @@
 * **Memory per device**: each weight's piece × (weight + gradient + optimizer states); each op's
   output piece (kept for backward); and a consumer that saves its inputs (matmuls, attention)
   keeps its own copy of an input that had to be converted.
+* **Accumulated weight gradients** (pipelined steps of ``m`` micro-batches): the backward
+  conversion of a trained weight's edge (its gradient's all-reduce, reduce-scatter, all-gather,
+  all-to-all, slices: all linear) is applied once per step to the sum of the micro-batches'
+  gradients, which equals summing its ``m`` results. The sum is kept in the placement the reader
+  returns, so it is done only where that piece fits the memory of the weight's own gradient,
+  already counted (:func:`accumulates_grad`: a ``P`` gradient of a ``B`` weight, data parallel's
+  all-reduce, as DDP's ``no_sync``); elsewhere (a split weight's reduce-scatter, ZeRO-2's divided
+  gradient, a weight read by several operators) it is converted per micro-batch as before. Memory
+  is therefore unchanged. ``Multiplicity.grad_copies`` gives those conversions' copies per step.
+* **ZeRO** (a parameter signature's ``zero``, :mod:`autoddl.engine.rules`). ZeRO-1/2 keep the
+  weight as placed but divide its optimizer states (ZeRO-2: and its gradient) over the ``p_B``
+  devices of the axes where it is ``B``: memory ``w · (2 + k/p_B)`` resp. ``w · (1 + (1+k)/p_B)``
+  for a piece ``w`` and ``k`` optimizer states, instead of ``w · (2 + k)``. On the wire the
+  gradient's reduce-scatter plus the weight's all-gather move exactly the all-reduce's bytes,
+  2(p−1)/p · T, so the edge costs are the all-reduce's; the split costs one more start-up, one α
+  per such axis, charged on the parameter. ZeRO-3 (``ZERO_REGATHER``): the weight stored split is
+  gathered for its consumer in forward and, instead of keeping the gathered copy for backward
+  (no converted-input memory), gathered again in backward: the edge's forward steps count twice.
+  Data parallel moves 2(d−1)/d · Ψ per device, ZeRO-3 3(d−1)/d · Ψ: 1.5×.
 """
 
 from __future__ import annotations
@@ -29,7 +48,10 @@ import numpy as np
 from autoddl.engine.cluster import Cluster, Mesh
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
-from autoddl.engine.rules import Signature, signatures
+from autoddl.engine.reshard_table import unit_matrices
+from autoddl.engine.rules import (
+    ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
+)
 from autoddl.errors import UserError
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem
 
@@ -117,14 +139,51 @@ def node_compute_penalty_s(flops: float, sig: Signature, mesh: Mesh, peak_flops:
     return 3.0 * flops * (1.0 / work_divisor(sig, mesh) - 1.0 / mesh.num_devices) / peak_flops
 
 
+def zero_divisor(sig: Signature, mesh: Mesh) -> int:
+    """Devices ZeRO-1/2 divide a parameter's states over: the axes (size > 1) where it is B."""
+    d = 1
+    for p, ax in zip(sig.out, mesh.axes):
+        if p == "B":
+            d *= ax.size
+    return d
+
+
+def zero_latency_s(sig: Signature, mesh: Mesh) -> float:
+    """ZeRO-1/2's extra start-up: reduce-scatter + all-gather instead of one all-reduce, one α
+    per axis over which the states are divided."""
+    if sig.zero not in (ZERO_STATES, ZERO_GRADS):
+        return 0.0
+    return sum(ax.latency_s for p, ax in zip(sig.out, mesh.axes) if p == "B" and ax.size > 1)
+
+
 def node_memory_bytes(node, sig: Signature, mesh: Mesh, config: TrainingConfig) -> float:
     """Per-device bytes a node's signature keeps: weight states, or its saved output."""
     piece = node.out.nbytes * local_fraction(sig.out, mesh.shape)
     if node.kind == "param":
-        return piece * (config.state_copies if node.requires_grad else 1)
+        if not node.requires_grad:
+            return piece
+        copies = float(config.state_copies)  # weight, gradient, optimizer states
+        if sig.zero == ZERO_STATES:
+            copies = 2.0 + (copies - 2.0) / zero_divisor(sig, mesh)
+        elif sig.zero == ZERO_GRADS:
+            copies = 1.0 + (copies - 1.0) / zero_divisor(sig, mesh)
+        return piece * copies
     if node.kind == "op" and node.requires_grad:
         return piece
     return 0.0
+
+
+def forward_times(src: Signature, dst: str, mult: "Multiplicity") -> int:
+    """How often an edge's forward conversion runs per pass: twice when its consumer is
+    recomputed or its producer is a ZeRO-3 parameter gathered again in backward (both at once
+    is still twice: the recomputation's gather is the one backward uses)."""
+    return 2 if src.zero == ZERO_REGATHER or dst in mult.recomputed else 1
+
+
+def keeps_converted(graph: OpGraph, src: Signature, dst: str, pin: Placement) -> bool:
+    """Whether the consumer keeps its own converted copy of an input for backward."""
+    return (graph[dst].target in SAVES_INPUTS and src.out != pin
+            and src.zero != ZERO_REGATHER)
 
 
 def edge_steps(nbytes: float, src_out: Placement, dst_in: Placement, dst_grad: Placement | None,
@@ -136,6 +195,35 @@ def edge_steps(nbytes: float, src_out: Placement, dst_in: Placement, dst_grad: P
         target = tuple(grad_target(p) for p in src_out)
         bwd = reshard_steps(dst_grad, target, nbytes, mesh.shape) or []
     return fwd, bwd
+
+
+def grad_fraction(sig: Signature, mesh_shape: Sequence[int]) -> float:
+    """Fraction of a weight's gradient one device keeps (ZeRO-2 divides it over its B axes)."""
+    frac = local_fraction(tuple(grad_target(p) for p in sig.out), mesh_shape)
+    if sig.zero == ZERO_GRADS:
+        frac /= float(np.prod([n for p, n in zip(sig.out, mesh_shape) if p == "B"]))
+    return frac
+
+
+def accumulates_grad(weight_grad_fraction: float, dst_grad: Placement | None,
+                     mesh_shape: Sequence[int]) -> bool:
+    """Whether a weight's gradient, returned by its reader in ``dst_grad``, is summed over the
+    micro-batches of a pipelined step before its conversion: when that piece is no larger than
+    the weight's own gradient piece (``weight_grad_fraction``, :func:`grad_fraction`), whose
+    memory then holds the sum."""
+    return (dst_grad is not None
+            and local_fraction(dst_grad, mesh_shape) <= weight_grad_fraction * (1 + 1e-9))
+
+
+def accumulated_edges(graph: OpGraph) -> list[tuple[str, str, int]]:
+    """Edges whose gradient may be accumulated over micro-batches: each from a trained weight
+    read by one edge only (several readers' sums would need one buffer each)."""
+    readers: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    for n in graph.nodes:
+        for i, src in enumerate(n.inputs):
+            if graph[src].kind == "param" and graph[src].requires_grad:
+                readers[src].append((src, n.name, i))
+    return [es[0] for es in readers.values() if len(es) == 1]
 
 
 def loss_steps(graph: OpGraph, placement: Placement, mesh: Mesh) -> list[Step]:
@@ -164,6 +252,9 @@ class Multiplicity:
     #: ops whose forward runs twice (recomputed in backward): 4 passes of FLOPs instead of 3,
     #: forward conversions of their inputs twice
     recomputed: frozenset[str] = frozenset()
+    #: copies per step of the backward conversion of an edge whose gradient accumulates over
+    #: the micro-batches (:func:`accumulates_grad`; its other conversions count ``edges``)
+    grad_copies: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
     def node(self, name: str) -> int:
         """Copies of node ``name``."""
@@ -222,26 +313,35 @@ class _EdgeCoster:
 
     def choices(self, graph: OpGraph, sigs: dict[str, list[Signature]], index: dict[str, int],
                 src: str, dst: str, i: int, copies: int, mem_copies: float = -1.0,
-                fwd_times: int = 1) -> EdgeChoices:
-        src_key, src_vals = _keys([s.out for s in sigs[src]])
+                fwd_times: int = 1, grad_copies: float = -1.0) -> EdgeChoices:
+        """The edge's choices; ``grad_copies`` (when >= 0): the copies of the backward
+        conversion of the pairs whose gradient accumulates (:func:`accumulates_grad`)."""
+        shape = self.mesh.shape
+        # a ZeRO-3 parameter is its own producer key: gathered twice, no copy kept; with
+        # accumulated gradients, so is a divided gradient's (ZeRO-2)
+        src_key, src_vals = _keys([(s.out, s.zero == ZERO_REGATHER,
+                                    grad_fraction(s, shape) if grad_copies >= 0 else 1.0)
+                                   for s in sigs[src]])
         dst_key, dst_vals = _keys([(s.ins[i], s.grads[i]) for s in sigs[dst]])
         nbytes = graph[src].out.nbytes
         saves = graph[dst].target in SAVES_INPUTS
         mkey = (tuple(src_vals), tuple(dst_vals))
         mats = self.matrices.get(mkey)
         if mats is None:
-            units = np.array([[self.unit(pa, pin, pg) for pin, pg in dst_vals]
-                              for pa in src_vals], dtype=float).reshape(
-                                  len(src_vals), len(dst_vals), 5)
-            mats = tuple(units[..., k] for k in range(5))
+            mats = unit_matrices([v[0] for v in src_vals], dst_vals, self.mesh)
             self.matrices[mkey] = mats
         fb, fl, bb, bl, frac = mats
+        regather = np.array([[float(r)] for _, r, _ in src_vals])
+        times = np.maximum(fwd_times, 1 + regather)  # per producer key
+        bwd_copies: float | np.ndarray = copies
+        if grad_copies >= 0:
+            bwd_copies = np.where([[accumulates_grad(gf, pg, shape) for _, pg in dst_vals]
+                                   for _, _, gf in src_vals], grad_copies, copies)
         # a forbidden pair is inf in fwd; the backward of a tensor with no gradient is empty
-        cost = fwd_times * (fb * nbytes + fl) + (bb * nbytes + bl)
-        mem = frac * nbytes if saves else np.zeros_like(cost)
+        cost = copies * times * (fb * nbytes + fl) + bwd_copies * (bb * nbytes + bl)
+        mem = frac * nbytes * (1 - regather) if saves else np.zeros_like(cost)
         mem_copies = copies if mem_copies < 0 else mem_copies
-        return EdgeChoices(index[src], index[dst], src_key, dst_key, cost * copies,
-                           mem * mem_copies)
+        return EdgeChoices(index[src], index[dst], src_key, dst_key, cost, mem * mem_copies)
 
 
 def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
@@ -259,21 +359,26 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
         sigs[n.name] = sig_cache[key]
     index = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = []
+    node_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # identical nodes, once
     for n in graph.nodes:
         ss = sigs[n.name]
         if not ss:
             raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
         redo = 4.0 / 3.0 if n.name in mult.recomputed else 1.0  # forward once more
-        cost = np.array([redo * node_compute_penalty_s(n.flops, s, mesh, cluster.peak_flops)
-                         if n.kind == "op" else 0.0 for s in ss])
-        if n.name == graph.loss:  # the loss value is made whole on every device
-            cost += [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
-        mem = np.array([node_memory_bytes(n, s, mesh, config) for s in ss])
+        key = (id(ss), n.kind, n.flops, redo, n.out, n.requires_grad, n.name == graph.loss)
+        if key not in node_cache:
+            cost = np.array([redo * node_compute_penalty_s(n.flops, s, mesh, cluster.peak_flops)
+                             if n.kind == "op" else zero_latency_s(s, mesh) for s in ss])
+            if n.name == graph.loss:  # the loss value is made whole on every device
+                cost += [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
+            node_cache[key] = cost, np.array([node_memory_bytes(n, s, mesh, config) for s in ss])
+        cost, mem = node_cache[key]
         k = mult.node(n.name)
         nodes.append(NodeChoices(n.name, cost * k, mem * mult.node_memory(n.name)))
     coster = _EdgeCoster(mesh)
     edges = [coster.choices(graph, sigs, index, src, dst, i, k,
-                            mult.edge_memory(src, dst, i, k), 2 if dst in mult.recomputed else 1)
+                            mult.edge_memory(src, dst, i, k), 2 if dst in mult.recomputed else 1,
+                            mult.grad_copies.get((src, dst, i), -1.0))
              for src, dst, i, k in mult.all_edges(graph)]
     problem = ShardingProblem(tuple(nodes), tuple(edges), float(cluster.memory_per_device_bytes))
     return CostedGraph(graph, mesh, cluster, config, sigs, problem, index, mult)
@@ -304,14 +409,18 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
         fwd, bwd = edge_steps(costed.graph[src].out.nbytes, choice[src].out, sv.ins[i],
                               sv.grads[i], mesh)
         assert fwd is not None, f"plan converts {src}->{dst} in a forbidden way"
+        bwd_copies = copies
+        if (src, dst, i) in mult.grad_copies and accumulates_grad(
+                grad_fraction(choice[src], mesh.shape), sv.grads[i], mesh.shape):
+            bwd_copies = mult.grad_copies[(src, dst, i)]
         for direction, steps in (("forward", fwd), ("backward", bwd)):
             for st in steps:
                 if st.kind in ("slice", "none"):
                     continue
-                again = 2 if direction == "forward" and dst in mult.recomputed else 1
+                n = (copies * forward_times(choice[src], dst, mult) if direction == "forward"
+                     else bwd_copies)
                 out.append(Collective(src, dst, i, direction, mesh.axes[st.axis].name,
-                                      st.kind, st.bytes_per_device, step_seconds(st, mesh),
-                                      copies * again))
+                                      st.kind, st.bytes_per_device, step_seconds(st, mesh), n))
     for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
         if st.kind not in ("slice", "none"):  # once per loss computed (per micro-batch)
             out.append(Collective(costed.graph.loss, "output", 0, "forward",
@@ -328,13 +437,17 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
         a.name: {"bytes": 0.0, "seconds": 0.0, "count": 0} for a in mesh.axes}
     per_kind: dict[str, dict[str, float]] = defaultdict(lambda: {"bytes": 0.0, "seconds": 0.0,
                                                                  "count": 0})
+    per_op: dict[str, dict[str, float]] = {}  # by the operator reading the converted tensor
     for c in colls:
-        for bucket in (per_axis[c.axis], per_kind[c.kind]):
+        op = c.dst if c.dst != "output" else c.src
+        for bucket in (per_axis[c.axis], per_kind[c.kind],
+                       per_op.setdefault(op, {"bytes": 0.0, "seconds": 0.0, "count": 0})):
             bucket["bytes"] += c.bytes_per_device * c.copies
             bucket["seconds"] += c.seconds * c.copies
             bucket["count"] += c.copies
-    bandwidth_s = sum(c.seconds * c.copies for c in colls)
     mult = costed.mult or Multiplicity()
+    bandwidth_s = sum(c.seconds * c.copies for c in colls) + sum(
+        mult.node(n.name) * zero_latency_s(choice[n.name], mesh) for n in graph.params)
     peak = costed.cluster.peak_flops
     def redo(name: str) -> float:
         return 4.0 / 3.0 if name in mult.recomputed else 1.0
@@ -350,7 +463,7 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
         mem["weights_bytes" if n.kind == "param" else "activations_bytes"] += b
     for src, dst, i, copies in mult.all_edges(graph):
         pin = choice[dst].ins[i]
-        if graph[dst].target in SAVES_INPUTS and choice[src].out != pin:
+        if keeps_converted(graph, choice[src], dst, pin):
             mem["converted_inputs_bytes"] += (mult.edge_memory(src, dst, i, copies)
                                               * graph[src].out.nbytes
                                               * local_fraction(pin, mesh.shape))
@@ -365,5 +478,6 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
         "bytes_per_device": sum(c.bytes_per_device * c.copies for c in colls),
         "per_axis": per_axis,
         "per_kind": dict(sorted(per_kind.items())),
+        "per_op": per_op,
         "memory": mem,
     }

@@ -83,6 +83,40 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, self.vocab), targets.view(-1))
 
 
+#: convolution channels per stage ("M": 2x2 max pooling) of VGG-11/13/16/19 (Simonyan and
+#: Zisserman 2015, configurations A, B, D, E), in units of the first stage's width (64)
+VGG_CONFIGS: dict[int, list[int | str]] = {
+    11: [1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"],
+    13: [1, 1, "M", 2, 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"],
+    16: [1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M"],
+    19: [1, 1, "M", 2, 2, "M", 4, 4, 4, 4, "M", 8, 8, 8, 8, "M", 8, 8, 8, 8, "M"],
+}
+
+
+class VGG(nn.Module):
+    """VGG: 3x3 convolutions + ReLU in five pooled stages, then three fully connected layers
+    (``fc`` wide) to ``classes``; cross-entropy loss. ``width`` is the first stage's channels
+    (64 in the paper); no dropout (the plan is the same)."""
+
+    def __init__(self, depth: int, width: int, image: int, fc: int, classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for v in VGG_CONFIGS[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, int(v) * width, 3, padding=1), nn.ReLU()]
+                c = int(v) * width
+        self.features = nn.Sequential(*layers)
+        side = image // 32
+        self.classifier = nn.Sequential(nn.Linear(c * side * side, fc), nn.ReLU(),
+                                        nn.Linear(fc, fc), nn.ReLU(), nn.Linear(fc, classes))
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.classifier(self.features(x).flatten(1)), target)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A parsed ``--model`` spec: the name, its integer parameters, and the original text."""
@@ -118,6 +152,19 @@ def _build_gpt(p: dict[str, int], device: torch.device, gen: torch.Generator | N
     return model, (tokens, targets)
 
 
+def _build_vgg(p: dict[str, int], device: torch.device, gen: torch.Generator | None):
+    if p["depth"] not in VGG_CONFIGS:
+        raise UserError(f"--model vgg: depth={p['depth']}; choose one of "
+                        f"{', '.join(map(str, VGG_CONFIGS))}")
+    if p["image"] % 32:
+        raise UserError(f"--model vgg: image={p['image']} must be a multiple of 32 (five poolings)")
+    with torch.device(device):
+        model = VGG(p["depth"], p["width"], p["image"], p["fc"], p["classes"])
+    x = _randn((p["batch"], 3, p["image"], p["image"]), device, gen)
+    y = _randint(p["classes"], (p["batch"],), device, gen)
+    return model, (x, y)
+
+
 def _randn(shape: tuple[int, ...], device: torch.device, gen: torch.Generator | None):
     if device.type == "meta":
         return torch.empty(shape, device=device)
@@ -140,6 +187,11 @@ MODELS: dict[str, tuple[dict[str, int], Builder, str]] = {
         dict(layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=256),
         _build_gpt,
         "GPT decoder: embeddings, pre-norm attention+MLP blocks, LM head, cross-entropy",
+    ),
+    "vgg": (
+        dict(depth=16, batch=32, image=224, width=64, fc=4096, classes=1000),
+        _build_vgg,
+        "VGG-11/13/16/19 (depth=): 3x3 conv+ReLU stages with max pooling, 3 FC layers, CE loss",
     ),
 }
 

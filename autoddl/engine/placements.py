@@ -22,9 +22,11 @@ tensor before the step (ring algorithms; bytes *sent per device*):
               signature, e.g. a bias added on coordinate 0, is the op's own business)
     ========  ==============  ============================  =================
 
-A multi-axis conversion is done one axis at a time, in the order :func:`reshard_steps` fixes:
-steps that shrink the local tensor first (B→S, P→S, S→S), then those that grow it (S→B,
-P→B), each group in axis order. The cost model and the runtime both follow these steps.
+A multi-axis conversion is done one axis at a time, in the order :func:`reshard_steps` fixes
+(``STEP_ORDER``): the free slices (B→S) first, then the steps that shrink the local tensor
+(P→S, S→S'), then all-reduces (P→B), then all-gathers (S→B), which grow what later steps would
+move; steps of one kind in order of axis size, then index. The cost model and the runtime both
+follow these steps.
 
 Latency: a collective costs α (its axis's latency) per ring step plus one α to start, so one
 all-reduce, 2(p−1)+1 α, beats the all-gather and reduce-scatter that move the same bytes, 2p α:
@@ -141,7 +143,11 @@ def step_kind(src: str, dst: str) -> str | None:
     return "all_gather" if dst == B else "all_to_all"
 
 
-_SHRINKING = ("slice", "reduce_scatter", "all_to_all")
+#: the order steps run in, by kind: the free slices first, then the steps that shrink what a
+#: device holds, then all-reduces (before all-gathers grow the piece they would move); steps of
+#: one kind run in order of axis size, then axis index. This order depends on no axis position
+#: but through equal sizes, so meshes that permute axes of equal size and link cost the same.
+STEP_ORDER = {"slice": 0, "reduce_scatter": 1, "all_to_all": 1, "all_reduce": 2, "all_gather": 3}
 COLLECTIVES = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce")
 
 
@@ -149,17 +155,17 @@ def reshard_steps(
     src: Placement, dst: Placement, nbytes: float, mesh_shape: Sequence[int]
 ) -> list[Step] | None:
     """The steps converting a tensor of ``nbytes`` from ``src`` to ``dst``; None if forbidden."""
-    order: list[tuple[int, int, str]] = []
+    order: list[tuple[int, int, int, str]] = []
     for axis, (a, b) in enumerate(zip(src, dst)):
         kind = step_kind(a, b)
         if kind is None:
             return None
         if kind != "none" and mesh_shape[axis] > 1:
-            order.append((0 if kind in _SHRINKING else 1, axis, kind))
+            order.append((STEP_ORDER[kind], mesh_shape[axis], axis, kind))
     order.sort()
     cur = list(src)
     steps = []
-    for _, axis, kind in order:
+    for _, _, axis, kind in order:
         p = mesh_shape[axis]
         held = nbytes * local_fraction(tuple(cur), mesh_shape)  # bytes this device holds now
         if kind == "all_to_all":

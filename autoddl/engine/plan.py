@@ -28,6 +28,8 @@ class OpPlacement:
     ins: tuple[dict[str, str], ...] = ()
     grads: tuple[dict[str, str] | None, ...] = ()
     stage: int = 0
+    #: parameters: ZeRO level (:data:`autoddl.engine.rules.ZERO_REGATHER` and friends)
+    zero: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class Plan:
         d.pop("_by_name")
         d["ops"] = [
             {"name": o.name, "target": o.target, "stage": o.stage, "out": o.out,
-             "in": list(o.ins), "grad": list(o.grads)}
+             "in": list(o.ins), "grad": list(o.grads), **({"zero": o.zero} if o.zero else {})}
             for o in self.ops
         ]
         d["candidates"] = list(self.candidates)
@@ -123,7 +125,7 @@ class Plan:
                 OpPlacement(o["name"], o["target"], dict(o["out"]),
                             tuple(dict(i) for i in o["in"]),
                             tuple(None if g is None else dict(g) for g in o["grad"]),
-                            int(o.get("stage", 0)))
+                            int(o.get("stage", 0)), int(o.get("zero", 0)))
                 for o in d["ops"]
             )
             return cls(model=d["model"], cluster=d["cluster"], mesh=d["mesh"],
@@ -177,7 +179,8 @@ def format_bytes(b: float) -> str:
     return f"{b:.1f} TiB"
 
 
-def _fmt_s(s: float) -> str:
+def format_seconds(s: float) -> str:
+    """Seconds in s/ms/µs."""
     if s >= 1:
         return f"{s:.3f} s"
     if s >= 1e-3:
@@ -205,25 +208,26 @@ def summary(plan: Plan) -> str:
         f"cluster  {plan.cluster.get('spec') or plan.cluster['name']}  "
         f"({plan.num_devices} devices)",
         f"mesh     {axes}" + (" (each stage)" if plan.pipeline else "") + pipe,
-        f"solver   {s['backend']}: {s['status']}, objective {_fmt_s(s['objective'])}, "
+        f"solver   {s['backend']}: {s['status']}, objective {format_seconds(s['objective'])}, "
         f"gap {gap}, {s['time_s']:.2f} s over {len(plan.candidates)} candidate(s)",
         "",
         f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
-        f"{'  total (objective)':<28}{_fmt_s(c['total_s']):>14}",
-        f"{'  bandwidth':<28}{_fmt_s(c['bandwidth_s']):>14}{format_bytes(c['bytes_per_device']):>16}",
-        f"{'  redundant compute':<28}{_fmt_s(c['redundant_compute_s']):>14}",
+        f"{'  total (objective)':<28}{format_seconds(c['total_s']):>14}",
+        f"{'  bandwidth':<28}{format_seconds(c['bandwidth_s']):>14}"
+        f"{format_bytes(c['bytes_per_device']):>16}",
+        f"{'  redundant compute':<28}{format_seconds(c['redundant_compute_s']):>14}",
     ]
     if "bubble_s" in c:
-        lines.append(f"{'  pipeline bubble':<28}{_fmt_s(c['bubble_s']):>14}")
+        lines.append(f"{'  pipeline bubble':<28}{format_seconds(c['bubble_s']):>14}")
     for name, v in c["per_axis"].items():
-        lines.append(f"{'  axis ' + name:<28}{_fmt_s(v['seconds']):>14}"
+        lines.append(f"{'  axis ' + name:<28}{format_seconds(v['seconds']):>14}"
                      f"{format_bytes(v['bytes']):>16}{v['count']:>7}")
     for name, v in c["per_kind"].items():
-        lines.append(f"{'  ' + name:<28}{_fmt_s(v['seconds']):>14}"
+        lines.append(f"{'  ' + name:<28}{format_seconds(v['seconds']):>14}"
                      f"{format_bytes(v['bytes']):>16}{v['count']:>7}")
     lines += [
-        f"{'estimated step time':<28}{_fmt_s(c['step_time_s']):>14}   (compute + communication"
-        + (" + bubble, slowest stage)" if plan.pipeline else ")"),
+        f"{'estimated step time':<28}{format_seconds(c['step_time_s']):>14}   "
+        "(compute + communication" + (" + bubble, slowest stage)" if plan.pipeline else ")"),
         "",
         f"memory per device  {format_bytes(m['per_device_bytes'])} of "
         f"{format_bytes(m['capacity_bytes'])}  (weights+grads+optimizer "

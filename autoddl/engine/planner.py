@@ -17,6 +17,7 @@ import numpy as np
 
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis
 from autoddl.engine.costs import CostedGraph, TrainingConfig, breakdown, build_problem
+from autoddl.engine.candidates import Job, Prepared, search
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes
@@ -28,6 +29,7 @@ from autoddl.engine.stages import (
 )
 from autoddl.errors import InfeasibleError, SolverError, UserError
 from autoddl.formulations.backends import available_backends, default_backend, solve
+from autoddl.formulations.dominance import prune_dominated
 from autoddl.formulations.milp import SolveResult, SolveStatus, relative_gap
 from autoddl.formulations.pipeline import PipelineModel, PipelineProblem
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingModel, ShardingProblem
@@ -63,10 +65,28 @@ def _decode(costed: CostedGraph, model: ShardingModel, x: np.ndarray) -> dict[st
     return {n.name: costed.sigs[n.name][int(k)] for n, k in zip(costed.graph.nodes, idx)}
 
 
+#: above this many variables the default backend is HiGHS: CBC proves small sharding ILPs
+#: fastest (results/backends.md) but took 212 s against HiGHS's 58 s on the 21,624-variable
+#: GPT-3 175B problem of the 128x8 mesh (results/solve_scaling.md)
+LARGE_MILP_COLS = 5000
+
+
+def size_backend(milp) -> str:
+    """The default backend for a model of this size (when the user named none)."""
+    if milp.num_cols > LARGE_MILP_COLS and "highs" in available_backends():
+        return "highs"
+    return default_backend()
+
+
 def solve_lp_first(milp, backend: str, time_limit_s: float | None,
-                   mip_rel_gap: float, lp_first: bool = True) -> SolveResult:
+                   mip_rel_gap: float, lp_first: bool = True,
+                   cutoff: float = float("inf")) -> SolveResult:
     """Solve the LP relaxation first: where it is infeasible, or integral, it is already the
-    answer (and the proof); otherwise solve the MILP with ``backend``."""
+    answer (and the proof); otherwise solve the MILP with ``backend``, after **reduced-cost
+    fixing** against ``cutoff`` (the objective of a known plan): every solution satisfies
+    :math:`z \\ge z_{LP} + \\sum_j d_j x_j` for the LP's reduced costs :math:`d_j \\ge 0` of
+    columns at zero, so a column with :math:`z_{LP} + d_j >` cutoff is 0 in every plan at
+    least as good as the known one and is fixed there (exact)."""
     if not lp_first:
         return solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
     lp_backend = "highs" if "highs" in available_backends() else backend
@@ -85,6 +105,13 @@ def solve_lp_first(milp, backend: str, time_limit_s: float | None,
                 return SolveResult(f"{lp_backend} (LP, integral)", SolveStatus.OPTIMAL, x, obj,
                                    lp.objective, relative_gap(obj, lp.objective),
                                    time.perf_counter() - t0)
+    dual = lp.extra.get("col_dual")
+    if lp.status is SolveStatus.OPTIMAL and dual is not None and np.isfinite(cutoff):
+        slack = cutoff - lp.objective + 1e-6 * max(1.0, abs(cutoff))
+        fix = (lp.x <= 1e-9) & (dual > slack)
+        milp = dataclasses.replace(milp, col_upper=np.where(fix, 0.0, milp.col_upper))
+    if time_limit_s is not None:
+        time_limit_s = max(time_limit_s - (time.perf_counter() - t0), 1e-3)
     r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
     return dataclasses.replace(r, time_s=time.perf_counter() - t0)
 
@@ -97,7 +124,8 @@ def solve_sharding(costed: CostedGraph, backend: str | None = None,
     model = ShardingModel(costed.problem, cutoff)
     milp = model.milp()
     build_s = time.perf_counter() - t0
-    r = solve_lp_first(milp, backend or default_backend(), time_limit_s, mip_rel_gap, lp_first)
+    r = solve_lp_first(milp, backend or size_backend(milp), time_limit_s, mip_rel_gap, lp_first,
+                       cutoff)
     choice = stage = None
     if r.has_solution:
         choice = _decode(costed, model, r.x)
@@ -131,30 +159,55 @@ def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: Mesh
     return Candidate(costed, stages, pp, microbatches, r, choice, stage, milp.num_cols, build_s)
 
 
-def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
-                  config: TrainingConfig, backend: str | None = None,
-                  time_limit_s: float | None = None, mip_rel_gap: float = 1e-6,
-                  cutoff: float = float("inf"), lp_first: bool = True) -> Candidate:
-    """Solve the sharding ILP of a pipelined program of repeated layers (stages fixed)."""
-    t0 = time.perf_counter()
+def prepare_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
+                    config: TrainingConfig) -> tuple[CostedGraph, ShardingProblem, float]:
+    """(costed, sharding problem, 1F1B bubble seconds) of a pipelined program on a stage mesh."""
     costed, problem = cost_program(prog, smesh, pp, cluster, config)
     # 1F1B idle time: (K-1) passes of one micro-batch through one stage (as bubble_seconds)
     flops = sum(prog.cost_mult.node(n.name) * n.flops for n in prog.graph.ops) / prog.microbatches
     passes = 4.0 if prog.recompute else 3.0  # forward (again, when recomputing) + backward
     bubble = (prog.stages - 1) * passes * flops / (
         prog.stages * smesh.num_devices * cluster.peak_flops)
+    return costed, problem, bubble
+
+
+def without_dominated(costed: CostedGraph) -> CostedGraph:
+    """``costed`` with its problem's dominated signatures removed (exact; see
+    :mod:`autoddl.formulations.dominance`), its signature lists to match. Done only for the
+    candidates whose ILP is solved: the screening's bound does not change with it."""
+    problem, keep = prune_dominated(costed.problem)
+    sigs = {n.name: [costed.sigs[n.name][int(k)] for k in kept]
+            for n, kept in zip(costed.graph.nodes, keep)}
+    return dataclasses.replace(costed, problem=problem, sigs=sigs)
+
+
+def program_stages(prog: Program, problem: ShardingProblem) -> dict[str, int]:
+    """The real stage of each node of a program's problem (middle stages shown as stage 1)."""
+    real = (0, 1, prog.stages - 1)
+    return {n.name: real[n.group] for n in problem.nodes}
+
+
+def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
+                  config: TrainingConfig, backend: str | None = None,
+                  time_limit_s: float | None = None, mip_rel_gap: float = 1e-6,
+                  cutoff: float = float("inf"), lp_first: bool = True,
+                  prepared: tuple[CostedGraph, ShardingProblem, float] | None = None
+                  ) -> Candidate:
+    """Solve the sharding ILP of a pipelined program of repeated layers (stages fixed)."""
+    t0 = time.perf_counter()
+    costed, problem, bubble = prepared or prepare_program(prog, smesh, pp, cluster, config)
     model = ShardingModel(problem, cutoff - bubble)
     milp = model.milp()
     build_s = time.perf_counter() - t0
-    r = solve_lp_first(milp, backend or default_backend(), time_limit_s, mip_rel_gap, lp_first)
+    r = solve_lp_first(milp, backend or size_backend(milp), time_limit_s, mip_rel_gap, lp_first,
+                       cutoff - bubble)
     if r.objective is not None:
         r = dataclasses.replace(r, objective=r.objective + bubble,
                                 bound=None if r.bound is None else r.bound + bubble)
     choice = stage = None
     if r.has_solution:
         choice = _decode(costed, model, r.x)
-        real = (0, 1, prog.stages - 1)
-        stage = {n.name: real[n.group] for n in problem.nodes}
+        stage = program_stages(prog, problem)
     return Candidate(costed, prog.stages, pp, prog.microbatches, r, choice, stage,
                      milp.num_cols, build_s, prog, problem, bubble)
 
@@ -197,7 +250,7 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
             n.name, n.target, format_placement(s.out, names),
             tuple(format_placement(p, names) for p in s.ins),
             tuple(None if g is None else format_placement(g, names) for g in s.grads),
-            c.stage[n.name],
+            c.stage[n.name], zero=s.zero,
         ))
     if c.stages == 1:
         cost = breakdown(costed, c.choice)
@@ -232,16 +285,18 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                mip_rel_gap: float = 1e-6, microbatch_graph: OpGraph | None = None,
                microbatches: int = 1, stages: int | None = None, balance_eps: float = 0.1,
                schedule: str = "1F1B", log: Callable[[str], None] | None = None,
-               layers: int | None = None, reduce: bool = True, lp_first: bool = True) -> Plan:
+               layers: int | None = None, reduce: bool = True, lp_first: bool = True,
+               screen: bool = True, workers: int | None = None) -> Plan:
     """The minimum-cost plan of ``graph`` on ``cluster`` over all candidates.
 
     ``microbatch_graph`` (the graph of one of ``microbatches`` micro-batches) enables pipelined
     candidates; ``stages`` forces the pipeline degree (1: none); ``meshes`` restricts the
     unpipelined meshes. Repeated layers are solved once with a multiplicity (``reduce``);
     ``layers`` is the real layer count when the graphs were captured with fewer.
+    ``time_limit_s`` bounds the whole search (the plan then reports its gap); ``screen``: see
+    :func:`autoddl.engine.candidates.search`, as is ``workers`` (screening processes).
     """
     t0 = time.perf_counter()
-    backend = backend or default_backend()
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if not 0 <= balance_eps:
@@ -257,58 +312,81 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     if recompute and reduced is None:
         raise UserError("--recompute layers needs repeated layers (a ModuleList of identical "
                         "blocks, four or more)")
-    jobs: list[Callable[[], Candidate]] = []
+    t_build = time.perf_counter
+
+    def decode(costed: CostedGraph, idx: np.ndarray) -> dict[str, Signature]:
+        return {n.name: costed.sigs[n.name][int(k)] for n, k in zip(costed.graph.nodes, idx)}
+
+    def sharding_job(g: OpGraph, mesh: Mesh, mult) -> Prepared:
+        t1 = t_build()
+        costed = build_problem(g, mesh, cluster, config, mult)
+        return Prepared(
+            str(mesh), 1, costed, costed.problem, 0.0, t_build() - t1,
+            solve=lambda cut, tl: solve_sharding(without_dominated(costed), backend, tl,
+                                                 mip_rel_gap, cut, lp_first),
+            make=lambda idx, r: Candidate(costed, 1, None, 1, r, decode(costed, idx),
+                                          {n.name: 0 for n in costed.graph.nodes}, 0, 0.0))
+
+    def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks) -> Prepared:
+        t1 = t_build()
+        prog = build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches, recompute)
+        costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config)
+
+        def solve(cut: float, tl: float | None) -> Candidate:
+            lean = without_dominated(dataclasses.replace(costed, problem=problem))
+            return solve_program(prog, smesh, pp, cluster, config, backend, tl, mip_rel_gap,
+                                 cut, lp_first, (lean, lean.problem, bubble))
+
+        return Prepared(
+            f"pp{k} × {smesh}", k, costed, problem, bubble, t_build() - t1, solve=solve,
+            make=lambda idx, r: Candidate(costed, k, pp, microbatches, r, decode(costed, idx),
+                                          program_stages(prog, problem), 0, 0.0, prog, problem,
+                                          bubble))
+
+    def joint_job(k: int, pp: MeshAxis, smesh: Mesh) -> Prepared:
+        t1 = t_build()
+        costed = build_problem(microbatch_graph, smesh, cluster, config)
+        return Prepared(
+            f"pp{k} × {smesh}", k, costed, None, 0.0, t_build() - t1,
+            solve=lambda cut, tl: solve_pipeline(costed, k, microbatches, pp, balance_eps,
+                                                 backend, tl, mip_rel_gap),
+            make=lambda idx, r: None, uses_cutoff=False)
+
+    jobs: list[Job] = []
     if stages in (None, 1):
         g, mult = (reduced.graph, reduced.mult) if reduced else (graph, None)
-        for mesh in (meshes if meshes is not None else cluster.meshes()):
-            jobs.append(lambda cut, mesh=mesh: solve_sharding(
-                build_problem(g, mesh, cluster, config, mult), backend, time_limit_s,
-                mip_rel_gap, cut, lp_first))
+        for mesh in (meshes if meshes is not None else cluster.distinct_meshes()):
+            jobs.append(Job(str(mesh), 1, mesh.shape,
+                            lambda mesh=mesh: sharding_job(g, mesh, mult)))
+    n_layers = reduced.layers if reduced else 0
     if microbatch_graph is not None and stages != 1:
         check_rules(microbatch_graph)
         mb_blocks = find_blocks(microbatch_graph) if reduced else None
-        n_layers = reduced.layers if reduced else 0
-        for k, pp, smesh in pipeline_candidates(cluster, microbatches, stages=stages):
+        for k, pp, smesh in pipeline_candidates(cluster, microbatches, stages=stages,
+                                                 distinct=True):
             if mb_blocks is not None:
-                if n_layers % k:
-                    continue  # stages hold whole, equal runs of layers
-                jobs.append(lambda cut, k=k, pp=pp, smesh=smesh: solve_program(
-                    build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches,
-                                  recompute),
-                    smesh, pp, cluster, config, backend, time_limit_s, mip_rel_gap, cut,
-                    lp_first))
+                if n_layers % k == 0:  # stages hold whole, equal runs of layers
+                    jobs.append(Job(f"pp{k} × {smesh}", k, smesh.shape,
+                                    lambda k=k, pp=pp, smesh=smesh: program_job(k, pp, smesh,
+                                                                                mb_blocks)))
                 continue
-            jobs.append(lambda cut, k=k, pp=pp, smesh=smesh: solve_pipeline(
-                build_problem(microbatch_graph, smesh, cluster, config), k, microbatches, pp,
-                balance_eps, backend, time_limit_s, mip_rel_gap))
+            jobs.append(Job(f"pp{k} × {smesh}", k, smesh.shape,
+                            lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
     if not jobs:
         raise UserError(f"no candidate with {stages} pipeline stages: the stage count must "
                         f"divide the {cluster.num_devices} devices and be at most the "
                         f"{microbatches} micro-batches")
-    best: Candidate | None = None
-    solved: list[Candidate] = []
-    candidates: list[dict] = []
-    for job in jobs:
-        cut = best.result.objective if best is not None else float("inf")
-        c = job(cut)
-        solved.append(c)
-        r = c.result
-        status = r.status.value
-        if r.status is SolveStatus.INFEASIBLE and np.isfinite(cut):
-            status = "dominated"  # proven unable to beat the best plan found before it
-        candidates.append({"mesh": c.label, "stages": c.stages, "shape": list(c.costed.mesh.shape),
-                           "status": status, "objective": r.objective, "gap": r.gap,
-                           "time_s": r.time_s, "build_s": c.build_s, "variables": c.num_cols})
-        if log:
-            log(f"{c.label}: {status}"
-                + (f", objective {r.objective:.6g} s" if r.objective is not None else ""))
-        if r.status is SolveStatus.FEASIBLE:
-            print(f"warning: {c.label}: time limit reached, best plan has gap "
-                  f"{100 * (r.gap or 0):.3g} %", file=sys.stderr)
-        if c.choice is not None and (best is None or r.objective < best.result.objective):
-            best = c
+    found = search(jobs, mip_rel_gap=mip_rel_gap, time_limit_s=time_limit_s, screen=screen,
+                   workers=workers, log=log)
+    best = found.best
     if best is None:
-        _raise_no_plan(solved, cluster, backend, balance_eps)
+        if found.timed_out:
+            raise SolverError("no plan found within the time limit; raise --time-limit")
+        _raise_no_plan(found.solved, cluster, backend or default_backend(), balance_eps)
+    if best.result.status is SolveStatus.FEASIBLE:
+        print(f"warning: time limit reached: the plan is within {100 * (best.result.gap or 1):.3g}"
+              " % of optimal (gap to the best bound)", file=sys.stderr)
+    candidates = found.records
     g = best.costed.graph
     info = {"spec": model_spec, "graph_hash": g.digest(), "num_ops": len(g.ops),
             "num_params": reduced.param_count if reduced else g.param_count}

@@ -6,7 +6,10 @@ program, so one representative of them stands for K−2 (its costs count K−2 t
 checked once, with the most micro-batches any of them holds in flight, K−1). Within a stage the
 n blocks reduce as in :mod:`autoddl.engine.repeat`: first, mid (n−2 copies), last. Edges that
 cross a stage boundary pay the point-to-point transfer of the producer's local piece (forward,
-and backward for tensors with gradients) over the pipeline axis, per micro-batch.
+and backward for tensors with gradients) over the pipeline axis, per micro-batch. Costs count
+per micro-batch too (× m in the copies), except the conversion of a weight's gradient accumulated
+over the micro-batches (:func:`autoddl.engine.costs.accumulates_grad`): once per step per weight
+copy (``Multiplicity.grad_copies``).
 
 The result is an ordinary sharding problem with memory groups (one per represented stage):
 :class:`~autoddl.formulations.sharding.ShardingModel` solves it exactly.
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from autoddl.engine.cluster import Mesh, MeshAxis
-from autoddl.engine.costs import CostedGraph, Multiplicity, TrainingConfig, build_problem
+from autoddl.engine.costs import (
+    CostedGraph, Multiplicity, TrainingConfig, accumulated_edges, build_problem,
+)
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import local_fraction
 from autoddl.engine.repeat import Blocks, _canonical, block_outputs
@@ -219,7 +224,10 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
             seen2.add((key[0], node_group[key[1]]))
     recomputed = frozenset(nd.name for nd in reduced.nodes if nd.kind == "op"
                            and nd.name.split("/")[0] in inst_of) if recompute else frozenset()
-    mult = Multiplicity(node_mult, edge_mult, tuple(extra), recomputed=recomputed)
+    # a weight's accumulated gradient is converted once per step: per copy, not per micro-batch
+    grads = {key: edge_mult[key] // m for key in accumulated_edges(reduced)}
+    mult = Multiplicity(node_mult, edge_mult, tuple(extra), recomputed=recomputed,
+                        grad_copies=grads)
     return Program(reduced, mult, node_group, node_mem, inflight, crossing, K, m, layers,
                    recompute, frozenset(block_outputs(graph, blocks)))
 

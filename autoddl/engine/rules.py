@@ -40,14 +40,27 @@ class AxisSig:
     vocab: bool = False
 
 
+#: ZeRO levels of a parameter's signature (:attr:`Signature.zero`)
+ZERO_NONE, ZERO_STATES, ZERO_GRADS, ZERO_REGATHER = 0, 1, 2, 3
+
+
 @dataclass(frozen=True)
 class Signature:
-    """An n-axis signature; ``grads[i]`` is input i's gradient placement (None: no gradient)."""
+    """An n-axis signature; ``grads[i]`` is input i's gradient placement (None: no gradient).
+
+    ``zero`` (parameters only) says how a ZeRO-style data-parallel optimizer keeps it:
+    ``ZERO_STATES`` (1) and ``ZERO_GRADS`` (2): the weight as ``out`` places it, its optimizer
+    states (and, at 2, its gradient) divided over the axes where it is ``B`` (ZeRO-1, ZeRO-2);
+    ``ZERO_REGATHER`` (3): the weight stored as ``out`` places it (split), gathered for each
+    consumer in forward, freed, and gathered again in backward (ZeRO-3/FSDP) instead of keeping
+    the gathered copy for backward.
+    """
 
     ins: tuple[Placement, ...]
     out: Placement
     grads: tuple[Placement | None, ...]
     axes: tuple[AxisSig, ...] = field(compare=False)
+    zero: int = ZERO_NONE
 
 
 Rule = Callable[[OpNode, list[TensorMeta]], list[AxisSig]]
@@ -275,6 +288,35 @@ def _embedding(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
     return sigs
 
 
+@rule("aten.conv2d.default")
+def _conv2d(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    """Convolution, linear in input and weight: batch split, output channels split (column
+    parallel: weight and bias by output channel), input channels split (the contraction: partial
+    sums, the bias added once), and partial sums through. Spatial splits would need halos."""
+    x, w = ins[0], ins[1]
+    bias = len(ins) > 2
+    groups = node.arg(6, "groups", 1)
+    if groups != 1 or x.ndim != 4:
+        return [_replicated(len(ins))]
+    b_, masked = ((B,), frozenset({2})) if bias else ((), frozenset())
+    sigs = [_replicated(len(ins)), AxisSig((P, B, *b_), P, masked), AxisSig((B, P, *b_), P, masked)]
+    if x.shape[0] > 1:
+        sigs.append(AxisSig((S(0), B, *b_), S(0)))
+    if w.shape[0] > 1:
+        sigs.append(AxisSig((B, S(0), *((S(0),) if bias else ())), S(1)))
+    if w.shape[1] > 1:
+        sigs.append(AxisSig((S(1), S(1), *b_), P, masked))
+    return sigs
+
+
+@rule("aten.max_pool2d.default")
+def _max_pool2d(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    """Pooling acts on each (sample, channel) plane: batch or channels split."""
+    x = ins[0]
+    return [_replicated(1)] + [AxisSig((S(d),), S(d)) for d in range(min(2, x.ndim - 2))
+                               if x.shape[d] > 1]
+
+
 # --------------------------------------------------------------------------- normalizations
 @rule("aten.layer_norm.default", "aten.rms_norm.default")
 def _layer_norm(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
@@ -354,12 +396,24 @@ def _mse(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
 
 # --------------------------------------------------------------------------- n-axis signatures
 def leaf_signatures(node: OpNode, mesh_shape: Sequence[int]) -> list[Signature]:
-    """Placements of a parameter or input: B or S(d) on each axis (never P)."""
+    """Placements of a parameter or input: B or S(d) on each axis (never P).
+
+    A trained parameter also gets its ZeRO variants: ``ZERO_GRADS`` where it is ``B`` on an axis
+    of size > 1 (ZeRO-1 keeps more memory for the same communication, so only the baselines
+    build it), ``ZERO_REGATHER`` where it is split on one.
+    """
     options = [B] + [S(d) for d in range(node.out.ndim) if node.out.shape[d] > 1]
     out = []
+    trained = node.kind == "param" and node.requires_grad
     for combo in itertools.product(*[options if n > 1 else [B] for n in mesh_shape]):
         if is_valid(combo, node.out.shape, mesh_shape):
             out.append(Signature((), tuple(combo), (), ()))
+            if not trained:
+                continue
+            if any(p == B and n > 1 for p, n in zip(combo, mesh_shape)):
+                out.append(Signature((), tuple(combo), (), (), ZERO_GRADS))
+            if any(p != B and n > 1 for p, n in zip(combo, mesh_shape)):
+                out.append(Signature((), tuple(combo), (), (), ZERO_REGATHER))
     return out
 
 

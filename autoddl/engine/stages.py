@@ -2,7 +2,11 @@
 
 With K stages the device mesh is ``(pp=K, *stage mesh)``: the pipeline axis outermost (so, with
 node-major ranks, stages fall across nodes first) and every stage on an identical stage mesh. The
-graph is one micro-batch's; its sharding costs count once per micro-batch.
+graph is one micro-batch's; its sharding costs count once per micro-batch, except the conversions
+of weight gradients accumulated over the micro-batches
+(:func:`autoddl.engine.costs.accumulates_grad`), which run once per step: in the joint problem,
+whose costs are per micro-batch, they count their per-micro-batch share, 1/m
+(:func:`accumulated_share`).
 """
 
 from __future__ import annotations
@@ -14,22 +18,28 @@ import numpy as np
 
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis, ordered_factorizations
 from autoddl.engine.costs import (
-    SAVES_INPUTS, CostedGraph, breakdown, edge_steps, node_memory_bytes, steps_seconds,
+    CostedGraph, Multiplicity, _EdgeCoster, accumulated_edges, accumulates_grad, breakdown,
+    edge_steps, forward_times, grad_fraction, keeps_converted, node_memory_bytes, steps_seconds,
     work_divisor,
 )
 from autoddl.engine.placements import local_fraction
 from autoddl.engine.rules import Signature
 from autoddl.formulations.pipeline import PipelineProblem
+from autoddl.formulations.sharding import ShardingProblem
 
 PIPELINE_AXIS = "pp"
 STAGE_AXES = ("x", "y", "z")
 
 
 def pipeline_candidates(cluster: Cluster, microbatches: int, max_axes: int = 3,
-                        stages: int | None = None) -> list[tuple[int, MeshAxis, Mesh]]:
-    """(K, pipeline axis, stage mesh) for every K >= 2 dividing the devices, K <= micro-batches."""
+                        stages: int | None = None, distinct: bool = False
+                        ) -> list[tuple[int, MeshAxis, Mesh]]:
+    """(K, pipeline axis, stage mesh) for every K >= 2 dividing the devices, K <= micro-batches;
+    ``distinct``: without stage meshes equivalent to an earlier one of the same K
+    (:meth:`~autoddl.engine.cluster.Mesh.symmetry_key`)."""
     n = cluster.num_devices
     out = []
+    seen: set = set()
     for k in range(2, n + 1):
         if n % k or k > microbatches or (stages is not None and k != stages):
             continue
@@ -40,6 +50,10 @@ def pipeline_candidates(cluster: Cluster, microbatches: int, max_axes: int = 3,
             pp = dataclasses.replace(full.axes[0], name=PIPELINE_AXIS)
             stage_axes = tuple(dataclasses.replace(a, name=STAGE_AXES[i])
                                for i, a in enumerate(full.axes[1:]))
+            key = (k, pp, Mesh(stage_axes).symmetry_key())
+            if distinct and key in seen:
+                continue
+            seen.add(key)
             out.append((k, pp, Mesh(stage_axes)))
     return out
 
@@ -63,7 +77,8 @@ def build_pipeline_problem(costed: CostedGraph, stages: int, microbatches: int, 
                               if n.kind == "op" else 0.0 for s in sigs]))
         pieces.append(np.array([n.out.nbytes * local_fraction(s.out, mesh.shape) for s in sigs]))
     return PipelineProblem(
-        sharding=costed.problem, stages=stages, microbatches=microbatches,
+        sharding=accumulated_share(costed, microbatches), stages=stages,
+        microbatches=microbatches,
         node_kind=tuple(n.kind for n in g.nodes),
         flops=np.array([n.flops if n.kind == "op" else 0.0 for n in g.nodes]),
         activation_bytes=tuple(acts), piece_bytes=tuple(pieces),
@@ -75,22 +90,47 @@ def build_pipeline_problem(costed: CostedGraph, stages: int, microbatches: int, 
     )
 
 
-def _scaled(d: dict, m: int) -> dict:
-    return {k: v * m for k, v in d.items()}
+def accumulated_share(costed: CostedGraph, microbatches: int) -> ShardingProblem:
+    """``costed.problem`` (per micro-batch) with each accumulated weight gradient's conversion at
+    its per-micro-batch share: run once per step of ``microbatches``, it counts 1/m of itself."""
+    g, mult, m = costed.graph, costed.mult or Multiplicity(), microbatches
+    acc = set(accumulated_edges(g))
+    if m == 1 or not acc:
+        return costed.problem
+    coster = _EdgeCoster(costed.mesh)
+    edges = list(costed.problem.edges)
+    for j, (src, dst, i, k) in enumerate(mult.all_edges(g)):
+        if (src, dst, i) in acc:
+            edges[j] = coster.choices(g, costed.sigs, costed.index, src, dst, i, k,
+                                      mult.edge_memory(src, dst, i, k),
+                                      2 if dst in mult.recomputed else 1, k / m)
+    return dataclasses.replace(costed.problem, edges=tuple(edges))
+
+
+def step_multiplicity(costed: CostedGraph, microbatches: int) -> Multiplicity:
+    """The copies per step of a micro-batch graph's nodes and edges: ``microbatches`` times
+    each, the conversions of accumulated weight gradients once."""
+    g, mult, m = costed.graph, costed.mult or Multiplicity(), microbatches
+    assert not mult.extra_edges, "a micro-batch graph of the joint problem is not reduced"
+    return dataclasses.replace(
+        mult, nodes={n.name: m * mult.node(n.name) for n in g.nodes},
+        edges={(src, n.name, i): m * mult.edge(src, n.name, i)
+               for n in g.nodes for i, src in enumerate(n.inputs)},
+        grad_copies={e: mult.edge(*e) for e in accumulated_edges(g)})
 
 
 def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage: dict[str, int],
                        stages: int, microbatches: int, pp: MeshAxis) -> dict:
     """Cost and memory of a pipelined plan, per training step of ``microbatches`` micro-batches."""
     g, mesh, m = costed.graph, costed.mesh, microbatches
-    per_mb = breakdown(costed, choice)
-    mem_mb = per_mb.pop("memory")
-    out = {
-        "per_axis": {a: _scaled(v, m) for a, v in per_mb["per_axis"].items()},
-        "per_kind": {k: _scaled(v, m) for k, v in per_mb["per_kind"].items()},
-    }
+    step_mult = step_multiplicity(costed, m)
+    per_step = breakdown(dataclasses.replace(costed, mult=step_mult), choice)
+    mem_mb = per_step.pop("memory")
+    out = {"per_axis": per_step["per_axis"], "per_kind": per_step["per_kind"],
+           "per_op": per_step["per_op"]}
     p2p = {"bytes": 0.0, "seconds": 0.0, "count": 0}
-    stage_comm = np.zeros(stages)
+    stage_comm = np.zeros(stages)  # per micro-batch
+    stage_sync = np.zeros(stages)  # once per step: accumulated weight gradients
     stage_compute = np.zeros(stages)
     converted = np.zeros(stages)
     for n in g.nodes:
@@ -101,9 +141,13 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
         for i, src in enumerate(n.inputs):
             fwd, bwd = edge_steps(g[src].out.nbytes, choice[src].out, choice[n.name].ins[i],
                                   choice[n.name].grads[i], mesh)
-            stage_comm[k] += steps_seconds(fwd or [], mesh) + steps_seconds(bwd, mesh)
+            stage_comm[k] += (forward_times(choice[src], n.name, Multiplicity())
+                              * steps_seconds(fwd or [], mesh))
+            once = (src, n.name, i) in step_mult.grad_copies and accumulates_grad(
+                grad_fraction(choice[src], mesh.shape), choice[n.name].grads[i], mesh.shape)
+            (stage_sync if once else stage_comm)[k] += steps_seconds(bwd, mesh)
             pin = choice[n.name].ins[i]
-            if n.target in SAVES_INPUTS and choice[src].out != pin:
+            if keeps_converted(g, choice[src], n.name, pin):
                 converted[k] += (g[src].out.nbytes * local_fraction(pin, mesh.shape)
                                  * min(stages - k, m))
     last_reader: dict[str, int] = {}
@@ -124,7 +168,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
     out["per_axis"][PIPELINE_AXIS] = p2p
     out["per_kind"]["p2p"] = p2p
     bubble = bubble_seconds(costed, stages)
-    bandwidth = m * per_mb["bandwidth_s"] + p2p["seconds"]
+    bandwidth = per_step["bandwidth_s"] + p2p["seconds"]
     slowest = float((stage_compute + stage_comm).max())
     # activations per stage: micro-batches in flight under 1F1B
     mem_stage = defaultdict(lambda: {"weights_bytes": 0.0, "activations_bytes": 0.0})
@@ -136,13 +180,14 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
     per_stage = [sum(mem_stage[k].values()) + converted[k] for k in range(stages)]
     worst = int(np.argmax(per_stage))
     out.update({
-        "total_s": m * per_mb["total_s"] + p2p["seconds"] + bubble,
+        "total_s": per_step["total_s"] + p2p["seconds"] + bubble,
         "bandwidth_s": bandwidth,
-        "redundant_compute_s": m * per_mb["redundant_compute_s"],
+        "redundant_compute_s": per_step["redundant_compute_s"],
         "bubble_s": bubble,
-        "compute_s": m * per_mb["compute_s"],
-        "step_time_s": (m + stages - 1) * slowest,
-        "bytes_per_device": m * per_mb["bytes_per_device"] + p2p["bytes"],
+        "compute_s": per_step["compute_s"],
+        # the accumulated gradients are converted after the last micro-batch's backward
+        "step_time_s": (m + stages - 1) * slowest + float(stage_sync.max()),
+        "bytes_per_device": per_step["bytes_per_device"] + p2p["bytes"],
     })
     memory = {
         "weights_bytes": mem_stage[worst]["weights_bytes"],

@@ -30,6 +30,24 @@ Stage variables (cumulative form): :math:`a_{v,k} = 1` iff :math:`stage(v) \le k
 Objective: :math:`m \cdot` (sharding objective) + transfer costs + the bubble,
 :math:`(K-1)` times one micro-batch's forward+backward time of a stage: idle time, charged like the
 redundant compute of the sharding part, so that "more stages" is not free.
+
+**Weight gradients accumulated over the micro-batches.** As in Megatron-LM, DeepSpeed or DDP's
+``no_sync``, the gradient a weight's reader returns is summed over the m micro-batches and
+converted (all-reduced, ...) once per step, not once per micro-batch. The conversion steps
+:math:`R` (all-reduce, reduce-scatter, all-gather, all-to-all, slices) are linear, so
+:math:`R(\sum_j g_j) = \sum_j R(g_j)`: the result is the same, and the cost of the edge pair
+:math:`(a, b)` is :math:`m\,c^{fwd}_{e,a,b} + c^{bwd}_{e,a,b}` instead of
+:math:`m\,(c^{fwd}_{e,a,b} + c^{bwd}_{e,a,b})`. The per-micro-batch problem this module is given
+(:attr:`PipelineProblem.sharding`) carries the once-per-step part as its per-micro-batch share,
+:math:`c^{fwd} + c^{bwd}/m`, so that the :math:`m\cdot` above makes it exact; nothing in the
+model below changes. Memory: the sum lives in the placement the reader returns (a ``P`` gradient
+of a ``B`` weight is a full-size partial sum), so it is accumulated only where that piece is no
+larger than the weight's own gradient, whose memory (counted with the weight's states) then holds
+it: data parallel's all-reduce of a ``B`` weight, all-to-alls and all-gathers of gradients. A
+weight stored split whose gradient is reduce-scattered from a full ``P`` sum, a ZeRO-2 weight
+(gradient divided), and a weight read by several operators keep the per-micro-batch conversion
+(as ZeRO-2/3 do), so the memory rows are unchanged and truthful
+(:func:`autoddl.engine.costs.accumulates_grad`, applied by :mod:`autoddl.engine.stages`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ Local execution needs three adjustments, flagged by the rules (:mod:`autoddl.eng
 masked additive inputs (only coordinate 0 of an axis adds a bias under a ``P`` output), means over
 a split dim (scaled by 1/axis size), and row-split embedding tables (look up owned rows only).
 Arguments that carry global sizes (view, reshape, expand) get the local sizes.
+
+ZeRO-3 parameters (signature ``zero`` = ``ZERO_REGATHER``): the consumer runs, together with the
+gathering of such parameters, under activation checkpointing, so the gathered weight is not kept
+for backward; backward gathers it again (the forward steps run twice, as the cost model charges)
+and then reduce-scatters its gradient. Inside a recomputed layer the layer's own recomputation
+is that second gather. ZeRO-1/2 weights run as data parallel ones (the all-reduce moves their
+reduce-scatter + all-gather's bytes); the optimizer here keeps their states whole.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from autoddl.engine.placements import (
     Placement, Step, grad_target, local_shape, reshard_steps, split_dim,
 )
 from autoddl.engine.plan import Plan
-from autoddl.engine.rules import Signature, signatures
+from autoddl.engine.rules import (
+    ZERO_GRADS, ZERO_NONE, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
+)
 
 _SIZE_ARG_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
                  "aten.expand.default"}
@@ -136,8 +145,10 @@ def find_signature(graph: OpGraph, name: str, plan: Plan, mesh_shape) -> Signatu
     names = plan.axis_names
     out = tuple(op.out[a] for a in names)
     ins = tuple(tuple(i[a] for a in names) for i in op.ins)
+    # ZeRO-1/2 move the all-reduce's bytes: run as such (their optimizer states stay whole here)
+    zero = ZERO_NONE if op.zero in (ZERO_STATES, ZERO_GRADS) else op.zero
     for s in signatures(graph[name], graph, mesh_shape):
-        if s.out == out and s.ins == ins:
+        if s.out == out and s.ins == ins and s.zero == zero:
             return s
     raise ValueError(f"plan gives {name} placements {ins} -> {out}, which no rule allows")
 
@@ -218,7 +229,7 @@ class ShardedExecutor:
             def block(*tensors, group=group, ext=ext, outs=outs):
                 local_env = dict(zip(ext, tensors))
                 for n in group:
-                    self._run_node(n, local_env)
+                    self._run_node(n, local_env, recomputed=True)
                 return tuple(local_env[o] for o in outs)
 
             results = torch.utils.checkpoint.checkpoint(block, *[env[e] for e in ext],
@@ -226,9 +237,28 @@ class ShardedExecutor:
             env.update(zip(outs, results))
         return env
 
-    def _run_node(self, n, env: dict[str, torch.Tensor]) -> None:
-        locals_ = [self._edge(src, n.name, i, env[src]) for i, src in enumerate(n.inputs)]
-        env[n.name] = self._run_op(n, self._fx[n.name], locals_)
+    def _run_node(self, n, env: dict[str, torch.Tensor], recomputed: bool = False) -> None:
+        again = [] if recomputed else [
+            i for i, src in enumerate(n.inputs)
+            if self.sigs[src].zero == ZERO_REGATHER
+            and self.sigs[src].out != self.sigs[n.name].ins[i] and env[src].requires_grad]
+        if not again:
+            locals_ = [self._edge(src, n.name, i, env[src]) for i, src in enumerate(n.inputs)]
+            env[n.name] = self._run_op(n, self._fx[n.name], locals_)
+            return
+        # ZeRO-3: gather the weight and run the op without keeping the gathered copy; backward
+        # recomputes both (the gather runs again), then reduce-scatters the gradient
+        rest = {i: self._edge(src, n.name, i, env[src]) for i, src in enumerate(n.inputs)
+                if i not in again}
+
+        def gather_and_run(*weights: torch.Tensor) -> torch.Tensor:
+            locals_ = dict(rest)
+            for i, w in zip(again, weights):
+                locals_[i] = self._edge(n.inputs[i], n.name, i, w)
+            return self._run_op(n, self._fx[n.name], [locals_[i] for i in range(len(n.inputs))])
+
+        env[n.name] = torch.utils.checkpoint.checkpoint(
+            gather_and_run, *[env[n.inputs[i]] for i in again], use_reentrant=False)
 
     def _groups(self, recompute: bool) -> list[tuple[str, list]]:
         """Consecutive ops grouped by repeated layer (scope) when recomputing, else one group."""

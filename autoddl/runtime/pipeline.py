@@ -26,6 +26,14 @@ micro-batch's gradients and, with ``scale_grads=True`` (torch 2.13's default), d
 stage parameter's gradient by m after the last backward (``PipelineStage.scale_grads``), which
 gives exactly the gradient of that mean.
 
+Weight gradients accumulated over the micro-batches (:func:`autoddl.engine.costs.accumulates_grad`,
+as the cost model counts them): the edge from such a weight to its reader converts forward as
+planned, but its backward only adds the reader's gradient, in the placement the reader returns it
+in (e.g. a ``P`` partial sum of a ``B`` weight), to a sum for the step. After the schedule's last
+backward the stage runs each sum's planned backward steps once (the all-reduce, ...), divides by
+m as the schedule divides the other gradients, and writes the weight's gradient. The steps are
+linear, so this equals converting each micro-batch's gradient and summing.
+
 Stages are built in the library's *static* metadata mode (``input_args``/``output_args`` given as
 local-shape plain tensors): no metadata-inference forward runs, so the only collectives in a step
 are the planned ones.
@@ -39,13 +47,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from autoddl.engine.costs import accumulated_edges, accumulates_grad, grad_fraction
 from autoddl.engine.graph import OpGraph, TensorMeta
-from autoddl.engine.placements import local_shape
+from autoddl.engine.placements import grad_target, local_shape, reshard_steps
 from autoddl.engine.plan import Plan
 from autoddl.errors import UserError
-from autoddl.runtime.execute import CommLog, ShardedExecutor
+from autoddl.runtime.execute import CommLog, ShardedExecutor, to_dtensor_placements
 
 P2P = "p2p"
 SCHEDULES = {"1F1B": Schedule1F1B, "GPIPE": ScheduleGPipe}
@@ -137,6 +147,72 @@ class _BoundaryGrad(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         ctx.log.add(ctx.axis, P2P, ctx.nbytes, direction="backward")
         return g.contiguous(), None, None, None
+
+
+class _Accumulate(torch.autograd.Function):
+    """A weight's edge whose gradient accumulates: forward converts as planned; backward adds the
+    reader's gradient, unconverted, to the step's sum for the edge (and sends nothing on)."""
+
+    @staticmethod
+    def forward(ctx, x, conv, src, fwd, shape, sums, key):  # type: ignore[override]
+        ctx.sums, ctx.key = sums, key
+        conv.log.direction = "forward"
+        return conv.run(x, src, fwd, shape)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        total = ctx.sums.get(ctx.key)
+        ctx.sums[ctx.key] = g.detach().clone() if total is None else total.add_(g)
+        return None, None, None, None, None, None, None
+
+
+class StageExecutor(ShardedExecutor):
+    """A stage's executor that accumulates weight gradients over the step's micro-batches and
+    converts them once (:meth:`apply_accumulated`), as the cost model counts them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        shape, members = self.mesh_shape, set(self.nodes)
+        #: edges (graph order) whose gradient is summed, with their backward steps
+        self.accumulating: dict[tuple[str, str, int], list] = {}
+        for src, dst, i in accumulated_edges(self.graph):
+            if dst not in members:
+                continue
+            grad = self.sigs[dst].grads[i]
+            if not accumulates_grad(grad_fraction(self.sigs[src], shape), grad, shape):
+                continue
+            target = tuple(grad_target(p) for p in self.sigs[src].out)
+            steps = reshard_steps(grad, target, self.graph[src].out.nbytes, shape)
+            if steps:
+                self.accumulating[(src, dst, i)] = steps
+        self.sums: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def _edge(self, src: str, dst: str, i: int, local: torch.Tensor) -> torch.Tensor:
+        if (src, dst, i) not in self.accumulating or not local.requires_grad:
+            return super()._edge(src, dst, i, local)
+        meta, src_pl = self.graph[src].out, self.sigs[src].out
+        fwd = reshard_steps(src_pl, self.sigs[dst].ins[i], meta.nbytes, self.mesh_shape)
+        assert fwd is not None
+        return _Accumulate.apply(local, self.conv, src_pl, fwd, meta.shape, self.sums,
+                                 (src, dst, i))
+
+    def apply_accumulated(self, microbatches: int) -> None:
+        """Convert each accumulated sum by its planned backward steps, once, divide it by the
+        micro-batch count (as the schedule scales the other gradients) and add it to its
+        weight's gradient. Collective: every rank of the stage mesh calls it, in graph order."""
+        self.log.direction = "backward"
+        for (src, dst, i), steps in self.accumulating.items():
+            total = self.sums.pop((src, dst, i), None)
+            if total is None:
+                continue
+            meta, grad_pl = self.graph[src].out, self.sigs[dst].grads[i]
+            local = self.conv.run(total, grad_pl, steps, meta.shape) / microbatches
+            param = self.params[self.graph[src].fqn]
+            target = tuple(grad_target(p) for p in self.sigs[src].out)
+            grad = DTensor.from_local(local, self.mesh, to_dtensor_placements(target),
+                                      run_check=False, shape=param.shape, stride=param.stride())
+            param.grad = grad if param.grad is None else param.grad + grad
+        assert not self.sums, f"gradient sums of edges not planned to accumulate: {list(self.sums)}"
 
 
 class StageModule(torch.nn.Module):
@@ -240,9 +316,9 @@ class PipelineRunner:
         self.stage_mesh = mesh[tuple(plan.axis_names)]
         self.group = mesh.get_group(pp)
         k_of = stage_of(plan)
-        self.executor = ShardedExecutor(ep, graph, plan, self.stage_mesh, params,
-                                        nodes=[n.name for n in graph.nodes
-                                               if k_of[n.name] == self.stage_index])
+        self.executor = StageExecutor(ep, graph, plan, self.stage_mesh, params,
+                                      nodes=[n.name for n in graph.nodes
+                                             if k_of[n.name] == self.stage_index])
         bounds = boundary_tensors(graph, plan)
         k = self.stage_index
         user = [n.name for n in graph.nodes if n.kind == "input"]
@@ -293,13 +369,14 @@ class PipelineRunner:
     def step(self, inputs: tuple) -> torch.Tensor | None:
         """One training step's forward and backward over m micro-batches of the whole-batch
         ``inputs`` (split along dim 0 by the schedule). Gradients accumulate into the stage's
-        parameters already divided by m. Returns the mean micro-batch loss on the last stage,
-        ``None`` elsewhere."""
+        parameters already divided by m (the accumulated weight gradients converted once, after
+        the schedule). Returns the mean micro-batch loss on the last stage, ``None`` elsewhere."""
         losses: list[torch.Tensor] = []
         first, last = self.stage.is_first, self.stage.is_last
         self.schedule.step(*(inputs if first else ()),
                            target=self._target if last else None,
                            losses=losses if last else None, return_outputs=False)
+        self.executor.apply_accumulated(self.plan.num_microbatches)
         if not last:
             return None
         return torch.stack([x.detach() for x in losses]).mean()

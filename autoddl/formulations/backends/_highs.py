@@ -161,4 +161,6 @@ class HighsBackend(Backend):
             bound = bound / scale + milp.offset
         info = h.getInfo()
         extra = {"nodes": int(info.mip_node_count)} if milp.integrality.any() else {}
+        if not milp.integrality.any() and status is SolveStatus.OPTIMAL:  # reduced costs
+            extra["col_dual"] = np.array(h.getSolution().col_dual, dtype=np.float64) / scale
         return finish(self.name, milp, status, x, bound, t0, msg, extra)

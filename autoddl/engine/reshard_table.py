@@ -1,0 +1,113 @@
+"""Conversion costs of every (producer placement, consumer placement) pair at once, in numpy.
+
+The same rules as :func:`autoddl.engine.placements.reshard_steps`, computed for a whole edge
+matrix in one pass instead of one Python call per pair (the pairs number tens of thousands on a
+3-axis mesh). Per mesh axis a step converts ``src`` to ``dst``:
+
+=============  ==========  ==========================  ===================
+src → dst      collective  bytes sent per device        latency steps
+=============  ==========  ==========================  ===================
+B → S          slice       0                            0
+P → S          reduce-sc.  (p−1)/p · held               p
+S → S'         all-to-all  (p−1)/p · held               p
+S → B          all-gather  (p−1) · held                 p
+P → B          all-reduce  2(p−1)/p · held              2(p−1)+1
+x → P (x≠P)    forbidden
+=============  ==========  ==========================  ===================
+
+where ``held`` is the bytes a device holds when the step runs. Steps run in the order of
+:data:`~autoddl.engine.placements.STEP_ORDER` (slices, then reduce-scatters and all-to-alls,
+then all-reduces, then all-gathers; each kind by axis size, then index), the order
+:func:`reshard_steps` uses, so that costs and the runtime's collectives agree (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from autoddl.engine.cluster import Mesh
+from autoddl.engine.placements import B, P, Placement, grad_target, split_dim
+
+_NONE, _SLICE, _RS, _A2A, _AG, _AR, _BAD = range(7)
+
+
+def _codes(placements: Sequence[Placement | None], axes: int) -> np.ndarray:
+    """Per placement and axis: -2 (no placement), -1 (B), 0 (P), 1 + d (S(d))."""
+    out = np.full((len(placements), axes), -2, dtype=np.int64)
+    for i, pl in enumerate(placements):
+        if pl is None:
+            continue
+        for a, p in enumerate(pl):
+            out[i, a] = -1 if p == B else 0 if p == P else 1 + split_dim(p)
+    return out
+
+
+def _kind(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The step kind converting code ``s`` to code ``t`` (broadcast)."""
+    k = np.full(np.broadcast(s, t).shape, _NONE)
+    diff = s != t
+    k = np.where(diff & (t == 0), _BAD, k)
+    k = np.where(diff & (t != 0) & (s == -1), _SLICE, k)
+    k = np.where(diff & (s == 0) & (t == -1), _AR, k)
+    k = np.where(diff & (s == 0) & (t > 0), _RS, k)
+    k = np.where(diff & (s > 0) & (t == -1), _AG, k)
+    k = np.where(diff & (s > 0) & (t > 0), _A2A, k)
+    return k
+
+
+def conversion_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seconds per byte, latency seconds, forbidden) of converting ``src`` codes (A, 1, axes)
+    to ``dst`` codes (1, B, axes) on ``mesh``; broadcast to (A, B)."""
+    shape = np.broadcast_shapes(src.shape[:-1], dst.shape[:-1])
+    sizes = [ax.size for ax in mesh.axes]
+    kinds = [_kind(src[..., a], dst[..., a]) for a in range(len(sizes))]
+    bad = np.zeros(shape, bool)
+    for a, k in enumerate(kinds):
+        bad |= k == _BAD
+    held = np.ones(shape)
+    for a, p in enumerate(sizes):
+        held = held * np.where(src[..., a] > 0, 1.0 / p, 1.0)
+    per_byte, latency = np.zeros(shape), np.zeros(shape)
+    by_size = sorted(range(len(sizes)), key=lambda a: (sizes[a], a))
+    for group in ((_SLICE,), (_RS, _A2A), (_AR,), (_AG,)):  # placements.STEP_ORDER
+        for a in by_size:
+            k, p = kinds[a], sizes[a]
+            if p == 1:
+                continue
+            ax = mesh.axes[a]
+            live = np.isin(k, group)
+            factor = np.select([k == _A2A, k == _RS, k == _AG, k == _AR],
+                               [(p - 1) / p, (p - 1) / p, p - 1.0, 2.0 * (p - 1) / p], 0.0)
+            steps = np.select([np.isin(k, (_A2A, _RS, _AG)), k == _AR], [p, 2 * (p - 1) + 1], 0)
+            per_byte += np.where(live, factor * held / (ax.bandwidth_gbps * 1e9), 0.0)
+            latency += np.where(live, steps * ax.latency_s, 0.0)
+            f_src = np.where(src[..., a] > 0, 1.0 / p, 1.0)
+            f_dst = np.where(dst[..., a] > 0, 1.0 / p, 1.0)
+            held = np.where(live, held * f_dst / f_src, held)
+    return np.where(bad, np.inf, per_byte), np.where(bad, 0.0, latency), bad
+
+
+def unit_matrices(src_vals: Sequence[Placement],
+                  dst_vals: Sequence[tuple[Placement, Placement | None]],
+                  mesh: Mesh) -> tuple[np.ndarray, ...]:
+    """(fwd s/byte, fwd latency s, bwd s/byte, bwd latency s, memory fraction) of every pair of
+    producer output placement and consumer (input placement, gradient placement); forward
+    inf where the conversion is forbidden, backward 0 where there is no gradient."""
+    n_axes = len(mesh.axes)
+    out = _codes(src_vals, n_axes)[:, None, :]
+    ins = _codes([d[0] for d in dst_vals], n_axes)[None, :, :]
+    grads = _codes([d[1] for d in dst_vals], n_axes)[None, :, :]
+    target = _codes([tuple(grad_target(p) for p in s) for s in src_vals], n_axes)[:, None, :]
+    fb, fl, bad = conversion_seconds(out, ins, mesh)
+    has_grad = np.array([d[1] is not None for d in dst_vals])[None, :]
+    bb, bl, bbad = conversion_seconds(np.where(grads == -2, target, grads), target, mesh)
+    keep = has_grad & ~bad & ~bbad  # a forbidden backward conversion is costed as none
+    bb, bl = np.where(keep, bb, 0.0), np.where(keep, bl, 0.0)
+    sizes = np.array([ax.size for ax in mesh.axes], float)
+    frac_in = np.prod(np.where(ins > 0, 1.0 / sizes, 1.0), axis=-1)
+    same = np.all(out == ins, axis=-1)
+    frac = np.where(same, 0.0, np.broadcast_to(frac_in, same.shape))
+    return fb, fl, bb, bl, np.where(bad, 0.0, frac)

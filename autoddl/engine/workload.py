@@ -1,0 +1,180 @@
+"""A model and a cluster made ready for planning, shared by the ILP and the baselines.
+
+:class:`Workload` holds what ``autoddl plan`` derives from a model spec before it solves: the
+captured graph (a repeated-layer model is captured with three layers and reduced to first, middle
+and last layer with multiplicities), the micro-batch graph for pipelined candidates, the cluster
+and the training configuration. Baselines and the ILP cost their plans with the same
+:func:`~autoddl.engine.costs.build_problem` (cached here per mesh) and turn them into ordinary
+:class:`~autoddl.engine.plan.Plan` objects with :func:`plan_from_choice`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from autoddl.engine.cluster import Cluster, Mesh, MeshAxis
+from autoddl.engine.costs import CostedGraph, TrainingConfig, build_problem
+from autoddl.engine.graph import OpGraph
+from autoddl.engine.plan import Plan
+from autoddl.engine.programs import Program, build_program
+from autoddl.engine.repeat import Blocks, Reduced, find_blocks, reduce_graph
+from autoddl.engine.rules import Signature, check_rules
+from autoddl.engine.stages import pipeline_candidates
+from autoddl.formulations.milp import SolveResult, SolveStatus
+from autoddl.errors import UserError
+from autoddl.formulations.sharding import ShardingProblem
+
+
+@dataclass(eq=False)
+class Workload:
+    """Everything the planner and the baselines need besides a plan."""
+
+    spec_text: str
+    graph: OpGraph  # the whole batch (captured with 3 layers when ``layers`` is set)
+    cluster: Cluster
+    config: TrainingConfig = TrainingConfig()
+    microbatch_graph: OpGraph | None = None
+    microbatches: int = 1
+    layers: int | None = None  # the real layer count when the graphs have fewer
+    balance_eps: float = 0.1
+    reduced: Reduced | None = None
+    _costed: dict[tuple[int, ...], CostedGraph] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_rules(self.graph)
+        blocks = find_blocks(self.graph)
+        if blocks is not None and self.layers is None and blocks.count < 4:
+            blocks = None  # three layers or fewer: planned whole, as plan_graph does
+        if blocks is not None:
+            self.reduced = reduce_graph(self.graph, blocks, self.layers,
+                                        self.config.recompute == "layers")
+
+    @property
+    def sharding_graph(self) -> OpGraph:
+        """The graph unpipelined plans are made on (reduced when layers repeat)."""
+        return self.reduced.graph if self.reduced else self.graph
+
+    @property
+    def num_layers(self) -> int:
+        """Repeated layers of the real model (0: none found)."""
+        return self.reduced.layers if self.reduced else 0
+
+    def costed(self, mesh: Mesh) -> CostedGraph:
+        """The costed sharding problem on ``mesh`` (cached by shape)."""
+        key = mesh.shape
+        if key not in self._costed:
+            mult = self.reduced.mult if self.reduced else None
+            self._costed[key] = build_problem(self.sharding_graph, mesh, self.cluster,
+                                              self.config, mult)
+        return self._costed[key]
+
+    def mesh(self, shape: tuple[int, ...]) -> Mesh:
+        """The cluster's mesh of ``shape`` (axes of size 1 dropped; one axis of 1 if none)."""
+        kept = tuple(s for s in shape if s > 1) or (1,)
+        return self.cluster.mesh(kept)
+
+    def microbatch_blocks(self) -> Blocks | None:
+        """The repeated layers of the micro-batch graph (pipelined programs need them)."""
+        if self.microbatch_graph is None or self.reduced is None:
+            return None
+        return find_blocks(self.microbatch_graph)
+
+    def stage_candidates(self, stages: int) -> list[tuple[int, MeshAxis, Mesh]]:
+        """(K, pipeline axis, stage mesh) of ``stages`` pipeline stages."""
+        return pipeline_candidates(self.cluster, self.microbatches, stages=stages)
+
+    def program(self, stages: int, smesh: Mesh, pp: MeshAxis, crossings: bool = True
+                ) -> tuple[Program, CostedGraph, ShardingProblem, float] | None:
+        """The pipelined program of repeated layers on ``stages`` stages, costed as the planner
+        costs it: (program, costed, problem, 1F1B bubble seconds); None when the model has no
+        repeated layers or ``stages`` does not divide them. ``crossings=False`` leaves out the
+        transfers between stages."""
+        from autoddl.engine.planner import prepare_program
+
+        blocks = self.microbatch_blocks()
+        if blocks is None or self.num_layers % stages:
+            return None
+        prog = build_program(self.microbatch_graph, blocks, self.num_layers, stages,
+                             self.microbatches, self.config.recompute == "layers")
+        if not crossings:
+            prog = dataclasses.replace(prog, crossing={})
+        return (prog, *prepare_program(prog, smesh, pp, self.cluster, self.config))
+
+    def model_info(self, g: OpGraph) -> dict[str, Any]:
+        """The plan file's ``model`` entry for a plan made on ``g``."""
+        info: dict[str, Any] = {"spec": self.spec_text, "graph_hash": g.digest(),
+                                "num_ops": len(g.ops),
+                                "num_params": (self.reduced.param_count if self.reduced
+                                               else g.param_count)}
+        if self.reduced is not None:
+            info["repeat"] = {"layers": self.reduced.layers,
+                              "container": self.reduced.container,
+                              "block_size": self.reduced.block_size}
+        return info
+
+
+def choice_index(costed: CostedGraph, choice: dict[str, Signature]) -> np.ndarray:
+    """Signature indices of ``choice`` in ``costed``'s lists (ZeRO-1 variants, built only by
+    the baselines, map to their weight's plain signature: same edges, same node cost)."""
+    out = []
+    for n in costed.graph.nodes:
+        s = choice[n.name]
+        sigs = costed.sigs[n.name]
+        if s not in sigs:
+            s = dataclasses.replace(s, zero=0)
+        out.append(sigs.index(s))
+    return np.array(out)
+
+
+def plan_from_choice(work: Workload, costed: CostedGraph, choice: dict[str, Signature],
+                     method: str, search_s: float, *, stage: dict[str, int] | None = None,
+                     stages: int = 1, pp: MeshAxis | None = None,
+                     program: Program | None = None, problem: ShardingProblem | None = None,
+                     bubble_s: float = 0.0, schedule: str = "1F1B") -> Plan:
+    """An ordinary plan of a baseline's choice, costed by the planner's own functions (a
+    program's stages are its memory groups')."""
+    from autoddl.engine.planner import Candidate, program_stages, to_plan
+
+    if program is not None and problem is not None:
+        stage = program_stages(program, problem)
+
+    result = SolveResult(method, SolveStatus.FEASIBLE, None, None, None, None, search_s)
+    cand = Candidate(costed, stages, pp, work.microbatches if stages > 1 else 1, result, choice,
+                     stage or {n: 0 for n in choice}, 0, 0.0, program, problem, bubble_s)
+    plan = to_plan(cand, work.model_info(costed.graph), work.cluster, [], search_s, schedule)
+    solver = {**plan.solver, "objective": plan.cost["total_s"], "status": "heuristic"}
+    ops = tuple(dataclasses.replace(o, zero=choice[o.name].zero) for o in plan.ops)
+    return dataclasses.replace(plan, ops=ops, solver=solver)
+
+
+def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam",
+                  recompute: str = "none", microbatches: int | None = None,
+                  stages: int | None = None, balance_eps: float = 0.1) -> Workload:
+    """The workload of a ``--model`` spec on a ``--cluster`` spec (or cluster), as ``autoddl
+    plan`` captures it: a GPT of more than three layers is captured with three and planned for
+    all; a micro-batch graph is captured unless ``stages`` is 1 or there is one device or one
+    micro-batch (default: the largest divisor of the batch up to 16)."""
+    from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
+    from autoddl.engine.cluster import parse_cluster
+    from autoddl.engine.models import build_model, parse_model_spec, with_layers
+
+    spec = parse_model_spec(model)
+    if isinstance(cluster, str):
+        cluster = parse_cluster(cluster)
+    config = TrainingConfig(optimizer, recompute)
+    if stages is not None and stages < 1:
+        raise UserError(f"--stages must be at least 1, got {stages}")
+    layers = dict(spec.params).get("layers")
+    fast = spec.name == "gpt" and layers is not None and layers > 3  # repeated layers:
+    module, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")  # capture 3
+    graph = capture(module, inputs)
+    m = microbatches or default_microbatches(inputs)
+    mb_graph = None
+    if stages != 1 and cluster.num_devices > 1 and m > 1:
+        mb_graph = capture(module, microbatch_inputs(inputs, m))
+    return Workload(spec.text, graph, cluster, config, mb_graph, m, layers if fast else None,
+                    balance_eps)

@@ -1,0 +1,43 @@
+"""The vectorized conversion table equals the step-by-step rules the runtime executes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from autoddl.engine.costs import _EdgeCoster
+from autoddl.engine.placements import input_grad
+from autoddl.engine.reshard_table import unit_matrices
+from tests.helpers import cluster
+
+
+def _placements(axes: int, ndim: int):
+    one = ["B", "P"] + [f"S({d})" for d in range(ndim)]
+    return [p for p in itertools.product(one, repeat=axes)
+            if len({x for x in p if x.startswith("S(")}) == sum(x.startswith("S(") for x in p)]
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 4), (2, 1, 4), (2, 3, 2)])
+def test_table_matches_scalar_steps(shape):
+    import math
+    c = cluster(devices=math.prod(shape), nodes=2 if math.prod(shape) % 2 == 0 else 1,
+                gbps=100, inter_gbps=7, latency_s=3e-6)
+    mesh = c.mesh(shape)
+    src = _placements(len(shape), 2)
+    ins = _placements(len(shape), 2)
+    rng = np.random.default_rng(0)
+    dst = [(p, tuple(input_grad(x, "S(0)") for x in p)) for p in ins]
+    dst += [(ins[i], None) for i in rng.choice(len(ins), 5)]
+    dst += [(ins[i], ins[j]) for i, j in rng.integers(0, len(ins), (20, 2))]
+    table = unit_matrices(src, dst, mesh)
+    coster = _EdgeCoster(mesh)
+    for a, pa in enumerate(src):
+        for b, (pin, pg) in enumerate(dst):
+            ref = coster.unit(pa, pin, pg)
+            got = [float(t[a, b]) for t in table]
+            if not np.isfinite(ref[0]):
+                assert not np.isfinite(got[0])
+                continue
+            assert got == pytest.approx(list(ref), rel=1e-12, abs=1e-18), (pa, pin, pg)
