@@ -67,3 +67,21 @@ def test_reduced_cost_fixing_keeps_the_optimum(seed):
         assert r.objective == pytest.approx(opt, rel=1e-7, abs=1e-9)
     else:  # infeasible under the cutoff row: the known plan was already optimal
         assert ub == pytest.approx(opt, rel=1e-7)
+
+
+def test_edge_memory_stays_in_its_own_group_when_folded():
+    """An edge whose producer side has one key is folded onto the consumer's variables; its
+    memory must still count in the edge's group (here not the consumer's)."""
+    from autoddl.formulations.backends import solve
+    from autoddl.formulations.sharding import (
+        EdgeChoices, NodeChoices, ShardingModel, ShardingProblem,
+    )
+
+    nodes = (NodeChoices("u", np.array([0.0]), np.array([0.0]), 0),
+             NodeChoices("v", np.array([0.0, 1.0]), np.array([0.6, 0.0]), 1))
+    e = EdgeChoices(0, 1, np.array([0]), np.array([0, 1]), np.array([[0.0, 0.0]]),
+                    np.array([[0.6, 0.6]]), 0)
+    p = ShardingProblem(nodes, (e,), 1.0)
+    opt, _ = p.brute_force()
+    r = solve(ShardingModel(p).milp(), backend="highs")
+    assert r.objective == pytest.approx(opt)

@@ -112,3 +112,22 @@ def test_reported_minimum_memory_is_tight():
     assert plan.memory["per_device_bytes"] <= need + 1
     with pytest.raises(InfeasibleError):
         plan_graph(graph, cluster(devices=2, memory_bytes=int(0.99 * need)), model_spec=spec)
+
+
+@pytest.mark.dist
+def test_memory_pressure_picks_zero_and_the_plan_file_keeps_it(tmp_path):
+    """Plain data parallel does not fit: the ILP stores weights split and gathers them again in
+    backward (ZeRO-3), the plan file says so, and the run matches its prediction."""
+    from autoddl.engine.plan import load_plan, save_plan
+    from tests.helpers import run_checked
+
+    spec = "mlp:batch=16,dim_in=512,hidden=512,layers=2,dim_out=512"
+    c = cluster(devices=4, memory_bytes=8_000_000, peak_flops=1e12)
+    graph, plan = plan_for(spec, c, meshes=[c.mesh((4,))])
+    psi = sum(n.out.nbytes for n in graph.params)
+    assert 4 * psi > c.memory_per_device_bytes  # weight, gradient, 2 Adam states: no DDP
+    assert any(o.zero == 3 for o in plan.ops if o.target == "param")
+    path = tmp_path / "zero.json"
+    save_plan(plan, path)
+    assert [o.zero for o in load_plan(path).ops] == [o.zero for o in plan.ops]
+    run_checked(path, steps=2, require=("all_gather",))

@@ -1,8 +1,9 @@
 r"""Branch and bound over candidates: the best plan of many (mesh, pipeline degree) ILPs, fast.
 
 A plan is the best over candidates :math:`c` (meshes, pipeline degrees) of the optimum
-:math:`z_c` of each candidate's ILP. Solving every ILP is what makes big clusters slow (about 90
-candidates for 1,024 GPUs, some with 200k variables), so the search runs in two phases:
+:math:`z_c` of each candidate's ILP. Solving every ILP is what makes big clusters slow (61
+candidates for 1,024 GPUs, 3-axis ones with 200k variables; 190 for 2,520), so the search runs
+in two phases:
 
 1. **Screen.** Every candidate's costs are built and its Lagrangian tree relaxation
    (:mod:`autoddl.formulations.bounds`) gives, in a fraction of a second, a lower bound
@@ -223,11 +224,15 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
             best, best_obj = c, r.objective
     bound = min([best_obj] + bounds)
     gap = relative_gap(best_obj, bound) if best is not None else None
+    for rec in records:  # plan files hold finite numbers or null
+        for k in ("lower_bound", "heuristic", "objective"):
+            if rec.get(k) is not None and not np.isfinite(rec[k]):
+                rec[k] = None
     if best is not None:
         status = (SolveStatus.OPTIMAL if gap is not None and gap <= max(mip_rel_gap, 1e-9)
                   else SolveStatus.FEASIBLE)
         best = dataclasses.replace(best, result=dataclasses.replace(
-            best.result, status=status, bound=bound, gap=gap))
+            best.result, status=status, bound=bound if np.isfinite(bound) else None, gap=gap))
     pruned = sum(r["status"] in ("pruned", "dominated") for r in records)
     if log:
         log(f"{len(solved)} ILPs solved, {pruned} candidates pruned or dominated, "

@@ -148,6 +148,17 @@ def zero_divisor(sig: Signature, mesh: Mesh) -> int:
     return d
 
 
+def zero_axes(sig: Signature, mesh_shape: Sequence[int]) -> tuple[bool, ...]:
+    """The axes over which a ZeRO-1/2 parameter divides its states (held B, size > 1). Its
+    gradient must arrive there as a partial sum: the all-reduce that sums it stands for the
+    reduce-scatter + all-gather of the updated weight, the same bytes. A gradient already whole
+    (every device computed the whole batch) would leave the all-gather unpaid: that pair is not
+    offered."""
+    if sig.zero not in (ZERO_STATES, ZERO_GRADS):
+        return tuple(False for _ in mesh_shape)
+    return tuple(p == "B" and n > 1 for p, n in zip(sig.out, mesh_shape))
+
+
 def zero_latency_s(sig: Signature, mesh: Mesh) -> float:
     """ZeRO-1/2's extra start-up: reduce-scatter + all-gather instead of one all-reduce, one α
     per axis over which the states are divided."""
@@ -320,7 +331,8 @@ class _EdgeCoster:
         # a ZeRO-3 parameter is its own producer key: gathered twice, no copy kept; with
         # accumulated gradients, so is a divided gradient's (ZeRO-2)
         src_key, src_vals = _keys([(s.out, s.zero == ZERO_REGATHER,
-                                    grad_fraction(s, shape) if grad_copies >= 0 else 1.0)
+                                    grad_fraction(s, shape) if grad_copies >= 0 else 1.0,
+                                    zero_axes(s, shape))
                                    for s in sigs[src]])
         dst_key, dst_vals = _keys([(s.ins[i], s.grads[i]) for s in sigs[dst]])
         nbytes = graph[src].out.nbytes
@@ -331,14 +343,18 @@ class _EdgeCoster:
             mats = unit_matrices([v[0] for v in src_vals], dst_vals, self.mesh)
             self.matrices[mkey] = mats
         fb, fl, bb, bl, frac = mats
-        regather = np.array([[float(r)] for _, r, _ in src_vals])
+        regather = np.array([[float(v[1])] for v in src_vals])
         times = np.maximum(fwd_times, 1 + regather)  # per producer key
         bwd_copies: float | np.ndarray = copies
         if grad_copies >= 0:
             bwd_copies = np.where([[accumulates_grad(gf, pg, shape) for _, pg in dst_vals]
-                                   for _, _, gf in src_vals], grad_copies, copies)
+                                   for _, _, gf, _ in src_vals], grad_copies, copies)
         # a forbidden pair is inf in fwd; the backward of a tensor with no gradient is empty
         cost = copies * times * (fb * nbytes + fl) + bwd_copies * (bb * nbytes + bl)
+        if any(any(v[3]) for v in src_vals):  # ZeRO-1/2 only where the gradient is reduced
+            unreduced = np.array([[pg is not None and any(z and g != "P" for z, g in zip(v[3], pg))
+                                   for _, pg in dst_vals] for v in src_vals])
+            cost = np.where(unreduced, np.inf, cost)
         mem = frac * nbytes * (1 - regather) if saves else np.zeros_like(cost)
         mem_copies = copies if mem_copies < 0 else mem_copies
         return EdgeChoices(index[src], index[dst], src_key, dst_key, cost, mem * mem_copies)

@@ -201,9 +201,8 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     build_s = time.perf_counter() - t0
     r = solve_lp_first(milp, backend or size_backend(milp), time_limit_s, mip_rel_gap, lp_first,
                        cutoff - bubble)
-    if r.objective is not None:
-        r = dataclasses.replace(r, objective=r.objective + bubble,
-                                bound=None if r.bound is None else r.bound + bubble)
+    r = dataclasses.replace(r, objective=None if r.objective is None else r.objective + bubble,
+                            bound=None if r.bound is None else r.bound + bubble)
     choice = stage = None
     if r.has_solution:
         choice = _decode(costed, model, r.x)

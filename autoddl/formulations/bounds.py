@@ -164,9 +164,12 @@ class TreeBound:
             return lb
 
         lb0 = probe(np.zeros(n_g))
-        if not np.isfinite(self.capacity) or best_choice is not None:
-            # the relaxation's minimiser at lam = 0 fits memory (its relaxed memory is at most
-            # its true memory): the subgradient at 0 is <= 0, so L is largest at lam = 0
+        exact_memory = not any(mem for pair, (_, mem) in self.pairs.items()
+                               if pair not in self.tree_pairs)
+        if not np.isfinite(self.capacity) or (best_choice is not None and exact_memory):
+            # the relaxation's minimiser at lam = 0 fits memory, and the relaxation counts its
+            # memory exactly (no memory on the pairs bounded by half-minima): the subgradient
+            # at 0 is <= 0, so L is largest at lam = 0
             return BoundResult(best_lb, best_ub, best_choice, self.evaluations)
         scale = max(abs(lb0), 1e-9)
         # golden-section search on a log scale of a common multiplier

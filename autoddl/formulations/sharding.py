@@ -210,12 +210,16 @@ class ShardingModel:
             if self.keep_edges is not None:
                 cost = np.where(self.keep_edges[i_e], cost, np.inf)
             ks, kd = cost.shape
-            foldable = e.group == self.problem.nodes[e.src].group or not mem.any()
-            if ks == 1 or (kd == 1 and self.fold_into_producer and foldable):  # no y: fold onto x
+            # folding puts the edge's memory in the group of the side it lands on
+            foldable_src = e.group == self.problem.nodes[e.src].group or not mem.any()
+            foldable_dst = e.group == self.problem.nodes[e.dst].group or not mem.any()
+            onto_dst = ks == 1 and foldable_dst
+            if onto_dst or (kd == 1 and self.fold_into_producer
+                            and foldable_src):  # no y: fold onto x
                 self.y_blocks.append(None)
-                side, key = (e.dst, e.dst_key) if ks == 1 else (e.src, e.src_key)
-                row = cost[0, :] if ks == 1 else cost[:, 0]
-                mrow = mem[0, :] if ks == 1 else mem[:, 0]
+                side, key = (e.dst, e.dst_key) if onto_dst else (e.src, e.src_key)
+                row = cost[0, :] if onto_dst else cost[:, 0]
+                mrow = mem[0, :] if onto_dst else mem[:, 0]
                 start, k = self.x_start[side], len(key)
                 add_c, add_m = row[key], mrow[key]
                 bad = ~np.isfinite(add_c)

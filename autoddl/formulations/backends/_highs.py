@@ -161,6 +161,7 @@ class HighsBackend(Backend):
             bound = bound / scale + milp.offset
         info = h.getInfo()
         extra = {"nodes": int(info.mip_node_count)} if milp.integrality.any() else {}
-        if not milp.integrality.any() and status is SolveStatus.OPTIMAL:  # reduced costs
-            extra["col_dual"] = np.array(h.getSolution().col_dual, dtype=np.float64) / scale
+        sol = h.getSolution()
+        if not milp.integrality.any() and status is SolveStatus.OPTIMAL and sol.dual_valid:
+            extra["col_dual"] = np.array(sol.col_dual, dtype=np.float64) / scale  # reduced costs
         return finish(self.name, milp, status, x, bound, t0, msg, extra)
