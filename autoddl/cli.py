@@ -12,6 +12,34 @@ import time
 from autoddl.errors import UserError
 
 
+class Progress:
+    """What long work says on stderr: with ``verbose``, one line per message; otherwise, on a
+    terminal, one status line rewritten in place (capture, screening k/N, each ILP with the best
+    plan and the global gap) and cleared at the end; otherwise nothing."""
+
+    def __init__(self, verbose: bool, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.verbose = verbose
+        self.live = not verbose and bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def __call__(self, msg: str) -> None:
+        """Report ``msg``."""
+        if self.verbose:
+            print(f"  {msg}", file=self.stream, flush=True)
+        elif self.live:
+            self.stream.write(f"\r\x1b[K{msg[:120]}")
+            self.stream.flush()
+            self.shown = True
+
+    def done(self) -> None:
+        """Clear the status line, if one is shown."""
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
 def _workload(a: argparse.Namespace):
     """The model and cluster of ``--model``/``--cluster`` and the training options, captured."""
     from autoddl.engine.cluster import parse_cluster
@@ -35,17 +63,17 @@ def _workload(a: argparse.Namespace):
 
 def _plan(a: argparse.Namespace) -> int:
     from autoddl.engine.plan import save_plan, summary
-    from autoddl.engine.planner import plan_graph
 
     t0 = time.perf_counter()
-    work = _workload(a)
-    capture_s = time.perf_counter() - t0
-    log = (lambda msg: print(f"  {msg}", file=sys.stderr)) if a.verbose else None
-    plan = plan_graph(work.graph, work.cluster, model_spec=work.spec_text, backend=a.backend,
-                      time_limit_s=a.time_limit, config=work.config, log=log,
-                      microbatch_graph=work.microbatch_graph, microbatches=work.microbatches,
-                      stages=a.stages, balance_eps=a.balance_eps, schedule=a.schedule,
-                      layers=work.layers, mip_rel_gap=a.gap, workers=a.workers)
+    progress = Progress(a.verbose)
+    progress(f"capturing {a.model}")
+    try:
+        work = _workload(a)
+        capture_s = time.perf_counter() - t0
+        progress(f"captured {len(work.graph.ops)} ops in {capture_s:.2f} s; planning")
+        plan = _solve(a, work, progress)
+    finally:
+        progress.done()
     save_plan(plan, a.output)
     print(summary(plan))
     print(f"\ncapture {capture_s:.2f} s, total {time.perf_counter() - t0:.2f} s; "
@@ -53,10 +81,22 @@ def _plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def _solve(a: argparse.Namespace, work, log: Progress):
+    """The plan of a captured workload, under the command's options."""
+    from autoddl.engine.planner import plan_graph
+
+    return plan_graph(work.graph, work.cluster, model_spec=work.spec_text, backend=a.backend,
+                      time_limit_s=a.time_limit, config=work.config, log=log,
+                      microbatch_graph=work.microbatch_graph, microbatches=work.microbatches,
+                      stages=a.stages, balance_eps=a.balance_eps, schedule=a.schedule,
+                      layers=work.layers, mip_rel_gap=a.gap, workers=a.workers)
+
+
 def _run(a: argparse.Namespace) -> int:
     from autoddl.runtime.launch import launch
 
-    return launch(a.plan, a.nproc, steps=a.steps, check=a.check, lr=a.lr, tol=a.tol)
+    return launch(a.plan, a.nproc, steps=a.steps, check=a.check, lr=a.lr, tol=a.tol,
+                  save=a.save, resume=a.resume)
 
 
 def _show(a: argparse.Namespace) -> int:
@@ -108,12 +148,12 @@ def _demo(a: argparse.Namespace) -> int:
     ns = argparse.Namespace(model=a.model, cluster=a.cluster, output=a.output, backend=None,
                             time_limit=None, optimizer="adam", verbose=False, stages=None,
                             microbatches=None, schedule="1F1B", balance_eps=0.1,
-                            recompute="none")
+                            recompute="none", gap=1e-6, workers=None)
     print(f"== autoddl plan --model {a.model} --cluster {a.cluster} -o {a.output}\n")
     _plan(ns)
     print(f"\n== autoddl run {a.output} --steps {a.steps} --check\n", flush=True)
     rc = _run(argparse.Namespace(plan=a.output, nproc=None, steps=a.steps, check=True,
-                                 lr=1e-3, tol=1e-5))
+                                 lr=1e-3, tol=1e-5, save=None, resume=None))
     return rc
 
 
@@ -185,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare loss and gradients with a single-process run")
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--tol", type=float, default=1e-5)
+    r.add_argument("--save", default=None, metavar="DIR",
+                   help="write the training state (per-rank state dicts) to DIR after every step")
+    r.add_argument("--resume", default=None, metavar="DIR",
+                   help="start from the state saved in DIR (by --save), running --steps more")
     r.set_defaults(fn=_run)
 
     s = sub.add_parser("show", help="print a plan file")

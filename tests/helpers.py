@@ -169,7 +169,7 @@ def _accumulated_steps(graph: OpGraph, plan) -> list[tuple[str, str, float, floa
     return out
 
 
-def run_checked(path, steps: int = 2, require: tuple[str, ...] = ()) -> str:
+def run_checked(path, steps: int = 2, require: tuple[str, ...] = (), tol: float = 1e-5) -> str:
     """``autoddl run PATH --check``: assert it passes and that every collective kind in its table
     (and each kind in ``require``) was predicted, executed and seen equally, bytes included."""
     import re
@@ -177,7 +177,8 @@ def run_checked(path, steps: int = 2, require: tuple[str, ...] = ()) -> str:
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "autoddl.cli", "run", str(path), "--steps", str(steps), "--check"],
+        [sys.executable, "-m", "autoddl.cli", "run", str(path), "--steps", str(steps), "--check",
+         "--tol", str(tol)],
         capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

@@ -46,12 +46,25 @@ ERROR_CASES: dict[str, tuple[list[str], str]] = {
     "run-missing-plan": (["run", "{tmp}/missing.json"], "not found"),
     "run-not-json": (["run", "{tmp}/not-json.json"], "not valid JSON"),
     "show-missing-plan": (["show", "{tmp}/missing.json"], "not found"),
+    "cluster-file-zero-bandwidth": (_plan(SUCCESS_MODEL, "{tmp}/zero-bw.toml"),
+                                    "[intra_node]: bandwidth_gbps=0.0 must be positive"),
+    "cluster-file-contradictory": (_plan(SUCCESS_MODEL, "{tmp}/two-memories.toml"),
+                                   "not both"),
+    "stages-not-dividing-devices": (_plan(SUCCESS_MODEL, "cpu:devices=4", "--stages", "3"),
+                                    "must divide the 4 devices"),
+    "no-plan-fits": (_plan(SUCCESS_MODEL, "cpu:devices=2,memory_gb=0.000001"),
+                     "per device; largest consumers: "),
+    "time-limit-nothing-found": (_plan(SUCCESS_MODEL, "cpu:devices=4", "--time-limit", "1e-9"),
+                                 "no plan found within the time limit"),
 }
 
 # Cases that need the plan written by the success command; run after it.
 PLAN_CASES: dict[str, tuple[list[str], str]] = {
     "run-wrong-schema-version": (["run", "{tmp}/v99.json"], "schema_version 99"),
     "run-wrong-nproc": (["run", "{tmp}/ok.json", "--nproc", "3"], "--nproc 3"),
+    "run-too-few-nproc": (["run", "{tmp}/ok.json", "--nproc", "1"], "--nproc 1"),
+    "run-other-model": (["run", "{tmp}/other-model.json"],
+                        "plan was made for a different graph of this model (graph hash differs)"),
 }
 
 
@@ -75,6 +88,12 @@ def results(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "bad.toml").write_text("nodes = 1\ndevices_per_node = [\n")
     (tmp / "not-json.json").write_text("this is {not JSON\n")
+    cluster_file = ('name = "c"\nnodes = 1\ndevices_per_node = 2\nmemory_per_device_gb = 16\n'
+                    'peak_tflops = 10\ndevice_type = "cpu"\n[intra_node]\nbandwidth_gbps = {bw}\n'
+                    'latency_us = 5\n')
+    (tmp / "zero-bw.toml").write_text(cluster_file.format(bw=0))
+    (tmp / "two-memories.toml").write_text(
+        cluster_file.format(bw=10).replace("nodes = 1\n", "nodes = 1\nmemory_per_device_bytes = 9\n"))
     jobs = {k: argv for k, (argv, _) in ERROR_CASES.items()}
     jobs["plan-ok"] = ["plan", "--model", SUCCESS_MODEL, "--cluster", CPU2, "-o", "{tmp}/ok.json"]
     out: dict = _run_all(jobs, tmp)
@@ -83,6 +102,10 @@ def results(tmp_path_factory) -> dict:
         data = json.loads(ok.read_text())
         data["schema_version"] = 99
         (tmp / "v99.json").write_text(json.dumps(data))
+        data["schema_version"] = 1
+        # a plan made for this model, presented as one for another: the graph hashes differ
+        data["model"]["spec"] = SUCCESS_MODEL.replace("hidden=16", "hidden=32")
+        (tmp / "other-model.json").write_text(json.dumps(data))
         later = {k: argv for k, (argv, _) in PLAN_CASES.items()}
         later["show-ok"] = ["show", "{tmp}/ok.json"]
         out.update(_run_all(later, tmp))

@@ -32,8 +32,8 @@ def _plan(spec: str, mesh_shape: tuple[int, ...], path):
     return graph, plan
 
 
-def _run_checked(path, steps: int = 2) -> str:
-    return run_checked(path, steps)
+def _run_checked(path, steps: int = 2, tol: float = 1e-5) -> str:
+    return run_checked(path, steps, tol=tol)
 
 
 def test_gpt_mixed_data_and_tensor_parallel_on_2x2(tmp_path):
@@ -76,4 +76,7 @@ def test_cli_plan_of_repeated_layers_runs_checked(tmp_path, extra):
     plan = json.loads(path.read_text())
     assert plan["model"]["repeat"]["layers"] == 4
     assert any(o["name"].startswith(("mid/", "s0.")) for o in plan["ops"])
-    _run_checked(path, steps=2)
+    # step 0's gradients agree to ~1e-6; after an Adam update (which divides by the gradient's
+    # own magnitude) float32 summation-order noise in tiny gradient entries reaches ~1e-5 in
+    # the next step's gradients, steady over steps (not growing: no missing term)
+    _run_checked(path, steps=2, tol=3e-5)

@@ -112,18 +112,27 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _screen_all(jobs: list[Job], workers: int, deadline: float
+def _screen_all(jobs: list[Job], workers: int, deadline: float,
+                log: Callable[[str], None] | None = None
                 ) -> list[tuple[dict, np.ndarray | None] | None]:
     """Every candidate's record and heuristic choice (None where the deadline came first),
-    in ``workers`` forked processes when there are enough candidates to pay for them."""
+    in ``workers`` forked processes when there are enough candidates to pay for them;
+    ``log`` hears "screening k/N" about ten times."""
     global _JOBS
     out: list[tuple[dict, np.ndarray | None] | None] = [None] * len(jobs)
     _JOBS = jobs
+    every = max(1, len(jobs) // 10)
+
+    def done(k: int) -> None:
+        if log and (k % every == 0 or k == len(jobs)):
+            log(f"screening {k}/{len(jobs)} candidates")
     try:
         if workers > 1 and len(jobs) >= 8 and "fork" in mp.get_all_start_methods():
             with mp.get_context("fork").Pool(workers) as pool:
-                for i, rec, choice in pool.imap_unordered(_screen, range(len(jobs))):
+                for k, (i, rec, choice) in enumerate(
+                        pool.imap_unordered(_screen, range(len(jobs))), 1):
                     out[i] = (rec, choice)
+                    done(k)
                     if time.perf_counter() > deadline:
                         pool.terminate()
                         break
@@ -133,6 +142,7 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float
                     break
                 _, rec, choice = _screen(i)
                 out[i] = (rec, choice)
+                done(i + 1)
     finally:
         _JOBS = []
     return out
@@ -157,7 +167,7 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
     preps: list[tuple[int, float, dict]] = []
     unscreened = 0
     if screen:
-        screened = _screen_all(jobs, workers or default_workers(), deadline)
+        screened = _screen_all(jobs, workers or default_workers(), deadline, log)
         unscreened = sum(g is None for g in screened)
         heur = None
         for i, got in enumerate(screened):
@@ -184,7 +194,8 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
     records, solved, bounds = [], [], []
     order = sorted(range(len(preps)), key=lambda i: preps[i][1]) if screen else range(len(preps))
     timed_out = unscreened > 0
-    for j in order:
+    order = list(order)
+    for n, j in enumerate(order):
         i, lb, rec = preps[j]
         records.append(rec)
         if best is not None and lb >= best_obj * (1 - mip_rel_gap) - 1e-15:
@@ -216,12 +227,16 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
             bounds.append(max(lb, r.bound if r.bound is not None else -INF))
         rec.update(status=status, objective=r.objective, gap=r.gap, time_s=r.time_s,
                    variables=c.num_cols)
-        if log:
-            log(f"{prep.label}: {status}"
-                + (f", objective {r.objective:.6g} s" if r.objective is not None else "")
-                + (f" (bound {lb:.6g} s)" if np.isfinite(lb) else ""))
         if c.choice is not None and r.objective < best_obj:
             best, best_obj = c, r.objective
+        if log:  # the global gap so far: unsolved candidates bounded by the next (sorted) bound
+            rest = [preps[k][1] for k in order[n + 1:]]
+            low = min([best_obj] + bounds + rest)
+            now = (f"; best {best_obj:.6g} s, global gap {100 * relative_gap(best_obj, low):.3g} %"
+                   if best is not None and np.isfinite(low) else "")
+            log(f"ILP {n + 1}/{len(order)} {prep.label}: {status}"
+                + (f", objective {r.objective:.6g} s" if r.objective is not None else "")
+                + (f" (bound {lb:.6g} s)" if np.isfinite(lb) else "") + now)
     bound = min([best_obj] + bounds)
     gap = relative_gap(best_obj, bound) if best is not None else None
     for rec in records:  # plan files hold finite numbers or null

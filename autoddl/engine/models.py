@@ -40,24 +40,18 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.ln1 = nn.LayerNorm(hidden)
-        self.q = nn.Linear(hidden, hidden)
-        self.k = nn.Linear(hidden, hidden)
-        self.v = nn.Linear(hidden, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)  # fused, laid out per head as Megatron-LM's
         self.proj = nn.Linear(hidden, hidden)
         self.ln2 = nn.LayerNorm(hidden)
         self.fc1 = nn.Linear(hidden, 4 * hidden)
         self.fc2 = nn.Linear(4 * hidden, hidden)
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        b, s, h = t.shape
-        return t.view(b, s, self.heads, h // self.heads).transpose(1, 2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
-        y = self.ln1(x)
-        a = F.scaled_dot_product_attention(
-            self._heads(self.q(y)), self._heads(self.k(y)), self._heads(self.v(y)), is_causal=True
-        )
+        # (b, s, heads, 3, head dim): splitting the fused output by columns splits the heads
+        qkv = self.qkv(self.ln1(x)).view(b, s, self.heads, 3, h // self.heads)
+        qkv = qkv.permute(3, 0, 2, 1, 4)  # (3, b, heads, s, head dim)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, s, h))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 

@@ -395,6 +395,14 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule)
 
 
+def largest_consumers(costed: CostedGraph, count: int = 3) -> str:
+    """The ``count`` nodes needing the most memory per device even at their leanest signature
+    (weights with their gradients and optimizer states, saved activations), in words."""
+    need = sorted(((float(np.min(n.memory_bytes)), n.name) for n in costed.problem.nodes
+                   if len(n.memory_bytes)), key=lambda t: (-t[0], t[1]))
+    return ", ".join(f"{name} {format_bytes(b)}" for b, name in need[:count])
+
+
 def _raise_no_plan(solved: list[Candidate], cluster: Cluster, backend: str,
                    balance_eps: float) -> None:
     statuses = {c.result.status for c in solved}  # no best: no cutoff was ever applied
@@ -404,13 +412,13 @@ def _raise_no_plan(solved: list[Candidate], cluster: Cluster, backend: str,
             if c.stages == 1 or c.program is not None:
                 prob = c.problem if c.program is not None else c.costed.problem
                 needs.append((min_memory_bytes(dataclasses.replace(c.costed, problem=prob),
-                                               backend), c.label))
+                                               backend), c.label, c))
             else:
                 assert c.pp is not None
                 prob = build_pipeline_problem(c.costed, c.stages, c.microbatches, c.pp,
                                               balance_eps)
-                needs.append((min_pipeline_memory_bytes(prob, backend), c.label))
-        need, where = min(needs)
+                needs.append((min_pipeline_memory_bytes(prob, backend), c.label, c))
+        need, where, lean = min(needs, key=lambda t: (t[0], t[1]))
         if not np.isfinite(need):
             raise InfeasibleError(
                 "no candidate admits any plan, whatever the memory: no stage split keeps every "
@@ -420,7 +428,8 @@ def _raise_no_plan(solved: list[Candidate], cluster: Cluster, backend: str,
         raise InfeasibleError(
             f"no plan fits {format_bytes(cluster.memory_per_device_bytes)} per device at any "
             f"mesh or pipeline degree: the leanest plan ({where}) needs {format_bytes(need)} per "
-            "device; use more devices, a smaller model or batch, or devices with more memory"
+            f"device; largest consumers: {largest_consumers(lean.costed)}; use more devices, a "
+            "smaller model or batch, or devices with more memory"
         )
     msgs = "; ".join(f"{c.label}: {c.result.status.value} {c.result.message}".strip()
                      for c in solved)

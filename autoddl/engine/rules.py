@@ -170,6 +170,18 @@ def _view(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
     return sigs
 
 
+@rule("aten.select.int")
+def _select(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    """x[..., i, ...] along one dim: any other dim may stay split (the selected one may not:
+    each device would need to own index i)."""
+    dim = int(node.args[1]) % ins[0].ndim
+    sigs = [_replicated(1), AxisSig((P,), P)]
+    for d in range(ins[0].ndim):
+        if d != dim and ins[0].shape[d] > 1:
+            sigs.append(AxisSig((S(d),), S(d if d < dim else d - 1)))
+    return sigs
+
+
 @rule("aten.expand.default")
 def _expand(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
     sigs = [_replicated(1), AxisSig((P,), P)]

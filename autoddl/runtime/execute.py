@@ -232,8 +232,11 @@ class ShardedExecutor:
                     self._run_node(n, local_env, recomputed=True)
                 return tuple(local_env[o] for o in outs)
 
-            results = torch.utils.checkpoint.checkpoint(block, *[env[e] for e in ext],
-                                                        use_reentrant=False)
+            # the whole layer runs again in backward, as the cost model counts it (torch would
+            # otherwise stop once the saved tensors are back, skipping trailing collectives)
+            with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+                results = torch.utils.checkpoint.checkpoint(block, *[env[e] for e in ext],
+                                                            use_reentrant=False)
             env.update(zip(outs, results))
         return env
 
@@ -257,8 +260,9 @@ class ShardedExecutor:
                 locals_[i] = self._edge(n.inputs[i], n.name, i, w)
             return self._run_op(n, self._fx[n.name], [locals_[i] for i in range(len(n.inputs))])
 
-        env[n.name] = torch.utils.checkpoint.checkpoint(
-            gather_and_run, *[env[n.inputs[i]] for i in again], use_reentrant=False)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            env[n.name] = torch.utils.checkpoint.checkpoint(
+                gather_and_run, *[env[n.inputs[i]] for i in again], use_reentrant=False)
 
     def _groups(self, recompute: bool) -> list[tuple[str, list]]:
         """Consecutive ops grouped by repeated layer (scope) when recomputing, else one group."""

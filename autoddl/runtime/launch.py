@@ -1,4 +1,10 @@
-"""``autoddl run``: launch the planned training with torchrun, one process per device."""
+"""``autoddl run``: launch the planned training with torchrun, one process per device.
+
+A user error any rank reports (``autoddl run: error: ...``, e.g. a plan for another graph) becomes
+a :class:`UserError` here: one line, exit code 2. A rank that raises or dies makes the job fail:
+torchrun stops the other ranks, and this prints ``autoddl run: failed: rank R (exit code C): ...``
+naming each failed rank and what it reported, and returns 1.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,17 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from autoddl.engine.plan import load_plan
 from autoddl.errors import UserError
 
-_RANK_FAIL = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+#: one failure block of torchrun's summary: "rank : 1 (local_rank: 1)" then "exitcode : -9"
+_RANK_FAIL = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
+#: what a rank says when it only lost its peers (a consequence, not the cause)
+_PEER_LOST = re.compile(r"by peer|Connection refused|remote worker|Broken pipe", re.I)
+_RANK_SAYS = re.compile(r"autoddl run: rank (\d+): (.*)$")
+_USER_ERROR = "autoddl run: error: "
 
 
 def torchrun_command(plan_path: str, nproc: int, worker_args: list[str]) -> list[str]:
@@ -20,8 +32,10 @@ def torchrun_command(plan_path: str, nproc: int, worker_args: list[str]) -> list
 
 
 def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = False,
-           lr: float = 1e-3, tol: float = 1e-5) -> int:
-    """Run a plan on ``nproc`` local processes; returns the job's exit code."""
+           lr: float = 1e-3, tol: float = 1e-5, save: str | None = None,
+           resume: str | None = None) -> int:
+    """Run a plan on ``nproc`` local processes; returns the job's exit code. ``save``: a folder
+    to write the training state to after every step; ``resume``: a folder to start from."""
     plan = load_plan(plan_path)
     need = plan.num_devices
     nproc = need if nproc is None else nproc
@@ -33,23 +47,58 @@ def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = Fals
     args = ["--steps", str(steps), "--lr", repr(lr), "--tol", repr(tol)]
     if check:
         args.append("--check")
+    if resume is not None:
+        if not Path(resume).is_dir():
+            raise UserError(f"--resume: folder {resume!r} not found; give a folder written by "
+                            "`autoddl run --save`")
+        if not any(Path(resume).glob("rank*.pt")):
+            raise UserError(f"--resume: no checkpoint files (rank*.pt) found in {resume!r}; "
+                            "give a folder written by `autoddl run --save`")
+        args += ["--resume", resume]
+    if save is not None:
+        if not Path(save).resolve().parent.is_dir():
+            raise UserError(f"--save: folder {str(Path(save).parent)!r} does not exist")
+        Path(save).mkdir(exist_ok=True)
+        args += ["--save", save]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
     proc = subprocess.run(torchrun_command(plan_path, nproc, args), env=env,
                           stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        own = [ln for ln in proc.stderr.splitlines() if "autoddl run: error:" in ln]
-        for ln in dict.fromkeys(own):
-            print(ln.split("]", 1)[-1].strip() if ln.startswith("[") else ln, file=sys.stderr)
-        failed = sorted({(int(r), int(c)) for r, c in _RANK_FAIL.findall(proc.stderr)
-                         if int(c) not in (-15,)})
-        if failed:
-            desc = ", ".join(f"rank {r} (exit code {c})" for r, c in failed)
-            print(f"autoddl run: failed: {desc}", file=sys.stderr)
-        elif not own:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-            print(f"autoddl run: failed with exit code {proc.returncode}:\n{tail}",
-                  file=sys.stderr)
-        codes = {c for _, c in failed}
-        return 2 if own or codes == {2} else 1
-    return 0
+    if proc.returncode == 0:
+        return 0
+    lines = [ln.split("]:", 1)[-1].strip() if ln.startswith("[") else ln
+             for ln in proc.stderr.splitlines()]
+    own = list(dict.fromkeys(ln.split(_USER_ERROR, 1)[1] for ln in lines if _USER_ERROR in ln))
+    if own:  # the same user error on every rank, typically: one line, exit code 2
+        raise UserError("; ".join(own))
+    says: dict[int, str] = {}
+    for ln in lines:
+        m = _RANK_SAYS.search(ln)
+        if m:
+            says.setdefault(int(m.group(1)), m.group(2))
+    failed = sorted({(int(r), int(c)) for r, c in _RANK_FAIL.findall(proc.stderr)
+                     if int(c) != -15})  # -15: a peer stopped by torchrun
+    failed += [(r, 1) for r in says if r not in {f for f, _ in failed}]
+    if failed:
+        print(f"autoddl run: failed: {_describe_failures(failed, says)}", file=sys.stderr)
+    else:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+        print(f"autoddl run: failed with exit code {proc.returncode}:\n{tail}", file=sys.stderr)
+    return 1
+
+
+def _describe_failures(failed: list[tuple[int, int]], says: dict[int, str]) -> str:
+    """The failed ranks, causes first: a rank killed by a signal or reporting its own error, then
+    the ranks that only lost their peers."""
+    def one(rank: int, code: int) -> str:
+        sig = f", killed by signal {-code}" if code < 0 else ""
+        msg = says.get(rank, "")
+        return f"rank {rank} (exit code {code}{sig})" + (f": {msg[:160]}" if msg else "")
+
+    def lost(rank: int, code: int) -> bool:
+        return code >= 0 and bool(_PEER_LOST.search(says.get(rank, "")))
+
+    causes = [one(r, c) for r, c in sorted(set(failed)) if not lost(r, c)]
+    others = [f"rank {r} lost its peers" for r, c in sorted(set(failed)) if lost(r, c)]
+    return "; ".join((causes or [one(*failed[0])]) + (["then " + ", ".join(others)]
+                                                      if causes and others else []))

@@ -10,13 +10,23 @@ compares the mean micro-batch loss and each stage's parameter gradients (gathere
 mesh) with the single-process full-batch run; the verdict is combined over all ranks. The
 collective table then sums one device per stage (rank 0's pipeline group) over the step's
 micro-batches, with point-to-point sends as kind ``p2p``.
+
+Faults: a rank that raises prints ``autoddl run: rank R: <error>`` and exits with code 1; the
+process group has a timeout (``AUTODDL_TIMEOUT_S``, default 300 s), so no collective waits
+forever on a dead peer, and torchrun stops the other ranks as soon as one fails. For testing,
+``AUTODDL_FAULT_RANK=R`` makes rank R fail at the start of step ``AUTODDL_FAULT_STEP`` (default
+0): by raising (``AUTODDL_FAULT_KIND=raise``, the default) or by killing itself with SIGKILL
+(``die``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import traceback
+from datetime import timedelta
 from collections import Counter
 from typing import Any
 
@@ -30,6 +40,7 @@ from autoddl.engine.costs import OPTIMIZER_STATES
 from autoddl.engine.models import build_model, parse_model_spec
 from autoddl.engine.plan import Plan, load_plan
 from autoddl.errors import UserError
+from autoddl.runtime import checkpoint
 from autoddl.runtime.execute import ShardedExecutor
 from autoddl.runtime.pipeline import P2P, PipelineRunner, loss_everywhere
 
@@ -56,6 +67,9 @@ def pick_device() -> tuple[str, torch.device]:
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     """The optimizer the plan's memory model assumed."""
     assert name in OPTIMIZER_STATES
+    params = list(params)
+    if not params:  # a pipeline stage of parameter-free operators: nothing to update
+        params = [torch.nn.Parameter(torch.zeros(0))]
     if name in ("adam", "adamw"):
         return torch.optim.AdamW(params, lr=lr, foreach=False)
     return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "momentum" else 0.0,
@@ -173,10 +187,35 @@ def _max_all(value: float, device) -> float:
     return float(t)
 
 
-def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
-    """Train ``steps`` steps of the planned model; with ``check``, compare to one process."""
+class InjectedFault(RuntimeError):
+    """The failure ``AUTODDL_FAULT_RANK`` asks for (tests of fault handling)."""
+
+
+def inject_fault(rank: int, step: int) -> None:
+    """Fail here if ``AUTODDL_FAULT_RANK`` names this rank and ``AUTODDL_FAULT_STEP`` (default 0)
+    this step: raise :class:`InjectedFault` or, with ``AUTODDL_FAULT_KIND=die``, SIGKILL self."""
+    want = os.environ.get("AUTODDL_FAULT_RANK")
+    if want is None or int(want) != rank or int(os.environ.get("AUTODDL_FAULT_STEP", "0")) != step:
+        return
+    if os.environ.get("AUTODDL_FAULT_KIND", "raise") == "die":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"injected fault at step {step} (AUTODDL_FAULT_RANK={rank})")
+
+
+def group_timeout_s() -> float:
+    """Seconds a collective may wait for its peers (``AUTODDL_TIMEOUT_S``, default 300)."""
+    return float(os.environ.get("AUTODDL_TIMEOUT_S", "300"))
+
+
+def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
+        save: str | None = None, resume: str | None = None) -> int:
+    """Train ``steps`` steps of the planned model; with ``check``, compare to one process.
+    ``resume``: start from the state in that folder; ``save``: write the state to that folder
+    after every step (:mod:`autoddl.runtime.checkpoint`)."""
     backend, device = pick_device()
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timedelta(seconds=group_timeout_s()))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != plan.num_devices:
         raise UserError(f"plan needs {plan.num_devices} processes, torchrun gave {world}")
@@ -202,10 +241,20 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
         trainer = _Flat(ep, graph, plan, mesh, model, inputs)
     opt = make_optimizer(plan.training["optimizer"], list(trainer.params.values()), lr)
     ref_opt = make_optimizer(plan.training["optimizer"], list(model.parameters()), lr)
+    reference = (model, ref_opt) if check else None
+    start = 0
+    if resume:
+        start = checkpoint.load(resume, rank, plan, trainer.params, opt, reference)
+        if _max_all(float(start), device) != start:
+            raise UserError(f"--resume: the ranks' files in {resume!r} hold different steps; "
+                            "resume from a folder every rank saved to")
+        if rank == 0:
+            print(f"resumed from {resume} after step {start - 1}", flush=True)
     worst = 0.0
     ok = True
     from torch.distributed.tensor.debug import CommDebugMode
-    for step in range(steps):
+    for step in range(start, start + steps):
+        inject_fault(rank, step)
         opt.zero_grad()
         trainer.reset_logs()
         with CommDebugMode() as comm:
@@ -242,7 +291,10 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float) -> int:
         opt.step()
         if rank == 0:
             print(msg, flush=True)
-        if step == 0:
+        if save:  # every rank saves this step before any starts the next
+            checkpoint.save(save, rank, step + 1, plan, trainer.params, opt, reference)
+            dist.barrier()
+        if step == start:
             table = trainer.table(counts)  # collective when pipelined
             if rank == 0:
                 _print_collectives(plan, *table)
@@ -279,13 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--save", default=None)
+    ap.add_argument("--resume", default=None)
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     try:
-        return run(load_plan(a.plan), a.steps, a.check, a.lr, a.tol)
+        return run(load_plan(a.plan), a.steps, a.check, a.lr, a.tol, a.save, a.resume)
     except UserError as exc:
         print(f"autoddl run: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:  # a fault: name the rank, keep the traceback for the log
+        traceback.print_exc()
+        rank = os.environ.get("RANK", "?")
+        print(f"autoddl run: rank {rank}: {type(exc).__name__}: {exc}".splitlines()[0],
+              file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":
