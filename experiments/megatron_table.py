@@ -146,9 +146,8 @@ def write(new: list[dict]) -> None:
           "normalizations' work divided), which the greedy per-op choice finds from the fixed "
           "weight placements. An unpipelined plan keeps the whole per-device batch's activations "
           "(no gradient accumulation), so the 18.4B row's published p = 1 does not fit here; the "
-          "1T row's published plan needs 84.6 GiB here (all tensors fp32). Rows beyond the "
-          "ILP's time limit report their gap; gpt-529.6b (2,520 GPUs) did not finish in the wall "
-          "limit.", "",
+          "1T row's published plan needs 84.3 GiB here (all tensors fp32). Rows beyond the "
+          "ILP's time limit report their gap.", "",
           "| model | GPUs | published (t,p,d) | m | published cost | memory | PTD-P grid best "
           "| grid cost | ILP plan | ILP cost | memory | status (gap) | ILP search | published / "
           "ILP | note |", "|" + "---|" * 15]
