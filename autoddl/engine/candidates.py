@@ -92,7 +92,11 @@ _JOBS: list[Job] = []
 
 def _screen(i: int) -> tuple[int, dict, np.ndarray | None]:
     """Build candidate ``i`` and bound it: (i, its record, the heuristic plan's choice)."""
-    prep = _JOBS[i].build()
+    return _bound(i, _JOBS[i].build())
+
+
+def _bound(i: int, prep: Prepared) -> tuple[int, dict, np.ndarray | None]:
+    """Bound built candidate ``i``: (i, its record, the heuristic plan's choice)."""
     rec = {**_JOBS[i].record(), "build_s": prep.build_s}
     if prep.problem is None:
         return i, rec, None
@@ -113,11 +117,13 @@ def default_workers() -> int:
 
 
 def _screen_all(jobs: list[Job], workers: int, deadline: float,
-                log: Callable[[str], None] | None = None
+                log: Callable[[str], None] | None = None,
+                built: dict[int, Prepared] | None = None
                 ) -> list[tuple[dict, np.ndarray | None] | None]:
     """Every candidate's record and heuristic choice (None where the deadline came first),
     in ``workers`` forked processes when there are enough candidates to pay for them;
-    ``log`` hears "screening k/N" about ten times."""
+    ``log`` hears "screening k/N" about ten times. Screened in this process, the built
+    candidates are kept in ``built`` for the solve phase."""
     global _JOBS
     out: list[tuple[dict, np.ndarray | None] | None] = [None] * len(jobs)
     _JOBS = jobs
@@ -140,7 +146,10 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float,
             for i in range(len(jobs)):
                 if time.perf_counter() > deadline:
                     break
-                _, rec, choice = _screen(i)
+                prep = jobs[i].build()
+                if built is not None:
+                    built[i] = prep
+                _, rec, choice = _bound(i, prep)
                 out[i] = (rec, choice)
                 done(i + 1)
     finally:
@@ -167,7 +176,7 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
     preps: list[tuple[int, float, dict]] = []
     unscreened = 0
     if screen:
-        screened = _screen_all(jobs, workers or default_workers(), deadline, log)
+        screened = _screen_all(jobs, workers or default_workers(), deadline, log, built)
         unscreened = sum(g is None for g in screened)
         heur = None
         for i, got in enumerate(screened):
@@ -192,9 +201,9 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
     else:
         preps = [(i, -INF, jobs[i].record()) for i in range(len(jobs))]
     records, solved, bounds = [], [], []
-    order = sorted(range(len(preps)), key=lambda i: preps[i][1]) if screen else range(len(preps))
+    order = sorted(range(len(preps)), key=lambda i: preps[i][1]) if screen \
+        else list(range(len(preps)))
     timed_out = unscreened > 0
-    order = list(order)
     for n, j in enumerate(order):
         i, lb, rec = preps[j]
         records.append(rec)

@@ -60,7 +60,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -283,13 +283,7 @@ class Cluster:
     def distinct_meshes(self, max_axes: int = 3) -> list[Mesh]:
         """:meth:`meshes` without those equivalent to an earlier one (:meth:`Mesh.symmetry_key`):
         the candidates the planner solves."""
-        seen: set = set()
-        out = []
-        for m in self.meshes(max_axes):
-            if m.symmetry_key() not in seen:
-                seen.add(m.symmetry_key())
-                out.append(m)
-        return out
+        return unique_by(self.meshes(max_axes), Mesh.symmetry_key)
 
     def mesh(self, shape: tuple[int, ...]) -> Mesh:
         """The mesh of ``shape`` (product = device count), with each axis's link decided."""
@@ -326,6 +320,18 @@ class Cluster:
         """Read :meth:`to_dict` output (or the cluster-file mapping) back, checking every field."""
         return _cluster_from_mapping(data, where, default_name=None, default_source=None,
                                      allow_spec=True)
+
+
+def unique_by(items: list, key: Callable) -> list:
+    """``items`` without those whose ``key`` equals an earlier one's, in order."""
+    seen: set = set()
+    out = []
+    for it in items:
+        k = key(it)
+        if k not in seen:
+            seen.add(k)
+            out.append(it)
+    return out
 
 
 def ordered_factorizations(n: int, max_factors: int) -> list[tuple[int, ...]]:

@@ -39,6 +39,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -139,13 +140,14 @@ def node_compute_penalty_s(flops: float, sig: Signature, mesh: Mesh, peak_flops:
     return 3.0 * flops * (1.0 / work_divisor(sig, mesh) - 1.0 / mesh.num_devices) / peak_flops
 
 
+def _replicated_axes(sig: Signature, mesh_shape: Sequence[int]) -> list[int]:
+    """The axes (size > 1) on which a parameter is held whole (B): where ZeRO-1/2 divide."""
+    return [a for a, (p, n) in enumerate(zip(sig.out, mesh_shape)) if p == "B" and n > 1]
+
+
 def zero_divisor(sig: Signature, mesh: Mesh) -> int:
     """Devices ZeRO-1/2 divide a parameter's states over: the axes (size > 1) where it is B."""
-    d = 1
-    for p, ax in zip(sig.out, mesh.axes):
-        if p == "B":
-            d *= ax.size
-    return d
+    return math.prod(mesh.shape[a] for a in _replicated_axes(sig, mesh.shape))
 
 
 def zero_axes(sig: Signature, mesh_shape: Sequence[int]) -> tuple[bool, ...]:
@@ -154,9 +156,8 @@ def zero_axes(sig: Signature, mesh_shape: Sequence[int]) -> tuple[bool, ...]:
     reduce-scatter + all-gather of the updated weight, the same bytes. A gradient already whole
     (every device computed the whole batch) would leave the all-gather unpaid: that pair is not
     offered."""
-    if sig.zero not in (ZERO_STATES, ZERO_GRADS):
-        return tuple(False for _ in mesh_shape)
-    return tuple(p == "B" and n > 1 for p, n in zip(sig.out, mesh_shape))
+    axes = _replicated_axes(sig, mesh_shape) if sig.zero in (ZERO_STATES, ZERO_GRADS) else []
+    return tuple(a in axes for a in range(len(mesh_shape)))
 
 
 def zero_latency_s(sig: Signature, mesh: Mesh) -> float:
@@ -164,7 +165,7 @@ def zero_latency_s(sig: Signature, mesh: Mesh) -> float:
     per axis over which the states are divided."""
     if sig.zero not in (ZERO_STATES, ZERO_GRADS):
         return 0.0
-    return sum(ax.latency_s for p, ax in zip(sig.out, mesh.axes) if p == "B" and ax.size > 1)
+    return sum(mesh.axes[a].latency_s for a in _replicated_axes(sig, mesh.shape))
 
 
 def node_memory_bytes(node, sig: Signature, mesh: Mesh, config: TrainingConfig) -> float:
@@ -212,7 +213,7 @@ def grad_fraction(sig: Signature, mesh_shape: Sequence[int]) -> float:
     """Fraction of a weight's gradient one device keeps (ZeRO-2 divides it over its B axes)."""
     frac = local_fraction(tuple(grad_target(p) for p in sig.out), mesh_shape)
     if sig.zero == ZERO_GRADS:
-        frac /= float(np.prod([n for p, n in zip(sig.out, mesh_shape) if p == "B"]))
+        frac /= math.prod(mesh_shape[a] for a in _replicated_axes(sig, mesh_shape))
     return frac
 
 
@@ -292,35 +293,13 @@ class Multiplicity:
 
 class _EdgeCoster:
     """Edge cost and memory matrices. Time is linear in the tensor's bytes plus latency, so each
-    (placements) pair is costed once per unit byte, and whole matrices are cached by their
-    placement lists: the identical tensors of repeated layers are costed once."""
+    edge matrix is costed per unit byte (:func:`~autoddl.engine.reshard_table.unit_matrices`)
+    and cached by its placement lists: the identical tensors of repeated layers are costed
+    once."""
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        self.pairs: dict[tuple, tuple[float, float, float, float, float]] = {}
         self.matrices: dict[tuple, tuple[np.ndarray, ...]] = {}
-
-    def unit(self, pa: Placement, pin: Placement, pgrad: Placement | None,
-             ) -> tuple[float, float, float, float, float]:
-        """(fwd s/byte, fwd latency s, bwd s/byte, bwd latency s, memory fraction) of a pair;
-        inf when the conversion is forbidden."""
-        key = (pa, pin, pgrad)
-        hit = self.pairs.get(key)
-        if hit is None:
-            fwd, bwd = edge_steps(1.0, pa, pin, pgrad, self.mesh)
-            if fwd is None:
-                hit = (np.inf, np.inf, 0.0, 0.0, 0.0)
-            else:
-                def split(steps):
-                    per_byte = sum(st.bytes_per_device / (self.mesh.axes[st.axis].bandwidth_gbps
-                                                          * 1e9) for st in steps)
-                    return per_byte, steps_seconds(steps, self.mesh) - per_byte
-                fb, fl = split(fwd)
-                bb, bl = split(bwd)
-                frac = local_fraction(pin, self.mesh.shape) if pa != pin else 0.0
-                hit = (fb, fl, bb, bl, frac)
-            self.pairs[key] = hit
-        return hit
 
     def choices(self, graph: OpGraph, sigs: dict[str, list[Signature]], index: dict[str, int],
                 src: str, dst: str, i: int, copies: int, mem_copies: float = -1.0,

@@ -60,9 +60,13 @@ class Candidate:
         return str(self.costed.mesh) if self.stages == 1 else f"pp{self.stages} × {self.costed.mesh}"
 
 
-def _decode(costed: CostedGraph, model: ShardingModel, x: np.ndarray) -> dict[str, Signature]:
-    idx = model.choice(x)
+def decode(costed: CostedGraph, idx: np.ndarray) -> dict[str, Signature]:
+    """The signature of each node, from its index in ``costed``'s signature lists."""
     return {n.name: costed.sigs[n.name][int(k)] for n, k in zip(costed.graph.nodes, idx)}
+
+
+def _decode(costed: CostedGraph, model: ShardingModel, x: np.ndarray) -> dict[str, Signature]:
+    return decode(costed, model.choice(x))
 
 
 #: above this many variables the default backend is HiGHS: CBC proves small sharding ILPs
@@ -311,23 +315,18 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     if recompute and reduced is None:
         raise UserError("--recompute layers needs repeated layers (a ModuleList of identical "
                         "blocks, four or more)")
-    t_build = time.perf_counter
-
-    def decode(costed: CostedGraph, idx: np.ndarray) -> dict[str, Signature]:
-        return {n.name: costed.sigs[n.name][int(k)] for n, k in zip(costed.graph.nodes, idx)}
-
     def sharding_job(g: OpGraph, mesh: Mesh, mult) -> Prepared:
-        t1 = t_build()
+        t1 = time.perf_counter()
         costed = build_problem(g, mesh, cluster, config, mult)
         return Prepared(
-            str(mesh), 1, costed, costed.problem, 0.0, t_build() - t1,
+            str(mesh), 1, costed, costed.problem, 0.0, time.perf_counter() - t1,
             solve=lambda cut, tl: solve_sharding(without_dominated(costed), backend, tl,
                                                  mip_rel_gap, cut, lp_first),
             make=lambda idx, r: Candidate(costed, 1, None, 1, r, decode(costed, idx),
                                           {n.name: 0 for n in costed.graph.nodes}, 0, 0.0))
 
     def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks) -> Prepared:
-        t1 = t_build()
+        t1 = time.perf_counter()
         prog = build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches, recompute)
         costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config)
 
@@ -337,16 +336,16 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                                  cut, lp_first, (lean, lean.problem, bubble))
 
         return Prepared(
-            f"pp{k} × {smesh}", k, costed, problem, bubble, t_build() - t1, solve=solve,
+            f"pp{k} × {smesh}", k, costed, problem, bubble, time.perf_counter() - t1, solve=solve,
             make=lambda idx, r: Candidate(costed, k, pp, microbatches, r, decode(costed, idx),
                                           program_stages(prog, problem), 0, 0.0, prog, problem,
                                           bubble))
 
     def joint_job(k: int, pp: MeshAxis, smesh: Mesh) -> Prepared:
-        t1 = t_build()
+        t1 = time.perf_counter()
         costed = build_problem(microbatch_graph, smesh, cluster, config)
         return Prepared(
-            f"pp{k} × {smesh}", k, costed, None, 0.0, t_build() - t1,
+            f"pp{k} × {smesh}", k, costed, None, 0.0, time.perf_counter() - t1,
             solve=lambda cut, tl: solve_pipeline(costed, k, microbatches, pp, balance_eps,
                                                  backend, tl, mip_rel_gap),
             make=lambda idx, r: None, uses_cutoff=False)

@@ -28,9 +28,14 @@ from typing import Sequence
 import numpy as np
 
 from autoddl.engine.cluster import Mesh
-from autoddl.engine.placements import B, P, Placement, grad_target, split_dim
+from autoddl.engine.placements import B, P, STEP_ORDER, Placement, grad_target, split_dim
 
 _NONE, _SLICE, _RS, _A2A, _AG, _AR, _BAD = range(7)
+_CODE = {"slice": _SLICE, "reduce_scatter": _RS, "all_to_all": _A2A, "all_gather": _AG,
+         "all_reduce": _AR}
+#: step kinds grouped by rank in placements.STEP_ORDER, in that order
+_GROUPS = tuple(tuple(_CODE[k] for k, r in STEP_ORDER.items() if r == rank)
+                for rank in sorted(set(STEP_ORDER.values())))
 
 
 def _codes(placements: Sequence[Placement | None], axes: int) -> np.ndarray:
@@ -72,7 +77,7 @@ def conversion_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh
         held = held * np.where(src[..., a] > 0, 1.0 / p, 1.0)
     per_byte, latency = np.zeros(shape), np.zeros(shape)
     by_size = sorted(range(len(sizes)), key=lambda a: (sizes[a], a))
-    for group in ((_SLICE,), (_RS, _A2A), (_AR,), (_AG,)):  # placements.STEP_ORDER
+    for group in _GROUPS:
         for a in by_size:
             k, p = kinds[a], sizes[a]
             if p == 1:

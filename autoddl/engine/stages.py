@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from autoddl.engine.cluster import Cluster, Mesh, MeshAxis, ordered_factorizations
+from autoddl.engine.cluster import Cluster, Mesh, MeshAxis, ordered_factorizations, unique_by
 from autoddl.engine.costs import (
     CostedGraph, Multiplicity, _EdgeCoster, accumulated_edges, accumulates_grad, breakdown,
     edge_steps, forward_times, grad_fraction, keeps_converted, node_memory_bytes, steps_seconds,
@@ -39,7 +39,6 @@ def pipeline_candidates(cluster: Cluster, microbatches: int, max_axes: int = 3,
     (:meth:`~autoddl.engine.cluster.Mesh.symmetry_key`)."""
     n = cluster.num_devices
     out = []
-    seen: set = set()
     for k in range(2, n + 1):
         if n % k or k > microbatches or (stages is not None and k != stages):
             continue
@@ -50,11 +49,9 @@ def pipeline_candidates(cluster: Cluster, microbatches: int, max_axes: int = 3,
             pp = dataclasses.replace(full.axes[0], name=PIPELINE_AXIS)
             stage_axes = tuple(dataclasses.replace(a, name=STAGE_AXES[i])
                                for i, a in enumerate(full.axes[1:]))
-            key = (k, pp, Mesh(stage_axes).symmetry_key())
-            if distinct and key in seen:
-                continue
-            seen.add(key)
             out.append((k, pp, Mesh(stage_axes)))
+    if distinct:
+        out = unique_by(out, lambda c: (c[0], c[1], c[2].symmetry_key()))
     return out
 
 

@@ -148,6 +148,7 @@ class ShardingModel:
         plan: it gets no variable (exact pruning)."""
         self.problem = problem
         self.cutoff = cutoff
+        self._cut_added = False
         self.keep_nodes: list | None = None
         self.keep_edges: list | None = None
         self.lower_bound = 0.0
@@ -262,7 +263,7 @@ class ShardingModel:
     def milp(self) -> MILP:
         """The assembled MILP (with ``cutoff``, also the row objective <= cutoff: a candidate
         that cannot beat the known plan comes back infeasible, fast)."""
-        if np.isfinite(self.cutoff) and not getattr(self, "_cut_added", False):
+        if np.isfinite(self.cutoff) and not self._cut_added:
             c = np.concatenate(self._c)
             nz = np.nonzero(c)[0]
             if len(nz):
