@@ -1,4 +1,4 @@
-"""The ``autoddl`` command line: plan, compare, run, show, demo, backends.
+"""The ``autoddl`` command line: plan, compare, run, calibrate, show, demo, backends.
 
 Every user error prints one line, ``autoddl: error: ...``, and exits with code 2.
 """
@@ -89,7 +89,8 @@ def _solve(a: argparse.Namespace, work, log: Progress):
                       time_limit_s=a.time_limit, config=work.config, log=log,
                       microbatch_graph=work.microbatch_graph, microbatches=work.microbatches,
                       stages=a.stages, balance_eps=a.balance_eps, schedule=a.schedule,
-                      layers=work.layers, mip_rel_gap=a.gap, workers=a.workers)
+                      layers=work.layers, mip_rel_gap=a.gap, workers=a.workers,
+                      strict_rules=getattr(a, "strict_rules", False))
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -97,6 +98,13 @@ def _run(a: argparse.Namespace) -> int:
 
     return launch(a.plan, a.nproc, steps=a.steps, check=a.check, lr=a.lr, tol=a.tol,
                   save=a.save, resume=a.resume)
+
+
+def _calibrate(a: argparse.Namespace) -> int:
+    from autoddl.runtime.calibrate import launch
+
+    return launch(a.output, a.nproc, min_bytes=a.min_bytes, max_bytes=a.max_bytes,
+                  points=a.points, reps=a.reps)
 
 
 def _show(a: argparse.Namespace) -> int:
@@ -169,8 +177,12 @@ def _backends(a: argparse.Namespace) -> int:
 
 def _planning_options(p: argparse.ArgumentParser) -> None:
     """The options ``plan`` and ``compare`` share."""
-    p.add_argument("--model", required=True, help="e.g. gpt:layers=2,hidden=64 or mlp")
+    p.add_argument("--model", required=True,
+                   help="e.g. gpt:layers=2,hidden=64, mlp, hf-gpt2, tv-resnet50 or file.py:factory")
     p.add_argument("--cluster", required=True, help="cpu:devices=4, dgx-a100:nodes=2 or a file")
+    p.add_argument("--strict-rules", action="store_true",
+                   help="fail on an operator without a sharding rule instead of running it "
+                        "replicated (listed in the plan)")
     p.add_argument("--backend", default=None,
                    help="solver backend (default: ortools-cbc, the fastest measured; see "
                         "`autoddl backends`)")
@@ -230,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", default=None, metavar="DIR",
                    help="start from the state saved in DIR (by --save), running --steps more")
     r.set_defaults(fn=_run)
+
+    from autoddl.runtime.calibrate import (DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES,
+                                           DEFAULT_POINTS, DEFAULT_REPS)
+    k = sub.add_parser("calibrate", help="measure collectives and matmul FLOP/s on this machine "
+                                         "with torchrun; write a cluster file for --cluster")
+    k.add_argument("--nproc", type=int, default=2,
+                   help="processes (devices) on this node (default 2)")
+    k.add_argument("-o", "--output", required=True, metavar="FILE.toml")
+    k.add_argument("--min-bytes", type=int, default=DEFAULT_MIN_BYTES,
+                   help=f"smallest message per device (default {DEFAULT_MIN_BYTES})")
+    k.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help=f"largest message per device (default {DEFAULT_MAX_BYTES})")
+    k.add_argument("--points", type=int, default=DEFAULT_POINTS,
+                   help=f"sizes, geometric between the two (default {DEFAULT_POINTS})")
+    k.add_argument("--reps", type=int, default=DEFAULT_REPS,
+                   help=f"timed runs per size and collective; the median counts "
+                        f"(default {DEFAULT_REPS})")
+    k.set_defaults(fn=_calibrate)
 
     s = sub.add_parser("show", help="print a plan file")
     s.add_argument("plan")

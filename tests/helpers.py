@@ -85,9 +85,9 @@ def make_pipelined_plan(plan, stages: int, microbatches: int, schedule: str = "1
     micro-batch plan's scaled by the micro-batch count (every collective runs once per
     micro-batch) except the backward conversions of weight gradients accumulated over the
     micro-batches (``accumulates_grad``), which run once per step, plus ``per_kind["p2p"]`` (and
-    ``per_axis["pp"]``): the point-to-point sends the runtime executes — one per tensor per
-    boundary crossed per micro-batch forward, one more backward for a tensor carrying a gradient,
-    bytes = the producer's local piece.
+    ``per_axis["pp"]``, ``per_axis_kind["pp"]["p2p"]``): the point-to-point sends the runtime
+    executes — one per tensor per boundary crossed per micro-batch forward, one more backward
+    for a tensor carrying a gradient, bytes = the producer's local piece.
     """
     import dataclasses
 
@@ -134,11 +134,15 @@ def make_pipelined_plan(plan, stages: int, microbatches: int, schedule: str = "1
     cost["per_kind"]["p2p"] = p2p
     cost["per_axis"] = {k: scaled(v) for k, v in plan.cost["per_axis"].items()}
     cost["per_axis"]["pp"] = p2p
+    cost["per_axis_kind"] = {a: {k: scaled(v) for k, v in kinds.items()}
+                             for a, kinds in plan.cost["per_axis_kind"].items()}
+    cost["per_axis_kind"]["pp"] = {"p2p": dict(p2p)}
     for key in ("total_s", "bandwidth_s", "bytes_per_device"):
         cost[key] = plan.cost[key] * m + (p2p["bytes"] if key == "bytes_per_device"
                                           else p2p["seconds"])
     for axis, kind, nbytes, secs in _accumulated_steps(graph, plan):  # counted m times: once
-        for bucket in (cost["per_kind"][kind], cost["per_axis"][axis]):
+        for bucket in (cost["per_kind"][kind], cost["per_axis"][axis],
+                       cost["per_axis_kind"][axis][kind]):
             bucket["count"] -= m - 1
             bucket["bytes"] -= (m - 1) * nbytes
             bucket["seconds"] -= (m - 1) * secs
@@ -170,8 +174,9 @@ def _accumulated_steps(graph: OpGraph, plan) -> list[tuple[str, str, float, floa
 
 
 def run_checked(path, steps: int = 2, require: tuple[str, ...] = (), tol: float = 1e-5) -> str:
-    """``autoddl run PATH --check``: assert it passes and that every collective kind in its table
-    (and each kind in ``require``) was predicted, executed and seen equally, bytes included."""
+    """``autoddl run PATH --check``: assert it passes, that every collective kind in its table
+    (and each kind in ``require``) was predicted, executed and seen equally, bytes included, and
+    that its bytes per (mesh axis, kind) match the plan (:func:`check_byte_table`)."""
     import re
     import subprocess
     import sys
@@ -193,4 +198,32 @@ def run_checked(path, steps: int = 2, require: tuple[str, ...] = (), tol: float 
     for kind, predicted, executed, seen, pbytes, ebytes in table:
         assert predicted == executed == seen, (kind, predicted, executed, seen)
         assert pbytes == ebytes, (kind, pbytes, ebytes)
+    check_byte_table(out, path)
     return out
+
+
+#: one row of ``autoddl run``'s byte table: axis, kind, predicted and executed count, predicted
+#: and executed bytes, relative difference (%), status
+BYTE_ROW = (r"^(\S+)\s+(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([-+]\d+\.\d+) %"
+            r"\s+(ok|MISMATCH)\b")
+
+
+def check_byte_table(out: str, path) -> None:
+    """The run's bytes per (mesh axis, kind) table has a row for every (axis, kind) the plan
+    file predicts any collective for, each row predicted = executed (count, and bytes within
+    1 %), and the verdict line says so."""
+    import json
+    import re
+    from pathlib import Path
+
+    rows = {(a, k): (int(pc), int(ec), float(pb), float(eb), float(rel), st)
+            for a, k, pc, ec, pb, eb, rel, st in re.findall(BYTE_ROW, out, re.M)}
+    assert rows, out
+    cost = json.loads(Path(path).read_text())["cost"]
+    want = {(a, k) for a, kinds in cost["per_axis_kind"].items() for k, v in kinds.items()
+            if v["count"]}
+    assert want and want <= set(rows), (sorted(want - set(rows)), out)
+    for key, (pc, ec, pb, eb, rel, st) in rows.items():
+        assert st == "ok" and pc == ec and abs(rel) <= 1.0, (key, rows[key], out)
+        assert abs(eb - pb) <= max(0.01 * pb, 1.0), (key, rows[key])
+    assert "byte check passed" in out and "MISMATCH" not in out, out

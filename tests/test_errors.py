@@ -1,7 +1,8 @@
 """Error catalogue cases that the command line cannot provoke deterministically, in-process.
 
 A solver time-out returns the best plan found with its proven gap and a warning; a time-out with
-no solution at all is an error, never an empty plan; an operator without a sharding rule is named;
+no solution at all is an error, never an empty plan; an operator without a sharding rule runs
+replicated and is listed (an error, naming it, under ``--strict-rules``);
 a model that fits no plan names the memory its leanest plan needs and the largest consumers.
 (The command-line cases are in ``tests/test_cli.py``.)
 """
@@ -65,7 +66,13 @@ def test_unknown_operator_is_named_with_its_count():
                (TensorArg(0), TensorArg(1)), flops=32.0, requires_grad=True),
     )
     with pytest.raises(NoRuleError, match=r"aten\.frobnicate\.default \(x1\)"):
-        planner.plan_graph(OpGraph(nodes, "loss"), cluster(devices=2), model_spec="mlp")
+        planner.plan_graph(OpGraph(nodes, "loss"), cluster(devices=2), model_spec="mlp",
+                           strict_rules=True)
+    # by default it runs replicated, and the plan says so
+    plan = planner.plan_graph(OpGraph(nodes, "loss"), cluster(devices=2), model_spec="mlp")
+    assert plan.model["fallback_ops"] == {"aten.frobnicate.default": 1}
+    assert plan.op("odd").ins[0] == {plan.axis_names[0]: "B"} and \
+        plan.op("odd").out == {plan.axis_names[0]: "B"}
 
 
 def test_no_plan_fits_names_the_memory_needed_and_the_largest_consumers():

@@ -124,6 +124,15 @@ def test_file_fields(any_plan, tmp_path):
         assert _number(entry["seconds"]) and _number(entry["bytes"])
         assert isinstance(entry["count"], int)
     assert isinstance(cost["per_kind"], dict)
+    # per (axis, kind): what `autoddl run --check` compares with the bytes the ranks sent
+    assert set(cost["per_axis_kind"]) == set(names)
+    for axis, kinds in cost["per_axis_kind"].items():
+        for kind, entry in kinds.items():
+            assert kind in cost["per_kind"]
+            assert _number(entry["seconds"]) and _number(entry["bytes"])
+            assert isinstance(entry["count"], int)
+        assert sum(e["bytes"] for e in kinds.values()) == pytest.approx(
+            cost["per_axis"][axis]["bytes"])
 
     mem = d["memory"]
     assert _number(mem["per_device_bytes"]) and 0 < mem["per_device_bytes"]

@@ -2,7 +2,9 @@
 
 Each test plans a model, launches ``autoddl run --check`` on 4 CPU processes (torchrun, gloo), and
 checks the verdict printed by rank 0: loss and every gradient within 1e-5 of the single-process
-reference, and the collectives counted by torch (CommDebugMode) equal to the plan's prediction.
+reference, the collectives counted by torch (CommDebugMode) equal to the plan's prediction, and
+the bytes sent per device per (mesh axis, kind) equal to the plan's ``per_axis_kind`` within 1 %
+(``tests.helpers.check_byte_table``). A plan whose predicted bytes were tampered with fails.
 """
 
 from __future__ import annotations
@@ -80,3 +82,38 @@ def test_cli_plan_of_repeated_layers_runs_checked(tmp_path, extra):
     # own magnitude) float32 summation-order noise in tiny gradient entries reaches ~1e-5 in
     # the next step's gradients, steady over steps (not growing: no missing term)
     _run_checked(path, steps=2, tol=3e-5)
+
+
+def test_check_fails_when_predicted_bytes_are_off(tmp_path):
+    """A plan file whose predicted bytes of one (axis, kind) were raised by 10 % (loss and
+    gradients still agree): `autoddl run --check` names the pair on a MISMATCH line and exits
+    non-zero; without --check the table and the line are printed, and the run succeeds."""
+    import json
+
+    spec = parse_model_spec("mlp:batch=64,dim_in=16,hidden=32,layers=1,dim_out=16")
+    graph = capture(*build_model(spec, "meta"))
+    c = cluster(devices=2, latency_s=1e-6, peak_flops=1e10)
+    path = tmp_path / "plan.json"
+    save_plan(plan_graph(graph, c, model_spec=spec.text, meshes=[c.mesh((2,))]), path)
+    d = json.loads(path.read_text())
+    axis, kinds = next((a, k) for a, k in d["cost"]["per_axis_kind"].items() if k)
+    kind = max(kinds, key=lambda k: kinds[k]["bytes"])
+    kinds[kind]["bytes"] *= 1.1  # the honest plan is checked by every other runtime test
+    path.write_text(json.dumps(d))
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "autoddl.cli", "run", str(path),
+                               "--steps", "1", *extra], capture_output=True, text=True,
+                              timeout=240)
+
+    proc = run("--check")
+    assert proc.returncode != 0, proc.stdout
+    out = proc.stdout
+    assert re.search(rf"^byte check MISMATCH: {axis}/{kind} executed \d+ B in \d+, predicted "
+                     r"\d+ B in \d+ \(-9\.\d\d %\)", out, re.M), out
+    assert re.search(rf"^{axis}\s+{kind}\s.*MISMATCH$", out, re.M), out
+    assert "check FAILED" in out and "max relative error" in out, out
+    assert "autoddl run: failed" in proc.stderr
+    plain = run()
+    assert plain.returncode == 0, plain.stdout + plain.stderr[-2000:]
+    assert f"byte check MISMATCH (not enforced without --check): {axis}/{kind}" in plain.stdout

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 
 from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
+from autoddl.engine.normalize import (
+    constant_leaves, constant_nodes, constant_values, normalize,
+)
 from autoddl.errors import UserError
 
 
@@ -23,12 +26,14 @@ def tensor_meta(value: Any) -> TensorMeta:
 
 
 def export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """``torch.export`` the model's forward (training IR, high-level ATen ops kept)."""
+    """``torch.export`` the model's forward (training IR, high-level ATen ops kept), normalized
+    for the planner (:func:`autoddl.engine.normalize.normalize`)."""
     try:
-        return torch.export.export(model, tuple(example_inputs), strict=False)
+        ep = torch.export.export(model, tuple(example_inputs), strict=False)
     except Exception as exc:  # export failures are the user's model: say so in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"torch.export could not capture the model: {first}") from exc
+    return normalize(ep)
 
 
 def _plain(value: Any, tensor_index: dict[str, int]) -> Any:
@@ -91,60 +96,46 @@ def _flops(target: str, ins: list[TensorMeta], out: TensorMeta) -> float:
 
 
 def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
-    """Convert an exported program into an :class:`OpGraph`."""
+    """Convert a (normalized) exported program into an :class:`OpGraph`. Constants (buffers,
+    masks, position tables) enter as ``const`` leaves; what computes them is left out."""
     sig = ep.graph_signature
     param_fqn = dict(sig.inputs_to_parameters)
-    buffer_fqn = dict(sig.inputs_to_buffers)
+    const, leaves = constant_nodes(ep), set(constant_leaves(ep))
     nodes: list[OpNode] = []
     requires_grad: dict[str, bool] = {}
     loss = None
     for fx in ep.graph.nodes:
-        if fx.op == "placeholder":
+        if fx.name in leaves:
+            requires_grad[fx.name] = False
+            nodes.append(OpNode(fx.name, "input", "const", tensor_meta(fx.meta["val"])))
+        elif fx.name in const:
+            continue
+        elif fx.op == "placeholder":
             val = fx.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 raise UserError(f"model input {fx.name!r} is not a tensor; pass tensors only")
             is_param = fx.name in param_fqn
+            if is_param and not fx.users:
+                continue  # a tied weight's other name (export reads it through one)
             kind = "param" if is_param else "input"
-            fqn = param_fqn.get(fx.name, buffer_fqn.get(fx.name, ""))
-            if fx.name in buffer_fqn:
-                kind = "input"  # buffers are replicated data, not trained
+            fqn = param_fqn.get(fx.name, "")
             meta = tensor_meta(val)
             rg = is_param and meta.is_float
             requires_grad[fx.name] = rg
             nodes.append(OpNode(fx.name, kind, kind, meta, requires_grad=rg, fqn=fqn,
                                 scope=_scope_of_fqn(fqn) if is_param else ""))
         elif fx.op == "call_function":
-            if fx.target is operator.getitem:
-                raise UserError(
-                    f"operator producing several outputs feeds {fx.name!r}; multi-output "
-                    "operators have no sharding rule yet"
-                )
-            val = fx.meta.get("val")
-            if not isinstance(val, torch.Tensor):
-                raise UserError(f"operator {fx.target} ({fx.name}) returns a non-tensor; no rule")
-            inputs = [a for a in fx.all_input_nodes]
-            index = {a.name: i for i, a in enumerate(inputs)}
-            target = f"aten.{fx.target._schema.name.split('::')[-1]}.{fx.target._overloadname}" \
-                if hasattr(fx.target, "_schema") else str(fx.target)
-            in_metas = [tensor_meta(a.meta["val"]) for a in inputs]
-            meta = tensor_meta(val)
-            rg = meta.is_float and any(requires_grad[a.name] for a in inputs)
-            requires_grad[fx.name] = rg
-            nodes.append(OpNode(
-                fx.name, "op", target, meta,
-                inputs=tuple(a.name for a in inputs),
-                args=tuple(_plain(a, index) for a in fx.args),
-                kwargs=tuple((k, _plain(v, index)) for k, v in fx.kwargs.items()),
-                flops=_flops(target, in_metas, meta),
-                requires_grad=rg,
-                scope=_scope_of_module_stack(fx),
-            ))
+            nodes.append(_op_node(fx, requires_grad))
         elif fx.op == "output":
             outs = fx.args[0]
             outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+            outs = [o for o in outs if o is not None]
             if len(outs) != 1 or not isinstance(outs[0], torch.fx.Node):
                 raise UserError("the model's forward must return exactly one tensor: the loss")
             loss = outs[0].name
+        else:
+            raise UserError(f"{fx.op} node {fx.name!r} ({fx.target}) depends on the model's "
+                            "inputs; only ATen operators are supported there")
     assert loss is not None
     graph = OpGraph(tuple(nodes), loss)
     if graph[loss].out.numel != 1 or graph[loss].kind != "op":
@@ -153,6 +144,36 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
             "it must return the scalar training loss"
         )
     return graph
+
+
+def _op_node(fx: torch.fx.Node, requires_grad: dict[str, bool]) -> OpNode:
+    """The :class:`OpNode` of one operator call."""
+    if fx.target is operator.getitem:
+        raise UserError(
+            f"operator {fx.args[0].target} ({fx.args[0].name}) has several outputs and feeds "
+            f"{fx.name!r}; multi-output operators have no sharding rule (split, chunk and "
+            "unbind are rewritten to slices)"
+        )
+    val = fx.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise UserError(f"operator {fx.target} ({fx.name}) returns a non-tensor; no rule")
+    inputs = list(fx.all_input_nodes)
+    index = {a.name: i for i, a in enumerate(inputs)}
+    target = f"aten.{fx.target._schema.name.split('::')[-1]}.{fx.target._overloadname}" \
+        if hasattr(fx.target, "_schema") else str(fx.target)
+    in_metas = [tensor_meta(a.meta["val"]) for a in inputs]
+    meta = tensor_meta(val)
+    rg = meta.is_float and any(requires_grad[a.name] for a in inputs)
+    requires_grad[fx.name] = rg
+    return OpNode(
+        fx.name, "op", target, meta,
+        inputs=tuple(a.name for a in inputs),
+        args=tuple(_plain(a, index) for a in fx.args),
+        kwargs=tuple((k, _plain(v, index)) for k, v in fx.kwargs.items()),
+        flops=_flops(target, in_metas, meta),
+        requires_grad=rg,
+        scope=_scope_of_module_stack(fx),
+    )
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple) -> OpGraph:
@@ -173,3 +194,13 @@ def default_microbatches(inputs: tuple, most: int = 16) -> int:
     """The largest divisor of the batch size that is at most ``most``."""
     batch = inputs[0].shape[0]
     return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
+
+
+def leaf_values(ep: torch.export.ExportedProgram, graph: OpGraph, model: torch.nn.Module,
+                inputs: tuple) -> dict[str, torch.Tensor]:
+    """The whole value of every ``input`` leaf of ``graph``: the user's ``inputs`` (in order) and
+    the constants (buffers, masks, tables) computed from ``model``'s buffers."""
+    feed = dict(zip(ep.graph_signature.user_inputs, inputs))
+    consts = constant_values(ep, dict(model.named_buffers()))
+    return {n.name: consts[n.name] if n.target == "const" else feed[n.name]
+            for n in graph.nodes if n.kind == "input"}

@@ -425,17 +425,24 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
 
 
 def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
-    """Cost and memory of a plan: totals, per mesh axis, per collective kind, memory parts."""
+    """Cost and memory of a plan: totals, per mesh axis, per collective kind, per (axis, kind)
+    (``per_axis_kind[axis][kind]``: bytes sent per device, seconds, count in one training step),
+    per operator, memory parts."""
     mesh, graph = costed.mesh, costed.graph
     colls = predicted_collectives(costed, choice)
     per_axis: dict[str, dict[str, float]] = {
         a.name: {"bytes": 0.0, "seconds": 0.0, "count": 0} for a in mesh.axes}
     per_kind: dict[str, dict[str, float]] = defaultdict(lambda: {"bytes": 0.0, "seconds": 0.0,
                                                                  "count": 0})
+    # per mesh axis, then per collective kind on it: what the runtime logs and ``--check``
+    # compares (:func:`autoddl.runtime.worker.byte_check`)
+    per_axis_kind: dict[str, dict[str, dict[str, float]]] = {a.name: {} for a in mesh.axes}
     per_op: dict[str, dict[str, float]] = {}  # by the operator reading the converted tensor
     for c in colls:
         op = c.dst if c.dst != "output" else c.src
         for bucket in (per_axis[c.axis], per_kind[c.kind],
+                       per_axis_kind[c.axis].setdefault(c.kind, {"bytes": 0.0, "seconds": 0.0,
+                                                                 "count": 0}),
                        per_op.setdefault(op, {"bytes": 0.0, "seconds": 0.0, "count": 0})):
             bucket["bytes"] += c.bytes_per_device * c.copies
             bucket["seconds"] += c.seconds * c.copies
@@ -473,6 +480,7 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
         "bytes_per_device": sum(c.bytes_per_device * c.copies for c in colls),
         "per_axis": per_axis,
         "per_kind": dict(sorted(per_kind.items())),
+        "per_axis_kind": {a: dict(sorted(k.items())) for a, k in per_axis_kind.items()},
         "per_op": per_op,
         "memory": mem,
     }

@@ -2,7 +2,9 @@
 
 Model specs on the command line: ``mlp:batch=64,hidden=256,layers=2`` or
 ``gpt:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=256``. A spec builds the module (on any
-device, ``meta`` included) and the example inputs of one global batch.
+device, ``meta`` included) and the example inputs of one global batch. Library models
+(``hf-gpt2``, ``tv-resnet50``, ...) and ``path/to/file.py:factory`` come from
+:mod:`autoddl.engine.zoo`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoddl.errors import UserError
+from autoddl.engine.zoo import ZOO, build_from_file, build_zoo, is_file_spec
 from autoddl.specs import as_int, check_keys, parse_spec
+
+#: the ModelSpec name of ``path/to/file.py:factory`` models
+FILE_MODEL = "file"
 
 
 class MLP(nn.Module):
@@ -206,7 +212,10 @@ GPT_PRESETS: dict[str, dict[str, int]] = {
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """Parse ``--model NAME[:key=value,...]`` against the built-in models' parameters."""
+    """Parse ``--model NAME[:key=value,...]`` against the built-in models' parameters, or
+    ``path/to/file.py:factory``."""
+    if isinstance(text, str) and is_file_spec(text.strip()):
+        return ModelSpec(FILE_MODEL, (), text.strip())
     name, raw = parse_spec(text, "--model")
     if name in GPT_PRESETS:
         defaults = GPT_PRESETS[name]
@@ -216,10 +225,11 @@ def parse_model_spec(text: str) -> ModelSpec:
             raise UserError(f"--model {name}: hidden={params['hidden']} is not divisible by "
                             f"heads={params['heads']}")
         return ModelSpec("gpt", tuple(sorted(params.items())), text)
-    if name not in MODELS:
-        known = ", ".join([*MODELS, *GPT_PRESETS])
-        raise UserError(f"--model: unknown model {name!r}; built-in models: {known}")
-    defaults = MODELS[name][0]
+    if name not in MODELS and name not in ZOO:
+        known = ", ".join([*MODELS, *GPT_PRESETS, *ZOO])
+        raise UserError(f"--model: unknown model {name!r}; built-in models: {known}; "
+                        "or path/to/file.py:factory")
+    defaults = MODELS[name][0] if name in MODELS else ZOO[name][0]
     check_keys(raw, defaults, f"--model {name}")
     params = {k: as_int(raw, k, v, f"--model {name}") for k, v in defaults.items()}
     return ModelSpec(name, tuple(sorted(params.items())), text)
@@ -242,5 +252,9 @@ def build_model(
     if device.type != "meta" and seed is not None:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed + 1)
+    if spec.name == FILE_MODEL:
+        return build_from_file(spec.text, device)
+    if spec.name in ZOO:
+        return build_zoo(spec.name, dict(spec.params), device, gen)
     _, builder, _ = MODELS[spec.name]
     return builder(dict(spec.params), device, gen)

@@ -151,6 +151,21 @@ STEP_ORDER = {"slice": 0, "reduce_scatter": 1, "all_to_all": 1, "all_reduce": 2,
 COLLECTIVES = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce")
 
 
+def collective_cost(kind: str, p: int, held_bytes: float) -> tuple[float, int]:
+    """(bytes sent per device, latency α steps) of one step of ``kind`` on an axis of size
+    ``p``, for ``held_bytes`` the bytes each device holds before the step (the table above;
+    ``"slice"`` and ``"none"`` cost nothing)."""
+    if kind == "all_to_all":
+        return (p - 1) / p * held_bytes, p
+    if kind == "all_gather":
+        return (p - 1) * held_bytes, p
+    if kind == "reduce_scatter":
+        return (p - 1) / p * held_bytes, p
+    if kind == "all_reduce":
+        return 2 * (p - 1) / p * held_bytes, 2 * (p - 1) + 1
+    return 0.0, 0
+
+
 def reshard_steps(
     src: Placement, dst: Placement, nbytes: float, mesh_shape: Sequence[int]
 ) -> list[Step] | None:
@@ -166,18 +181,8 @@ def reshard_steps(
     cur = list(src)
     steps = []
     for _, _, axis, kind in order:
-        p = mesh_shape[axis]
         held = nbytes * local_fraction(tuple(cur), mesh_shape)  # bytes this device holds now
-        if kind == "all_to_all":
-            sent, lat = (p - 1) / p * held, p
-        elif kind == "all_gather":
-            sent, lat = (p - 1) * held, p
-        elif kind == "reduce_scatter":
-            sent, lat = (p - 1) / p * held, p
-        elif kind == "all_reduce":
-            sent, lat = 2 * (p - 1) / p * held, 2 * (p - 1) + 1
-        else:
-            sent, lat = 0.0, 0
+        sent, lat = collective_cost(kind, mesh_shape[axis], held)
         steps.append(Step(axis, cur[axis], dst[axis], kind, sent, lat))
         cur[axis] = dst[axis]
     return steps

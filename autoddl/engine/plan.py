@@ -188,6 +188,16 @@ def format_seconds(s: float) -> str:
     return f"{s * 1e6:.1f} µs"
 
 
+def fallback_line(plan: Plan) -> str:
+    """The operators the plan runs replicated for want of a sharding rule, in words ("" if
+    none)."""
+    ops = plan.model.get("fallback_ops") or {}
+    if not ops:
+        return ""
+    listed = ", ".join(f"{t} x{c}" for t, c in sorted(ops.items(), key=lambda kv: -kv[1]))
+    return f"\nreplicated (no sharding rule): {sum(ops.values())} op(s): {listed}"
+
+
 def summary(plan: Plan) -> str:
     """A short human-readable table of a plan: mesh, cost by axis and kind, memory, solver."""
     c, m, s = plan.cost, plan.memory, plan.solver
@@ -204,7 +214,7 @@ def summary(plan: Plan) -> str:
                                      ("param", "input")])) for k in range(plan.num_stages)))
     lines = [
         f"model    {plan.model['spec']}  ({plan.model['num_params']:,} parameters, "
-        f"{plan.model['num_ops']} ops)",
+        f"{plan.model['num_ops']} ops)" + fallback_line(plan),
         f"cluster  {plan.cluster.get('spec') or plan.cluster['name']}  "
         f"({plan.num_devices} devices)",
         f"mesh     {axes}" + (" (each stage)" if plan.pipeline else "") + pipe,

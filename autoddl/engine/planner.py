@@ -289,7 +289,8 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                microbatches: int = 1, stages: int | None = None, balance_eps: float = 0.1,
                schedule: str = "1F1B", log: Callable[[str], None] | None = None,
                layers: int | None = None, reduce: bool = True, lp_first: bool = True,
-               screen: bool = True, workers: int | None = None) -> Plan:
+               screen: bool = True, workers: int | None = None,
+               strict_rules: bool = False) -> Plan:
     """The minimum-cost plan of ``graph`` on ``cluster`` over all candidates.
 
     ``microbatch_graph`` (the graph of one of ``microbatches`` micro-batches) enables pipelined
@@ -298,13 +299,15 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     ``layers`` is the real layer count when the graphs were captured with fewer.
     ``time_limit_s`` bounds the whole search (the plan then reports its gap); ``screen``: see
     :func:`autoddl.engine.candidates.search`, as is ``workers`` (screening processes).
+    Operators without a sharding rule run replicated and are listed in the plan
+    (``model["fallback_ops"]``); ``strict_rules`` makes them an error instead.
     """
     t0 = time.perf_counter()
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if not 0 <= balance_eps:
         raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
-    check_rules(graph)
+    fallback = check_rules(graph, strict_rules)
     blocks = find_blocks(graph) if reduce else None
     if blocks is not None and (layers or blocks.count) < 4 and layers is None:
         blocks = None  # three layers or fewer: nothing to gain
@@ -388,6 +391,8 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     g = best.costed.graph
     info = {"spec": model_spec, "graph_hash": g.digest(), "num_ops": len(g.ops),
             "num_params": reduced.param_count if reduced else g.param_count}
+    if fallback:
+        info["fallback_ops"] = dict(sorted(fallback.items()))
     if reduced is not None:
         info["repeat"] = {"layers": reduced.layers, "container": reduced.container,
                           "block_size": reduced.block_size}

@@ -315,6 +315,7 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
         p2p["count"] += copies * sends
     out["per_axis"][pp.name] = p2p
     out["per_kind"]["p2p"] = p2p
+    out["per_axis_kind"][pp.name] = {"p2p": dict(p2p)}
     idx = {n.name: i for i, n in enumerate(g.nodes)}
     per_group: dict[int, float] = {}
     sig_index = {n: costed.sigs[n].index(s) for n, s in choice.items()}

@@ -90,7 +90,8 @@ _ADDITIVE = {"aten.add.Tensor", "aten.sub.Tensor"}
 _MULTIPLICATIVE = {"aten.mul.Tensor", "aten.div.Tensor"}
 _LINEAR_UNARY = {
     "aten.neg.default", "aten.clone.default", "aten.contiguous.default", "aten.alias.default",
-    "aten._to_copy.default", "aten.to.dtype", "aten.mul.Scalar", "aten.div.Scalar",
+    "aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout", "aten.mul.Scalar",
+    "aten.div.Scalar",
 }
 _NONLINEAR_UNARY = {
     "aten.gelu.default", "aten.relu.default", "aten.silu.default", "aten.tanh.default",
@@ -321,12 +322,63 @@ def _conv2d(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
     return sigs
 
 
-@rule("aten.max_pool2d.default")
-def _max_pool2d(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
-    """Pooling acts on each (sample, channel) plane: batch or channels split."""
+@rule("aten.max_pool2d.default", "aten.avg_pool2d.default", "aten.adaptive_avg_pool2d.default")
+def _pool2d(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    """Pooling acts on each (sample, channel) plane: batch or channels split; averaging is
+    linear, so partial sums pass through it."""
     x = ins[0]
-    return [_replicated(1)] + [AxisSig((S(d),), S(d)) for d in range(min(2, x.ndim - 2))
+    sigs = [_replicated(1)] + [AxisSig((S(d),), S(d)) for d in range(min(2, x.ndim - 2))
                                if x.shape[d] > 1]
+    if "avg" in node.target:
+        sigs.append(AxisSig((P,), P))
+    return sigs
+
+
+@rule("aten.batch_norm.default")
+def _batch_norm(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    """Batch normalization: statistics per channel over (batch, space), so only channels split
+    (the input by dim 1, weight, bias and running statistics by dim 0). A batch split would need
+    synchronized statistics, which the runtime does not do."""
+    x = ins[0]
+    sigs = [_replicated(len(ins))]
+    if x.ndim >= 2 and x.shape[1] > 1:
+        sigs.append(AxisSig((S(1), *(S(0),) * (len(ins) - 1)), S(1)))
+    return sigs
+
+
+@rule("aten.slice.Tensor")
+def _slice(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    """x[a:b] along one dim: the other dims may stay split, the sliced one only when the slice
+    takes all of it (each device would need to own exactly [a, b))."""
+    x = ins[0]
+    dim = int(node.arg(1, "dim", 0)) % x.ndim
+    whole = node.out.shape[dim] == x.shape[dim] and node.arg(4, "step", 1) == 1
+    sigs = [_replicated(1), AxisSig((P,), P)]
+    sigs += [AxisSig((S(d),), S(d)) for d in range(x.ndim)
+             if x.shape[d] > 1 and (d != dim or whole)]
+    return sigs
+
+
+@rule("aten.cat.default")
+def _cat(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    """Concatenation along one dim: every input split alike along another dim, or all partial
+    sums (concatenation is linear)."""
+    dim = int(node.arg(1, "dim", 0)) % node.out.ndim
+    n = len(ins)
+    sigs = [_replicated(n), AxisSig((P,) * n, P)]
+    for d in range(node.out.ndim):
+        if d != dim and node.out.shape[d] > 1 and all(t.ndim == node.out.ndim
+                                                      and t.shape[d] == node.out.shape[d]
+                                                      for t in ins):
+            sigs.append(AxisSig((S(d),) * n, S(d)))
+    return sigs
+
+
+@rule("aten.dropout.default")
+def _dropout(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
+    """Dropout masks each element independently: any split, but not partial sums (devices draw
+    different masks, so the addends would not be masked alike)."""
+    return _broadcast_sigs(node.out, ins)
 
 
 # --------------------------------------------------------------------------- normalizations
@@ -430,10 +482,11 @@ def leaf_signatures(node: OpNode, mesh_shape: Sequence[int]) -> list[Signature]:
 
 
 def axis_signatures(node: OpNode, graph: OpGraph) -> list[AxisSig]:
-    """The one-axis signatures of an operator node."""
+    """The one-axis signatures of an operator node; an operator without a rule runs
+    replicated (every input whole, the output whole): the documented fallback."""
     fn = RULES.get(node.target)
     if fn is None:
-        raise NoRuleError(f"operator {node.target} ({node.name}) has no sharding rule")
+        return [_replicated(len(node.inputs))]
     return fn(node, [graph[i].out for i in node.inputs])
 
 
@@ -463,12 +516,19 @@ def signatures(node: OpNode, graph: OpGraph, mesh_shape: Sequence[int]) -> list[
     return list(seen.values())
 
 
-def check_rules(graph: OpGraph) -> None:
-    """Raise one error listing every operator without a sharding rule, with counts."""
-    missing = Counter(n.target for n in graph.ops if n.target not in RULES)
-    if missing:
+def fallback_ops(graph: OpGraph) -> Counter:
+    """Operators without a sharding rule (run replicated), by target, with their counts."""
+    return Counter(n.target for n in graph.ops if n.target not in RULES)
+
+
+def check_rules(graph: OpGraph, strict: bool = False) -> Counter:
+    """The operators that fall back to replicated execution (:func:`fallback_ops`); with
+    ``strict``, raise one error listing them instead."""
+    missing = fallback_ops(graph)
+    if missing and strict:
         listed = ", ".join(f"{t} (x{c})" for t, c in missing.most_common())
         raise NoRuleError(
             f"{sum(missing.values())} operator(s) have no sharding rule: {listed}; "
-            "add a rule in autoddl/engine/rules.py"
+            "add a rule in autoddl/engine/rules.py, or drop --strict-rules to run them replicated"
         )
+    return missing

@@ -124,7 +124,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
     per_step = breakdown(dataclasses.replace(costed, mult=step_mult), choice)
     mem_mb = per_step.pop("memory")
     out = {"per_axis": per_step["per_axis"], "per_kind": per_step["per_kind"],
-           "per_op": per_step["per_op"]}
+           "per_axis_kind": per_step["per_axis_kind"], "per_op": per_step["per_op"]}
     p2p = {"bytes": 0.0, "seconds": 0.0, "count": 0}
     stage_comm = np.zeros(stages)  # per micro-batch
     stage_sync = np.zeros(stages)  # once per step: accumulated weight gradients
@@ -164,6 +164,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
                 stage_comm[k] += secs / hops
     out["per_axis"][PIPELINE_AXIS] = p2p
     out["per_kind"]["p2p"] = p2p
+    out["per_axis_kind"][PIPELINE_AXIS] = {"p2p": dict(p2p)}
     bubble = bubble_seconds(costed, stages)
     bandwidth = per_step["bandwidth_s"] + p2p["seconds"]
     slowest = float((stage_compute + stage_comm).max())

@@ -169,7 +169,7 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
     if stages is not None and stages < 1:
         raise UserError(f"--stages must be at least 1, got {stages}")
     layers = dict(spec.params).get("layers")
-    fast = spec.name == "gpt" and layers is not None and layers > 3  # repeated layers:
+    fast = layers is not None and layers > 3  # repeated layers:
     module, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")  # capture 3
     graph = capture(module, inputs)
     m = microbatches or default_microbatches(inputs)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -86,6 +87,16 @@ class CommLog:
             c[kind] += b
         return c
 
+    def by_axis_kind(self) -> dict[tuple[str, str], list[float]]:
+        """(axis name, kind) -> [count, bytes sent by this device], forward and backward
+        together: what :func:`autoddl.runtime.worker.byte_check` compares with the plan."""
+        out: dict[tuple[str, str], list[float]] = {}
+        for (_, axis, kind), (n, b) in self.entries.items():
+            e = out.setdefault((axis, kind), [0, 0.0])
+            e[0] += int(n)
+            e[1] += b
+        return out
+
 
 class Converter:
     """Runs the steps of a placement conversion on local tensors of one mesh."""
@@ -106,14 +117,33 @@ class Converter:
             nxt[st.axis] = st.dst
             p = self.shape[st.axis]
             nbytes_before = local.numel() * local.element_size()
-            d = DTensor.from_local(local.contiguous(), self.mesh,
-                                   to_dtensor_placements(tuple(cur)), run_check=False,
-                                   shape=torch.Size(global_shape), stride=stride)
-            local = d.redistribute(self.mesh, to_dtensor_placements(tuple(nxt))).to_local()
+            if st.kind == "all_to_all":
+                local = self._all_to_all(local, st.axis, split_dim(cur[st.axis]),
+                                         split_dim(st.dst))
+            else:
+                d = DTensor.from_local(local.contiguous(), self.mesh,
+                                       to_dtensor_placements(tuple(cur)), run_check=False,
+                                       shape=torch.Size(global_shape), stride=stride)
+                local = d.redistribute(self.mesh, to_dtensor_placements(tuple(nxt))).to_local()
             if st.kind != "slice":
                 self.log.add(self.names[st.axis], st.kind, _sent_bytes(st.kind, p, nbytes_before))
             cur = nxt
         return local
+
+
+    def _all_to_all(self, local: torch.Tensor, axis: int, src_dim: int,
+                    dst_dim: int) -> torch.Tensor:
+        """S(src_dim) -> S(dst_dim) on one axis with one all-to-all: device k of the axis sends
+        its piece's k-th chunk along ``dst_dim`` to device k and joins what it receives along
+        ``src_dim``. (DTensor's own redistribute falls back to an all-gather on gloo, which
+        moves p times the bytes.)"""
+        p = self.shape[axis]
+        chunks = [c.contiguous() for c in local.chunk(p, dim=dst_dim)]
+        send = torch.cat([c.reshape(-1) for c in chunks])
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.mesh.get_group(axis))
+        pieces = [r.reshape(chunks[0].shape) for r in recv.chunk(p)]
+        return torch.cat(pieces, dim=src_dim)
 
 
 def _sent_bytes(kind: str, p: int, held: float) -> float:

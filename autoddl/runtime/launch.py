@@ -1,9 +1,11 @@
 """``autoddl run``: launch the planned training with torchrun, one process per device.
 
-A user error any rank reports (``autoddl run: error: ...``, e.g. a plan for another graph) becomes
-a :class:`UserError` here: one line, exit code 2. A rank that raises or dies makes the job fail:
-torchrun stops the other ranks, and this prints ``autoddl run: failed: rank R (exit code C): ...``
-naming each failed rank and what it reported, and returns 1.
+:func:`run_ranks` launches any rank module this way (``autoddl calibrate`` uses it too), with
+``command`` naming the command in the lines below. A user error any rank reports (``autoddl run:
+error: ...``, e.g. a plan for another graph) becomes a :class:`UserError` here: one line, exit
+code 2. A rank that raises or dies makes the job fail: torchrun stops the other ranks, and this
+prints ``autoddl run: failed: rank R (exit code C): ...`` naming each failed rank and what it
+reported, and returns 1.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from autoddl.errors import UserError
 _RANK_FAIL = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
 #: what a rank says when it only lost its peers (a consequence, not the cause)
 _PEER_LOST = re.compile(r"by peer|Connection refused|remote worker|Broken pipe", re.I)
-_RANK_SAYS = re.compile(r"autoddl run: rank (\d+): (.*)$")
-_USER_ERROR = "autoddl run: error: "
+WORKER = "autoddl.runtime.worker"
 
 
-def torchrun_command(plan_path: str, nproc: int, worker_args: list[str]) -> list[str]:
-    """The torchrun command line that runs the worker on ``nproc`` local processes."""
+def torchrun_command(module: str, nproc: int, args: list[str]) -> list[str]:
+    """The torchrun command line that runs ``python -m module args`` on ``nproc`` local
+    processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "autoddl.runtime.worker", plan_path, *worker_args]
+            f"--nproc-per-node={nproc}", "-m", module, *args]
 
 
 def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = False,
@@ -60,30 +62,40 @@ def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = Fals
             raise UserError(f"--save: folder {str(Path(save).parent)!r} does not exist")
         Path(save).mkdir(exist_ok=True)
         args += ["--save", save]
+    return run_ranks(WORKER, nproc, [plan_path, *args], "autoddl run")
+
+
+def run_ranks(module: str, nproc: int, args: list[str], command: str) -> int:
+    """Run ``module`` with ``args`` on ``nproc`` local torchrun processes; returns 0 or 1 (a rank
+    failed: reported on stderr by rank, causes first). The ranks report a user error as
+    ``<command>: error: ...`` (raised here as one :class:`UserError`) and a fault as ``<command>:
+    rank R: ...``; each rank gets ``OMP_NUM_THREADS=1`` unless it is set."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
-    proc = subprocess.run(torchrun_command(plan_path, nproc, args), env=env,
+    proc = subprocess.run(torchrun_command(module, nproc, args), env=env,
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode == 0:
         return 0
     lines = [ln.split("]:", 1)[-1].strip() if ln.startswith("[") else ln
              for ln in proc.stderr.splitlines()]
-    own = list(dict.fromkeys(ln.split(_USER_ERROR, 1)[1] for ln in lines if _USER_ERROR in ln))
+    user_error = f"{command}: error: "
+    own = list(dict.fromkeys(ln.split(user_error, 1)[1] for ln in lines if user_error in ln))
     if own:  # the same user error on every rank, typically: one line, exit code 2
         raise UserError("; ".join(own))
+    rank_says = re.compile(re.escape(command) + r": rank (\d+): (.*)$")
     says: dict[int, str] = {}
     for ln in lines:
-        m = _RANK_SAYS.search(ln)
+        m = rank_says.search(ln)
         if m:
             says.setdefault(int(m.group(1)), m.group(2))
     failed = sorted({(int(r), int(c)) for r, c in _RANK_FAIL.findall(proc.stderr)
                      if int(c) != -15})  # -15: a peer stopped by torchrun
     failed += [(r, 1) for r in says if r not in {f for f, _ in failed}]
     if failed:
-        print(f"autoddl run: failed: {_describe_failures(failed, says)}", file=sys.stderr)
+        print(f"{command}: failed: {_describe_failures(failed, says)}", file=sys.stderr)
     else:
         tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-        print(f"autoddl run: failed with exit code {proc.returncode}:\n{tail}", file=sys.stderr)
+        print(f"{command}: failed with exit code {proc.returncode}:\n{tail}", file=sys.stderr)
     return 1
 
 

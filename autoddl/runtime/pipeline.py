@@ -224,8 +224,9 @@ class StageModule(torch.nn.Module):
     """
 
     def __init__(self, ex: ShardedExecutor, plan: Plan, stage: int, inputs: list[str],
-                 outputs: list[str]) -> None:
+                 outputs: list[str], constants: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
+        self.constants = constants or {}  # stage 0: const leaves, whole (not micro-batched)
         self.ex, self.graph, self.plan = ex, ex.graph, plan
         self.stage, self.inputs, self.outputs = stage, inputs, outputs
         self.is_first, self.is_last = stage == 0, stage == plan.num_stages - 1
@@ -245,6 +246,8 @@ class StageModule(torch.nn.Module):
     def forward(self, *args: torch.Tensor) -> Any:
         ex, log = self.ex, self.ex.log
         env = ex.param_locals()
+        for name, t in self.constants.items():
+            env[name] = ex.local_input(name, t)
         for name, t in zip(self.inputs, args, strict=True):
             if self.is_first:
                 env[name] = ex.local_input(name, t)
@@ -298,7 +301,7 @@ class PipelineRunner:
 
     def __init__(self, ep: torch.export.ExportedProgram, graph: OpGraph, plan: Plan,
                  mesh: DeviceMesh, params: dict[str, torch.Tensor], device: torch.device,
-                 example_inputs: tuple) -> None:
+                 example_inputs: tuple, constants: dict[str, torch.Tensor]) -> None:
         if not plan.pipeline:
             raise ValueError("plan is not pipelined")
         check_stages(graph, plan)
@@ -321,10 +324,11 @@ class PipelineRunner:
                                              if k_of[n.name] == self.stage_index])
         bounds = boundary_tensors(graph, plan)
         k = self.stage_index
-        user = [n.name for n in graph.nodes if n.kind == "input"]
+        user = [n.name for n in graph.nodes if n.kind == "input" and n.target != "const"]
         ins = user if k == 0 else bounds[k - 1]
         outs = [] if k == K - 1 else bounds[k]
-        self.module = StageModule(self.executor, plan, k, ins, outs)
+        self.module = StageModule(self.executor, plan, k, ins, outs,
+                                  constants if k == 0 else None)
         if k == 0:
             in_args = tuple(example_inputs)
         else:

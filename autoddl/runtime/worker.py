@@ -11,6 +11,16 @@ mesh) with the single-process full-batch run; the verdict is combined over all r
 collective table then sums one device per stage (rank 0's pipeline group) over the step's
 micro-batches, with point-to-point sends as kind ``p2p``.
 
+Byte truth (:func:`byte_check`): after the first step every rank's log of the collectives it ran
+(mesh axis, kind, bytes it sent) is gathered; per (axis, kind) the measured value is, for each
+pipeline stage, its busiest device (the max over the stage's ranks; all ranks of a stage send the
+same in the plans the rules allow, and an uneven spread is printed), summed over the stages —
+the cost model's ``per_axis_kind`` is bytes sent per device, one device per stage, summed over
+stages and micro-batches (unpipelined: one stage, the max over all ranks). The table compares
+it with the plan; ``--check`` fails the run (a ``MISMATCH`` line, exit code 1) when an executed
+count differs from the predicted one or the bytes differ by more than :data:`BYTE_RTOL` of
+max(predicted, :data:`BYTE_FLOOR`).
+
 Faults: a rank that raises prints ``autoddl run: rank R: <error>`` and exits with code 1; the
 process group has a timeout (``AUTODDL_TIMEOUT_S``, default 300 s), so no collective waits
 forever on a dead peer, and torchrun stops the other ranks as soon as one fails. For testing,
@@ -25,16 +35,16 @@ import argparse
 import os
 import signal
 import sys
-import traceback
 from datetime import timedelta
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from autoddl.engine.capture import export, graph_from_export, microbatch_inputs
+from autoddl.engine.capture import export, graph_from_export, leaf_values, microbatch_inputs
 from autoddl.engine.repeat import match_plan
 from autoddl.engine.costs import OPTIMIZER_STATES
 from autoddl.engine.models import build_model, parse_model_spec
@@ -43,6 +53,7 @@ from autoddl.errors import UserError
 from autoddl.runtime import checkpoint
 from autoddl.runtime.execute import ShardedExecutor
 from autoddl.runtime.pipeline import P2P, PipelineRunner, loss_everywhere
+from autoddl.runtime.rank import exit_rank, group_timeout_s, pick_device, run_rank
 
 _FUNCOL_KIND = {
     "all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
@@ -52,16 +63,10 @@ _FUNCOL_KIND = {
 }
 
 
-def pick_device() -> tuple[str, torch.device]:
-    """(backend, device) for this rank: NCCL on its own GPU when there is one GPU per local
-    rank, else gloo on CPU. ``AUTODDL_DEVICE=cpu`` forces the CPU path."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    forced_cpu = os.environ.get("AUTODDL_DEVICE", "") == "cpu"
-    if not forced_cpu and torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
-        torch.cuda.set_device(local)
-        return "nccl", torch.device("cuda", local)
-    return "gloo", torch.device("cpu")
+def all_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every parameter by qualified name, a tied one under each of its names (the captured
+    graph may name it by any)."""
+    return dict(model.named_parameters(remove_duplicate=False))
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -95,6 +100,105 @@ def predicted_counts(plan: Plan) -> Counter:
     return Counter({k: int(v["count"]) for k, v in plan.cost["per_kind"].items()})
 
 
+#: ``--check`` fails when a (mesh axis, kind)'s executed bytes differ from the plan's by more
+#: than this fraction of the predicted bytes ...
+BYTE_RTOL = 0.01
+#: ... or of this many bytes where less is predicted (tiny totals: rounding in sub-byte shares
+#: is ignored, a missing scalar all-reduce of 4 bytes still fails)
+BYTE_FLOOR = 64.0
+
+
+@dataclass(frozen=True)
+class ByteRow:
+    """One (mesh axis, collective kind) of the step: predicted and executed count and bytes sent
+    per device (:func:`byte_check`). ``predicted_*`` is None where the plan predicts nothing for
+    the axis (a plan file without ``cost.per_axis_kind``, or not naming the axis);
+    ``spread_bytes``: how much the stages' least busy devices sent less than their busiest."""
+
+    axis: str
+    kind: str
+    predicted_count: int | None
+    predicted_bytes: float | None
+    executed_count: int
+    executed_bytes: float
+    spread_bytes: float = 0.0
+
+    @property
+    def rel_diff(self) -> float | None:
+        """(executed − predicted) / max(predicted, :data:`BYTE_FLOOR`); None: not predicted."""
+        if self.predicted_bytes is None:
+            return None
+        return (self.executed_bytes - self.predicted_bytes) / max(self.predicted_bytes,
+                                                                  BYTE_FLOOR)
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``MISMATCH`` (count differs, or bytes by more than :data:`BYTE_RTOL`) or
+        ``not predicted``."""
+        rel = self.rel_diff
+        if rel is None:
+            return "not predicted"
+        if self.executed_count != self.predicted_count or abs(rel) > BYTE_RTOL:
+            return "MISMATCH"
+        return "ok"
+
+
+def aggregate_measured(logs: Sequence[tuple[int, dict[tuple[str, str], Sequence[float]]]]
+                       ) -> dict[tuple[str, str], dict[str, float]]:
+    """Each rank's (stage, {(axis, kind): [count, bytes]}) as one measurement per (axis, kind):
+    per stage the busiest device (max count, max bytes over the stage's ranks; ``min_bytes``
+    the least busy one's, a rank without the key counting 0), summed over the stages — bytes
+    per device as the cost model sums a pipelined step's stages (unpipelined: one stage)."""
+    ranks: Counter = Counter(stage for stage, _ in logs)
+    per_stage: dict[tuple[int, tuple[str, str]], list] = {}
+    seen: Counter = Counter()
+    for stage, log in logs:
+        for key, (n, b) in log.items():
+            e = per_stage.setdefault((stage, key), [0, 0.0, float("inf")])
+            e[0], e[1], e[2] = max(e[0], int(n)), max(e[1], float(b)), min(e[2], float(b))
+            seen[(stage, key)] += 1
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for (stage, key), (n, hi, lo) in per_stage.items():
+        if seen[(stage, key)] < ranks[stage]:
+            lo = 0.0  # some rank of the stage ran none of it
+        acc = out.setdefault(key, {"count": 0, "bytes": 0.0, "min_bytes": 0.0})
+        acc["count"] += n
+        acc["bytes"] += hi
+        acc["min_bytes"] += lo
+    return out
+
+
+def byte_check(per_axis_kind: dict[str, dict[str, dict]] | None,
+               measured: dict[tuple[str, str], dict[str, float]]) -> list[ByteRow]:
+    """Rows comparing a plan's ``cost["per_axis_kind"]`` (``{axis: {kind: {"count", "bytes",
+    ...}}}``, one training step) with the measured ones (:func:`aggregate_measured`): every
+    (axis, kind) either side has, predicted axes first in the plan's order. A kind the plan
+    lists no entry for on an axis it does name is predicted 0; an axis it does not name (or a
+    plan without ``per_axis_kind``) gives ``not predicted`` rows."""
+    pred = per_axis_kind or {}
+    keys = [(a, k) for a, kinds in pred.items() for k in kinds]
+    keys += sorted(k for k in measured if k not in set(keys))
+    rows = []
+    for axis, kind in keys:
+        m = measured.get((axis, kind), {"count": 0, "bytes": 0.0, "min_bytes": 0.0})
+        if axis in pred:
+            p = pred[axis].get(kind, {"count": 0, "bytes": 0.0})
+            pc, pb = int(p["count"]), float(p["bytes"])
+        else:
+            pc, pb = None, None
+        rows.append(ByteRow(axis, kind, pc, pb, int(m["count"]), float(m["bytes"]),
+                            float(m["bytes"]) - float(m.get("min_bytes", m["bytes"]))))
+    return rows
+
+
+def gather_axis_kind(trainer: Any) -> dict[tuple[str, str], dict[str, float]]:
+    """Every rank's collectives of the step by (axis, kind), aggregated
+    (:func:`aggregate_measured`) on every rank. Collective: all ranks call it."""
+    rows: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, (trainer.stage, trainer.comm_log.by_axis_kind()))
+    return aggregate_measured(rows)
+
+
 def _kind_counts(counts) -> Counter:
     """CommDebugMode's counts per op, as counts per autoddl collective kind."""
     measured: Counter = Counter()
@@ -109,10 +213,16 @@ class _Flat:
     """Unpipelined: every rank runs the whole graph on its piece of the whole batch."""
 
     def __init__(self, ep, graph, plan: Plan, mesh, model, inputs: tuple) -> None:
-        self.ex = ShardedExecutor(ep, graph, plan, mesh, dict(model.named_parameters()))
-        names = [n.name for n in graph.nodes if n.kind == "input"]
-        self.feed = dict(zip(names, inputs))
+        self.ex = ShardedExecutor(ep, graph, plan, mesh, all_params(model))
+        self.feed = leaf_values(ep, graph, model, inputs)
         self.params = self.ex.params
+
+    stage = 0  # unpipelined: one stage
+
+    @property
+    def comm_log(self):
+        """This rank's log of the collectives it ran (:class:`~autoddl.runtime.execute.CommLog`)."""
+        return self.ex.log
 
     def reset_logs(self) -> None:
         self.ex.log.entries.clear()
@@ -141,9 +251,22 @@ class _Piped:
 
     def __init__(self, ep, graph, plan: Plan, mesh, model, inputs: tuple, device) -> None:
         self.plan, self.device, self.inputs = plan, device, inputs
-        self.runner = PipelineRunner(ep, graph, plan, mesh, dict(model.named_parameters()),
-                                     device, microbatch_inputs(inputs, plan.num_microbatches))
+        first = microbatch_inputs(inputs, plan.num_microbatches)
+        consts = {k: v for k, v in leaf_values(ep, graph, model, first).items()
+                  if graph[k].target == "const"}
+        self.runner = PipelineRunner(ep, graph, plan, mesh, all_params(model),
+                                     device, first, consts)
         self.params = self.runner.params
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage."""
+        return self.runner.stage_index
+
+    @property
+    def comm_log(self):
+        """This rank's log of the collectives and sends its stage ran."""
+        return self.runner.log
 
     def reset_logs(self) -> None:
         self.runner.reset_logs()
@@ -204,11 +327,6 @@ def inject_fault(rank: int, step: int) -> None:
     raise InjectedFault(f"injected fault at step {step} (AUTODDL_FAULT_RANK={rank})")
 
 
-def group_timeout_s() -> float:
-    """Seconds a collective may wait for its peers (``AUTODDL_TIMEOUT_S``, default 300)."""
-    return float(os.environ.get("AUTODDL_TIMEOUT_S", "300"))
-
-
 def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
         save: str | None = None, resume: str | None = None) -> int:
     """Train ``steps`` steps of the planned model; with ``check``, compare to one process.
@@ -252,6 +370,7 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
             print(f"resumed from {resume} after step {start - 1}", flush=True)
     worst = 0.0
     ok = True
+    byte_note = ""
     from torch.distributed.tensor.debug import CommDebugMode
     for step in range(start, start + steps):
         inject_fault(rank, step)
@@ -268,7 +387,7 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
             ref_loss.backward()
             grads = trainer.full_grads()
             ref_value = float(ref_loss.detach())
-            ref_grads = {k: p.grad for k, p in model.named_parameters()}
+            ref_grads = {k: p.grad for k, p in all_params(model).items()}
             errs = {"loss": abs(value - ref_value) / max(abs(ref_value), 1e-30)}
             # the parameters this rank holds (all of them unless pipelined: its stage's)
             errs.update(relative_errors(grads, {k: ref_grads[k] for k in trainer.params},
@@ -298,8 +417,22 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
             table = trainer.table(counts)  # collective when pipelined
             if rank == 0:
                 _print_collectives(plan, *table)
+            rows = byte_check(plan.cost.get("per_axis_kind"), gather_axis_kind(trainer))
+            if rank == 0:
+                _print_bytes(plan, rows, step, check)
+            bytes_bad = [r for r in rows if r.status == "MISMATCH"]
+            if "per_axis_kind" not in plan.cost:
+                byte_note = "; bytes per (axis, kind) NOT CHECKED (the plan predicts none)"
+            elif bytes_bad:
+                byte_note = (f"; bytes per (axis, kind) MISMATCH in {len(bytes_bad)} of "
+                             f"{len(rows)}")
+            else:
+                byte_note = (f"; bytes per (axis, kind) within {BYTE_RTOL:.0%} of the plan "
+                             f"({len(rows)} pairs)")
+            if check and bytes_bad:
+                ok = False
     if check:
-        ref = {k: p.detach() for k, p in model.named_parameters()}
+        ref = {k: p.detach() for k, p in all_params(model).items()}
         mine = relative_errors(trainer.full_params(), {k: ref[k] for k in trainer.params},
                                scale=ref)
         weights = _max_all(max(mine.values(), default=0.0), device)
@@ -307,7 +440,7 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
             verdict = "PASSED" if ok else "FAILED"
             print(f"check {verdict}: {steps} step(s), worst relative error {worst:.2e} over loss "
                   f"and gradients (tolerance {tol:.0e}); weights after the last update differ by "
-                  f"{weights:.2e}", flush=True)
+                  f"{weights:.2e}{byte_note}", flush=True)
     dist.barrier()  # every rank is done; the process then ends without tearing gloo down (see
     return 0 if ok else 1  # __main__: a peer closing first made gloo abort a rank at times)
 
@@ -323,6 +456,45 @@ def _print_collectives(plan: Plan, measured: Counter, executed: Counter,
               f"{pb:>14.0f}{bytes_exec[kind]:>14.0f}")
 
 
+def _print_bytes(plan: Plan, rows: list[ByteRow], step: int, enforced: bool) -> None:
+    """The byte table of the first step (rank 0) and its verdict line."""
+    stages = plan.num_stages
+    how = (f"each stage's busiest device, summed over {stages} stages" if stages > 1
+           else "the busiest device")
+    print(f"bytes sent per device in step {step} by mesh axis and kind ({how}):")
+    print(f"{'axis':<8}{'kind':<16}{'pred. count':>12}{'exec. count':>12}{'pred. bytes':>16}"
+          f"{'exec. bytes':>16}{'rel. diff':>12}  status")
+    if not rows:
+        print("(none predicted, none executed)")
+    for r in rows:
+        pc = "n/a" if r.predicted_count is None else str(r.predicted_count)
+        pb = "n/a" if r.predicted_bytes is None else f"{r.predicted_bytes:.0f}"
+        rel = "n/a" if r.rel_diff is None else f"{100 * r.rel_diff:+.3f} %"
+        spread = (f"  (ranks of a stage differ by up to {r.spread_bytes:.0f} B)"
+                  if r.spread_bytes > BYTE_RTOL * max(r.executed_bytes, BYTE_FLOOR) else "")
+        print(f"{r.axis:<8}{r.kind:<16}{pc:>12}{r.executed_count:>12}{pb:>16}"
+              f"{r.executed_bytes:>16.0f}{rel:>12}  {r.status}{spread}")
+    if "per_axis_kind" not in plan.cost:
+        print("byte check NOT DONE: the plan file predicts no bytes per (axis, kind) "
+              "(cost.per_axis_kind; written by an older autoddl): re-run `autoddl plan`",
+              flush=True)
+        return
+    missing = [f"{r.axis}/{r.kind}" for r in rows if r.status == "not predicted"]
+    if missing:
+        print(f"byte check: not predicted by the plan, not compared: {', '.join(missing)}")
+    bad = [r for r in rows if r.status == "MISMATCH"]
+    if bad:
+        print(("byte check MISMATCH: " if enforced else
+               "byte check MISMATCH (not enforced without --check): ")
+              + "; ".join(f"{r.axis}/{r.kind} executed {r.executed_bytes:.0f} B in "
+                          f"{r.executed_count}, predicted {r.predicted_bytes:.0f} B in "
+                          f"{r.predicted_count} ({100 * (r.rel_diff or 0.0):+.2f} %)"
+                          for r in bad), flush=True)
+    else:
+        print(f"byte check passed: {len(rows) - len(missing)} (axis, kind) pairs, counts equal "
+              f"and bytes within {BYTE_RTOL:.0%} (of at least {BYTE_FLOOR:.0f} B)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one rank."""
     ap = argparse.ArgumentParser(prog="autoddl.runtime.worker")
@@ -335,21 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default=None)
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    try:
-        return run(load_plan(a.plan), a.steps, a.check, a.lr, a.tol, a.save, a.resume)
-    except UserError as exc:
-        print(f"autoddl run: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except Exception as exc:  # a fault: name the rank, keep the traceback for the log
-        traceback.print_exc()
-        rank = os.environ.get("RANK", "?")
-        print(f"autoddl run: rank {rank}: {type(exc).__name__}: {exc}".splitlines()[0],
-              file=sys.stderr, flush=True)
-        return 1
+    return run_rank("autoddl run", lambda: run(load_plan(a.plan), a.steps, a.check, a.lr, a.tol,
+                                               a.save, a.resume))
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown: process groups die with the process
+    exit_rank(main())

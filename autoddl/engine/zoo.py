@@ -1,0 +1,228 @@
+"""Models people train, from their own libraries, and any model from a Python file.
+
+Each spec builds the library's model from a configuration (no weights are downloaded) and wraps it
+so that its forward returns the training loss, cross-entropy on the given targets:
+
+* ``hf-gpt2``, ``hf-bert`` (masked-LM head), ``hf-llama`` — Hugging Face ``transformers``; the
+  loss is taken over every position of ``targets`` (the caller shifts labels), dropout off so that
+  a sharded run can be checked against one process;
+* ``tv-resnet50``, ``tv-vgg16`` — ``torchvision.models``;
+* ``timm-vit`` — ``timm``'s VisionTransformer.
+
+These need the ``models`` extra (``pip install -e ".[models]"``). ``path/to/file.py:factory``
+names a function of that file returning ``(model, example_inputs)``, where the model's forward
+returns the loss.
+
+On the ``meta`` device (planning) the model is built under a fake-tensor mode instead: a CPU model
+without memory, as some models (LLaMA's rotary embedding) cannot run on ``meta``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autoddl.errors import UserError
+
+_TORCHVISION_OPS: torch.library.Library | None = None
+
+
+def ensure_torchvision_importable() -> None:
+    """Let ``torchvision`` (imported by transformers and timm too) import where its compiled
+    operators do not load beside this torch (a CUDA wheel beside a CPU torch): declare the schemas
+    of the two operators it registers fakes for. Its models never call them."""
+    global _TORCHVISION_OPS
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or _TORCHVISION_OPS is not None or not spec.submodule_search_locations:
+        return
+    lib_path = os.path.join(list(spec.submodule_search_locations)[0], "_C.so")
+    try:
+        torch.ops.load_library(lib_path)
+        return
+    except (OSError, ImportError):
+        pass
+    _TORCHVISION_OPS = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+def _library(name: str):
+    """Import an optional library, with the fix in the error when it is missing."""
+    ensure_torchvision_importable()
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise UserError(f"this model needs {name!r} ({exc}); install the models extra: "
+                        'pip install -e ".[models]"') from None
+
+
+class TokenLoss(nn.Module):
+    """A language model (``input_ids`` -> ``.logits``) with cross-entropy over every position."""
+
+    def __init__(self, model: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.model, self.vocab = model, vocab
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=tokens).logits
+        return F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1))
+
+
+class ClassLoss(nn.Module):
+    """An image classifier with cross-entropy on the class targets."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(images), targets)
+
+
+def _hf_gpt2(p: dict[str, int]) -> nn.Module:
+    tf = _library("transformers")
+    cfg = tf.GPT2Config(n_layer=p["layers"], n_embd=p["hidden"], n_head=p["heads"],
+                        n_positions=p["seq"], vocab_size=p["vocab"], resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+                        use_cache=False)
+    return TokenLoss(tf.GPT2LMHeadModel(cfg), p["vocab"])
+
+
+def _hf_bert(p: dict[str, int]) -> nn.Module:
+    tf = _library("transformers")
+    cfg = tf.BertConfig(num_hidden_layers=p["layers"], hidden_size=p["hidden"],
+                        num_attention_heads=p["heads"], intermediate_size=4 * p["hidden"],
+                        max_position_embeddings=p["seq"], vocab_size=p["vocab"],
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        attn_implementation="sdpa")
+    return TokenLoss(tf.BertForMaskedLM(cfg), p["vocab"])
+
+
+def _hf_llama(p: dict[str, int]) -> nn.Module:
+    tf = _library("transformers")
+    if p["heads"] % p["kv_heads"]:
+        raise UserError(f"--model hf-llama: heads={p['heads']} is not a multiple of "
+                        f"kv_heads={p['kv_heads']}")
+    cfg = tf.LlamaConfig(num_hidden_layers=p["layers"], hidden_size=p["hidden"],
+                         num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+                         intermediate_size=p["ffn"], max_position_embeddings=p["seq"],
+                         vocab_size=p["vocab"], attn_implementation="sdpa", use_cache=False)
+    return TokenLoss(tf.LlamaForCausalLM(cfg), p["vocab"])
+
+
+def _tv_resnet50(p: dict[str, int]) -> nn.Module:
+    return ClassLoss(_library("torchvision.models").resnet50(num_classes=p["classes"]))
+
+
+def _tv_vgg16(p: dict[str, int]) -> nn.Module:
+    return ClassLoss(_library("torchvision.models").vgg16(num_classes=p["classes"], dropout=0.0))
+
+
+def _timm_vit(p: dict[str, int]) -> nn.Module:
+    vit = _library("timm.models.vision_transformer")
+    if p["image"] % p["patch"]:
+        raise UserError(f"--model timm-vit: image={p['image']} is not a multiple of "
+                        f"patch={p['patch']}")
+    return ClassLoss(vit.VisionTransformer(
+        img_size=p["image"], patch_size=p["patch"], embed_dim=p["hidden"], depth=p["layers"],
+        num_heads=p["heads"], num_classes=p["classes"]))
+
+
+_TEXT = dict(layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=256)
+_IMAGE = dict(batch=8, image=64, classes=10)
+
+#: name -> (defaults, model builder, kind of inputs, description)
+ZOO: dict[str, tuple[dict[str, int], Callable[[dict[str, int]], nn.Module], str, str]] = {
+    "hf-gpt2": (_TEXT, _hf_gpt2, "tokens", "Hugging Face GPT2LMHeadModel"),
+    "hf-bert": (_TEXT, _hf_bert, "tokens", "Hugging Face BertForMaskedLM"),
+    "hf-llama": (dict(_TEXT, kv_heads=2, ffn=176), _hf_llama, "tokens",
+                 "Hugging Face LlamaForCausalLM (grouped-query attention: kv_heads)"),
+    "tv-resnet50": (_IMAGE, _tv_resnet50, "images", "torchvision ResNet-50"),
+    "tv-vgg16": (dict(_IMAGE, image=32), _tv_vgg16, "images", "torchvision VGG-16"),
+    "timm-vit": (dict(batch=8, image=32, patch=8, hidden=64, heads=4, layers=2, classes=10),
+                 _timm_vit, "images", "timm VisionTransformer"),
+}
+
+
+def _moved(model: nn.Module, where: torch.device) -> nn.Module:
+    """The model on ``where`` (built on the CPU, or already on ``meta``)."""
+    return model if where.type in ("cpu", "meta") else model.to(where)
+
+
+def _construct(make: Callable[[torch.device], tuple[nn.Module, tuple]],
+               device: torch.device) -> tuple[nn.Module, tuple]:
+    """``make(device)``; for ``meta``, under a fake-tensor mode as a CPU model (shapes only),
+    or, where construction reads a value (``.item()``), on the ``meta`` device."""
+    if device.type != "meta":
+        return make(device)
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    try:
+        with FakeTensorMode():
+            return make(torch.device("cpu"))
+    except DataDependentOutputException:
+        with torch.device("meta"):
+            return make(device)
+
+
+def build_zoo(name: str, p: dict[str, int], device: torch.device,
+              gen: torch.Generator | None) -> tuple[nn.Module, tuple]:
+    """A library model and one global batch of inputs (random, from ``gen``)."""
+    _, make_model, kind, _ = ZOO[name]
+
+    def make(where: torch.device) -> tuple[nn.Module, tuple]:
+        model = _moved(make_model(p), where)
+        if kind == "tokens":
+            shape = (p["batch"], p["seq"])
+            inputs = tuple(torch.randint(0, p["vocab"], shape, generator=gen).to(where)
+                           for _ in range(2))
+        else:
+            x = torch.randn((p["batch"], 3, p["image"], p["image"]), generator=gen).to(where)
+            y = torch.randint(0, p["classes"], (p["batch"],), generator=gen).to(where)
+            inputs = (x, y)
+        return model, inputs
+
+    return _construct(make, device)
+
+
+def is_file_spec(text: str) -> bool:
+    """Whether a ``--model`` spec names ``path/to/file.py:factory``."""
+    head, sep, tail = text.partition(":")
+    return head.endswith(".py") and bool(sep)
+
+
+def build_from_file(text: str, device: torch.device) -> tuple[nn.Module, tuple]:
+    """Call ``factory()`` of ``path/to/file.py:factory`` (on ``meta``: in a fake mode)."""
+    path, _, factory = text.partition(":")
+    if not Path(path).is_file():
+        raise UserError(f"--model {text}: file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(f"autoddl_user_{Path(path).stem}", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    ensure_torchvision_importable()
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UserError(f"--model {text}: importing {path!r} failed: "
+                        f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    fn = getattr(module, factory.strip(), None)
+    if not callable(fn):
+        raise UserError(f"--model {text}: {path!r} has no function {factory.strip()!r}; give "
+                        "path/to/file.py:FUNCTION returning (model, example_inputs)")
+    def make(where: torch.device) -> tuple[nn.Module, tuple]:
+        result = fn()
+        if not (isinstance(result, tuple) and len(result) == 2
+                and isinstance(result[0], nn.Module)):
+            raise UserError(f"--model {text}: {factory}() must return (model, example_inputs), "
+                            f"got {type(result).__name__}")
+        model, inputs = result
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return _moved(model, where), tuple(t.to(where) if isinstance(t, torch.Tensor) else t
+                                           for t in inputs)
+
+    return _construct(make, device)
