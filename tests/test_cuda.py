@@ -22,8 +22,11 @@ pytestmark = [pytest.mark.cuda,
 
 
 @pytest.mark.parametrize("spec", ["mlp:batch=64,dim_in=32,hidden=64,layers=2,dim_out=32",
-                                  "gpt:layers=2,hidden=64,heads=4,seq=16,batch=8,vocab=128"])
+                                  "gpt:layers=2,hidden=64,heads=4,seq=16,batch=8,vocab=128",
+                                  "hf-gpt2:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=256"])
 def test_one_rank_nccl_run_matches_reference(tmp_path, spec):
+    if spec.startswith("hf-"):
+        pytest.importorskip("transformers")
     s = parse_model_spec(spec)
     graph = capture(*build_model(s, "meta"))
     plan = plan_graph(graph, parse_cluster("dgx-h100:nodes=1,gpus_per_node=1"), model_spec=s.text)
