@@ -201,6 +201,6 @@ def leaf_values(ep: torch.export.ExportedProgram, graph: OpGraph, model: torch.n
     """The whole value of every ``input`` leaf of ``graph``: the user's ``inputs`` (in order) and
     the constants (buffers, masks, tables) computed from ``model``'s buffers."""
     feed = dict(zip(ep.graph_signature.user_inputs, inputs))
-    consts = constant_values(ep, dict(model.named_buffers()))
+    consts = constant_values(ep, dict(model.named_buffers(remove_duplicate=False)))
     return {n.name: consts[n.name] if n.target == "const" else feed[n.name]
             for n in graph.nodes if n.kind == "input"}

@@ -8,15 +8,16 @@ the FX graph in place (the runtime executes the same rewritten graph):
   ``getitem`` become one ``slice`` (or ``select``) per output read: the same values, one tensor
   each; ``broadcast_tensors`` becomes its inputs (or their ``expand``).
 * **In-place operators** (``relu_``, ``add_``, ...) become their out-of-place forms when nothing
-  reads the overwritten tensor afterwards (``out += identity`` in a ResNet block); otherwise the
+  reads the overwritten tensor afterwards (``out += identity`` in a ResNet block); writing a view
+  writes its base, so then no later read of the base or any view of it may follow. Otherwise the
   capture fails naming the operator.
 * **Assertions** (``_assert_tensor_metadata``) with no users are dropped.
 * **Repeated constants.** A constant ATen call repeating an earlier one on the same arguments is
   merged into it (each layer's ``cos.unsqueeze(1)``), so that identical layers read the same
   leaf and are recognised as repeated (:mod:`autoddl.engine.repeat`).
 
-**Constants.** A node is *constant* when it depends on no user input and no parameter: only on
-buffers, lifted constants and factory calls (``arange``, ``ones``). Causal masks, rotary
+**Constants.** A node is *constant* when it depends on no user input, no parameter and no random
+draw: only on buffers, lifted constants and factory calls (``arange``, ``ones``). Causal masks, rotary
 ``cos``/``sin`` tables and position ids are constants. The planner never sees their insides: each
 constant read by a non-constant node (a buffer read directly included) becomes a leaf (kind
 ``input``, target ``const``) with a placement of its own, and the runtime computes its value once
@@ -47,12 +48,19 @@ def _user_sources(ep: torch.export.ExportedProgram) -> set[str]:
     return set(sig.user_inputs) | set(sig.inputs_to_parameters)
 
 
+def _random(fx: torch.fx.Node) -> bool:
+    """Whether an op draws random numbers (``randn``, ``bernoulli``, ``dropout``): never a
+    constant, never merged."""
+    tags = getattr(fx.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
 def constant_nodes(ep: torch.export.ExportedProgram) -> set[str]:
-    """Names of the FX nodes that depend on no user input and no parameter."""
+    """Names of the FX nodes that depend on no user input, no parameter and no random draw."""
     variable = _user_sources(ep)
     const: set[str] = set()
     for fx in ep.graph.nodes:
-        if fx.op == "output" or fx.name in variable:
+        if fx.op == "output" or fx.name in variable or _random(fx):
             continue
         if all(a.name in const for a in fx.all_input_nodes):
             const.add(fx.name)
@@ -145,6 +153,12 @@ def _aliases(fx: torch.fx.Node) -> bool:
                 and not schema.returns[0].alias_info.is_write)
 
 
+def _mutates(fx: torch.fx.Node) -> bool:
+    """Whether an op writes one of its inputs (``add_``, ``copy_``, ``fill_``)."""
+    schema = getattr(fx.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
 def _readers(fx: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes that read ``fx``'s memory: its users, and the users of its views."""
     out = []
@@ -164,7 +178,10 @@ def _outplace(ep: torch.export.ExportedProgram, const: set[str]) -> None:
         if fx.name in const:
             continue
         target = fx.args[0]
-        later = [u.name for u in _readers(target) if u is not fx and order[u] > order[fx]]
+        base = target
+        while base.op == "call_function" and _aliases(base):  # writing a view writes its base
+            base = base.args[0]
+        later = [u.name for u in _readers(base) if u is not fx and order[u] > order[fx]]
         functional = _functional(fx)
         if later or functional is None or target.op == "placeholder":
             raise UserError(f"in-place operator {fx.target} ({fx.name}) overwrites a tensor "
@@ -187,8 +204,9 @@ def _same_constants(ep: torch.export.ExportedProgram, const: set[str]) -> None:
     for fx in list(ep.graph.nodes):
         name = _aten_name(fx)
         if (fx.op != "call_function" or fx.name not in const or not name
-                or name.endswith("_") or fx.target._schema.is_mutable
-                or not isinstance(fx.meta.get("val"), torch.Tensor)):
+                or name.endswith("_") or fx.target._schema.is_mutable or _random(fx)
+                or not isinstance(fx.meta.get("val"), torch.Tensor)
+                or any(_mutates(u) for u in _readers(fx))):
             continue
         key = (fx.target, repr(fx.args), repr(sorted(fx.kwargs.items())))
         first = seen.setdefault(key, fx)
@@ -197,8 +215,27 @@ def _same_constants(ep: torch.export.ExportedProgram, const: set[str]) -> None:
             ep.graph.erase_node(fx)
 
 
+def _check_constant_writes(ep: torch.export.ExportedProgram) -> None:
+    """A constant written in place (``mask[:, 0] = 1``) enters the graph with its final value,
+    so no operator may read it before the write."""
+    const = constant_nodes(ep)
+    order = {fx: i for i, fx in enumerate(ep.graph.nodes)}
+    for name in constant_leaves(ep):
+        base = next(fx for fx in ep.graph.nodes if fx.name == name)
+        while base.op == "call_function" and _aliases(base):
+            base = base.args[0]
+        readers = _readers(base)
+        writes = [order[u] for u in readers if _mutates(u) and u.name in const]
+        reads = [u for u in readers if u.name not in const and u.op != "output"]
+        early = [u.name for u in reads if writes and order[u] < max(writes)]
+        if early:
+            raise UserError(f"constant {name!r} is read by {early[0]} and then written in place; "
+                            "build it fully before use, or make a new tensor (c = c * 3)")
+
+
 def normalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """Rewrite ``ep``'s graph in place (see the module docstring) and return it."""
+    _check_constant_writes(ep)
     const = constant_nodes(ep)
     _same_constants(ep, const)
     const = constant_nodes(ep)
@@ -224,7 +261,6 @@ def constant_values(ep: torch.export.ExportedProgram,
     const = constant_nodes(ep)
     wanted = set(constant_leaves(ep))
     interp = torch.fx.Interpreter(ep.graph_module)
-    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for fx in ep.graph.nodes:
             if fx.name not in const:
@@ -233,6 +269,7 @@ def constant_values(ep: torch.export.ExportedProgram,
                 interp.env[fx] = sources.get(fx.name)
             else:
                 interp.env[fx] = interp.run_node(fx)
-            if fx.name in wanted:
-                out[fx.name] = interp.env[fx]
+        # after every constant op ran: a constant written in place is read afterwards
+        # (:func:`_check_constant_writes`); copies, so that nothing aliases the model's buffers
+        out = {fx.name: interp.env[fx].clone() for fx in ep.graph.nodes if fx.name in wanted}
     return out

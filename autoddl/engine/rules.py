@@ -121,8 +121,11 @@ def _elementwise(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
     sigs = _broadcast_sigs(node.out, ins)
     n = len(ins)
     has_scalar_operand = len([a for a in node.args if not isinstance(a, TensorArg)]) > 0
+    if sum(isinstance(a, TensorArg) for a in node.args) > n:
+        return sigs  # one tensor in two operands (x * x): not linear in it
     if node.target in _LINEAR_UNARY and n == 1:
-        sigs.append(AxisSig((P,), P))
+        if node.out.is_float and ins[0].is_float:  # a cast to integers is not linear
+            sigs.append(AxisSig((P,), P))
     elif node.target in _ADDITIVE and n == 2 and not has_scalar_operand:
         sigs += [AxisSig((P, P), P), AxisSig((P, B), P, frozenset({1})),
                  AxisSig((B, P), P, frozenset({0}))]
@@ -376,8 +379,9 @@ def _cat(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
 
 @rule("aten.dropout.default")
 def _dropout(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
-    """Dropout masks each element independently: any split, but not partial sums (devices draw
-    different masks, so the addends would not be masked alike)."""
+    """Dropout masks each element independently: any split, but not partial sums (the addends
+    would need one mask). Every rank draws from the same seed, so with p > 0 the shards of a
+    split tensor get the same mask pattern: a sharded run is not the one-process run."""
     return _broadcast_sigs(node.out, ins)
 
 

@@ -155,8 +155,8 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
                   recompute: str = "none", microbatches: int | None = None,
                   stages: int | None = None, balance_eps: float = 0.1) -> Workload:
     """The workload of a ``--model`` spec on a ``--cluster`` spec (or cluster), as ``autoddl
-    plan`` captures it: a GPT of more than three layers is captured with three and planned for
-    all; a micro-batch graph is captured unless ``stages`` is 1 or there is one device or one
+    plan`` captures it: a model with a ``layers`` key of more than three whose layers repeat is
+    captured with three and planned for all; a micro-batch graph is captured unless ``stages`` is 1 or there is one device or one
     micro-batch (default: the largest divisor of the batch up to 16)."""
     from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
     from autoddl.engine.cluster import parse_cluster
@@ -169,9 +169,13 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
     if stages is not None and stages < 1:
         raise UserError(f"--stages must be at least 1, got {stages}")
     layers = dict(spec.params).get("layers")
-    fast = layers is not None and layers > 3  # repeated layers:
-    module, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")  # capture 3
+    fast = layers is not None and layers > 3  # repeated layers: capture 3, plan for all
+    module, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")
     graph = capture(module, inputs)
+    if fast and find_blocks(graph) is None:  # its layers do not repeat (an MLP's first differs)
+        fast = False
+        module, inputs = build_model(spec, "meta")
+        graph = capture(module, inputs)
     m = microbatches or default_microbatches(inputs)
     mb_graph = None
     if stages != 1 and cluster.num_devices > 1 and m > 1:

@@ -348,6 +348,10 @@ class ShardedExecutor:
         if node.target in _SIZE_ARG_OPS:
             args = (args[0], list(local_shape(node.out.shape, sig.out, self.mesh_shape)),
                     *args[2:])
+        elif node.target == "aten.unflatten.int":  # sizes of the unflattened dims, local
+            dim = int(args[1]) % locals_[0].dim()
+            local = local_shape(node.out.shape, sig.out, self.mesh_shape)
+            args = (args[0], args[1], list(local[dim: dim + len(args[2])]), *args[3:])
         vocab_axes = [a for a, s in enumerate(sig.axes) if s.vocab and self.mesh_shape[a] > 1]
         if vocab_axes:
             out = self._vocab_embedding(args, vocab_axes[0])
