@@ -12,10 +12,11 @@ in two phases:
 2. **Solve, best bound first.** In increasing :math:`\ell_c`: a candidate with
    :math:`\ell_c \ge U (1 - \text{gap})` cannot improve on the incumbent beyond the requested
    gap and is *pruned* unsolved; otherwise its ILP is solved with the cutoff row
-   :math:`\text{objective} \le U` (an infeasible answer proves :math:`z_c \ge U`: *dominated*) and
-   a better plan becomes the incumbent.
+   :math:`\text{objective} \le U (1 - \text{gap})` (an infeasible answer proves
+   :math:`z_c \ge U (1 - \text{gap})`: *dominated*) and a better plan becomes the incumbent.
 
-The result is exact: at the end :math:`U \le z_c` for every solved candidate and
+The result is exact: at the end :math:`U \le z_c` (within the solver's gap) for every candidate
+solved to optimality, :math:`U (1-\text{gap}) \le z_c` for every dominated one and
 :math:`U (1-\text{gap}) \le \ell_c \le z_c` for every pruned one. Under a time limit the
 candidates left unsolved keep their :math:`\ell_c`, and the plan reports the global bound
 :math:`\min(U, \min_c \text{bound}_c)` and its gap.
@@ -220,7 +221,9 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
             continue
         prep = prepared(i)
         rec["build_s"] = prep.build_s
-        cut = best_obj if prep.uses_cutoff else INF
+        # only a plan better than the best by more than the gap matters: what cannot reach
+        # that comes back infeasible (dominated), proving z_c >= best (1 - gap)
+        cut = best_obj * (1 - mip_rel_gap) if prep.uses_cutoff else INF
         c = prep.solve(cut, None if not np.isfinite(remaining) else remaining)
         solved.append(c)
         r = c.result
@@ -253,7 +256,10 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
             if rec.get(k) is not None and not np.isfinite(rec[k]):
                 rec[k] = None
     if best is not None:
-        status = (SolveStatus.OPTIMAL if gap is not None and gap <= max(mip_rel_gap, 1e-9)
+        # a dominated candidate's bound is best (1 - gap): the global gap is the requested one
+        # up to rounding
+        status = (SolveStatus.OPTIMAL
+                  if gap is not None and gap <= max(mip_rel_gap, 1e-9) * (1 + 1e-6)
                   else SolveStatus.FEASIBLE)
         best = dataclasses.replace(best, result=dataclasses.replace(
             best.result, status=status, bound=bound if np.isfinite(bound) else None, gap=gap))

@@ -85,6 +85,26 @@ def configure(h: Any, time_limit_s: float | None, mip_rel_gap: float) -> None:
         h.setOptionValue("time_limit", max(float(time_limit_s), 1e-3))
 
 
+#: HiGHS' primal heuristics, off when a plan as good as any the MILP may return is known
+_HEURISTICS = ("mip_heuristic_run_feasibility_jump", "mip_heuristic_run_rens",
+               "mip_heuristic_run_rins", "mip_heuristic_run_root_reduced_cost",
+               "mip_heuristic_run_shifting", "mip_heuristic_run_zi_round")
+
+
+def tune(h: Any, milp: MILP) -> None:
+    """Options by kind of model, as measured on the GPT-3 175B candidates
+    (``experiments/results/solve_scaling.md``): a pure LP runs unpresolved (presolve's search for
+    dependent equations took 4 of 5 s on the 205k-column LP relaxation, the simplex 0.4 s); a
+    MILP with a known incumbent (:attr:`MILP.incumbent_known`) runs without primal heuristics
+    (half of the 24 s that proved a 3-axis candidate dominated went to them)."""
+    if not milp.integrality.any():
+        h.setOptionValue("presolve", "off")
+    elif milp.incumbent_known:
+        h.setOptionValue("mip_heuristic_effort", 0.0)
+        for name in _HEURISTICS:
+            h.setOptionValue(name, False)
+
+
 def highs_outcome(h: Any, milp: MILP) -> tuple[SolveStatus, bool, float | None, str]:
     """Read a solved ``Highs`` object: (status, whether a primal solution exists, bound, message).
 
@@ -137,6 +157,7 @@ class HighsBackend(Backend):
                           "HiGHS: more than 2^31 nonzeros")
         h = new_highs()
         configure(h, time_limit_s, mip_rel_gap)
+        tune(h, milp)
         f64 = np.float64
         scale = objective_scale(milp.c)
         rc = h.passModel(
