@@ -82,6 +82,11 @@ def size_backend(milp) -> str:
     return default_backend()
 
 
+#: an LP bound this close below the cutoff leaves the MILP mostly a proof
+#: (:attr:`MILP.incumbent_near`)
+NEAR_CUTOFF = 0.02
+
+
 def solve_lp_first(milp, backend: str, time_limit_s: float | None,
                    mip_rel_gap: float, lp_first: bool = True,
                    cutoff: float = float("inf")) -> SolveResult:
@@ -90,7 +95,8 @@ def solve_lp_first(milp, backend: str, time_limit_s: float | None,
     fixing** against ``cutoff`` (the objective of a known plan): every solution satisfies
     :math:`z \\ge z_{LP} + \\sum_j d_j x_j` for the LP's reduced costs :math:`d_j \\ge 0` of
     columns at zero, so a column with :math:`z_{LP} + d_j >` cutoff is 0 in every plan at
-    least as good as the known one and is fixed there (exact)."""
+    least as good as the known one and is fixed there (exact). An LP bound within
+    ``NEAR_CUTOFF`` of the cutoff marks the MILP :attr:`~MILP.incumbent_near`."""
     if not lp_first:
         return solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
     lp_backend = "highs" if "highs" in available_backends() else backend
@@ -113,7 +119,8 @@ def solve_lp_first(milp, backend: str, time_limit_s: float | None,
     if lp.status is SolveStatus.OPTIMAL and dual is not None and np.isfinite(cutoff):
         slack = cutoff - lp.objective + 1e-6 * max(1.0, abs(cutoff))
         fix = (lp.x <= 1e-9) & (dual > slack)
-        milp = dataclasses.replace(milp, col_upper=np.where(fix, 0.0, milp.col_upper))
+        milp = dataclasses.replace(milp, col_upper=np.where(fix, 0.0, milp.col_upper),
+                                   incumbent_near=lp.objective >= cutoff * (1 - NEAR_CUTOFF))
     if time_limit_s is not None:
         time_limit_s = max(time_limit_s - (time.perf_counter() - t0), 1e-3)
     r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)

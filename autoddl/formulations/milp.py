@@ -37,10 +37,10 @@ class MILP:
     #: every continuous column is integral at an optimum once the integer columns are (flow
     #: variables): solvers that only take integers (CP-SAT) may then treat them as integers
     continuous_integral: bool = False
-    #: a plan at least as good as any this MILP may return is known (its objective is bounded by
-    #: a cutoff row): the solver only has to improve on it or prove that nothing does, so primal
+    #: a known plan (bounding the objective by a cutoff row) is within a few per cent of this
+    #: MILP's LP bound: the solver mostly has to prove that nothing better exists, so primal
     #: heuristics may be skipped
-    incumbent_known: bool = False
+    incumbent_near: bool = False
 
     @property
     def num_cols(self) -> int:

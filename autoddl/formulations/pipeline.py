@@ -333,7 +333,7 @@ class PipelineModel(ShardingModel):
             c[self.t_col] = 1.0
             return MILP(c, base.a_rows, base.a_cols, base.a_vals, base.row_lower,
                         base.row_upper, base.col_lower, base.col_upper, base.integrality,
-                        continuous_integral=False, incumbent_known=base.incumbent_known)
+                        continuous_integral=False)
         c = base.c.copy()
         n_sharding = sum(len(x) for x in self._c[: len(self.problem.nodes)])
         c[:n_sharding] *= m  # x columns
@@ -343,7 +343,7 @@ class PipelineModel(ShardingModel):
                 c[start:start + len(pa)] *= m
         return MILP(c, base.a_rows, base.a_cols, base.a_vals, base.row_lower, base.row_upper,
                     base.col_lower, base.col_upper, base.integrality, offset=self.pipe.bubble_s,
-                    continuous_integral=False, incumbent_known=base.incumbent_known)
+                    continuous_integral=False)
 
     def memory_of(self, objective: float) -> float:
         """Bytes per device of a ``minimize_memory`` model's objective."""

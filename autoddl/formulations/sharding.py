@@ -280,7 +280,6 @@ class ShardingModel:
             col_upper=np.concatenate(self._ub),
             integrality=np.concatenate(self._int).astype(bool),
             continuous_integral=True,  # the only continuous columns are flow variables y
-            incumbent_known=bool(np.isfinite(self.cutoff)),
         )
         m.check()
         return m
