@@ -389,3 +389,23 @@ def test_highs_scheduler_started_elsewhere() -> None:
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["-2.0", "-2.0"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_proof_mode_keeps_the_optimum(seed: int) -> None:
+    """A MILP marked ``incumbent_near`` (HiGHS then skips its primal heuristics) still reaches
+    the brute-force optimum, and a pure LP solved unpresolved equals the presolved one."""
+    import dataclasses
+
+    inst = make_assignment(seed, n_nodes=4 + seed % 2, log_costs=seed >= 3)
+    near = solve(dataclasses.replace(inst.milp, incumbent_near=True), backend="highs")
+    assert near.status is SolveStatus.OPTIMAL
+    assert near.objective == pytest.approx(inst.best, rel=1e-6)
+    hard = _hard_milp(seed, n=20, m=12)
+    plain = solve(hard, backend="highs")
+    proof = solve(dataclasses.replace(hard, incumbent_near=True), backend="highs")
+    assert proof.objective == pytest.approx(plain.objective, rel=1e-6)
+    relaxed = dataclasses.replace(hard, integrality=np.zeros(hard.num_cols, dtype=bool))
+    lp = solve(relaxed, backend="highs")  # unpresolved (the backend's choice for LPs)
+    other = solve(relaxed, backend="ortools-highs")
+    assert lp.objective == pytest.approx(other.objective, rel=1e-7)
