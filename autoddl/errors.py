@@ -22,3 +22,7 @@ class InfeasibleError(UserError):
 
 class SolverError(UserError):
     """The solver returned no usable solution (time-out before a first plan, or a failure)."""
+
+
+#: a rank's exit code when ``autoddl run --check`` found a mismatch (the run itself went through)
+CHECK_FAILED = 3

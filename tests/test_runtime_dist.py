@@ -113,7 +113,8 @@ def test_check_fails_when_predicted_bytes_are_off(tmp_path):
                      r"\d+ B in \d+ \(-9\.\d\d %\)", out, re.M), out
     assert re.search(rf"^{axis}\s+{kind}\s.*MISMATCH$", out, re.M), out
     assert "check FAILED" in out and "max relative error" in out, out
-    assert "autoddl run: failed" in proc.stderr
+    assert "autoddl run: failed: --check found a mismatch on rank(s) 0, 1" in proc.stderr, \
+        proc.stderr
     plain = run()
     assert plain.returncode == 0, plain.stdout + plain.stderr[-2000:]
     assert f"byte check MISMATCH (not enforced without --check): {axis}/{kind}" in plain.stdout

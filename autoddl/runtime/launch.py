@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from autoddl.engine.plan import load_plan
-from autoddl.errors import UserError
+from autoddl.errors import CHECK_FAILED, UserError
 
 #: one failure block of torchrun's summary: "rank : 1 (local_rank: 1)" then "exitcode : -9"
 _RANK_FAIL = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
@@ -91,7 +91,11 @@ def run_ranks(module: str, nproc: int, args: list[str], command: str) -> int:
     failed = sorted({(int(r), int(c)) for r, c in _RANK_FAIL.findall(proc.stderr)
                      if int(c) != -15})  # -15: a peer stopped by torchrun
     failed += [(r, 1) for r in says if r not in {f for f, _ in failed}]
-    if failed:
+    if failed and all(code == CHECK_FAILED for _, code in failed):
+        print(f"{command}: failed: --check found a mismatch on rank(s) "
+              f"{', '.join(str(r) for r, _ in failed)} (see the MISMATCH lines above)",
+              file=sys.stderr)
+    elif failed:
         print(f"{command}: failed: {_describe_failures(failed, says)}", file=sys.stderr)
     else:
         tail = "\n".join(proc.stderr.strip().splitlines()[-20:])

@@ -49,7 +49,7 @@ from autoddl.engine.repeat import match_plan
 from autoddl.engine.costs import OPTIMIZER_STATES
 from autoddl.engine.models import build_model, parse_model_spec
 from autoddl.engine.plan import Plan, load_plan
-from autoddl.errors import UserError
+from autoddl.errors import CHECK_FAILED, UserError
 from autoddl.runtime import checkpoint
 from autoddl.runtime.execute import ShardedExecutor
 from autoddl.runtime.pipeline import P2P, PipelineRunner, loss_everywhere
@@ -442,7 +442,8 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
                   f"and gradients (tolerance {tol:.0e}); weights after the last update differ by "
                   f"{weights:.2e}{byte_note}", flush=True)
     dist.barrier()  # every rank is done; the process then ends without tearing gloo down (see
-    return 0 if ok else 1  # __main__: a peer closing first made gloo abort a rank at times)
+    return 0 if ok else CHECK_FAILED  # __main__: a peer closing first made gloo abort a
+    # rank at times)
 
 
 def _print_collectives(plan: Plan, measured: Counter, executed: Counter,
