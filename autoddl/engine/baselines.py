@@ -48,6 +48,7 @@ from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_NONE, ZERO_REGATHER, ZERO_STATES, Signature,
 )
 from autoddl.engine.workload import Workload, plan_from_choice
+from autoddl.formulations.sharding import within_capacity
 
 
 class NotApplicable(Exception):
@@ -75,7 +76,7 @@ class Outcome:
 def fits(plan: Plan) -> bool:
     """Whether a plan's peak memory per device is within the capacity."""
     m = plan.memory
-    return m["per_device_bytes"] <= m["capacity_bytes"] * (1 + 1e-9)
+    return within_capacity(m["per_device_bytes"], m["capacity_bytes"])
 
 
 def fit_note(plan: Plan) -> str:

@@ -17,8 +17,8 @@ the FX graph in place (the runtime executes the same rewritten graph):
   leaf and are recognised as repeated (:mod:`autoddl.engine.repeat`).
 
 **Constants.** A node is *constant* when it depends on no user input, no parameter and no random
-draw: only on buffers, lifted constants and factory calls (``arange``, ``ones``). Causal masks, rotary
-``cos``/``sin`` tables and position ids are constants. The planner never sees their insides: each
+draw: only on buffers, lifted constants and factory calls (``arange``, ``ones``). Causal masks,
+rotary ``cos``/``sin`` tables and position ids are constants. The planner never sees their insides: each
 constant read by a non-constant node (a buffer read directly included) becomes a leaf (kind
 ``input``, target ``const``) with a placement of its own, and the runtime computes its value once
 with :func:`constant_values`.

@@ -36,7 +36,7 @@ from autoddl.engine.costs import CostedGraph
 from autoddl.engine.rules import Signature
 from autoddl.engine.stages import build_pipeline_problem
 from autoddl.engine.workload import Workload, choice_index, plan_from_choice
-from autoddl.formulations.sharding import ShardingProblem
+from autoddl.formulations.sharding import MEMORY_RTOL, ShardingProblem
 
 
 def greedy(work: Workload) -> Outcome:
@@ -86,7 +86,7 @@ def descend(problem: ShardingProblem, start: np.ndarray, max_sweeps: int = 50) -
     """Coordinate descent on one node's signature at a time from ``start`` (see the module)."""
     pick = start.copy()
     incident = _incident(problem)
-    cap = problem.memory_capacity_bytes * (1 + 1e-9)
+    cap = problem.memory_capacity_bytes * (1 + MEMORY_RTOL)
     _, total_mem = problem.evaluate(pick)
     for _ in range(max_sweeps):
         changed = False
@@ -130,7 +130,7 @@ def _starts(costed: CostedGraph) -> list[np.ndarray]:
 def _rank(problem: ShardingProblem, pick: np.ndarray) -> tuple[float, float]:
     """(memory over capacity, cost): fitting plans first, then the cheapest."""
     cost, mem = problem.evaluate(pick)
-    return max(0.0, mem - problem.memory_capacity_bytes * (1 + 1e-9)), cost
+    return max(0.0, mem - problem.memory_capacity_bytes * (1 + MEMORY_RTOL)), cost
 
 
 def coordinate_descent(work: Workload) -> Outcome:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
-from autoddl.formulations.sharding import ShardingProblem
+from autoddl.formulations.sharding import ShardingProblem, within_capacity
 
 INF = float("inf")
 
@@ -159,7 +159,7 @@ class TreeBound:
             best_lb = max(best_lb, lb)
             if np.isfinite(lb):
                 cost, mem = self.problem.evaluate(choice)
-                if mem <= self.problem.memory_capacity_bytes * (1 + 1e-9) and cost < best_ub:
+                if within_capacity(mem, self.problem.memory_capacity_bytes) and cost < best_ub:
                     best_ub, best_choice = cost, choice
             return lb
 

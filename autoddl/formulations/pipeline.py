@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autoddl.formulations.milp import INF, MILP
-from autoddl.formulations.sharding import ShardingModel, ShardingProblem
+from autoddl.formulations.sharding import ShardingModel, ShardingProblem, within_capacity
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,7 +142,7 @@ class PipelineProblem:
             for st in stage_sets:
                 stage = np.array(st)
                 cost, mem = self.evaluate(choice, stage)
-                if cost < best - 1e-15 and mem <= p.memory_capacity_bytes * (1 + 1e-9):
+                if cost < best - 1e-15 and within_capacity(mem, p.memory_capacity_bytes):
                     best, arg = cost, (choice, stage)
         return best, arg
 

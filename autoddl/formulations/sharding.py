@@ -38,6 +38,14 @@ import numpy as np
 
 from autoddl.formulations.milp import INF, MILP
 
+#: relative slack of the memory rows' right-hand side when checking a plan outside a solver
+MEMORY_RTOL = 1e-9
+
+
+def within_capacity(memory_bytes: float, capacity_bytes: float) -> bool:
+    """Whether a plan's memory fits a device (up to :data:`MEMORY_RTOL`)."""
+    return memory_bytes <= capacity_bytes * (1 + MEMORY_RTOL)
+
 
 @dataclass(frozen=True, eq=False)
 class NodeChoices:
@@ -89,7 +97,7 @@ class ShardingProblem:
         for combo in itertools.product(*[range(len(n.cost_s)) for n in self.nodes]):
             choice = np.array(combo)
             cost, mem = self.evaluate(choice)
-            if cost < best and mem <= self.memory_capacity_bytes * (1 + 1e-9):
+            if cost < best and within_capacity(mem, self.memory_capacity_bytes):
                 best, arg = cost, choice
         return best, arg
 
