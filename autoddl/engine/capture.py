@@ -100,7 +100,8 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
     masks, position tables) enter as ``const`` leaves; what computes them is left out."""
     sig = ep.graph_signature
     param_fqn = dict(sig.inputs_to_parameters)
-    const, leaves = constant_nodes(ep), set(constant_leaves(ep))
+    const = constant_nodes(ep)
+    leaves = set(constant_leaves(ep, const))
     nodes: list[OpNode] = []
     requires_grad: dict[str, bool] = {}
     loss = None

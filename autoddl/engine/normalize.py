@@ -18,10 +18,10 @@ the FX graph in place (the runtime executes the same rewritten graph):
 
 **Constants.** A node is *constant* when it depends on no user input, no parameter and no random
 draw: only on buffers, lifted constants and factory calls (``arange``, ``ones``). Causal masks,
-rotary ``cos``/``sin`` tables and position ids are constants. The planner never sees their insides: each
-constant read by a non-constant node (a buffer read directly included) becomes a leaf (kind
-``input``, target ``const``) with a placement of its own, and the runtime computes its value once
-with :func:`constant_values`.
+rotary ``cos``/``sin`` tables and position ids are constants. The planner never sees their
+insides: each constant read by a non-constant node (a buffer read directly included) becomes a
+leaf (kind ``input``, target ``const``) with a placement of its own, and the runtime computes its
+value once with :func:`constant_values`.
 """
 
 from __future__ import annotations
@@ -67,9 +67,10 @@ def constant_nodes(ep: torch.export.ExportedProgram) -> set[str]:
     return const
 
 
-def constant_leaves(ep: torch.export.ExportedProgram) -> list[str]:
-    """Constant tensors that a non-constant node reads: the planner's ``const`` leaves."""
-    const = constant_nodes(ep)
+def constant_leaves(ep: torch.export.ExportedProgram, const: set[str] | None = None) -> list[str]:
+    """Constant tensors that a non-constant node reads: the planner's ``const`` leaves
+    (``const``: :func:`constant_nodes`, if already known)."""
+    const = constant_nodes(ep) if const is None else const
     leaves = []
     for fx in ep.graph.nodes:
         if fx.name in const and isinstance(fx.meta.get("val"), torch.Tensor):
@@ -215,13 +216,13 @@ def _same_constants(ep: torch.export.ExportedProgram, const: set[str]) -> None:
             ep.graph.erase_node(fx)
 
 
-def _check_constant_writes(ep: torch.export.ExportedProgram) -> None:
+def _check_constant_writes(ep: torch.export.ExportedProgram, const: set[str]) -> None:
     """A constant written in place (``mask[:, 0] = 1``) enters the graph with its final value,
     so no operator may read it before the write."""
-    const = constant_nodes(ep)
     order = {fx: i for i, fx in enumerate(ep.graph.nodes)}
-    for name in constant_leaves(ep):
-        base = next(fx for fx in ep.graph.nodes if fx.name == name)
+    leaves = set(constant_leaves(ep, const))
+    for base in [fx for fx in ep.graph.nodes if fx.name in leaves]:
+        name = base.name
         while base.op == "call_function" and _aliases(base):
             base = base.args[0]
         readers = _readers(base)
@@ -235,10 +236,9 @@ def _check_constant_writes(ep: torch.export.ExportedProgram) -> None:
 
 def normalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """Rewrite ``ep``'s graph in place (see the module docstring) and return it."""
-    _check_constant_writes(ep)
     const = constant_nodes(ep)
-    _same_constants(ep, const)
-    const = constant_nodes(ep)
+    _check_constant_writes(ep, const)
+    _same_constants(ep, const)  # erases merged constants only: ``const`` stays right
     _split_views(ep, const)
     _outplace(ep, const)
     _drop_asserts(ep)
@@ -259,7 +259,7 @@ def constant_values(ep: torch.export.ExportedProgram,
     for name, key in sig.inputs_to_lifted_tensor_constants.items():
         sources[name] = ep.constants[key].clone()
     const = constant_nodes(ep)
-    wanted = set(constant_leaves(ep))
+    wanted = set(constant_leaves(ep, const))
     interp = torch.fx.Interpreter(ep.graph_module)
     with torch.no_grad():
         for fx in ep.graph.nodes:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from autoddl.errors import UserError
+from autoddl.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 
@@ -142,15 +142,7 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> None:
     if path.parent and not path.parent.exists():
         raise UserError(f"cannot write plan: folder {str(path.parent)!r} does not exist")
     text = json.dumps(plan.to_dict(), indent=1, sort_keys=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

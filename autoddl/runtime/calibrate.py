@@ -62,7 +62,6 @@ import argparse
 import csv
 import datetime
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +72,7 @@ import numpy as np
 from autoddl.engine.cluster import Cluster, Link, parse_cluster, write_cluster_file
 from autoddl.engine.placements import COLLECTIVES, collective_cost
 from autoddl.errors import UserError
+from autoddl.files import write_atomic
 from autoddl.runtime.rank import exit_rank, run_rank
 
 if TYPE_CHECKING:
@@ -276,22 +276,6 @@ def memory_per_device(device: torch.device, local_world: int) -> int:
     return max(1, total // local_world)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then move it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have made
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def csv_path(output: str | os.PathLike[str]) -> Path:
     """``<stem>.calibration.csv`` beside the cluster file ``output``."""
     path = Path(output)
@@ -330,8 +314,8 @@ def write_results(output: str, cluster: Cluster, samples: Sequence[Sample],
                 w.writerow([s.axis, s.kind, s.held_bytes, s.p, repr(s.seconds), repr(pred)])
 
     try:
-        _write_atomic(table, rows)
-        _write_atomic(out, lambda tmp: write_cluster_file(cluster, tmp))
+        write_atomic(table, rows)
+        write_atomic(out, lambda tmp: write_cluster_file(cluster, tmp))
     except OSError as e:
         raise UserError(f"cannot write {str(out)!r} ({e.strerror}); check the folder is "
                         "writable") from None

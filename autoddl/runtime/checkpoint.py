@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from autoddl.engine.plan import Plan
 from autoddl.errors import UserError
+from autoddl.files import write_atomic
 
 
 def rank_file(folder: str | os.PathLike, rank: int) -> Path:
@@ -54,10 +55,7 @@ def save(folder: str | os.PathLike, rank: int, step: int, plan: Plan,
     if reference is not None:
         state["reference"] = {"model": reference[0].state_dict(),
                               "optimizer": reference[1].state_dict()}
-    path = rank_file(folder, rank)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(rank_file(folder, rank), lambda tmp: torch.save(state, tmp))
 
 
 def load(folder: str | os.PathLike, rank: int, plan: Plan, params: dict[str, torch.Tensor],

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import (
-    Placement, Step, grad_target, local_shape, reshard_steps, split_dim,
+    Placement, Step, collective_cost, grad_target, local_shape, reshard_steps, split_dim,
 )
 from autoddl.engine.plan import Plan
 from autoddl.engine.rules import (
@@ -130,7 +130,6 @@ class Converter:
             cur = nxt
         return local
 
-
     def _all_to_all(self, local: torch.Tensor, axis: int, src_dim: int,
                     dst_dim: int) -> torch.Tensor:
         """S(src_dim) -> S(dst_dim) on one axis with one all-to-all: device k of the axis sends
@@ -147,12 +146,9 @@ class Converter:
 
 
 def _sent_bytes(kind: str, p: int, held: float) -> float:
-    """Bytes one device sends in a ring collective, from the bytes it held before."""
-    if kind == "all_gather":
-        return (p - 1) * held
-    if kind == "all_reduce":
-        return 2 * (p - 1) / p * held
-    return (p - 1) / p * held
+    """Bytes one device sends in a ring collective, from the bytes it held before (the cost
+    model's formula, :func:`~autoddl.engine.placements.collective_cost`, on the real sizes)."""
+    return collective_cost(kind, p, held)[0]
 
 
 class _Reshard(torch.autograd.Function):

@@ -6,16 +6,19 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from autoddl.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported by the rank's own code: the command line starts without it
+    import torch
 
 
 def pick_device() -> tuple[str, torch.device]:
     """(backend, device) for this rank: NCCL on its own GPU when there is one GPU per local
     rank, else gloo on CPU. ``AUTODDL_DEVICE=cpu`` forces the CPU path."""
+    import torch
+
     local = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     forced_cpu = os.environ.get("AUTODDL_DEVICE", "") == "cpu"

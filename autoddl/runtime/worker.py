@@ -17,7 +17,8 @@ pipeline stage, its busiest device (the max over the stage's ranks; all ranks of
 same in the plans the rules allow, and an uneven spread is printed), summed over the stages —
 the cost model's ``per_axis_kind`` is bytes sent per device, one device per stage, summed over
 stages and micro-batches (unpipelined: one stage, the max over all ranks). The table compares
-it with the plan; ``--check`` fails the run (a ``MISMATCH`` line, exit code 1) when an executed
+it with the plan; ``--check`` fails the run (a ``MISMATCH`` line; the ranks exit with
+:data:`~autoddl.errors.CHECK_FAILED`, the launcher with 1) when an executed
 count differs from the predicted one or the bytes differ by more than :data:`BYTE_RTOL` of
 max(predicted, :data:`BYTE_FLOOR`).
 
@@ -442,8 +443,8 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
                   f"and gradients (tolerance {tol:.0e}); weights after the last update differ by "
                   f"{weights:.2e}{byte_note}", flush=True)
     dist.barrier()  # every rank is done; the process then ends without tearing gloo down (see
-    return 0 if ok else CHECK_FAILED  # __main__: a peer closing first made gloo abort a
-    # rank at times)
+    # __main__: a peer closing first made gloo abort a rank at times)
+    return 0 if ok else CHECK_FAILED
 
 
 def _print_collectives(plan: Plan, measured: Counter, executed: Counter,
