@@ -325,18 +325,46 @@ class _EdgeCoster:
         regather = np.array([[float(v[1])] for v in src_vals])
         times = np.maximum(fwd_times, 1 + regather)  # per producer key
         bwd_copies: float | np.ndarray = copies
-        if grad_copies >= 0:
-            bwd_copies = np.where([[accumulates_grad(gf, pg, shape) for _, pg in dst_vals]
-                                   for _, _, gf, _ in src_vals], grad_copies, copies)
+        if grad_copies >= 0:  # accumulates_grad, for every pair at once
+            piece = np.array([np.inf if pg is None else local_fraction(pg, shape)
+                              for _, pg in dst_vals])
+            whole = np.array([v[2] for v in src_vals])
+            bwd_copies = np.where(piece[None, :] <= whole[:, None] * (1 + 1e-9), grad_copies,
+                                  copies)
         # a forbidden pair is inf in fwd; the backward of a tensor with no gradient is empty
         cost = copies * times * (fb * nbytes + fl) + bwd_copies * (bb * nbytes + bl)
-        if any(any(v[3]) for v in src_vals):  # ZeRO-1/2 only where the gradient is reduced
-            unreduced = np.array([[pg is not None and any(z and g != "P" for z, g in zip(v[3], pg))
-                                   for _, pg in dst_vals] for v in src_vals])
-            cost = np.where(unreduced, np.inf, cost)
+        divided = np.array([v[3] for v in src_vals], bool).reshape(len(src_vals), len(shape))
+        if divided.any():  # ZeRO-1/2 only where the gradient is reduced: no axis of the
+            # states' division may return a gradient other than P
+            not_p = np.array([[pg is not None and g != "P" for g in (pg or ("P",) * len(shape))]
+                              for _, pg in dst_vals], bool).reshape(len(dst_vals), len(shape))
+            cost = np.where((divided[:, None, :] & not_p[None, :, :]).any(-1), np.inf, cost)
         mem = frac * nbytes * (1 - regather) if saves else np.zeros_like(cost)
         mem_copies = copies if mem_copies < 0 else mem_copies
         return EdgeChoices(index[src], index[dst], src_key, dst_key, cost, mem * mem_copies)
+
+
+#: signature lists by node and mesh pattern, shared by every mesh of this process (see
+#: :func:`_signatures`); cleared when it grows past _SIGNATURES_MAX entries
+_SIGNATURES: dict[tuple, list[Signature]] = {}
+_SIGNATURES_MAX = 20000
+
+
+def _signatures(n, graph: OpGraph, mesh_shape: tuple[int, ...]) -> list[Signature]:
+    """:func:`~autoddl.engine.rules.signatures`, cached. Identical nodes (those of repeated
+    layers) share one list, and so do meshes that agree on which axes have size > 1 and on
+    which tensor dims each axis size divides: that is all the legality of a placement reads."""
+    tensors = (n.out,) + tuple(graph[i].out for i in n.inputs)
+    pattern = tuple((size > 1, tuple(tuple(d % size == 0 for d in t.shape) for t in tensors))
+                    for size in mesh_shape)
+    key = (n.kind, n.target, n.requires_grad, tensors,
+           tuple(graph[i].requires_grad for i in n.inputs), n.args, n.kwargs, pattern)
+    got = _SIGNATURES.get(key)
+    if got is None:
+        if len(_SIGNATURES) >= _SIGNATURES_MAX:
+            _SIGNATURES.clear()
+        got = _SIGNATURES[key] = signatures(n, graph, mesh_shape)
+    return got
 
 
 def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
@@ -344,14 +372,7 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
                   mult: Multiplicity | None = None) -> CostedGraph:
     """Signatures and costs of every node and edge of ``graph`` on ``mesh`` (times ``mult``)."""
     mult = mult or Multiplicity()
-    sig_cache: dict[tuple, list[Signature]] = {}
-    sigs = {}
-    for n in graph.nodes:  # identical nodes of repeated layers share their signature lists
-        key = (n.kind, n.target, n.out, tuple(graph[i].out for i in n.inputs),
-               tuple(graph[i].requires_grad for i in n.inputs), n.args, n.kwargs)
-        if key not in sig_cache:
-            sig_cache[key] = signatures(n, graph, mesh.shape)
-        sigs[n.name] = sig_cache[key]
+    sigs = {n.name: _signatures(n, graph, mesh.shape) for n in graph.nodes}
     index = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = []
     node_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # identical nodes, once

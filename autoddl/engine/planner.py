@@ -30,7 +30,8 @@ from autoddl.engine.stages import (
 from autoddl.errors import InfeasibleError, SolverError, UserError
 from autoddl.formulations.backends import available_backends, default_backend, solve
 from autoddl.formulations.dominance import prune_dominated
-from autoddl.formulations.milp import SolveResult, SolveStatus, relative_gap
+from autoddl.formulations.branching import branch_and_bound
+from autoddl.formulations.milp import SolveResult, SolveStatus, relative_gap, restrict_columns
 from autoddl.formulations.pipeline import PipelineModel, PipelineProblem
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingModel, ShardingProblem
 
@@ -89,14 +90,16 @@ NEAR_CUTOFF = 0.02
 
 def solve_lp_first(milp, backend: str, time_limit_s: float | None,
                    mip_rel_gap: float, lp_first: bool = True,
-                   cutoff: float = float("inf")) -> SolveResult:
+                   cutoff: float = float("inf"), branch: bool = False) -> SolveResult:
     """Solve the LP relaxation first: where it is infeasible, or integral, it is already the
     answer (and the proof); otherwise solve the MILP with ``backend``, after **reduced-cost
     fixing** against ``cutoff`` (the objective of a known plan): every solution satisfies
     :math:`z \\ge z_{LP} + \\sum_j d_j x_j` for the LP's reduced costs :math:`d_j \\ge 0` of
     columns at zero, so a column with :math:`z_{LP} + d_j >` cutoff is 0 in every plan at
-    least as good as the known one and is fixed there (exact). An LP bound within
-    ``NEAR_CUTOFF`` of the cutoff marks the MILP :attr:`~MILP.incumbent_near`."""
+    least as good as the known one and is fixed there (exact), and removed from the model. An
+    LP bound within ``NEAR_CUTOFF`` of the cutoff marks the MILP :attr:`~MILP.incumbent_near`.
+    With ``branch`` (no backend named by the user) the MILP goes to the LP branch and bound of
+    :mod:`autoddl.formulations.branching` first, and to ``backend`` only if that gives up."""
     if not lp_first:
         return solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
     lp_backend = "highs" if "highs" in available_backends() else backend
@@ -116,14 +119,27 @@ def solve_lp_first(milp, backend: str, time_limit_s: float | None,
                                    lp.objective, relative_gap(obj, lp.objective),
                                    time.perf_counter() - t0)
     dual = lp.extra.get("col_dual")
+    full = milp
+    keep = np.ones(milp.num_cols, bool)
     if lp.status is SolveStatus.OPTIMAL and dual is not None and np.isfinite(cutoff):
         slack = cutoff - lp.objective + 1e-6 * max(1.0, abs(cutoff))
-        fix = (lp.x <= 1e-9) & (dual > slack)
-        milp = dataclasses.replace(milp, col_upper=np.where(fix, 0.0, milp.col_upper),
+        keep = ~((lp.x <= 1e-9) & (dual > slack)) & (milp.col_upper > 0.0)
+        # the fixed columns leave the model: solvers' presolve would spend seconds on them
+        milp = dataclasses.replace(restrict_columns(milp, keep),
                                    incumbent_near=lp.objective >= cutoff * (1 - NEAR_CUTOFF))
     if time_limit_s is not None:
         time_limit_s = max(time_limit_s - (time.perf_counter() - t0), 1e-3)
-    r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    r = None
+    if branch:
+        r = branch_and_bound(milp, mip_rel_gap, time_limit_s)
+        if r is None and time_limit_s is not None:
+            time_limit_s = max(time_limit_s - (time.perf_counter() - t0), 1e-3)
+    if r is None:
+        r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    if r.x is not None and not keep.all():
+        x = np.zeros(full.num_cols)
+        x[keep] = r.x
+        r = dataclasses.replace(r, x=x)
     return dataclasses.replace(r, time_s=time.perf_counter() - t0)
 
 
@@ -136,7 +152,7 @@ def solve_sharding(costed: CostedGraph, backend: str | None = None,
     milp = model.milp()
     build_s = time.perf_counter() - t0
     r = solve_lp_first(milp, backend or size_backend(milp), time_limit_s, mip_rel_gap, lp_first,
-                       cutoff)
+                       cutoff, branch=backend is None)
     choice = stage = None
     if r.has_solution:
         choice = _decode(costed, model, r.x)
@@ -211,7 +227,7 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     milp = model.milp()
     build_s = time.perf_counter() - t0
     r = solve_lp_first(milp, backend or size_backend(milp), time_limit_s, mip_rel_gap, lp_first,
-                       cutoff - bubble)
+                       cutoff - bubble, branch=backend is None)
     r = dataclasses.replace(r, objective=None if r.objective is None else r.objective + bubble,
                             bound=None if r.bound is None else r.bound + bubble)
     choice = stage = None

@@ -78,20 +78,25 @@ def conversion_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh
     per_byte, latency = np.zeros(shape), np.zeros(shape)
     by_size = sorted(range(len(sizes)), key=lambda a: (sizes[a], a))
     for group in _GROUPS:
+        in_group = np.zeros(_BAD + 1, bool)
+        in_group[list(group)] = True
         for a in by_size:
             k, p = kinds[a], sizes[a]
-            if p == 1:
+            if p == 1 or not in_group[k].any():
                 continue
             ax = mesh.axes[a]
-            live = np.isin(k, group)
-            factor = np.select([k == _A2A, k == _RS, k == _AG, k == _AR],
-                               [(p - 1) / p, (p - 1) / p, p - 1.0, 2.0 * (p - 1) / p], 0.0)
-            steps = np.select([np.isin(k, (_A2A, _RS, _AG)), k == _AR], [p, 2 * (p - 1) + 1], 0)
-            per_byte += np.where(live, factor * held / (ax.bandwidth_gbps * 1e9), 0.0)
-            latency += np.where(live, steps * ax.latency_s, 0.0)
-            f_src = np.where(src[..., a] > 0, 1.0 / p, 1.0)
-            f_dst = np.where(dst[..., a] > 0, 1.0 / p, 1.0)
-            held = np.where(live, held * f_dst / f_src, held)
+            # per step kind (indexed by code): bytes factor and latency steps
+            factor = np.zeros(_BAD + 1)
+            factor[[_A2A, _RS, _AG, _AR]] = [(p - 1) / p, (p - 1) / p, p - 1.0, 2.0 * (p - 1) / p]
+            steps = np.zeros(_BAD + 1)
+            steps[[_A2A, _RS, _AG, _AR]] = [p, p, p, 2 * (p - 1) + 1]
+            live = in_group[k]
+            per_byte += np.where(live, factor[k] * held / (ax.bandwidth_gbps * 1e9), 0.0)
+            latency += np.where(live, steps[k] * ax.latency_s, 0.0)
+            # the step changes the held piece by p (S -> B, gather) or 1/p (B/P -> S)
+            ratio = np.where(src[..., a] > 0, float(p), 1.0) * np.where(dst[..., a] > 0, 1.0 / p,
+                                                                        1.0)
+            held = np.where(live, held * ratio, held)
     return np.where(bad, np.inf, per_byte), np.where(bad, 0.0, latency), bad
 
 

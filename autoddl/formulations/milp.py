@@ -12,6 +12,7 @@ translate it to their solver's own form. This module imports no solver and no to
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -79,6 +80,26 @@ class MILP:
             return False
         xi = x[self.integrality]
         return bool(np.all(np.abs(xi - np.round(xi)) <= tol))
+
+
+def restrict_columns(milp: MILP, keep: np.ndarray) -> MILP:
+    """``milp`` with only the columns where ``keep`` is True (the others held at zero, which
+    their bounds must allow). Rows left empty are dropped where zero satisfies them and kept
+    (empty, infeasible) where it does not, so the smaller model is infeasible exactly when the
+    original with those columns at zero is."""
+    assert np.all((milp.col_lower[~keep] <= 0.0) & (milp.col_upper[~keep] >= 0.0))
+    new_col = np.cumsum(keep) - 1
+    sel = keep[milp.a_cols]
+    rows = milp.a_rows[sel]
+    used = np.zeros(milp.num_rows, bool)
+    used[rows] = True
+    used |= (milp.row_lower > 0.0) | (milp.row_upper < 0.0)
+    new_row = np.cumsum(used) - 1
+    return dataclasses.replace(
+        milp, c=milp.c[keep], a_rows=new_row[rows], a_cols=new_col[milp.a_cols[sel]],
+        a_vals=milp.a_vals[sel], row_lower=milp.row_lower[used], row_upper=milp.row_upper[used],
+        col_lower=milp.col_lower[keep], col_upper=milp.col_upper[keep],
+        integrality=milp.integrality[keep])
 
 
 class SolveStatus(enum.Enum):
