@@ -116,3 +116,38 @@ def test_meshes_with_equal_symmetry_keys_have_equal_optima():
     assert len(group) == 3 and len(c.distinct_meshes()) < len(c.meshes())
     objs = [solve_sharding(build_problem(g, m, c), "highs").result.objective for m in group]
     assert objs == pytest.approx([objs[0]] * len(objs), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_one_tree_pass_without_memory_is_a_lower_bound(seed):
+    """The screening's quick prune uses L(0), the relaxation with memory ignored: <= optimum."""
+    from autoddl.formulations.bounds import TreeBound
+
+    rng = np.random.default_rng(300 + seed)
+    p = random_problem(rng, tree=seed % 4 == 0, self_edge=seed % 2 == 1)
+    opt, _ = p.brute_force()
+    relaxation = TreeBound(p)
+    lb0, _ = relaxation.solve(np.zeros(len(relaxation.groups)))
+    assert lb0 <= opt + 1e-9
+    assert lb0 <= tree_bound(p).lower_bound + 1e-9  # the multiplier search only raises it
+
+
+def test_candidates_pruned_after_one_tree_pass_keep_the_optimum():
+    """With seeds (meshes of one or two axes) screened first, most 3-axis and pipelined
+    candidates stop after one tree pass: the optimum is still that of solving every one."""
+    s = parse_model_spec("mlp:batch=64,dim_in=32,hidden=64,layers=2,dim_out=32")
+    model, inputs = build_model(s, "meta")
+    g, mb = capture(model, inputs), capture(model, microbatch_inputs(inputs, 4))
+    c = cluster(devices=32, nodes=4, gbps=100, inter_gbps=5, latency_s=1e-6, peak_flops=1e11)
+    kw = dict(model_spec=s.text, microbatch_graph=mb, microbatches=4, backend="highs")
+    fast = plan_graph(g, c, **kw)
+    full = plan_graph(g, c, screen=False, **kw)
+    assert fast.solver["objective"] == pytest.approx(full.solver["objective"], rel=1e-6)
+    quick = [r for r in fast.candidates if r["heuristic"] is None and r["lower_bound"] is not None]
+    assert quick, "no candidate took the one-pass prune"
+    solved = {r["mesh"]: r["objective"] for r in full.candidates if r["objective"] is not None}
+    for r in quick:  # its bound is below its own optimum and above the best plan's (1 - gap)
+        assert r["status"] == "pruned"
+        assert r["lower_bound"] >= fast.solver["objective"] * (1 - 1e-6) - 1e-12
+        if r["mesh"] in solved:
+            assert r["lower_bound"] <= solved[r["mesh"]] * (1 + 1e-9)

@@ -300,6 +300,25 @@ class _EdgeCoster:
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.matrices: dict[tuple, tuple[np.ndarray, ...]] = {}
+        self.keys: dict[tuple, tuple[np.ndarray, list]] = {}  # by signature list (and side)
+
+    def _src_keys(self, ss: list[Signature], accumulates: bool) -> tuple[np.ndarray, list]:
+        """Producer keys of a signature list: (output placement, regathered, gradient
+        fraction, ZeRO axes)."""
+        shape = self.mesh.shape
+        key = (id(ss), "src", accumulates)
+        if key not in self.keys:
+            self.keys[key] = _keys([(s.out, s.zero == ZERO_REGATHER,
+                                     grad_fraction(s, shape) if accumulates else 1.0,
+                                     zero_axes(s, shape)) for s in ss])
+        return self.keys[key]
+
+    def _dst_keys(self, ss: list[Signature], i: int) -> tuple[np.ndarray, list]:
+        """Consumer keys of input ``i``: (input placement, gradient placement)."""
+        key = (id(ss), "dst", i)
+        if key not in self.keys:
+            self.keys[key] = _keys([(s.ins[i], s.grads[i]) for s in ss])
+        return self.keys[key]
 
     def choices(self, graph: OpGraph, sigs: dict[str, list[Signature]], index: dict[str, int],
                 src: str, dst: str, i: int, copies: int, mem_copies: float = -1.0,
@@ -309,11 +328,8 @@ class _EdgeCoster:
         shape = self.mesh.shape
         # a ZeRO-3 parameter is its own producer key: gathered twice, no copy kept; with
         # accumulated gradients, so is a divided gradient's (ZeRO-2)
-        src_key, src_vals = _keys([(s.out, s.zero == ZERO_REGATHER,
-                                    grad_fraction(s, shape) if grad_copies >= 0 else 1.0,
-                                    zero_axes(s, shape))
-                                   for s in sigs[src]])
-        dst_key, dst_vals = _keys([(s.ins[i], s.grads[i]) for s in sigs[dst]])
+        src_key, src_vals = self._src_keys(sigs[src], grad_copies >= 0)
+        dst_key, dst_vals = self._dst_keys(sigs[dst], i)
         nbytes = graph[src].out.nbytes
         saves = graph[dst].target in SAVES_INPUTS
         mkey = (tuple(src_vals), tuple(dst_vals))

@@ -127,15 +127,12 @@ def solve_lp_first(milp, backend: str, time_limit_s: float | None,
         # the fixed columns leave the model: solvers' presolve would spend seconds on them
         milp = dataclasses.replace(restrict_columns(milp, keep),
                                    incumbent_near=lp.objective >= cutoff * (1 - NEAR_CUTOFF))
-    if time_limit_s is not None:
-        time_limit_s = max(time_limit_s - (time.perf_counter() - t0), 1e-3)
-    r = None
-    if branch:
-        r = branch_and_bound(milp, mip_rel_gap, time_limit_s)
-        if r is None and time_limit_s is not None:
-            time_limit_s = max(time_limit_s - (time.perf_counter() - t0), 1e-3)
+    def left() -> float | None:
+        return None if time_limit_s is None else max(time_limit_s - (time.perf_counter() - t0),
+                                                     1e-3)
+    r = branch_and_bound(milp, mip_rel_gap, left()) if branch else None
     if r is None:
-        r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+        r = solve(milp, backend=backend, time_limit_s=left(), mip_rel_gap=mip_rel_gap)
     if r.x is not None and not keep.all():
         x = np.zeros(full.num_cols)
         x[keep] = r.x

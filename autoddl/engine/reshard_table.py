@@ -23,6 +23,7 @@ then all-reduces, then all-gathers; each kind by axis size, then index), the ord
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -62,27 +63,59 @@ def _kind(s: np.ndarray, t: np.ndarray) -> np.ndarray:
     return k
 
 
+@dataclass(frozen=True, eq=False)
+class _Pairs:
+    """What a conversion table needs of (producer, consumer) code pairs, whatever the mesh's
+    sizes: per axis the step kind and which side is split there, and the forbidden pairs."""
+
+    kinds: tuple[np.ndarray, ...]  # per axis, (A, B) step kind
+    src_split: tuple[np.ndarray, ...]  # per axis, (A, 1) or (A, B): split before the step
+    dst_split: tuple[np.ndarray, ...]  # per axis: split after it
+    bad: np.ndarray  # (A, B) forbidden (a step into P)
+    present: np.ndarray  # per kind code, whether any pair takes it on some axis
+
+
+def _pairs(src: np.ndarray, dst: np.ndarray) -> _Pairs:
+    """The mesh-independent part of converting ``src`` codes (A, 1, axes) to ``dst`` codes
+    (1, B, axes)."""
+    axes = src.shape[-1]
+    kinds = tuple(_kind(src[..., a], dst[..., a]) for a in range(axes))
+    bad = np.zeros(np.broadcast_shapes(src.shape[:-1], dst.shape[:-1]), bool)
+    present = np.zeros(_BAD + 1, bool)
+    for k in kinds:
+        bad |= k == _BAD
+        present[np.unique(k)] = True
+    return _Pairs(kinds, tuple(src[..., a] > 0 for a in range(axes)),
+                  tuple(dst[..., a] > 0 for a in range(axes)), bad, present)
+
+
 def conversion_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(seconds per byte, latency seconds, forbidden) of converting ``src`` codes (A, 1, axes)
     to ``dst`` codes (1, B, axes) on ``mesh``; broadcast to (A, B)."""
-    shape = np.broadcast_shapes(src.shape[:-1], dst.shape[:-1])
+    return _seconds(_pairs(src, dst), mesh)
+
+
+def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`conversion_seconds` of prepared pairs."""
+    shape = pairs.bad.shape
     sizes = [ax.size for ax in mesh.axes]
-    kinds = [_kind(src[..., a], dst[..., a]) for a in range(len(sizes))]
-    bad = np.zeros(shape, bool)
-    for a, k in enumerate(kinds):
-        bad |= k == _BAD
     held = np.ones(shape)
     for a, p in enumerate(sizes):
-        held = held * np.where(src[..., a] > 0, 1.0 / p, 1.0)
+        held = held * np.where(pairs.src_split[a], 1.0 / p, 1.0)
     per_byte, latency = np.zeros(shape), np.zeros(shape)
     by_size = sorted(range(len(sizes)), key=lambda a: (sizes[a], a))
     for group in _GROUPS:
         in_group = np.zeros(_BAD + 1, bool)
         in_group[list(group)] = True
+        if not (in_group & pairs.present).any():
+            continue
         for a in by_size:
-            k, p = kinds[a], sizes[a]
-            if p == 1 or not in_group[k].any():
+            k, p = pairs.kinds[a], sizes[a]
+            if p == 1:
+                continue
+            live = in_group[k]
+            if not live.any():
                 continue
             ax = mesh.axes[a]
             # per step kind (indexed by code): bytes factor and latency steps
@@ -90,14 +123,49 @@ def conversion_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh
             factor[[_A2A, _RS, _AG, _AR]] = [(p - 1) / p, (p - 1) / p, p - 1.0, 2.0 * (p - 1) / p]
             steps = np.zeros(_BAD + 1)
             steps[[_A2A, _RS, _AG, _AR]] = [p, p, p, 2 * (p - 1) + 1]
-            live = in_group[k]
             per_byte += np.where(live, factor[k] * held / (ax.bandwidth_gbps * 1e9), 0.0)
             latency += np.where(live, steps[k] * ax.latency_s, 0.0)
             # the step changes the held piece by p (S -> B, gather) or 1/p (B/P -> S)
-            ratio = np.where(src[..., a] > 0, float(p), 1.0) * np.where(dst[..., a] > 0, 1.0 / p,
-                                                                        1.0)
+            ratio = (np.where(pairs.src_split[a], float(p), 1.0)
+                     * np.where(pairs.dst_split[a], 1.0 / p, 1.0))
             held = np.where(live, held * ratio, held)
+    bad = pairs.bad
     return np.where(bad, np.inf, per_byte), np.where(bad, 0.0, latency), bad
+
+
+@dataclass(frozen=True, eq=False)
+class _EdgePairs:
+    """The mesh-independent part of :func:`unit_matrices` for one pair of placement lists."""
+
+    fwd: _Pairs
+    bwd: _Pairs
+    has_grad: np.ndarray  # (1, B)
+    ins_split: np.ndarray  # (1, B, axes): the consumer's input split on each axis
+    same: np.ndarray  # (A, B): no conversion
+
+
+#: :class:`_EdgePairs` by (producer placements, consumer placements), shared by every mesh of
+#: this process with as many axes; cleared past _EDGE_PAIRS_MAX entries
+_EDGE_PAIRS: dict[tuple, _EdgePairs] = {}
+_EDGE_PAIRS_MAX = 5000
+
+
+def _edge_pairs(src_vals: Sequence[Placement],
+                dst_vals: Sequence[tuple[Placement, Placement | None]], n_axes: int) -> _EdgePairs:
+    key = (tuple(src_vals), tuple(dst_vals), n_axes)
+    got = _EDGE_PAIRS.get(key)
+    if got is None:
+        out = _codes(src_vals, n_axes)[:, None, :]
+        ins = _codes([d[0] for d in dst_vals], n_axes)[None, :, :]
+        grads = _codes([d[1] for d in dst_vals], n_axes)[None, :, :]
+        target = _codes([tuple(grad_target(p) for p in s) for s in src_vals], n_axes)[:, None, :]
+        if len(_EDGE_PAIRS) >= _EDGE_PAIRS_MAX:
+            _EDGE_PAIRS.clear()
+        got = _EDGE_PAIRS[key] = _EdgePairs(
+            _pairs(out, ins), _pairs(np.where(grads == -2, target, grads), target),
+            np.array([d[1] is not None for d in dst_vals])[None, :], ins > 0,
+            np.all(out == ins, axis=-1))
+    return got
 
 
 def unit_matrices(src_vals: Sequence[Placement],
@@ -106,18 +174,12 @@ def unit_matrices(src_vals: Sequence[Placement],
     """(fwd s/byte, fwd latency s, bwd s/byte, bwd latency s, memory fraction) of every pair of
     producer output placement and consumer (input placement, gradient placement); forward
     inf where the conversion is forbidden, backward 0 where there is no gradient."""
-    n_axes = len(mesh.axes)
-    out = _codes(src_vals, n_axes)[:, None, :]
-    ins = _codes([d[0] for d in dst_vals], n_axes)[None, :, :]
-    grads = _codes([d[1] for d in dst_vals], n_axes)[None, :, :]
-    target = _codes([tuple(grad_target(p) for p in s) for s in src_vals], n_axes)[:, None, :]
-    fb, fl, bad = conversion_seconds(out, ins, mesh)
-    has_grad = np.array([d[1] is not None for d in dst_vals])[None, :]
-    bb, bl, bbad = conversion_seconds(np.where(grads == -2, target, grads), target, mesh)
-    keep = has_grad & ~bad & ~bbad  # a forbidden backward conversion is costed as none
+    pairs = _edge_pairs(src_vals, dst_vals, len(mesh.axes))
+    fb, fl, bad = _seconds(pairs.fwd, mesh)
+    bb, bl, bbad = _seconds(pairs.bwd, mesh)
+    keep = pairs.has_grad & ~bad & ~bbad  # a forbidden backward conversion is costed as none
     bb, bl = np.where(keep, bb, 0.0), np.where(keep, bl, 0.0)
     sizes = np.array([ax.size for ax in mesh.axes], float)
-    frac_in = np.prod(np.where(ins > 0, 1.0 / sizes, 1.0), axis=-1)
-    same = np.all(out == ins, axis=-1)
-    frac = np.where(same, 0.0, np.broadcast_to(frac_in, same.shape))
+    frac_in = np.prod(np.where(pairs.ins_split, 1.0 / sizes, 1.0), axis=-1)
+    frac = np.where(pairs.same, 0.0, np.broadcast_to(frac_in, pairs.same.shape))
     return fb, fl, bb, bl, np.where(bad, 0.0, frac)

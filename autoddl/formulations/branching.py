@@ -111,7 +111,8 @@ class _LP:
         x None when infeasible; finished False when the time limit stopped it."""
         h = self.h
         h.changeColsBounds(len(upper), self.all_cols, self.milp.col_lower, upper)
-        h.setOptionValue("time_limit", max(float(time_limit_s), 1e-3))
+        # HiGHS compares its limit with the run clock of the object, which adds up over runs
+        h.setOptionValue("time_limit", h.getRunTime() + max(float(time_limit_s), 1e-3))
         h.run()
         self.solves += 1
         if h.getModelStatus() != self.optimal:
@@ -207,7 +208,8 @@ def branch_and_bound(milp: MILP, mip_rel_gap: float, time_limit_s: float | None 
     lp = _LP(milp)
     best_x, best_obj, low = None, INF, INF  # incumbent; least bound of pruned leaves
     heap: list[tuple[float, int, _Node]] = [(-INF, 0, _Node(-INF, np.zeros(0, np.int64)))]
-    tick, next_dive = 1, 0
+    # a model cut off near its LP bound is mostly a proof: no plan to dive for at the root
+    tick, next_dive = 1, DIVE_EVERY if milp.incumbent_near else 0
     while heap:
         bound, _, node = heapq.heappop(heap)
         if bound >= best_obj * (1 - mip_rel_gap):
