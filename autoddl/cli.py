@@ -185,8 +185,9 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
                    help="fail on an operator without a sharding rule instead of running it "
                         "replicated (listed in the plan)")
     p.add_argument("--backend", default=None,
-                   help="solver backend (default: ortools-cbc, the fastest measured; see "
-                        "`autoddl backends`)")
+                   help="MILP solver backend (see `autoddl backends`); default: autoddl's "
+                        "LP branch and bound on HiGHS, then ortools-cbc (highs above 5,000 "
+                        "variables) where it gives up; a named backend solves every MILP itself")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds for the whole search; the best plan found is returned with "
                         "its proven gap")
