@@ -190,6 +190,15 @@ def fallback_line(plan: Plan) -> str:
     return f"\nreplicated (no sharding rule): {sum(ops.values())} op(s): {listed}"
 
 
+def repeat_line(plan: Plan) -> list[str]:
+    """The scope of a plan's proof when its repeated layers were solved once (none otherwise)."""
+    rep = plan.model.get("repeat")
+    if not rep or rep["layers"] < 3:
+        return []
+    return [f"         (optimal among plans whose {rep['layers'] - 2} middle "
+            f"{rep['container']} layers share one strategy)"]
+
+
 def summary(plan: Plan) -> str:
     """A short human-readable table of a plan: mesh, cost by axis and kind, memory, solver."""
     c, m, s = plan.cost, plan.memory, plan.solver
@@ -212,6 +221,7 @@ def summary(plan: Plan) -> str:
         f"mesh     {axes}" + (" (each stage)" if plan.pipeline else "") + pipe,
         f"solver   {s['backend']}: {s['status']}, objective {format_seconds(s['objective'])}, "
         f"gap {gap}, {s['time_s']:.2f} s over {len(plan.candidates)} candidate(s)",
+        *repeat_line(plan),
         "",
         f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
         f"{'  total (objective)':<28}{format_seconds(c['total_s']):>14}",

@@ -6,8 +6,10 @@ the prefix (before the first block), the **first** block, one **mid** block stan
 times; the edge pattern from block i to block i+1 appears once first→mid, once mid→last and, as
 an extra edge from the mid block to itself, L−3 times. The first and last blocks (next to the
 embedding and the head, or to a stage boundary) may therefore take other strategies than the
-middle ones; the middle blocks share one (the reduction's assumption, checked against the
-unreduced optimum in the tests). Nodes get canonical names (``first/7``, ``mid/7``,
+middle ones; the middle blocks share one. That is the reduction's assumption: without a
+memory cap that binds it gives the unreduced optimum (tests/test_repeat.py); under one, the
+unreduced problem may mix strategies over the middle blocks and be cheaper
+(experiments/results/repeat_memory.md: up to 0.46 % on a 5-layer GPT). Nodes get canonical names (``first/7``, ``mid/7``,
 ``pre/embedding``, ``post/3``), so the reduced graph is the same whether it came from a capture
 of all L layers or of three.
 """
