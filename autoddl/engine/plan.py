@@ -195,8 +195,8 @@ def repeat_line(plan: Plan) -> list[str]:
     rep = plan.model.get("repeat")
     if not rep or rep["layers"] < 3:
         return []
-    return [f"         (optimal among plans whose {rep['layers'] - 2} middle "
-            f"{rep['container']} layers share one strategy)"]
+    return [f"         (optimal among plans whose {rep['layers'] - 2} middle layers of "
+            f"`{rep['container']}` share one strategy)"]
 
 
 def summary(plan: Plan) -> str:
