@@ -167,7 +167,7 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
             log(f"screening {done}/{len(jobs)} candidates")
 
     seeds = seed_jobs(jobs)
-    rest = [i for i in range(len(jobs)) if i not in set(seeds)]
+    rest = sorted(set(range(len(jobs))) - set(seeds))
     phases = [seeds, rest] if seeds else [rest]
 
     def prune_at() -> float:
@@ -177,37 +177,32 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
                if out[i] is not None and out[i][0]["heuristic"] is not None]
         return min(ubs) * (1 - gap) - 1e-15 if ubs else INF
 
+    def here(ids: list[int], cut: float):
+        """Screen in this process, lazily, keeping what was built."""
+        for i in ids:
+            prep = jobs[i].build()
+            if built is not None:
+                built[i] = prep
+            yield _bound(i, prep, cut)
+
+    parallel = workers > 1 and len(jobs) >= 8 and "fork" in mp.get_all_start_methods()
+    pool = mp.get_context("fork").Pool(workers) if parallel else None
     try:
-        if workers > 1 and len(jobs) >= 8 and "fork" in mp.get_all_start_methods():
-            with mp.get_context("fork").Pool(workers) as pool:
-                for phase, ids in enumerate(phases):
-                    cut = prune_at() if phase else INF
-                    results = pool.imap_unordered(_screen, [(i, cut) for i in ids])
-                    if meanwhile is not None and phase == len(phases) - 1:
-                        meanwhile(out, cut)
-                    for i, rec, choice in results:
-                        out[i] = (rec, choice)
-                        done += 1
-                        report()
-                        if time.perf_counter() > deadline:
-                            pool.terminate()
-                            return out
-        else:
-            for phase, ids in enumerate(phases):
-                cut = prune_at() if phase else INF
-                if meanwhile is not None and phase == len(phases) - 1:
-                    meanwhile(out, cut)
-                for i in ids:
-                    if time.perf_counter() > deadline:
-                        return out
-                    prep = jobs[i].build()
-                    if built is not None:
-                        built[i] = prep
-                    _, rec, choice = _bound(i, prep, cut)
-                    out[i] = (rec, choice)
-                    done += 1
-                    report()
+        for phase, ids in enumerate(phases):
+            cut = prune_at() if phase else INF
+            results = (pool.imap_unordered(_screen, [(i, cut) for i in ids]) if pool
+                       else here(ids, cut))  # the pool starts at once, ``here`` when iterated
+            if meanwhile is not None and phase == len(phases) - 1:
+                meanwhile(out, cut)
+            for i, rec, choice in results:
+                out[i] = (rec, choice)
+                done += 1
+                report()
+                if time.perf_counter() > deadline:
+                    return out
     finally:
+        if pool is not None:
+            pool.terminate()
         _JOBS = []
     return out
 

@@ -89,20 +89,20 @@ def _pairs(src: np.ndarray, dst: np.ndarray) -> _Pairs:
                   tuple(dst[..., a] > 0 for a in range(axes)), bad, present)
 
 
-def conversion_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(seconds per byte, latency seconds, forbidden) of converting ``src`` codes (A, 1, axes)
-    to ``dst`` codes (1, B, axes) on ``mesh``; broadcast to (A, B)."""
-    return _seconds(_pairs(src, dst), mesh)
-
-
 def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`conversion_seconds` of prepared pairs."""
+    """(seconds per byte, latency seconds, forbidden) of the conversions of ``pairs`` on
+    ``mesh``, each (A, B)."""
     shape = pairs.bad.shape
     sizes = [ax.size for ax in mesh.axes]
     held = np.ones(shape)
     for a, p in enumerate(sizes):
         held = held * np.where(pairs.src_split[a], 1.0 / p, 1.0)
+    # per axis and step kind (indexed by code): bytes factor and latency steps
+    factor = np.zeros((len(sizes), _BAD + 1))
+    steps = np.zeros((len(sizes), _BAD + 1))
+    for a, p in enumerate(sizes):
+        factor[a, [_A2A, _RS, _AG, _AR]] = [(p - 1) / p, (p - 1) / p, p - 1.0, 2.0 * (p - 1) / p]
+        steps[a, [_A2A, _RS, _AG, _AR]] = [p, p, p, 2 * (p - 1) + 1]
     per_byte, latency = np.zeros(shape), np.zeros(shape)
     by_size = sorted(range(len(sizes)), key=lambda a: (sizes[a], a))
     for group in _GROUPS:
@@ -118,13 +118,8 @@ def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndar
             if not live.any():
                 continue
             ax = mesh.axes[a]
-            # per step kind (indexed by code): bytes factor and latency steps
-            factor = np.zeros(_BAD + 1)
-            factor[[_A2A, _RS, _AG, _AR]] = [(p - 1) / p, (p - 1) / p, p - 1.0, 2.0 * (p - 1) / p]
-            steps = np.zeros(_BAD + 1)
-            steps[[_A2A, _RS, _AG, _AR]] = [p, p, p, 2 * (p - 1) + 1]
-            per_byte += np.where(live, factor[k] * held / (ax.bandwidth_gbps * 1e9), 0.0)
-            latency += np.where(live, steps[k] * ax.latency_s, 0.0)
+            per_byte += np.where(live, factor[a, k] * held / (ax.bandwidth_gbps * 1e9), 0.0)
+            latency += np.where(live, steps[a, k] * ax.latency_s, 0.0)
             # the step changes the held piece by p (S -> B, gather) or 1/p (B/P -> S)
             ratio = (np.where(pairs.src_split[a], float(p), 1.0)
                      * np.where(pairs.dst_split[a], 1.0 / p, 1.0))

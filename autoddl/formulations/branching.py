@@ -31,9 +31,9 @@ model to a general MILP solver. This module imports HiGHS (``highspy``) lazily, 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -71,36 +71,22 @@ def one_hot_groups(milp: MILP) -> list[np.ndarray] | None:
     return [g for g in np.split(c, cuts) if len(g)]
 
 
-@dataclass
-class _Node:
-    bound: float
-    fixed: np.ndarray  # columns at zero in this node (beyond the model's own bounds)
-
-
 class _LP:
     """The LP relaxation in one HiGHS object, re-solved warm after bound changes."""
 
     def __init__(self, milp: MILP) -> None:
         import highspy
 
-        from autoddl.formulations.backends._common import compress, objective_scale
-        from autoddl.formulations.backends._highs import configure, new_highs
+        from autoddl.formulations.backends._common import objective_scale
+        from autoddl.formulations.backends._highs import configure, new_highs, pass_model
 
         self.milp = milp
         self.scale = objective_scale(milp.c)
-        csc = compress(milp, "col")
         self.h = h = new_highs()
         configure(h, None, 0.0)
         h.setOptionValue("presolve", "off")  # see _highs.tune: a pure LP runs unpresolved
-        f64 = np.float64
-        h.passModel(milp.num_cols, milp.num_rows, csc.nnz, 1, 1, 0.0,
-                    np.ascontiguousarray(milp.c * self.scale, dtype=f64),
-                    np.ascontiguousarray(milp.col_lower, dtype=f64),
-                    np.ascontiguousarray(milp.col_upper, dtype=f64),
-                    np.ascontiguousarray(milp.row_lower, dtype=f64),
-                    np.ascontiguousarray(milp.row_upper, dtype=f64),
-                    csc.start[:-1].astype(np.int32), csc.index.astype(np.int32),
-                    csc.value.astype(f64), np.zeros(milp.num_cols, np.int32))
+        pass_model(h, dataclasses.replace(milp, integrality=np.zeros_like(milp.integrality)),
+                   self.scale)
         self.optimal = highspy.HighsModelStatus.kOptimal
         self.all_cols = np.arange(milp.num_cols, dtype=np.int32)
         self.solves = 0
@@ -123,25 +109,22 @@ class _LP:
         return (value, np.array(sol.col_value), np.array(sol.row_dual) / self.scale, True)
 
 
-def _branch(milp: MILP, groups: list[np.ndarray], x: np.ndarray, duals: np.ndarray,
+def _branch(groups: list[np.ndarray], x: np.ndarray, duals: np.ndarray,
             ineq_rows: np.ndarray, row_coef: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The two column sets the children fix at zero (a partition of one fractional group)."""
     best, best_score = None, -1.0
-    frac_groups = []
-    for g in groups:
-        v = x[g]
-        if np.any((v > INTEGRALITY_TOL) & (v < 1 - INTEGRALITY_TOL)):
-            frac_groups.append(g)
-            support = v > INTEGRALITY_TOL
-            for k, r in enumerate(ineq_rows):
-                if duals[r] == 0.0:
-                    continue
-                a = row_coef[k][g]
-                spread = float(a[support].max() - a[support].min())
-                score = abs(float(duals[r])) * spread
-                if score > best_score and spread > 0:
-                    best, best_score = (g, a, a[support]), score
+    frac_groups = _fractional(groups, x)
     assert frac_groups, "branching on an integral LP solution"
+    for g in frac_groups:
+        support = x[g] > INTEGRALITY_TOL
+        for k, r in enumerate(ineq_rows):
+            if duals[r] == 0.0:
+                continue
+            a = row_coef[k][g]
+            spread = float(a[support].max() - a[support].min())
+            score = abs(float(duals[r])) * spread
+            if score > best_score and spread > 0:
+                best, best_score = (g, a, a[support]), score
     if best is not None:
         g, a, sup = best
         t = 0.5 * (float(sup.min()) + float(sup.max()))
@@ -189,9 +172,9 @@ def branch_and_bound(milp: MILP, mip_rel_gap: float, time_limit_s: float | None 
                      max_lps: int = MAX_LPS) -> SolveResult | None:
     """Solve ``milp`` by LP branch and bound over its one-hot groups (module docstring); None
     when it has no such structure, HiGHS is missing, or the search gives up."""
-    import importlib.util
+    from autoddl.formulations.backends._highs import HighsBackend
 
-    if importlib.util.find_spec("highspy") is None:
+    if not HighsBackend().available():
         return None
     groups = one_hot_groups(milp)
     if groups is None:
@@ -207,11 +190,13 @@ def branch_and_bound(milp: MILP, mip_rel_gap: float, time_limit_s: float | None 
         row_coef.append(a)
     lp = _LP(milp)
     best_x, best_obj, low = None, INF, INF  # incumbent; least bound of pruned leaves
-    heap: list[tuple[float, int, _Node]] = [(-INF, 0, _Node(-INF, np.zeros(0, np.int64)))]
+    # open nodes: (parent's LP bound, tie-break, the columns the node fixes at zero beyond the
+    # model's own bounds)
+    heap: list[tuple[float, int, np.ndarray]] = [(-INF, 0, np.zeros(0, np.int64))]
     # a model cut off near its LP bound is mostly a proof: no plan to dive for at the root
     tick, next_dive = 1, DIVE_EVERY if milp.incumbent_near else 0
     while heap:
-        bound, _, node = heapq.heappop(heap)
+        bound, _, fixed = heapq.heappop(heap)
         if bound >= best_obj * (1 - mip_rel_gap):
             low = min(low, bound)
             continue
@@ -219,7 +204,7 @@ def branch_and_bound(milp: MILP, mip_rel_gap: float, time_limit_s: float | None 
         if lp.solves >= max_lps or remaining <= 0:
             return None
         upper = milp.col_upper.copy()
-        upper[node.fixed] = 0.0
+        upper[fixed] = 0.0
         z, x, duals, finished = lp.solve(upper, remaining)
         if not finished:
             return None
@@ -243,8 +228,8 @@ def branch_and_bound(milp: MILP, mip_rel_gap: float, time_limit_s: float | None 
             if z >= best_obj * (1 - mip_rel_gap):
                 low = min(low, z)
                 continue
-        for part in _branch(milp, groups, x, duals, ineq_rows, row_coef):
-            heapq.heappush(heap, (z, tick, _Node(z, np.concatenate([node.fixed, part]))))
+        for part in _branch(groups, x, duals, ineq_rows, row_coef):
+            heapq.heappush(heap, (z, tick, np.concatenate([fixed, part])))
             tick += 1
     elapsed = time.perf_counter() - t0
     name = "highs (LP branch and bound)"

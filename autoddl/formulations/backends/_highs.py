@@ -106,6 +106,23 @@ def tune(h: Any, milp: MILP) -> None:
             h.setOptionValue(name, False)
 
 
+def pass_model(h: Any, milp: MILP, scale: float, csc: Any = None) -> Any:
+    """Hand ``milp`` to ``h`` in one ``passModel`` call (canonical CSC arrays, objective times
+    ``scale``); returns HiGHS' status."""
+    csc = csc if csc is not None else compress(milp, "col")
+    f64 = np.float64
+    return h.passModel(
+        milp.num_cols, milp.num_rows, csc.nnz, _COLWISE, _MINIMIZE, 0.0,
+        np.ascontiguousarray(milp.c * scale, dtype=f64),
+        np.ascontiguousarray(milp.col_lower, dtype=f64),
+        np.ascontiguousarray(milp.col_upper, dtype=f64),
+        np.ascontiguousarray(milp.row_lower, dtype=f64),
+        np.ascontiguousarray(milp.row_upper, dtype=f64),
+        csc.start[:-1].astype(np.int32), csc.index.astype(np.int32), csc.value.astype(f64),
+        milp.integrality.astype(np.int32),
+    )
+
+
 def highs_outcome(h: Any, milp: MILP) -> tuple[SolveStatus, bool, float | None, str]:
     """Read a solved ``Highs`` object: (status, whether a primal solution exists, bound, message).
 
@@ -159,18 +176,8 @@ class HighsBackend(Backend):
         h = new_highs()
         configure(h, time_limit_s, mip_rel_gap)
         tune(h, milp)
-        f64 = np.float64
         scale = objective_scale(milp.c)
-        rc = h.passModel(
-            milp.num_cols, milp.num_rows, csc.nnz, _COLWISE, _MINIMIZE, 0.0,
-            np.ascontiguousarray(milp.c * scale, dtype=f64),
-            np.ascontiguousarray(milp.col_lower, dtype=f64),
-            np.ascontiguousarray(milp.col_upper, dtype=f64),
-            np.ascontiguousarray(milp.row_lower, dtype=f64),
-            np.ascontiguousarray(milp.row_upper, dtype=f64),
-            csc.start[:-1].astype(np.int32), csc.index.astype(np.int32), csc.value.astype(f64),
-            milp.integrality.astype(np.int32),
-        )
+        rc = pass_model(h, milp, scale, csc)
         import highspy
 
         if rc == highspy.HighsStatus.kError:
