@@ -178,8 +178,10 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
         return min(ubs) * (1 - gap) - 1e-15 if ubs else INF
 
     def here(ids: list[int], cut: float):
-        """Screen in this process, lazily, keeping what was built."""
+        """Screen in this process, lazily, keeping what was built; none past the deadline."""
         for i in ids:
+            if time.perf_counter() > deadline:
+                return
             prep = jobs[i].build()
             if built is not None:
                 built[i] = prep
