@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from autoddl.errors import UserError
+from autoddl.errors import Terminated, UserError, raise_on_sigterm
 
 
 class Progress:
@@ -62,10 +62,17 @@ def _workload(a: argparse.Namespace):
                          balance_eps=a.balance_eps)
 
 
+def _inputs(a: argparse.Namespace) -> list[str]:
+    """The files a planning command reads (its model file, its cluster file): never outputs."""
+    return [a.model.partition(":")[0], a.cluster]
+
+
 def _plan(a: argparse.Namespace) -> int:
     from autoddl.engine.plan import save_plan, summary
+    from autoddl.files import check_output
 
     t0 = time.perf_counter()
+    a.output = str(check_output(a.output, "-o", _inputs(a)))  # before the work, not after
     progress = Progress(a.verbose)
     progress(f"capturing {a.model}")
     try:
@@ -112,6 +119,10 @@ def _show(a: argparse.Namespace) -> int:
     from autoddl.engine.plan import load_plan, summary
     from autoddl.engine.show import layer_table, plot_plan
 
+    from autoddl.files import check_output
+
+    if a.plot is not None:
+        a.plot = str(check_output(a.plot, "--plot", [a.plan]))
     plan = load_plan(a.plan)
     print(summary(plan))
     print()
@@ -123,14 +134,17 @@ def _show(a: argparse.Namespace) -> int:
 
 
 def _compare(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from autoddl.engine.compare import compare, plot, table, to_json
 
     t0 = time.perf_counter()
-    for opt, path in (("--json", a.json), ("--plot", a.plot)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"{opt}: folder {str(Path(path).parent)!r} does not exist")
+    from autoddl.files import check_output, write_text_atomic
+
+    if a.json is not None:
+        a.json = str(check_output(a.json, "--json", _inputs(a)))
+    if a.plot is not None:
+        a.plot = str(check_output(a.plot, "--plot", _inputs(a)))
+        if a.plot == a.json:
+            raise UserError(f"--plot and --json both name {a.plot!r}; give two files")
     if a.plot:
         from autoddl.engine.compare import pyplot
         pyplot()  # a missing matplotlib fails before the search, not after
@@ -142,8 +156,8 @@ def _compare(a: argparse.Namespace) -> int:
           " + pipeline bubble per step, under one cost model\n")
     print(table(rows))
     if a.json:
-        Path(a.json).write_text(to_json(rows, {"model": work.spec_text,
-                                               "cluster": work.cluster.spec}) + "\n")
+        write_text_atomic(a.json, to_json(rows, {"model": work.spec_text,
+                                                 "cluster": work.cluster.spec}) + "\n")
         print(f"\nrows written to {a.json}")
     if a.plot:
         plot(rows, a.plot, title)
@@ -237,12 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=1)
     r.add_argument("--check", action="store_true",
                    help="compare loss and gradients with a single-process run")
-    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the saved one with --resume, else 1e-3)")
     r.add_argument("--tol", type=float, default=1e-5)
     r.add_argument("--save", default=None, metavar="DIR",
-                   help="write the training state (per-rank state dicts) to DIR after every step")
+                   help="save the training state into DIR after every step (DIR/step-N, "
+                        "torch distributed checkpoint; the newest complete step is kept)")
     r.add_argument("--resume", default=None, metavar="DIR",
-                   help="start from the state saved in DIR (by --save), running --steps more")
+                   help="start from the newest complete step saved in DIR (by --save), running "
+                        "--steps more; the plan may place the state differently")
     r.set_defaults(fn=_run)
 
     from autoddl.runtime.calibrate import (DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES,
@@ -282,17 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line (an error message never spans several)."""
+    return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``autoddl`` command."""
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with raise_on_sigterm():
+            return args.fn(args)
     except UserError as exc:
-        print(f"autoddl: error: {exc}", file=sys.stderr)
+        print(f"autoddl: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("autoddl: interrupted", file=sys.stderr)
+        print("autoddl: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
+    except Terminated:
+        print("autoddl: terminated; every process it started is stopped", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

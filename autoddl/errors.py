@@ -7,6 +7,10 @@ with code 2. Internal invariants use ``assert``; anything else escaping is a bug
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from typing import Iterator
+
 
 class UserError(ValueError):
     """A problem in the user's input, with a message that names the problem and the fix."""
@@ -26,3 +30,30 @@ class SolverError(UserError):
 
 #: a rank's exit code when ``autoddl run --check`` found a mismatch (the run itself went through)
 CHECK_FAILED = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (:func:`raise_on_sigterm`): unwinds like Ctrl-C's KeyboardInterrupt, so
+    every ``finally`` runs (temporary files removed, child processes stopped)."""
+
+
+@contextlib.contextmanager
+def raise_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread of this process
+    (a forked child that inherits the handler dies of the signal as usual)."""
+    import os
+
+    owner = os.getpid()
+
+    def on_term(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

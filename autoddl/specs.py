@@ -55,9 +55,11 @@ def as_int(params: Mapping[str, str], key: str, default: int, what: str, minimum
 
 
 def as_float(
-    params: Mapping[str, str], key: str, default: float, what: str, positive: bool = True
+    params: Mapping[str, str], key: str, default: float, what: str, positive: bool = True,
+    bounds: tuple[float, float] | None = None,
 ) -> float:
-    """Read a float parameter ``key`` (positive and finite unless told), or ``default``."""
+    """Read a float parameter ``key`` (positive and finite unless told; within ``bounds``, both
+    included, if given), or ``default``."""
     if key not in params:
         return default
     raw = params[key]
@@ -69,4 +71,9 @@ def as_float(
         raise UserError(f"{what}: {key}={raw!r} must be finite")
     if positive and value <= 0:
         raise UserError(f"{what}: {key}={raw!r} must be positive")
+    if bounds is not None and value < bounds[0]:
+        raise UserError(f"{what}: {key}={raw!r} must be >= {bounds[0]:g}")
+    if bounds is not None and value > bounds[1]:
+        raise UserError(f"{what}: {key}={raw!r} is above the plausible maximum {bounds[1]:g}; "
+                        "check the value and its unit")
     return value

@@ -144,6 +144,9 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
             f"the model's forward returns a tensor of shape {list(graph[loss].out.shape)}; "
             "it must return the scalar training loss"
         )
+    if not graph[loss].out.is_float:
+        raise UserError(f"the model's forward returns a loss of dtype {graph[loss].out.dtype}; "
+                        "it must return a floating-point loss that backward can differentiate")
     return graph
 
 

@@ -103,6 +103,24 @@ def _finite(v: float) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+#: plausible figures of one device (both ends included); a value outside is a typo or a unit
+#: slip, and would overflow the cost model's arithmetic. Bandwidth in GB/s, latency in s.
+BANDWIDTH_RANGE_GBPS = (1e-6, 1e6)
+LATENCY_MAX_S = 1.0
+MEMORY_RANGE_BYTES = (1, 1 << 50)  # up to 1 PiB per device
+PEAK_FLOPS_RANGE = (1e6, 1e18)  # 1 MFLOP/s to 1 EFLOP/s per device
+#: devices in one cluster (the largest built have about 10**5 GPUs)
+MAX_DEVICES = 1 << 17
+
+
+def _check_range(where: str, key: str, value: float, low: float, high: float,
+                 unit: str = "") -> None:
+    """:class:`UserError` unless ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise UserError(f"{where}: {key}={value!r} is outside the plausible range "
+                        f"[{low:g}, {high:g}]{unit}; check the value and its unit")
+
+
 @dataclass(frozen=True)
 class Link:
     """One kind of link: bandwidth per device per direction (GB/s) and latency per message (s)."""
@@ -116,6 +134,8 @@ class Link:
             raise UserError(f"link bandwidth_gbps={self.bandwidth_gbps!r} must be a positive number")
         if not (_is_number(self.latency_s) and _finite(self.latency_s) and self.latency_s >= 0):
             raise UserError(f"link latency_s={self.latency_s!r} must be a number >= 0")
+        _check_range("link", "bandwidth_gbps", self.bandwidth_gbps, *BANDWIDTH_RANGE_GBPS)
+        _check_range("link", "latency_s", self.latency_s, 0.0, LATENCY_MAX_S)
 
     @property
     def bandwidth_bytes_per_s(self) -> float:
@@ -254,7 +274,15 @@ class Cluster:
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise UserError(f"cluster {self.name!r}: {key}={v!r} must be a positive integer")
         if not (_is_number(self.peak_flops) and _finite(self.peak_flops) and self.peak_flops > 0):
-            raise UserError(f"cluster {self.name!r}: peak_flops={self.peak_flops!r} must be positive")
+            raise UserError(f"cluster {self.name!r}: peak_flops={self.peak_flops!r} must be a "
+                            "positive finite number")
+        where = f"cluster {self.name!r}"
+        _check_range(where, "peak_flops", self.peak_flops, *PEAK_FLOPS_RANGE, " FLOP/s")
+        _check_range(where, "memory_per_device_bytes", self.memory_per_device_bytes,
+                     *MEMORY_RANGE_BYTES)
+        if self.nodes * self.devices_per_node > MAX_DEVICES:
+            raise UserError(f"{where}: {self.nodes} x {self.devices_per_node} devices is more "
+                            f"than {MAX_DEVICES:,}; check nodes and devices per node")
         if self.device_type not in DEVICE_TYPES:
             raise UserError(
                 f"cluster {self.name!r}: device_type {self.device_type!r} is unknown; "
@@ -429,18 +457,24 @@ def _parse_preset(spec: str) -> Cluster:
     else:
         nodes = as_int(params, "nodes", 1, what)
         per_node = as_int(params, "gpus_per_node", p.devices_per_node, what)
-    memory_gb = as_float(params, "memory_gb", p.memory_bytes / GB, what)
+    memory_gb = as_float(params, "memory_gb", p.memory_bytes / GB, what,
+                         bounds=(0.0, MEMORY_RANGE_BYTES[1] / GB))
     memory_bytes = p.memory_bytes if "memory_gb" not in params else int(round(memory_gb * GB))
     if memory_bytes < 1:
         raise UserError(f"{what}: memory_gb={params['memory_gb']!r} is below one byte")
-    intra_lat = as_float(params, "intra_latency_us", p.intra_latency_us, what, positive=False)
-    inter_lat = as_float(params, "inter_latency_us", p.inter_latency_us, what, positive=False)
+    lat_us = (0.0, LATENCY_MAX_S * 1e6)
+    intra_lat = as_float(params, "intra_latency_us", p.intra_latency_us, what, positive=False,
+                         bounds=lat_us)
+    inter_lat = as_float(params, "inter_latency_us", p.inter_latency_us, what, positive=False,
+                         bounds=lat_us)
     for key, v in (("intra_latency_us", intra_lat), ("inter_latency_us", inter_lat)):
         if v < 0:
             raise UserError(f"{what}: {key}={params[key]!r} must be >= 0")
-    intra = Link(as_float(params, "intra_gbps", p.intra_gbps, what), intra_lat / 1e6)
-    inter = Link(as_float(params, "inter_gbps", p.inter_gbps, what), inter_lat / 1e6)
-    peak = as_float(params, "tflops", p.tflops, what) * 1e12
+    gbps = BANDWIDTH_RANGE_GBPS
+    intra = Link(as_float(params, "intra_gbps", p.intra_gbps, what, bounds=gbps), intra_lat / 1e6)
+    inter = Link(as_float(params, "inter_gbps", p.inter_gbps, what, bounds=gbps), inter_lat / 1e6)
+    peak = as_float(params, "tflops", p.tflops, what,
+                    bounds=(PEAK_FLOPS_RANGE[0] / 1e12, PEAK_FLOPS_RANGE[1] / 1e12)) * 1e12
 
     source = p.source
     overridden = sorted(set(params) & set(_OVERRIDES))
@@ -550,7 +584,9 @@ def _cluster_from_mapping(
     if mem_key == "memory_per_device_bytes":
         memory = r.integer(mem_key)
     else:
-        memory = int(round(r.number(mem_key, positive=True) * GB))
+        gb = r.number(mem_key, positive=True)
+        _check_range(where, mem_key, gb, 0.0, MEMORY_RANGE_BYTES[1] / GB, " GB")
+        memory = int(round(gb * GB))
         if memory < 1:
             raise UserError(f"{where}: {mem_key} is below one byte; give the memory in GB")
 
@@ -594,9 +630,22 @@ def _load_toml(text: str) -> Any:
 
 
 def _load_yaml(text: str) -> Any:
+    """YAML as plain data; a key given twice in one mapping is an error (PyYAML would keep the
+    last silently)."""
     import yaml
 
-    return yaml.safe_load(text)
+    class Strict(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice; keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Strict)
 
 
 def _first_line(exc: BaseException) -> str:

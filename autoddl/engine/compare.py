@@ -216,12 +216,15 @@ def plot(rows: list[Row], path: str | Path, title: str = "") -> None:
 
 
 def save_figure(fig, path: str | Path) -> None:
-    """Write a matplotlib figure as PNG and close it (an unwritable path is a user error)."""
+    """Write a matplotlib figure as PNG, whole or not at all, and close it (an unwritable path is
+    a user error)."""
     import matplotlib.pyplot as plt
+
+    from autoddl.files import write_atomic
 
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     except OSError as exc:
         raise UserError(f"cannot write plot {str(path)!r}: {exc.strerror}") from None
     finally:

@@ -252,6 +252,7 @@ def expand_plan(plan: Plan, graph: OpGraph) -> Plan:
 def match_plan(plan: Plan, graph: OpGraph) -> Plan:
     """Check that ``plan`` was made for ``graph`` (by graph hash) and return it written out for
     every node of the graph (plans of repeated layers name representatives only)."""
+    from autoddl.engine.plan_check import check_against_graph
     from autoddl.engine.programs import build_program
     from autoddl.errors import UserError
 
@@ -261,6 +262,7 @@ def match_plan(plan: Plan, graph: OpGraph) -> Plan:
     if rep is None:
         if graph.digest() != plan.model["graph_hash"]:
             raise UserError(stale)
+        check_against_graph(plan, graph)
         return plan
     blocks = find_blocks(graph)
     if blocks is None or blocks.count != rep["layers"]:
@@ -273,4 +275,6 @@ def match_plan(plan: Plan, graph: OpGraph) -> Plan:
         reduced = reduce_graph(graph, blocks).graph
     if reduced.digest() != plan.model["graph_hash"]:
         raise UserError(stale)
-    return expand_plan(plan, graph)
+    full = expand_plan(plan, graph)
+    check_against_graph(full, graph)
+    return full

@@ -160,7 +160,8 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
     micro-batch (default: the largest divisor of the batch up to 16)."""
     from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
     from autoddl.engine.cluster import parse_cluster
-    from autoddl.engine.models import build_model, parse_model_spec, with_layers
+    from autoddl.engine.guard import user_code
+    from autoddl.engine.models import FILE_MODEL, build_model, parse_model_spec, with_layers
 
     spec = parse_model_spec(model)
     if isinstance(cluster, str):
@@ -168,17 +169,18 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
     config = TrainingConfig(optimizer, recompute)
     if stages is not None and stages < 1:
         raise UserError(f"--stages must be at least 1, got {stages}")
-    layers = dict(spec.params).get("layers")
-    fast = layers is not None and layers > 3  # repeated layers: capture 3, plan for all
-    module, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")
-    graph = capture(module, inputs)
-    if fast and find_blocks(graph) is None:  # its layers do not repeat (an MLP's first differs)
-        fast = False
-        module, inputs = build_model(spec, "meta")
+    with user_code(f"--model {spec.text}", foreign=spec.name == FILE_MODEL):
+        layers = dict(spec.params).get("layers")
+        fast = layers is not None and layers > 3  # repeated layers: capture 3, plan for all
+        module, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")
         graph = capture(module, inputs)
-    m = microbatches or default_microbatches(inputs)
-    mb_graph = None
-    if stages != 1 and cluster.num_devices > 1 and m > 1:
-        mb_graph = capture(module, microbatch_inputs(inputs, m))
+        if fast and find_blocks(graph) is None:  # its layers do not repeat (an MLP's first)
+            fast = False
+            module, inputs = build_model(spec, "meta")
+            graph = capture(module, inputs)
+        m = microbatches or default_microbatches(inputs)
+        mb_graph = None
+        if stages != 1 and cluster.num_devices > 1 and m > 1:
+            mb_graph = capture(module, microbatch_inputs(inputs, m))
     return Workload(spec.text, graph, cluster, config, mb_graph, m, layers if fast else None,
                     balance_eps)

@@ -222,6 +222,11 @@ def build_from_file(text: str, device: torch.device) -> tuple[nn.Module, tuple]:
                             f"got {type(result).__name__}")
         model, inputs = result
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        for i, t in enumerate(inputs):
+            if not isinstance(t, torch.Tensor):
+                raise UserError(f"--model {text}: {factory}() returned example input {i} of "
+                                f"type {type(t).__name__}; every example input must be a "
+                                "tensor")
         return _moved(model, where), tuple(t.to(where) if isinstance(t, torch.Tensor) else t
                                            for t in inputs)
 

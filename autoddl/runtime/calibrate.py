@@ -72,7 +72,7 @@ import numpy as np
 from autoddl.engine.cluster import Cluster, Link, parse_cluster, write_cluster_file
 from autoddl.engine.placements import COLLECTIVES, collective_cost
 from autoddl.errors import UserError
-from autoddl.files import write_atomic
+from autoddl.files import check_output, write_atomic
 from autoddl.runtime.rank import exit_rank, run_rank
 
 if TYPE_CHECKING:
@@ -165,14 +165,10 @@ def check_options(output: str | None, nproc: int, min_bytes: int, max_bytes: int
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if output is not None:
-        path = Path(output)
-        if path.suffix.lower() != ".toml":
+        if Path(output).suffix.lower() != ".toml":
             raise UserError(f"--output {output!r}: calibrate writes TOML; name the file *.toml")
-        if not path.resolve().parent.is_dir():
-            raise UserError(f"--output: folder {str(path.parent)!r} does not exist; "
-                            "create it first")
-        if path.is_dir():
-            raise UserError(f"--output {output!r} is a folder; give a file name ending in .toml")
+        check_output(output, "--output")
+        check_output(csv_path(output), "--output (its calibration table)", [output])
     if min_bytes < _ELEMENT:
         raise UserError(f"--min-bytes must be at least {_ELEMENT} (one float32), got {min_bytes}")
     if max_bytes < min_bytes:

@@ -10,14 +10,21 @@ reported, and returns 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 from autoddl.engine.plan import load_plan
-from autoddl.errors import CHECK_FAILED, UserError
+from autoddl.errors import CHECK_FAILED, Terminated, UserError, raise_on_sigterm
+from autoddl.runtime import checkpoint
+from autoddl.runtime.rank import JOB_DIR_ENV, die_with_parent
 
 #: one failure block of torchrun's summary: "rank : 1 (local_rank: 1)" then "exitcode : -9"
 _RANK_FAIL = re.compile(r"^\s*rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
@@ -34,10 +41,11 @@ def torchrun_command(module: str, nproc: int, args: list[str]) -> list[str]:
 
 
 def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = False,
-           lr: float = 1e-3, tol: float = 1e-5, save: str | None = None,
+           lr: float | None = None, tol: float = 1e-5, save: str | None = None,
            resume: str | None = None) -> int:
-    """Run a plan on ``nproc`` local processes; returns the job's exit code. ``save``: a folder
-    to write the training state to after every step; ``resume``: a folder to start from."""
+    """Run a plan on ``nproc`` local processes; returns the job's exit code. ``lr``: None for
+    the saved one when resuming, else 1e-3; ``save``: a folder to save the training state into
+    after every step; ``resume``: a folder to start from (its newest complete step)."""
     plan = load_plan(plan_path)
     need = plan.num_devices
     nproc = need if nproc is None else nproc
@@ -46,16 +54,13 @@ def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = Fals
                         f"{'x'.join(map(str, plan.device_mesh_shape))}); got --nproc {nproc}")
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
-    args = ["--steps", str(steps), "--lr", repr(lr), "--tol", repr(tol)]
+    args = ["--steps", str(steps), "--tol", repr(tol)]
+    if lr is not None:
+        args += ["--lr", repr(lr)]
     if check:
         args.append("--check")
-    if resume is not None:
-        if not Path(resume).is_dir():
-            raise UserError(f"--resume: folder {resume!r} not found; give a folder written by "
-                            "`autoddl run --save`")
-        if not any(Path(resume).glob("rank*.pt")):
-            raise UserError(f"--resume: no checkpoint files (rank*.pt) found in {resume!r}; "
-                            "give a folder written by `autoddl run --save`")
+    if resume is not None:  # the ranks check again; this fails before starting them
+        checkpoint.check_resumable(checkpoint.latest(resume), plan, check)
         args += ["--resume", resume]
     if save is not None:
         if not Path(save).resolve().parent.is_dir():
@@ -67,28 +72,36 @@ def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = Fals
 
 def run_ranks(module: str, nproc: int, args: list[str], command: str) -> int:
     """Run ``module`` with ``args`` on ``nproc`` local torchrun processes; returns 0 or 1 (a rank
-    failed: reported on stderr by rank, causes first). The ranks report a user error as
-    ``<command>: error: ...`` (raised here as one :class:`UserError`) and a fault as ``<command>:
-    rank R: ...``; each rank gets ``OMP_NUM_THREADS=1`` unless it is set."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
-    proc = subprocess.run(torchrun_command(module, nproc, args), env=env,
-                          stderr=subprocess.PIPE, text=True)
-    if proc.returncode == 0:
-        return 0
-    lines = [ln.split("]:", 1)[-1].strip() if ln.startswith("[") else ln
-             for ln in proc.stderr.splitlines()]
-    user_error = f"{command}: error: "
-    own = list(dict.fromkeys(ln.split(user_error, 1)[1] for ln in lines if user_error in ln))
+    failed: reported on stderr by rank, causes first). A user error the ranks report becomes
+    one :class:`UserError`; a rank that ends with exit code 0 before its work is done (user
+    code calling ``os._exit``) is a failure. Each rank gets ``OMP_NUM_THREADS=1`` unless it is
+    set. SIGINT (Ctrl-C) or SIGTERM stops torchrun and every rank before this returns (exit
+    130 or 143, via :class:`KeyboardInterrupt` / :class:`Terminated`)."""
+    with tempfile.TemporaryDirectory(prefix="autoddl-job-") as job:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"), JOB_DIR_ENV: job}
+        returncode, stderr = _supervise(torchrun_command(module, nproc, args), env, job)
+        own = [Path(job, f"error-{r}").read_text() for r in range(nproc)
+               if Path(job, f"error-{r}").is_file()]
+        done = [r for r in range(nproc) if Path(job, f"done-{r}").is_file()]
     if own:  # the same user error on every rank, typically: one line, exit code 2
-        raise UserError("; ".join(own))
+        raise UserError("; ".join(dict.fromkeys(own)))
+    if returncode == 0 and len(done) == nproc:
+        return 0
+    if returncode == 0:
+        missing = ", ".join(str(r) for r in range(nproc) if r not in done)
+        print(f"{command}: failed: rank(s) {missing} ended with exit code 0 before finishing "
+              "(the model's code or a library called os._exit?)", file=sys.stderr)
+        return 1
+    lines = [ln.split("]:", 1)[-1].strip() if ln.startswith("[") else ln
+             for ln in stderr.splitlines()]
     rank_says = re.compile(re.escape(command) + r": rank (\d+): (.*)$")
     says: dict[int, str] = {}
     for ln in lines:
         m = rank_says.search(ln)
         if m:
             says.setdefault(int(m.group(1)), m.group(2))
-    failed = sorted({(int(r), int(c)) for r, c in _RANK_FAIL.findall(proc.stderr)
+    failed = sorted({(int(r), int(c)) for r, c in _RANK_FAIL.findall(stderr)
                      if int(c) != -15})  # -15: a peer stopped by torchrun
     failed += [(r, 1) for r in says if r not in {f for f, _ in failed}]
     if failed and all(code == CHECK_FAILED for _, code in failed):
@@ -98,9 +111,68 @@ def run_ranks(module: str, nproc: int, args: list[str], command: str) -> int:
     elif failed:
         print(f"{command}: failed: {_describe_failures(failed, says)}", file=sys.stderr)
     else:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-        print(f"{command}: failed with exit code {proc.returncode}:\n{tail}", file=sys.stderr)
+        tail = "\n".join(stderr.strip().splitlines()[-20:])
+        print(f"{command}: failed with exit code {returncode}:\n{tail}", file=sys.stderr)
     return 1
+
+
+def _supervise(cmd: list[str], env: dict[str, str], job: str) -> tuple[int, str]:
+    """Run torchrun's ``cmd`` to its end: (exit code, its stderr). On SIGINT or SIGTERM, stop
+    torchrun (which stops its ranks), kill whatever of the job is left, then re-raise."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,  # signals reach it from here only ...
+                            preexec_fn=lambda: die_with_parent(signal.SIGTERM))  # ... or death
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stderr.readline, "")),
+                              daemon=True)
+    reader.start()
+
+    try:
+        with raise_on_sigterm():
+            proc.wait()
+    except (KeyboardInterrupt, Terminated):
+        _stop_job(proc, job)
+        raise
+    reader.join(timeout=10)
+    return proc.returncode, "".join(chunks)
+
+
+#: seconds torchrun gets to stop its ranks before everything of the job is killed
+STOP_GRACE_S = 10.0
+
+
+def _stop_job(proc: subprocess.Popen, job: str) -> None:
+    """SIGTERM to torchrun, which stops its ranks; after :data:`STOP_GRACE_S`, SIGKILL to it and
+    to every process still carrying this job's folder in its environment."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + STOP_GRACE_S
+    while (left := job_processes(job)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def job_processes(job: str) -> list[int]:
+    """PIDs of live processes whose environment names job folder ``job`` (Linux ``/proc``)."""
+    needle = f"{JOB_DIR_ENV}={job}".encode()
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                stat = (entry / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":  # zombies are already dead
+                    pids.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
 
 
 def _describe_failures(failed: list[tuple[int, int]], says: dict[int, str]) -> str:

@@ -33,14 +33,57 @@ def group_timeout_s() -> float:
     return float(os.environ.get("AUTODDL_TIMEOUT_S", "300"))
 
 
+#: the launcher's folder for this job (:func:`report`); set by ``launch.run_ranks``
+JOB_DIR_ENV = "AUTODDL_JOB_DIR"
+
+
+def report(kind: str, text: str = "") -> None:
+    """Tell the launcher how this rank ended, in a file of its own (``<kind>-<rank>`` in the
+    job folder, written whole): ``done`` after the rank's work, ``error`` with a user error's
+    one line. Rank output on a shared stderr interleaves; these files do not. Without a
+    launcher (plain torchrun) nothing is written."""
+    folder = os.environ.get(JOB_DIR_ENV)
+    if not folder:
+        return
+    from autoddl.files import write_text_atomic
+
+    write_text_atomic(os.path.join(folder, f"{kind}-{os.environ.get('RANK', '0')}"), text)
+
+
+def die_with_parent(signum: int = 9) -> None:
+    """Have the kernel send ``signum`` (default SIGKILL) to this process when the process that
+    started it dies, so no rank outlives torchrun and no torchrun its ``autoddl`` (Linux
+    ``PR_SET_PDEATHSIG``; a no-op elsewhere)."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signum), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
 def run_rank(command: str, body: Callable[[], int]) -> int:
     """Run one rank's ``body``: a :class:`UserError` prints ``COMMAND: error: ...`` (exit 2);
     any other exception prints its traceback and ``COMMAND: rank R: ...`` (exit 1), the lines
-    the launcher turns into its report."""
+    the launcher turns into its report; :func:`report` tells the launcher which it was. A
+    ``SystemExit`` raised by user code (a model file calling ``sys.exit``) is a user error."""
+    die_with_parent()
     try:
-        return body()
+        code = body()
     except UserError as exc:
-        print(f"{command}: error: {exc}", file=sys.stderr, flush=True)
+        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        report("error", line)
+        print(f"{command}: error: {line}", file=sys.stderr, flush=True)
+        return 2
+    except SystemExit as exc:
+        line = (f"the model's code called sys.exit({exc.code!r}) while the rank ran; "
+                "remove the call from the model file")
+        report("error", line)
+        print(f"{command}: error: {line}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:  # a fault: name the rank, keep the traceback for the log
         traceback.print_exc()
@@ -48,6 +91,8 @@ def run_rank(command: str, body: Callable[[], int]) -> int:
         print(f"{command}: rank {rank}: {type(exc).__name__}: {exc}".splitlines()[0],
               file=sys.stderr, flush=True)
         return 1
+    report("done")
+    return code
 
 
 def exit_rank(code: int) -> None:

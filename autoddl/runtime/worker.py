@@ -48,7 +48,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from autoddl.engine.capture import export, graph_from_export, leaf_values, microbatch_inputs
 from autoddl.engine.repeat import match_plan
 from autoddl.engine.costs import OPTIMIZER_STATES
-from autoddl.engine.models import build_model, parse_model_spec
+from autoddl.engine.guard import user_code
+from autoddl.engine.models import FILE_MODEL, build_model, parse_model_spec
 from autoddl.engine.plan import Plan, load_plan
 from autoddl.errors import CHECK_FAILED, UserError
 from autoddl.runtime import checkpoint
@@ -328,11 +329,38 @@ def inject_fault(rank: int, step: int) -> None:
     raise InjectedFault(f"injected fault at step {step} (AUTODDL_FAULT_RANK={rank})")
 
 
-def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
+def _restore(plan: Plan, params: dict[str, torch.Tensor], model: torch.nn.Module, check: bool,
+             lr: float | None, save: str | None, resume: str | None
+             ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, int,
+                        checkpoint.Saver | None]:
+    """The run's optimizers (its own over ``params``, the reference's over ``model``), its first
+    step and its saver: fresh, or resumed from the newest complete step in ``resume`` (at the
+    saved lr unless ``lr`` is given). Collective: all ranks call it."""
+    found: list = [checkpoint.latest(resume) if resume and dist.get_rank() == 0 else None]
+    if resume:  # rank 0 picks the step, so that all ranks load the same one
+        dist.broadcast_object_list(found, src=0)
+        checkpoint.check_resumable(found[0], plan, check)
+    lr_used, lr_note = checkpoint.pick_lr(found[0], lr)
+    opt = make_optimizer(plan.training["optimizer"], list(params.values()), lr_used)
+    ref_opt = make_optimizer(plan.training["optimizer"], list(model.parameters()), lr_used)
+    start = 0
+    if found[0] is not None:
+        start = checkpoint.load(found[0], params, opt, (model, ref_opt) if check else None)
+        if dist.get_rank() == 0:
+            print(f"resumed from {found[0].path} ({start} steps done)", flush=True)
+            for note in (checkpoint.resharded_note(found[0], plan), lr_note):
+                if note:
+                    print(note, flush=True)
+    saver = checkpoint.Saver(save, plan, lr_used, check) if save else None
+    return opt, ref_opt, start, saver
+
+
+def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float,
         save: str | None = None, resume: str | None = None) -> int:
     """Train ``steps`` steps of the planned model; with ``check``, compare to one process.
-    ``resume``: start from the state in that folder; ``save``: write the state to that folder
-    after every step (:mod:`autoddl.runtime.checkpoint`)."""
+    ``lr``: None for the saved one when resuming, else 1e-3. ``resume``: start from the newest
+    complete step saved in that folder; ``save``: save the state into that folder after every
+    step (:mod:`autoddl.runtime.checkpoint`)."""
     backend, device = pick_device()
     dist.init_process_group(backend, timeout=timedelta(seconds=group_timeout_s()))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -349,32 +377,25 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
               f"{dict(zip(plan.device_mesh_names, plan.device_mesh_shape))}{pipe}, "
               f"torch {torch.__version__}", flush=True)
     spec = parse_model_spec(plan.model["spec"])
-    model, inputs = build_model(spec, device, seed=0)
-    captured = microbatch_inputs(inputs, plan.num_microbatches) if plan.pipeline else inputs
-    ep = export(model, captured)
-    graph = graph_from_export(ep)
+    with user_code(f"plan's model {spec.text}", foreign=spec.name == FILE_MODEL):
+        model, inputs = build_model(spec, device, seed=0)
+        captured = microbatch_inputs(inputs, plan.num_microbatches) if plan.pipeline else inputs
+        ep = export(model, captured)
+        graph = graph_from_export(ep)
     plan = match_plan(plan, graph)  # checks the graph hash, writes out repeated layers
     if plan.pipeline:
         trainer: Any = _Piped(ep, graph, plan, mesh, model, inputs, device)
     else:
         trainer = _Flat(ep, graph, plan, mesh, model, inputs)
-    opt = make_optimizer(plan.training["optimizer"], list(trainer.params.values()), lr)
-    ref_opt = make_optimizer(plan.training["optimizer"], list(model.parameters()), lr)
+    opt, ref_opt, start, saver = _restore(plan, trainer.params, model, check, lr, save, resume)
     reference = (model, ref_opt) if check else None
-    start = 0
-    if resume:
-        start = checkpoint.load(resume, rank, plan, trainer.params, opt, reference)
-        if _max_all(float(start), device) != start:
-            raise UserError(f"--resume: the ranks' files in {resume!r} hold different steps; "
-                            "resume from a folder every rank saved to")
-        if rank == 0:
-            print(f"resumed from {resume} after step {start - 1}", flush=True)
     worst = 0.0
     ok = True
     byte_note = ""
     from torch.distributed.tensor.debug import CommDebugMode
     for step in range(start, start + steps):
-        inject_fault(rank, step)
+        if not checkpoint.faults_in_save():  # (else the fault comes while saving)
+            inject_fault(rank, step)
         opt.zero_grad()
         trainer.reset_logs()
         with CommDebugMode() as comm:
@@ -411,9 +432,8 @@ def run(plan: Plan, steps: int, check: bool, lr: float, tol: float,
         opt.step()
         if rank == 0:
             print(msg, flush=True)
-        if save:  # every rank saves this step before any starts the next
-            checkpoint.save(save, rank, step + 1, plan, trainer.params, opt, reference)
-            dist.barrier()
+        if saver is not None:  # every rank saves this step before any starts the next
+            saver.save(step + 1, trainer.params, opt, reference)
         if step == start:
             table = trainer.table(counts)  # collective when pipelined
             if rank == 0:
@@ -503,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("plan")
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--save", default=None)
     ap.add_argument("--resume", default=None)
