@@ -92,7 +92,7 @@ def _check_mesh(data: Mapping[str, Any]) -> list[str]:
         if not isinstance(ax, dict) or not isinstance(ax.get("name"), str) or not ax["name"]:
             raise _bad(f"mesh.axes[{i}]", "has no axis name")
         _count(ax.get("size"), f"mesh.axes[{i}].size", 1)
-        _number(ax.get("bandwidth_gbps", 1.0), f"mesh.axes[{i}].bandwidth_gbps")
+        _number(ax.get("bandwidth_gbps"), f"mesh.axes[{i}].bandwidth_gbps")
         names.append(ax["name"])
     if len(set(names)) != len(names):
         raise _bad("mesh.axes", f"repeats an axis name ({names})")
@@ -108,14 +108,15 @@ def _check_pipeline(data: Mapping[str, Any], axes: list[str]) -> int:
         raise _bad("pipeline", "is not an object or null")
     stages = _count(pipe.get("stages"), "pipeline.stages", 1)
     _count(pipe.get("microbatches"), "pipeline.microbatches", 1)
-    if pipe.get("schedule", "1F1B") not in SCHEDULES:
+    if not isinstance(pipe.get("schedule", "1F1B"), str) or pipe.get("schedule", "1F1B") \
+            not in SCHEDULES:
         raise _bad("pipeline.schedule", f"is {pipe.get('schedule')!r}; use one of {SCHEDULES}")
     axis = pipe.get("axis")
     if not isinstance(axis, dict) or not isinstance(axis.get("name"), str):
         raise _bad("pipeline.axis", "has no axis name")
     if axis["name"] in axes:
         raise _bad("pipeline.axis", f"repeats the mesh axis {axis['name']!r}")
-    _number(axis.get("bandwidth_gbps", 1.0), "pipeline.axis.bandwidth_gbps")
+    _number(axis.get("bandwidth_gbps"), "pipeline.axis.bandwidth_gbps")
     return stages
 
 
@@ -147,7 +148,7 @@ def _check_numbers(data: Mapping[str, Any]) -> None:
     for key in _COST_NUMBERS:
         _number(cost.get(key), f"cost.{key}")
     for table in ("per_axis", "per_kind"):
-        rows = cost.get(table, {})
+        rows = cost.get(table)
         if not isinstance(rows, dict):
             raise _bad(f"cost.{table}", "is not an object")
         for name, row in rows.items():
@@ -177,6 +178,9 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
     for key, kind in _TOP.items():
         if not isinstance(data.get(key), kind):
             raise _bad(key, f"is missing or not a JSON {'object' if kind is dict else 'list'}")
+    cluster = data["cluster"]
+    if not isinstance(cluster.get("name"), str) or not isinstance(cluster.get("spec", ""), str):
+        raise _bad("cluster.name", "is not a string")
     model = data["model"]
     if not isinstance(model.get("spec"), str) or not model["spec"].strip():
         raise _bad("model.spec", "is not a model spec string")
@@ -188,10 +192,10 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
     if devices > MAX_DEVICES:
         raise _bad("mesh", f"spans {devices:,} devices, more than {MAX_DEVICES:,}")
     optimizer = data["training"].get("optimizer")
-    if optimizer not in OPTIMIZER_STATES:
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZER_STATES:
         raise _bad("training.optimizer", f"is {optimizer!r}; autoddl trains with one of "
                                          f"{', '.join(OPTIMIZER_STATES)}")
-    if data["training"].get("recompute", "none") not in ("none", "layers"):
+    if data["training"].get("recompute", "none") not in ("none", "layers", None):
         raise _bad("training.recompute", "is not 'none' or 'layers'")
     for i, o in enumerate(data["ops"]):
         _check_op(o, i, axes, stages)

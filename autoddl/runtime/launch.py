@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from autoddl.engine.plan import load_plan
+from autoddl.files import check_output_folder
 from autoddl.errors import CHECK_FAILED, Terminated, UserError, raise_on_sigterm
 from autoddl.runtime import checkpoint
 from autoddl.runtime.rank import JOB_DIR_ENV, die_with_parent
@@ -63,9 +64,9 @@ def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = Fals
         checkpoint.check_resumable(checkpoint.latest(resume), plan, check)
         args += ["--resume", resume]
     if save is not None:
-        if not Path(save).resolve().parent.is_dir():
-            raise UserError(f"--save: folder {str(Path(save).parent)!r} does not exist")
-        Path(save).mkdir(exist_ok=True)
+        if os.path.realpath(save) == os.path.realpath(plan_path):
+            raise UserError(f"--save {save!r} is the plan file; give a folder")
+        check_output_folder(save, "--save")
         args += ["--save", save]
     return run_ranks(WORKER, nproc, [plan_path, *args], "autoddl run")
 
