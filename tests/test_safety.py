@@ -60,6 +60,22 @@ def _cli(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
+@pytest.fixture()
+def cli(monkeypatch, capsys):
+    """The command line in this process (no start-up per call): ``cli(argv, cwd, **env)``."""
+    from autoddl.cli import main
+
+    def call(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as m:
+            m.chdir(cwd)
+            for k, v in env.items():
+                m.setenv(k, v)
+            rc = main(argv)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, rc, out.out, out.err)
+    return call
+
+
 def _one_line_error(p: subprocess.CompletedProcess, fragment: str = "") -> str:
     """The command failed with exit code 2 and exactly one line on stderr (no traceback)."""
     msg = f"exit {p.returncode}\n--- stdout:\n{p.stdout}\n--- stderr:\n{p.stderr}"
@@ -84,10 +100,10 @@ def work(tmp_path: Path) -> Path:
 # --- outputs -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target", ["m.py", "c.toml", "link-to-model"])
-def test_plan_never_writes_over_its_inputs(work, target):
+def test_plan_never_writes_over_its_inputs(cli, work, target):
     (work / "link-to-model").symlink_to(work / "m.py")
     before = {p: p.read_bytes() for p in (work / "m.py", work / "c.toml")}
-    p = _cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", target], work,
+    p = cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", target], work,
              MARK=str(work / "mark"))
     _one_line_error(p, "input of this command")
     assert {p: p.read_bytes() for p in before} == before
@@ -95,14 +111,14 @@ def test_plan_never_writes_over_its_inputs(work, target):
     assert not (work / "mark").exists()  # refused before the model was built
 
 
-def test_outputs_that_are_folders_devices_empty_or_read_only_are_refused_first(work):
+def test_outputs_that_are_folders_devices_empty_or_read_only_are_refused_first(cli, work):
     os.mkfifo(work / "fifo")
     (work / "folder").mkdir()
     cases = {"folder": "is a folder", "fifo": "not a regular file", "": "empty file name",
              "/proc/autoddl-plan.json": "cannot write in folder",
              "no-such/plan.json": "does not exist"}
     for out, fragment in cases.items():
-        p = _cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", out], work,
+        p = cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", out], work,
                  MARK=str(work / "mark"))
         _one_line_error(p, fragment)
         assert not (work / "mark").exists(), out  # checked before any work
@@ -110,18 +126,18 @@ def test_outputs_that_are_folders_devices_empty_or_read_only_are_refused_first(w
     assert sorted(x.name for x in (work / "folder").iterdir()) == []
 
 
-def test_compare_and_show_outputs_are_checked(work):
-    p = _cli(["compare", "--model", "m.py:ok", "--cluster", "c.toml", "--json", "m.py"], work,
+def test_compare_and_show_outputs_are_checked(cli, work):
+    p = cli(["compare", "--model", "m.py:ok", "--cluster", "c.toml", "--json", "m.py"], work,
              MARK=str(work / "mark"))
     _one_line_error(p, "input of this command")
-    p = _cli(["compare", "--model", "m.py:ok", "--cluster", "c.toml", "--json", "r.json",
+    p = cli(["compare", "--model", "m.py:ok", "--cluster", "c.toml", "--json", "r.json",
               "--plot", "r.json"], work, MARK=str(work / "mark"))
     _one_line_error(p, "give two files")
     assert not (work / "mark").exists() and not (work / "r.json").exists()
-    assert _cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", "p.json"],
+    assert cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", "p.json"],
                 work).returncode == 0
     plan_bytes = (work / "p.json").read_bytes()
-    _one_line_error(_cli(["show", "p.json", "--plot", "p.json"], work), "input of this command")
+    _one_line_error(cli(["show", "p.json", "--plot", "p.json"], work), "input of this command")
     assert (work / "p.json").read_bytes() == plan_bytes
 
 
@@ -133,8 +149,8 @@ def test_compare_and_show_outputs_are_checked(work):
     ("booly", "every example input must be a tensor"), ("intloss", "floating-point loss"),
     ("forever", "took more than 3 s"),
 ])
-def test_model_code_cannot_end_hang_or_crash_the_planner(work, factory, fragment):
-    p = _cli(["plan", "--model", f"m.py:{factory}", "--cluster", "c.toml", "-o", "p.json"],
+def test_model_code_cannot_end_hang_or_crash_the_planner(cli, work, factory, fragment):
+    p = cli(["plan", "--model", f"m.py:{factory}", "--cluster", "c.toml", "-o", "p.json"],
              work, AUTODDL_CAPTURE_TIMEOUT_S="3")
     _one_line_error(p, fragment)
     assert not (work / "p.json").exists()
@@ -220,9 +236,9 @@ def test_stopping_run_leaves_no_process(work, how):
     ("mlp", "dgx-a100:nodes=100000", "more than 131,072"),
     ("mlp", "dup.yaml", "given twice"),
 ])
-def test_absurd_numbers_get_one_line(work, model, cluster, fragment):
+def test_absurd_numbers_get_one_line(cli, work, model, cluster, fragment):
     (work / "dup.yaml").write_text("name: a\nnodes: 1\nnodes: 2\ndevices_per_node: 2\n")
-    _one_line_error(_cli(["plan", "--model", model, "--cluster", cluster, "-o", "p.json"],
+    _one_line_error(cli(["plan", "--model", model, "--cluster", cluster, "-o", "p.json"],
                          work), fragment)
     assert not (work / "p.json").exists()
 
@@ -260,21 +276,21 @@ PLAN_EDITS = {
 
 
 @pytest.mark.parametrize("case", list(PLAN_EDITS))
-def test_bad_plan_files_are_refused_by_show_and_run_before_launch(work, case):
-    assert _cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", "p.json",
+def test_bad_plan_files_are_refused_by_show_and_run_before_launch(cli, work, case):
+    assert cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", "p.json",
                  "--stages", "1"], work).returncode == 0
     edit, fragment = PLAN_EDITS[case]
     (work / "bad.json").write_text(json.dumps(_edited(json.loads((work / "p.json").read_text()),
                                                       edit)))
     for argv in (["show", "bad.json"], ["run", "bad.json"]):
-        p = _cli(argv, work)
+        p = cli(argv, work)
         _one_line_error(p, fragment)
         assert "rank" not in p.stderr  # refused before launch, not as a crashed rank
 
 
-def test_deeply_nested_plan_file_is_one_line(work):
+def test_deeply_nested_plan_file_is_one_line(cli, work):
     (work / "deep.json").write_text(_nested(100_000))
-    _one_line_error(_cli(["show", "deep.json"], work), "nests too deeply")
+    _one_line_error(cli(["show", "deep.json"], work), "nests too deeply")
 
 
 @pytest.mark.dist
