@@ -301,3 +301,36 @@ def test_placement_the_tensor_cannot_take_is_a_plan_file_error(work):
                    lambda d: _set_first_param(d, "S(9)"))
     (work / "bad.json").write_text(json.dumps(data))
     _one_line_error(_cli(["run", "bad.json"], work), "plan file is malformed")
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ("out-P", "not a legal signature"), ("out-S9", "a split dim is missing"),
+    ("drop-op", "do not place"),
+])
+def test_plans_are_checked_against_the_models_graph(cli, work, monkeypatch, edit, fragment):
+    """What each rank checks once it has captured the model, before any step runs."""
+    from autoddl.engine.capture import capture
+    from autoddl.engine.models import build_model, parse_model_spec
+    from autoddl.engine.plan import load_plan
+    from autoddl.engine.repeat import match_plan
+    from autoddl.errors import UserError
+
+    assert cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", "p.json",
+                "--stages", "1"], work).returncode == 0
+    monkeypatch.chdir(work)
+    graph = capture(*build_model(parse_model_spec("m.py:ok"), "meta"))
+    data = json.loads((work / "p.json").read_text())
+    match_plan(load_plan(work / "p.json"), graph)  # the plan as made passes
+    linear = next(o for o in data["ops"] if o["target"] == "aten.linear.default")
+    axis = data["mesh"]["axes"][0]["name"]
+    if edit == "out-P":
+        linear["out"][axis] = "P"
+        for p in linear["in"]:
+            p[axis] = "B"
+    elif edit == "out-S9":
+        linear["out"][axis] = "S(9)"
+    else:
+        data["ops"].remove(linear)
+    (work / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=fragment):
+        match_plan(load_plan(work / "bad.json"), graph)

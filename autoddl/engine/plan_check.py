@@ -205,10 +205,12 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
 def check_against_graph(plan: Any, graph: Any) -> None:
     """Raise :class:`UserError` unless ``plan`` (written out for every node) places each node of
     ``graph``, every placement splits a dim the tensor has, once, into pieces its axis size
-    divides."""
+    divides, and every operator reads and writes by one of its legal signatures (a hand-edited
+    plan could otherwise run and compute something else)."""
     from autoddl.engine.placements import is_valid, parse_placement
 
     axes, mesh = plan.axis_names, plan.mesh_shape
+    legal: dict = {}
     names = {o.name for o in plan.ops}
     missing = [n.name for n in graph.nodes if n.name not in names]
     if missing:
@@ -226,3 +228,29 @@ def check_against_graph(plan: Any, graph: Any) -> None:
                 raise _bad(f"op {o.name!r} {where}", f"places a tensor of shape {list(shape)} "
                            f"as {placement} on mesh {dict(zip(axes, mesh))}: a split dim is "
                            "missing, split twice or not divisible")
+        if node.kind == "op":
+            _check_signature(o, node, graph, axes, mesh, legal)
+
+
+def _check_signature(o: Any, node: Any, graph: Any, axes: list[str], mesh: tuple[int, ...],
+                     legal: dict) -> None:
+    """Raise unless op ``o`` reads and writes its tensors by one of its node's legal
+    signatures (``legal`` caches them per kind of node: repeated layers share them)."""
+    from autoddl.engine.placements import parse_placement
+    from autoddl.engine.rules import signatures
+
+    key = (node.target, node.args, node.kwargs, node.out,
+           tuple((graph[i].out, graph[i].requires_grad) for i in node.inputs))
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    sigs = legal.get(key) if key is not None else None
+    if sigs is None:
+        sigs = {(s.ins, s.out) for s in signatures(node, graph, mesh)}
+        if key is not None:
+            legal[key] = sigs
+    mine = (tuple(parse_placement(p, axes) for p in o.ins), parse_placement(o.out, axes))
+    if mine not in sigs:
+        raise _bad(f"op {o.name!r}", f"reads {list(o.ins)} and writes {o.out}, which is not a "
+                   f"legal signature of {node.target} on mesh {dict(zip(axes, mesh))}")
