@@ -90,9 +90,11 @@ def test_screening_in_worker_processes_gives_the_same_records():
     model, inputs = build_model(s, "meta")
     g = capture(model, inputs)
     c = cluster(devices=32, nodes=4, gbps=100, inter_gbps=5, latency_s=1e-6, peak_flops=1e11)
+    said: list[str] = []
     one = plan_graph(g, c, model_spec=s.text, workers=1)
-    two = plan_graph(g, c, model_spec=s.text, workers=2)
+    two = plan_graph(g, c, model_spec=s.text, workers=2, log=said.append)
     assert len(one.candidates) >= 8  # enough for the worker pool
+    assert any(m.endswith("in 2 process(es)") for m in said), said  # the pool really ran
     assert two.solver["objective"] == pytest.approx(one.solver["objective"], rel=1e-9)
     key = lambda r: r["mesh"]  # noqa: E731
     for a, b in zip(sorted(one.candidates, key=key), sorted(two.candidates, key=key)):

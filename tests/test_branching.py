@@ -134,7 +134,31 @@ def test_no_groups_no_search_and_a_small_budget_gives_up():
     assert one_hot_groups(odd) is None
     assert branch_and_bound(odd, 1e-9) is None
     knap = ShardingModel(_knapsack_chain(8)).milp()
-    assert branch_and_bound(knap, 1e-9, max_lps=1) is None  # the root LP is fractional
+    r = branch_and_bound(knap, 1e-9, max_lps=1)  # the root LP is fractional: it gives up
+    assert r is not None and r.extra["gave_up"] and r.status is SolveStatus.NO_SOLUTION
+
+
+@pytest.mark.parametrize("max_lps", [1, 3, 6, 12])
+def test_a_search_that_gives_up_keeps_its_tree_bound_and_plan(max_lps):
+    """Stopped after a few LPs, the search returns the least bound of its open nodes: at least
+    the LP relaxation's value (solved here independently), at most the brute-force optimum; and
+    any plan it found is feasible and no better than the optimum."""
+    from autoddl.formulations.backends import solve
+
+    problem = _knapsack_chain(10)
+    best, _ = problem.brute_force()
+    milp = ShardingModel(problem).milp()
+    lp = solve(dataclasses.replace(milp, integrality=np.zeros_like(milp.integrality)),
+               backend="highs")
+    r = branch_and_bound(milp, 1e-9, max_lps=max_lps)
+    assert r is not None and r.extra["gave_up"] and r.extra["lps"] == max_lps
+    assert r.bound is not None
+    assert lp.objective * (1 - 1e-9) <= r.bound <= best * (1 + 1e-9)
+    if max_lps == 1:
+        assert r.bound == pytest.approx(lp.objective, rel=1e-9)
+    if r.has_solution:
+        assert r.status is SolveStatus.FEASIBLE and milp.is_feasible(r.x)
+        assert r.objective >= best * (1 - 1e-9) and r.bound <= r.objective
 
 
 def test_restrict_columns_keeps_an_emptied_group_infeasible():

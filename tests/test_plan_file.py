@@ -139,11 +139,11 @@ def test_file_fields(any_plan, tmp_path):
     assert mem["per_device_bytes"] <= mem["capacity_bytes"]
 
     s = d["solver"]
-    for key in ("backend", "status", "objective", "bound", "gap", "time_s"):
+    for key in ("backend", "status", "objective", "bound", "gap"):
         assert key in s, f"solver.{key} missing"
     assert s["backend"].split()[0] in (default_backend(), "highs", "tree")
     assert s["status"] == "optimal"
-    assert _number(s["objective"]) and _number(s["bound"]) and _number(s["time_s"])
+    assert _number(s["objective"]) and _number(s["bound"])
     assert s["gap"] is None or 0 <= s["gap"] <= 1e-6
     assert s["bound"] <= s["objective"] * (1 + 1e-6) + 1e-12
     assert s["objective"] == pytest.approx(cost["total_s"], rel=1e-6, abs=1e-15)
@@ -269,6 +269,56 @@ def test_bad_files(plan, tmp_path):
     del d["ops"]
     with pytest.raises(UserError, match="malformed"):
         Plan.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timings: in memory and in the summary, never in the file
+# ---------------------------------------------------------------------------------------------
+
+
+def _keys(data) -> set[str]:
+    """Every key of a JSON document, at any depth."""
+    if isinstance(data, dict):
+        return set(data) | set().union(*(_keys(v) for v in data.values()))
+    if isinstance(data, list):
+        return set().union(*(_keys(v) for v in data))
+    return set()
+
+
+def test_timings_stay_out_of_the_file_and_in_the_summary(any_plan, tmp_path):
+    t = any_plan.timings
+    assert t["total_s"] > 0 and len(t["candidates"]) == len(any_plan.candidates)
+    assert any("build_s" in c for c in t["candidates"])
+    path = tmp_path / "plan.json"
+    save_plan(any_plan, path)
+    assert not _keys(json.loads(path.read_text())) & {"time_s", "build_s", "bound_s",
+                                                       "mesh_solve_time_s"}
+    assert f"{t['total_s']:.2f} s over" in summary(any_plan)
+    again = load_plan(path)
+    assert again.timings == {} and again == any_plan
+    assert " s over " not in summary(again) and "over " in summary(again)
+
+
+def test_old_plan_files_with_timings_still_load_and_show(any_plan, tmp_path):
+    """A file of an older autoddl (solver and candidate timings inside) loads, its timings moved
+    out of the records (so it saves without them) and printed by the summary."""
+    d = any_plan.to_dict()
+    d["solver"] = {**d["solver"], "time_s": 12.5, "mesh_solve_time_s": 3.25}
+    d["candidates"] = [{**c, "build_s": 0.5, "bound_s": 0.25, "time_s": 1.0}
+                       for c in d["candidates"]]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(d))
+    old = load_plan(path)
+    assert old == any_plan  # the same plan: timings are not part of it
+    assert old.timings["total_s"] == 12.5 and old.timings["solve_s"] == 3.25
+    assert old.timings["candidates"][0] == {"build_s": 0.5, "bound_s": 0.25, "time_s": 1.0}
+    assert "12.50 s over" in summary(old)
+    assert old.to_dict() == any_plan.to_dict()
+    from autoddl.cli import main
+
+    for file in (path, tmp_path / "new.json"):  # `autoddl show` on the old file and a new one
+        save_plan(any_plan, tmp_path / "new.json")
+        assert main(["show", str(file)]) == 0
 
 
 # ---------------------------------------------------------------------------------------------

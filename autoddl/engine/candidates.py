@@ -25,8 +25,25 @@ in two phases:
 The result is exact: at the end :math:`U \le z_c` (within the solver's gap) for every candidate
 solved to optimality, :math:`U (1-\text{gap}) \le z_c` for every dominated one and
 :math:`U (1-\text{gap}) \le \ell_c \le z_c` for every pruned one. Under a time limit the
-candidates left unsolved keep their :math:`\ell_c`, and the plan reports the global bound
-:math:`\min(U, \min_c \text{bound}_c)` and its gap.
+candidates left unsolved keep their :math:`\ell_c`, one whose ILP was cut short keeps the best
+bound its solve proved (LP relaxation, tree or solver bound; at least :math:`\ell_c`, at most its
+cutoff), and the plan reports the global bound :math:`\min(U, \min_c \text{bound}_c)` and its
+gap.
+
+Every threshold is relative, :math:`U (1 - \text{gap})` exactly, with no absolute term: costs are
+seconds of any magnitude (a 90 µs objective once ended "feasible" at gap 1.0000109e-6 because of
+an absolute 1e-15 in the pruning test), so pruning and the final check agree at any scale.
+
+**Forking the screening processes.** The pool is started with ``fork`` (the jobs are closures,
+which other start methods cannot send), and only when no other Python thread runs in this process
+(otherwise the candidates are screened here: the records do not depend on it). A fork copies the
+locks of every thread; Python's import locks are taken only by threads running Python, so with
+this one alone no child can inherit a half-done import. Native threads (torch's intra-op pool,
+HiGHS' scheduler) hold no Python lock, and the children run only numpy code (the tree
+relaxation), never torch or a solver. The planner imports the solver libraries before (see
+:func:`autoddl.formulations.backends.preload`), so no import of one happens while the pool's
+threads run beside the seed solve in this process, and the OR-Tools solvers run in their own
+spawned worker process, never in a fork.
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -175,7 +193,7 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
             return INF
         ubs = [out[i][0]["heuristic"] for i in seeds
                if out[i] is not None and out[i][0]["heuristic"] is not None]
-        return min(ubs) * (1 - gap) - 1e-15 if ubs else INF
+        return min(ubs) * (1 - gap) if ubs else INF
 
     def here(ids: list[int], cut: float):
         """Screen in this process, lazily, keeping what was built; none past the deadline."""
@@ -187,8 +205,11 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
                 built[i] = prep
             yield _bound(i, prep, cut)
 
-    parallel = workers > 1 and len(jobs) >= 8 and "fork" in mp.get_all_start_methods()
+    parallel = (workers > 1 and len(jobs) >= 8 and "fork" in mp.get_all_start_methods()
+                and threading.active_count() == 1)  # fork only without other Python threads
     pool = mp.get_context("fork").Pool(workers) if parallel else None
+    if log:
+        log(f"screening {len(jobs)} candidates in {workers if pool else 1} process(es)")
     try:
         for phase, ids in enumerate(phases):
             cut = prune_at() if phase else INF
@@ -209,6 +230,97 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
     return out
 
 
+def _outcome(r: SolveResult, lb: float, cut: float) -> tuple[str, float]:
+    """(record status, lower bound on the candidate's plans) of a solved candidate with
+    screening bound ``lb``, solved with cutoff ``cut``."""
+    if r.status is SolveStatus.OPTIMAL:
+        return r.status.value, min(r.objective, r.bound if r.bound is not None else r.objective)
+    if r.status is SolveStatus.INFEASIBLE:
+        # proven unable to beat the best plan known before it; inf without a cutoff: no plan
+        return ("dominated" if np.isfinite(cut) else r.status.value), cut
+    # stopped early: what the solve proved (up to its cutoff), at least the screening's bound
+    return r.status.value, max(lb, min(r.bound, cut) if r.bound is not None else -INF)
+
+
+def _ilp_line(n: int, total: int, label: str, status: str, r: SolveResult, lb: float,
+              best_obj: float | None, low: float) -> str:
+    """The log line of the n-th ILP: its outcome, the best plan and the global gap so far."""
+    now = (f"; best {best_obj:.6g} s, global gap {100 * relative_gap(best_obj, low):.3g} %"
+           if best_obj is not None and np.isfinite(low) else "")
+    return (f"ILP {n}/{total} {label}: {status}"
+            + (f", objective {r.objective:.6g} s" if r.objective is not None else "")
+            + (f" (bound {lb:.6g} s)" if np.isfinite(lb) else "") + now
+            + (f" [{r.extra['fallback']}]" if r.extra.get("fallback") else ""))
+
+
+def _proven(best: object | None, bound: float, mip_rel_gap: float) -> tuple[object | None,
+                                                                            float | None]:
+    """``best`` with the global proof as its result's status, bound and gap; and the gap."""
+    if best is None:
+        return None, None
+    gap = relative_gap(best.result.objective, bound)
+    # a dominated candidate's bound is best (1 - gap): the global gap is the requested one up
+    # to rounding
+    status = (SolveStatus.OPTIMAL
+              if gap is not None and gap <= max(mip_rel_gap, 1e-9) * (1 + 1e-6)
+              else SolveStatus.FEASIBLE)
+    return dataclasses.replace(best, result=dataclasses.replace(
+        best.result, status=status, bound=bound if np.isfinite(bound) else None, gap=gap)), gap
+
+
+def _from_screening(jobs: list[Job], screened: Screened, prepared: Callable[[int], Prepared]
+                    ) -> tuple[list[tuple[int, float, dict]], object | None, float]:
+    """(index, bound, record) per candidate, and the best heuristic plan with its cost."""
+    preps, heur, best_obj = [], None, INF
+    for i, got in enumerate(screened):
+        if got is None:  # not screened before the deadline: nothing known
+            preps.append((i, -INF, jobs[i].record()))
+            continue
+        rec, choice = got
+        lb = rec["lower_bound"] if rec["lower_bound"] is not None else -INF
+        preps.append((i, lb, rec))
+        if choice is not None and rec["heuristic"] < best_obj:
+            heur, best_obj = (i, choice, rec), rec["heuristic"]
+    if heur is None:
+        return preps, None, INF
+    i, choice, rec = heur
+    r = SolveResult("tree relaxation (heuristic)", SolveStatus.FEASIBLE, None, best_obj,
+                    rec["lower_bound"], relative_gap(best_obj, rec["lower_bound"]),
+                    rec["bound_s"])
+    return preps, prepared(i).make(choice, r), best_obj
+
+
+def _screen_phase(jobs: list[Job], workers: int, deadline: float, mip_rel_gap: float,
+                  log: Callable[[str], None] | None, built: dict[int, Prepared],
+                  prepared: Callable[[int], Prepared], presolved: dict[int, object]
+                  ) -> tuple[list[tuple[int, float, dict]], object | None, float, int]:
+    """Screen every candidate (:func:`_screen_all`), solving meanwhile the ILP of the seed with
+    the least bound into ``presolved``: (index, bound, record) per candidate, the best
+    heuristic plan and its cost, and how many candidates the deadline left unscreened."""
+    t0 = time.perf_counter()
+
+    def solve_a_seed(seen: Screened, cut: float) -> None:
+        """While workers screen the rest: solve the ILP of the seed with the least bound."""
+        seeds = [(got[0]["lower_bound"], i) for i, got in enumerate(seen)
+                 if got is not None and got[0]["lower_bound"] is not None]
+        if not seeds or not np.isfinite(cut):
+            return
+        _, i = min(seeds)
+        remaining = deadline - time.perf_counter()
+        if remaining > 0:  # half of what is left: the screening must finish too
+            presolved[i] = (prepared(i).solve(cut, remaining / 2 if np.isfinite(remaining)
+                                              else None), cut)
+
+    screened = _screen_all(jobs, workers, deadline, mip_rel_gap, log, built, solve_a_seed)
+    unscreened = sum(g is None for g in screened)
+    preps, best, best_obj = _from_screening(jobs, screened, prepared)
+    if log:
+        log(f"screened {len(jobs) - unscreened} of {len(jobs)} candidates in "
+            f"{time.perf_counter() - t0:.2f} s"
+            + (f"; best heuristic plan {best_obj:.6g} s" if best is not None else ""))
+    return preps, best, best_obj, unscreened
+
+
 def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
            time_limit_s: float | None = None, screen: bool = True, workers: int | None = None,
            log: Callable[[str], None] | None = None) -> SearchResult:
@@ -225,48 +337,13 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
             built[i] = jobs[i].build()
         return built[i]
 
-    preps: list[tuple[int, float, dict]] = []
-    unscreened = 0
     presolved: dict[int, object] = {}
-
-    def solve_a_seed(seen: Screened, cut: float) -> None:
-        """While workers screen the rest: solve the ILP of the seed with the least bound."""
-        seeds = [(got[0]["lower_bound"], i) for i, got in enumerate(seen)
-                 if got is not None and got[0]["lower_bound"] is not None]
-        if not seeds or not np.isfinite(cut):
-            return
-        _, i = min(seeds)
-        remaining = deadline - time.perf_counter()
-        if remaining > 0:  # half of what is left: the screening must finish too
-            presolved[i] = (prepared(i).solve(cut, remaining / 2 if np.isfinite(remaining)
-                                              else None), cut)
-
     if screen:
-        screened = _screen_all(jobs, workers or default_workers(), deadline, mip_rel_gap, log,
-                               built, solve_a_seed)
-        unscreened = sum(g is None for g in screened)
-        heur = None
-        for i, got in enumerate(screened):
-            if got is None:  # not screened before the deadline: nothing known
-                preps.append((i, -INF, jobs[i].record()))
-                continue
-            rec, choice = got
-            lb = rec["lower_bound"] if rec["lower_bound"] is not None else -INF
-            preps.append((i, lb, rec))
-            if choice is not None and rec["heuristic"] < best_obj:
-                heur, best_obj = (i, choice, rec), rec["heuristic"]
-        if heur is not None:
-            i, choice, rec = heur
-            r = SolveResult("tree relaxation (heuristic)", SolveStatus.FEASIBLE, None, best_obj,
-                            rec["lower_bound"], relative_gap(best_obj, rec["lower_bound"]),
-                            rec["bound_s"])
-            best = prepared(i).make(choice, r)
-        if log:
-            log(f"screened {sum(g is not None for g in screened)} of {len(jobs)} candidates in "
-                f"{time.perf_counter() - t0:.2f} s"
-                + (f"; best heuristic plan {best_obj:.6g} s" if best is not None else ""))
+        preps, best, best_obj, unscreened = _screen_phase(
+            jobs, workers or default_workers(), deadline, mip_rel_gap, log, built, prepared,
+            presolved)
     else:
-        preps = [(i, -INF, jobs[i].record()) for i in range(len(jobs))]
+        preps, unscreened = [(i, -INF, jobs[i].record()) for i in range(len(jobs))], 0
     records, solved, bounds = [], [], []
     order = sorted(range(len(preps)), key=lambda i: preps[i][1]) if screen \
         else list(range(len(preps)))
@@ -274,7 +351,7 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
     for n, j in enumerate(order):
         i, lb, rec = preps[j]
         records.append(rec)
-        if best is not None and lb >= best_obj * (1 - mip_rel_gap) - 1e-15:
+        if best is not None and lb >= best_obj * (1 - mip_rel_gap):
             rec.update(status="pruned", objective=None, gap=None, time_s=0.0, variables=None)
             bounds.append(lb)
             continue
@@ -296,42 +373,26 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
             c = prep.solve(cut, None if not np.isfinite(remaining) else remaining)
         solved.append(c)
         r = c.result
-        status = r.status.value
-        if r.status is SolveStatus.OPTIMAL:
-            bounds.append(min(r.objective, r.bound if r.bound is not None else r.objective))
-        elif r.status is SolveStatus.INFEASIBLE:
-            if np.isfinite(cut):
-                status = "dominated"  # proven unable to beat the best plan known before it
-            bounds.append(cut)  # inf without a cutoff: no plan at all
-        else:  # time limit: what the solver proved, at least the screening bound
-            timed_out = True
-            bounds.append(max(lb, r.bound if r.bound is not None else -INF))
+        status, bound = _outcome(r, lb, cut)
+        bounds.append(bound)
+        timed_out = timed_out or (time_limit_s is not None and status in (
+            SolveStatus.FEASIBLE.value, SolveStatus.NO_SOLUTION.value))
         rec.update(status=status, objective=r.objective, gap=r.gap, time_s=r.time_s,
-                   variables=c.num_cols)
+                   variables=c.num_cols,
+                   **{k: r.extra[k] for k in ("fallback", "proof_capacity_bytes")
+                      if k in r.extra})
         if c.choice is not None and r.objective < best_obj:
             best, best_obj = c, r.objective
         if log:  # the global gap so far: unsolved candidates bounded by the next (sorted) bound
-            rest = [preps[k][1] for k in order[n + 1:]]
-            low = min([best_obj] + bounds + rest)
-            now = (f"; best {best_obj:.6g} s, global gap {100 * relative_gap(best_obj, low):.3g} %"
-                   if best is not None and np.isfinite(low) else "")
-            log(f"ILP {n + 1}/{len(order)} {prep.label}: {status}"
-                + (f", objective {r.objective:.6g} s" if r.objective is not None else "")
-                + (f" (bound {lb:.6g} s)" if np.isfinite(lb) else "") + now)
+            low = min([best_obj] + bounds + [preps[k][1] for k in order[n + 1:]])
+            log(_ilp_line(n + 1, len(order), prep.label, status, r, lb,
+                          best_obj if best is not None else None, low))
     bound = min([best_obj] + bounds)
-    gap = relative_gap(best_obj, bound) if best is not None else None
     for rec in records:  # plan files hold finite numbers or null
         for k in ("lower_bound", "heuristic", "objective"):
             if rec.get(k) is not None and not np.isfinite(rec[k]):
                 rec[k] = None
-    if best is not None:
-        # a dominated candidate's bound is best (1 - gap): the global gap is the requested one
-        # up to rounding
-        status = (SolveStatus.OPTIMAL
-                  if gap is not None and gap <= max(mip_rel_gap, 1e-9) * (1 + 1e-6)
-                  else SolveStatus.FEASIBLE)
-        best = dataclasses.replace(best, result=dataclasses.replace(
-            best.result, status=status, bound=bound if np.isfinite(bound) else None, gap=gap))
+    best, gap = _proven(best, bound, mip_rel_gap)
     pruned = sum(r["status"] in ("pruned", "dominated") for r in records)
     if log:
         log(f"{len(solved)} ILPs solved, {pruned} candidates pruned or dominated, "

@@ -2,6 +2,12 @@
 
 A plan file is JSON with ``schema_version``; :func:`save_plan` writes it atomically (a temporary
 file in the same folder, then a rename), so a crash never leaves half a plan behind.
+
+Wall-clock timings (the search's and each candidate's build, bound and solve seconds) are not
+part of the file: the same command twice writes the same bytes. They live in
+:attr:`Plan.timings`, in memory only, where the summary prints them; a file written by an older
+autoddl, with ``time_s`` and the like in its solver and candidate records, reads with those moved
+there (:func:`split_timings`).
 """
 
 from __future__ import annotations
@@ -12,10 +18,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autoddl.engine.plan_check import check_plan_data
 from autoddl.errors import UserError
 from autoddl.files import write_text_atomic
 
 SCHEMA_VERSION = 1
+#: the keys of wall-clock timings in solver and candidate records (never written to a file)
+TIMING_KEYS = ("time_s", "mesh_solve_time_s", "build_s", "bound_s")
+
+
+def split_timings(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``record`` without its :data:`TIMING_KEYS`, those timings)."""
+    if not isinstance(record, dict):
+        return record, {}
+    return ({k: v for k, v in record.items() if k not in TIMING_KEYS},
+            {k: v for k, v in record.items() if k in TIMING_KEYS})
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,10 @@ class Plan:
     candidates: tuple[dict[str, Any], ...] = ()
     pipeline: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
+    #: wall-clock seconds, not saved (module docstring): ``total_s`` (the search), ``solve_s``
+    #: (the best candidate's ILP), ``candidates`` (per candidate record, in order: ``build_s``,
+    #: ``bound_s``, ``time_s`` where known)
+    timings: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     _by_name: dict[str, OpPlacement] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -100,15 +121,17 @@ class Plan:
         return [o.name for o in self.ops if o.stage == stage]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data."""
+        """Plain JSON-able data (without :attr:`timings`: the same plan gives the same data)."""
         d = asdict(self)
         d.pop("_by_name")
+        d.pop("timings")
+        d["solver"] = split_timings(d["solver"])[0]
         d["ops"] = [
             {"name": o.name, "target": o.target, "stage": o.stage, "out": o.out,
              "in": list(o.ins), "grad": list(o.grads), **({"zero": o.zero} if o.zero else {})}
             for o in self.ops
         ]
-        d["candidates"] = list(self.candidates)
+        d["candidates"] = [split_timings(c)[0] for c in self.candidates]
         return {"schema_version": d.pop("schema_version"), **d}
 
     @classmethod
@@ -120,6 +143,7 @@ class Plan:
                 f"plan file has schema_version {version!r}; this autoddl reads version "
                 f"{SCHEMA_VERSION}: re-run `autoddl plan` to regenerate it"
             )
+        check_plan_data(d)
         try:
             ops = tuple(
                 OpPlacement(o["name"], o["target"], dict(o["out"]),
@@ -128,10 +152,17 @@ class Plan:
                             int(o.get("stage", 0)), int(o.get("zero", 0)))
                 for o in d["ops"]
             )
+            solver, solver_times = split_timings(d["solver"])
+            cands = [split_timings(c) for c in d.get("candidates", ())]
+            timings = {}
+            if "time_s" in solver_times:  # a file of an older autoddl
+                timings = {"total_s": solver_times["time_s"],
+                           "solve_s": solver_times.get("mesh_solve_time_s"),
+                           "candidates": [t for _, t in cands]}
             return cls(model=d["model"], cluster=d["cluster"], mesh=d["mesh"],
                        training=d["training"], ops=ops, cost=d["cost"], memory=d["memory"],
-                       solver=d["solver"], candidates=tuple(d.get("candidates", ())),
-                       pipeline=d.get("pipeline"), schema_version=version)
+                       solver=solver, candidates=tuple(c for c, _ in cands),
+                       pipeline=d.get("pipeline"), schema_version=version, timings=timings)
         except (KeyError, TypeError) as exc:
             raise UserError(f"plan file is malformed: missing or bad field {exc}") from None
 
@@ -156,7 +187,12 @@ def load_plan(path: str | os.PathLike) -> Plan:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"plan file {str(path)!r} is not valid JSON ({exc.msg}, line {exc.lineno})")
+        raise UserError(f"plan file {str(path)!r} is not valid JSON ({exc.msg}, line "
+                        f"{exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number; nesting too deep
+        what = "nests too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise UserError(f"plan file {str(path)!r} is not a plan ({what}); re-run "
+                        "`autoddl plan`") from None
     if not isinstance(data, dict):
         raise UserError(f"plan file {str(path)!r} is not a JSON object")
     return Plan.from_dict(data)
@@ -172,7 +208,9 @@ def format_bytes(b: float) -> str:
 
 
 def format_seconds(s: float) -> str:
-    """Seconds in s/ms/µs."""
+    """Seconds in s/ms/µs (powers of ten beyond a million seconds)."""
+    if s >= 1e6:
+        return f"{s:.3e} s"
     if s >= 1:
         return f"{s:.3f} s"
     if s >= 1e-3:
@@ -199,12 +237,27 @@ def repeat_line(plan: Plan) -> list[str]:
             f"`{rep['container']}` share one strategy)"]
 
 
+def proof_lines(plan: Plan) -> list[str]:
+    """What limits the plan's proof beyond the gap, and which solver stood in for a crashed one
+    (none usually)."""
+    s, out = plan.solver, []
+    if s.get("proof_capacity_bytes") is not None:
+        out.append(f"         (the bound covers plans using at most "
+                   f"{int(s['proof_capacity_bytes']):,} B per device: the solver's tolerance let "
+                   "a plan over the cap through, so the memory rows were tightened)")
+    if s.get("fallback"):
+        out.append(f"         ({s['fallback']})")
+    return out
+
+
 def summary(plan: Plan) -> str:
     """A short human-readable table of a plan: mesh, cost by axis and kind, memory, solver."""
     c, m, s = plan.cost, plan.memory, plan.solver
     axes = " × ".join(f"{a['name']}={a['size']} ({a['bandwidth_gbps']:g} GB/s)"
                       for a in plan.mesh["axes"])
     gap = "n/a" if s.get("gap") is None else f"{100 * s['gap']:.3g} %"
+    total_s = plan.timings.get("total_s")
+    searched = f"{total_s:.2f} s over " if isinstance(total_s, (int, float)) else "over "
     pipe = ""
     if plan.pipeline:
         ax = plan.pipeline["axis"]
@@ -220,8 +273,8 @@ def summary(plan: Plan) -> str:
         f"({plan.num_devices} devices)",
         f"mesh     {axes}" + (" (each stage)" if plan.pipeline else "") + pipe,
         f"solver   {s['backend']}: {s['status']}, objective {format_seconds(s['objective'])}, "
-        f"gap {gap}, {s['time_s']:.2f} s over {len(plan.candidates)} candidate(s)",
-        *repeat_line(plan),
+        f"gap {gap}, {searched}{len(plan.candidates)} candidate(s)",
+        *repeat_line(plan), *proof_lines(plan),
         "",
         f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
         f"{'  total (objective)':<28}{format_seconds(c['total_s']):>14}",

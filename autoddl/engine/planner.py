@@ -20,7 +20,7 @@ from autoddl.engine.costs import CostedGraph, TrainingConfig, breakdown, build_p
 from autoddl.engine.candidates import Job, Prepared, search
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import format_placement
-from autoddl.engine.plan import OpPlacement, Plan, format_bytes
+from autoddl.engine.plan import OpPlacement, Plan, format_bytes, split_timings
 from autoddl.engine.rules import Signature, check_rules
 from autoddl.engine.programs import Program, build_program, cost_program, program_breakdown
 from autoddl.engine.repeat import Reduced, find_blocks, reduce_graph
@@ -28,10 +28,14 @@ from autoddl.engine.stages import (
     build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
 )
 from autoddl.errors import InfeasibleError, SolverError, UserError
-from autoddl.formulations.backends import available_backends, default_backend, solve
+from autoddl.formulations.backends import (  # availability checks that import nothing
+    BACKENDS, default_backend, preload, solve_or_fall_back,
+)
 from autoddl.formulations.dominance import prune_dominated
-from autoddl.formulations.branching import branch_and_bound
-from autoddl.formulations.milp import SolveResult, SolveStatus, relative_gap, restrict_columns
+from autoddl.formulations.milp import SolveResult, SolveStatus
+from autoddl.formulations.solving import (  # noqa: F401 - NEAR_CUTOFF, solve_lp_first: API
+    NEAR_CUTOFF, solve_lp_first, solve_within_capacity,
+)
 from autoddl.formulations.pipeline import PipelineModel, PipelineProblem
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingModel, ShardingProblem
 
@@ -78,66 +82,25 @@ LARGE_MILP_COLS = 5000
 
 def size_backend(milp) -> str:
     """The default backend for a model of this size (when the user named none)."""
-    if milp.num_cols > LARGE_MILP_COLS and "highs" in available_backends():
+    if milp.num_cols > LARGE_MILP_COLS and BACKENDS["highs"].available():
         return "highs"
     return default_backend()
 
 
-#: an LP bound this close below the cutoff leaves the MILP mostly a proof
-#: (:attr:`MILP.incumbent_near`)
-NEAR_CUTOFF = 0.02
+def _solve_capped(milp, model: ShardingModel, capacity_bytes: float,
+                  memory_of: Callable[[np.ndarray], float], backend: str | None,
+                  time_limit_s: float | None, mip_rel_gap: float, lp_first: bool,
+                  cutoff: float) -> SolveResult:
+    """Solve a candidate's MILP LP first (:func:`solve_lp_first`; the user's ``backend``, or by
+    size), no plan over the memory cap (:func:`solve_within_capacity`)."""
+    chosen = backend or size_backend(milp)
 
+    def attempt(m, tl: float | None) -> SolveResult:
+        return solve_lp_first(m, chosen, tl, mip_rel_gap, lp_first, cutoff,
+                              branch=backend is None, named=backend is not None)
 
-def solve_lp_first(milp, backend: str, time_limit_s: float | None,
-                   mip_rel_gap: float, lp_first: bool = True,
-                   cutoff: float = float("inf"), branch: bool = False) -> SolveResult:
-    """Solve the LP relaxation first: where it is infeasible, or integral, it is already the
-    answer (and the proof); otherwise solve the MILP with ``backend``, after **reduced-cost
-    fixing** against ``cutoff`` (the objective of a known plan): every solution satisfies
-    :math:`z \\ge z_{LP} + \\sum_j d_j x_j` for the LP's reduced costs :math:`d_j \\ge 0` of
-    columns at zero, so a column with :math:`z_{LP} + d_j >` cutoff is 0 in every plan at
-    least as good as the known one and is fixed there (exact), and removed from the model. An
-    LP bound within ``NEAR_CUTOFF`` of the cutoff marks the MILP :attr:`~MILP.incumbent_near`.
-    With ``branch`` (no backend named by the user) the MILP goes to the LP branch and bound of
-    :mod:`autoddl.formulations.branching` first, and to ``backend`` only if that gives up."""
-    if not lp_first:
-        return solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
-    lp_backend = "highs" if "highs" in available_backends() else backend
-    t0 = time.perf_counter()
-    lp = solve(dataclasses.replace(milp, integrality=np.zeros_like(milp.integrality)),
-               backend=lp_backend, time_limit_s=time_limit_s)
-    if lp.status is SolveStatus.INFEASIBLE:
-        return dataclasses.replace(lp, backend=f"{lp_backend} (LP)")
-    if lp.status is SolveStatus.OPTIMAL and lp.x is not None:
-        xi = lp.x[milp.integrality]
-        if np.all(np.abs(xi - np.round(xi)) <= 1e-7):
-            x = lp.x.copy()
-            x[milp.integrality] = np.round(xi)
-            if milp.is_feasible(x):
-                obj = milp.evaluate(x)
-                return SolveResult(f"{lp_backend} (LP, integral)", SolveStatus.OPTIMAL, x, obj,
-                                   lp.objective, relative_gap(obj, lp.objective),
-                                   time.perf_counter() - t0)
-    dual = lp.extra.get("col_dual")
-    full = milp
-    keep = np.ones(milp.num_cols, bool)
-    if lp.status is SolveStatus.OPTIMAL and dual is not None and np.isfinite(cutoff):
-        slack = cutoff - lp.objective + 1e-6 * max(1.0, abs(cutoff))
-        keep = ~((lp.x <= 1e-9) & (dual > slack)) & (milp.col_upper > 0.0)
-        # the fixed columns leave the model: solvers' presolve would spend seconds on them
-        milp = dataclasses.replace(restrict_columns(milp, keep),
-                                   incumbent_near=lp.objective >= cutoff * (1 - NEAR_CUTOFF))
-    def left() -> float | None:
-        return None if time_limit_s is None else max(time_limit_s - (time.perf_counter() - t0),
-                                                     1e-3)
-    r = branch_and_bound(milp, mip_rel_gap, left()) if branch else None
-    if r is None:
-        r = solve(milp, backend=backend, time_limit_s=left(), mip_rel_gap=mip_rel_gap)
-    if r.x is not None and not keep.all():
-        x = np.zeros(full.num_cols)
-        x[keep] = r.x
-        r = dataclasses.replace(r, x=x)
-    return dataclasses.replace(r, time_s=time.perf_counter() - t0)
+    return solve_within_capacity(milp, model.memory_rows, capacity_bytes, memory_of, attempt,
+                                 time_limit_s)
 
 
 def solve_sharding(costed: CostedGraph, backend: str | None = None,
@@ -148,8 +111,10 @@ def solve_sharding(costed: CostedGraph, backend: str | None = None,
     model = ShardingModel(costed.problem, cutoff)
     milp = model.milp()
     build_s = time.perf_counter() - t0
-    r = solve_lp_first(milp, backend or size_backend(milp), time_limit_s, mip_rel_gap, lp_first,
-                       cutoff, branch=backend is None)
+    p = costed.problem
+    r = _solve_capped(milp, model, p.memory_capacity_bytes,
+                      lambda x: p.evaluate(model.choice(x))[1], backend, time_limit_s,
+                      mip_rel_gap, lp_first, cutoff)
     choice = stage = None
     if r.has_solution:
         choice = _decode(costed, model, r.x)
@@ -164,13 +129,16 @@ def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: Mesh
                    balance_eps: float = 0.1, backend: str | None = None,
                    time_limit_s: float | None = None, mip_rel_gap: float = 1e-6,
                    tied: tuple[tuple[str, ...], ...] = ()) -> Candidate:
-    """Solve the joint stage + sharding ILP of one (K, stage mesh)."""
+    """Solve the joint stage + sharding ILP of one (K, stage mesh), its LP relaxation first (so
+    that a solve cut short keeps the LP's bound)."""
     t0 = time.perf_counter()
     problem = build_pipeline_problem(costed, stages, microbatches, pp, balance_eps, tied)
     model = PipelineModel(problem)
     milp = model.milp()
     build_s = time.perf_counter() - t0
-    r = solve(milp, backend=backend, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    r = _solve_capped(milp, model, problem.sharding.memory_capacity_bytes,
+                      lambda x: problem.evaluate(model.choice(x), model.stages_of(x))[1],
+                      backend, time_limit_s, mip_rel_gap, True, float("inf"))
     choice = stage = None
     if r.has_solution:
         choice = _decode(costed, model, r.x)
@@ -223,8 +191,9 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     model = ShardingModel(problem, cutoff - bubble)
     milp = model.milp()
     build_s = time.perf_counter() - t0
-    r = solve_lp_first(milp, backend or size_backend(milp), time_limit_s, mip_rel_gap, lp_first,
-                       cutoff - bubble, branch=backend is None)
+    r = _solve_capped(milp, model, problem.memory_capacity_bytes,
+                      lambda x: problem.evaluate(model.choice(x))[1], backend, time_limit_s,
+                      mip_rel_gap, lp_first, cutoff - bubble)
     r = dataclasses.replace(r, objective=None if r.objective is None else r.objective + bubble,
                             bound=None if r.bound is None else r.bound + bubble)
     choice = stage = None
@@ -248,7 +217,7 @@ def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
                                            e.memory_bytes * (e.group == g), np.inf),
                                   e.memory_bytes) for e in p.edges)
         model = ShardingModel(ShardingProblem(nodes, edges, float("inf")))
-        r = solve(model.milp(), backend=backend)
+        r = solve_or_fall_back(model.milp(), backend, named=backend is not None)
         need = max(need, float(r.objective) if r.has_solution else float("inf"))
     return need
 
@@ -256,13 +225,15 @@ def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
 def min_pipeline_memory_bytes(problem: PipelineProblem, backend: str | None = None) -> float:
     """The least worst-stage memory per device any plan of a pipeline problem needs."""
     model = PipelineModel(problem, minimize_memory=True)
-    r = solve(model.milp(), backend=backend)
+    r = solve_or_fall_back(model.milp(), backend, named=backend is not None)
     return model.memory_of(float(r.objective)) if r.has_solution else float("inf")
 
 
 def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[dict],
-            total_time_s: float, schedule: str) -> Plan:
-    """Turn a solved candidate into a :class:`Plan`."""
+            total_time_s: float, schedule: str, proof: dict | None = None) -> Plan:
+    """Turn a solved candidate into a :class:`Plan`; ``proof``: entries for the solver record
+    (``proof_capacity_bytes``, ``fallback``). Timings go to :attr:`Plan.timings`, not the
+    records."""
     costed, r = c.costed, c.result
     names = costed.mesh.names
     assert c.choice is not None and c.stage is not None
@@ -292,14 +263,16 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
                                         if c.stage[n.name] == k) for k in range(c.stages)]}
     memory = cost.pop("memory")
     solver = {"backend": r.backend, "status": r.status.value, "objective": r.objective,
-              "bound": r.bound, "gap": r.gap, "time_s": total_time_s,
-              "mesh_solve_time_s": r.time_s}
+              "bound": r.bound, "gap": r.gap, **(proof or {})}
+    records = [split_timings(rec) for rec in candidates]
+    timings = {"total_s": total_time_s, "solve_s": r.time_s,
+               "candidates": [t for _, t in records]}
     return Plan(model=model_info, cluster={**cluster.to_dict(), "spec": cluster.spec},
                 mesh=costed.mesh.to_dict(),
                 training={"optimizer": costed.config.optimizer,
                           "recompute": costed.config.recompute},
                 ops=tuple(ops), cost=cost, memory=memory, solver=solver,
-                candidates=tuple(candidates), pipeline=pipeline)
+                candidates=tuple(rec for rec, _ in records), pipeline=pipeline, timings=timings)
 
 
 def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
@@ -323,6 +296,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     (``model["fallback_ops"]``); ``strict_rules`` makes them an error instead.
     """
     t0 = time.perf_counter()
+    preload()  # solver libraries imported now, before screening forks or any thread starts
     if schedule not in SCHEDULES:
         raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if not 0 <= balance_eps:
@@ -380,6 +354,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
             jobs.append(Job(str(mesh), 1, mesh.shape,
                             lambda mesh=mesh: sharding_job(g, mesh, mult)))
     n_layers = reduced.layers if reduced else 0
+    mb_blocks = None
     if microbatch_graph is not None and stages != 1:
         check_rules(microbatch_graph)
         mb_blocks = find_blocks(microbatch_graph) if reduced else None
@@ -394,19 +369,19 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
             jobs.append(Job(f"pp{k} × {smesh}", k, smesh.shape,
                             lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
     if not jobs:
+        layers_too = (f" and, with repeated layers, divide the {n_layers} layers"
+                      if n_layers and mb_blocks is not None else "")
         raise UserError(f"no candidate with {stages} pipeline stages: the stage count must "
                         f"divide the {cluster.num_devices} devices and be at most the "
-                        f"{microbatches} micro-batches")
+                        f"{microbatches} micro-batches{layers_too}")
     found = search(jobs, mip_rel_gap=mip_rel_gap, time_limit_s=time_limit_s, screen=screen,
                    workers=workers, log=log)
     best = found.best
     if best is None:
         if found.timed_out:
             raise SolverError("no plan found within the time limit; raise --time-limit")
-        _raise_no_plan(found.solved, cluster, backend or default_backend(), balance_eps)
-    if best.result.status is SolveStatus.FEASIBLE:
-        print(f"warning: time limit reached: the plan is within {100 * (best.result.gap or 1):.3g}"
-              " % of optimal (gap to the best bound)", file=sys.stderr)
+        _raise_no_plan(found.solved, cluster, backend, balance_eps)
+    proof = _proof(found, time_limit_s)
     candidates = found.records
     g = best.costed.graph
     info = {"spec": model_spec, "graph_hash": g.digest(), "num_ops": len(g.ops),
@@ -416,7 +391,35 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     if reduced is not None:
         info["repeat"] = {"layers": reduced.layers, "container": reduced.container,
                           "block_size": reduced.block_size}
-    return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule)
+    return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule, proof)
+
+
+def _proof(found, time_limit_s: float | None) -> dict:
+    """Warn on stderr where the proof stopped short of the requested gap (naming the time limit
+    only when one was given and hit) and return what limits it, for the plan's solver record:
+    the memory per device a tightened solve's bound covers, the solver that stood in for a
+    crashed one."""
+    r = found.best.result
+    if r.status is SolveStatus.FEASIBLE:
+        within = f"the plan is within {100 * (r.gap if r.gap is not None else 1):.3g} % of optimal"
+        if time_limit_s is not None and found.timed_out:
+            print(f"warning: time limit reached: {within} (gap to the best bound)",
+                  file=sys.stderr)
+        else:
+            why = "; ".join(sorted({c.result.message for c in found.solved
+                                    if c.result.status not in (SolveStatus.OPTIMAL,
+                                                               SolveStatus.INFEASIBLE)
+                                    and c.result.message}))
+            print(f"warning: {within} (gap to the best bound)" + (f": {why}" if why else ""),
+                  file=sys.stderr)
+    proof: dict = {}
+    caps = [c.result.extra["proof_capacity_bytes"] for c in found.solved
+            if "proof_capacity_bytes" in c.result.extra]
+    if caps:
+        proof["proof_capacity_bytes"] = min(caps)
+    if r.extra.get("fallback"):
+        proof["fallback"] = r.extra["fallback"]
+    return proof
 
 
 def largest_consumers(costed: CostedGraph, count: int = 3) -> str:
@@ -427,7 +430,7 @@ def largest_consumers(costed: CostedGraph, count: int = 3) -> str:
     return ", ".join(f"{name} {format_bytes(b)}" for b, name in need[:count])
 
 
-def _raise_no_plan(solved: list[Candidate], cluster: Cluster, backend: str,
+def _raise_no_plan(solved: list[Candidate], cluster: Cluster, backend: str | None,
                    balance_eps: float) -> None:
     statuses = {c.result.status for c in solved}  # no best: no cutoff was ever applied
     if statuses <= {SolveStatus.INFEASIBLE}:

@@ -25,8 +25,12 @@ point in it from below. Nodes are expanded best bound first:
 Every integral point of a node picks one column of :math:`G`, so it lies in exactly one child: the
 search is complete, and its answer exact. At the end :math:`U` is optimal within the gap (or, with
 no incumbent, the model is infeasible: with a cutoff row, "nothing beats the cutoff"). The search
-gives up after ``max_lps`` LPs or at its time limit and returns None: the caller then hands the
-model to a general MILP solver. This module imports HiGHS (``highspy``) lazily, for the LPs.
+gives up after ``max_lps`` LPs or at its time limit: it then returns what it has, status FEASIBLE
+(an incumbent) or NO_SOLUTION, with ``extra["gave_up"] = True`` and the **tree bound**, the least
+LP bound over the open nodes, the node in hand and the pruned leaves (every integral point lies in
+one of them, so it bounds them all; None before the root LP is solved); the caller then hands the
+model to a general MILP solver and keeps the better of the two bounds. This module imports HiGHS
+(``highspy``, through its one loader) lazily, for the LPs.
 """
 
 from __future__ import annotations
@@ -75,10 +79,10 @@ class _LP:
     """The LP relaxation in one HiGHS object, re-solved warm after bound changes."""
 
     def __init__(self, milp: MILP) -> None:
-        import highspy
-
         from autoddl.formulations.backends._common import objective_scale
-        from autoddl.formulations.backends._highs import configure, new_highs, pass_model
+        from autoddl.formulations.backends._highs import (
+            configure, load_highspy, new_highs, pass_model,
+        )
 
         self.milp = milp
         self.scale = objective_scale(milp.c)
@@ -87,7 +91,7 @@ class _LP:
         h.setOptionValue("presolve", "off")  # see _highs.tune: a pure LP runs unpresolved
         pass_model(h, dataclasses.replace(milp, integrality=np.zeros_like(milp.integrality)),
                    self.scale)
-        self.optimal = highspy.HighsModelStatus.kOptimal
+        self.optimal = load_highspy().HighsModelStatus.kOptimal
         self.all_cols = np.arange(milp.num_cols, dtype=np.int32)
         self.solves = 0
 
@@ -168,10 +172,23 @@ def _dive(lp: _LP, milp: MILP, groups: list[np.ndarray], upper: np.ndarray, x: n
     return None
 
 
+def _gave_up(milp: MILP, best_x: np.ndarray | None, best_obj: float, bound: float,
+             t0: float, lps: int) -> SolveResult:
+    """The result of a search that stopped early: its incumbent (if any) and tree bound."""
+    b = None if not np.isfinite(bound) else min(bound, best_obj)
+    status = SolveStatus.FEASIBLE if best_x is not None else SolveStatus.NO_SOLUTION
+    obj = None if best_x is None else best_obj
+    return SolveResult("highs (LP branch and bound)", status, best_x, obj, b,
+                       relative_gap(obj, b), time.perf_counter() - t0,
+                       f"LP branch and bound gave up after {lps} LPs",
+                       {"lps": lps, "gave_up": True})
+
+
 def branch_and_bound(milp: MILP, mip_rel_gap: float, time_limit_s: float | None = None,
                      max_lps: int = MAX_LPS) -> SolveResult | None:
     """Solve ``milp`` by LP branch and bound over its one-hot groups (module docstring); None
-    when it has no such structure, HiGHS is missing, or the search gives up."""
+    when it has no such structure or HiGHS is missing. A search that gives up (``max_lps``,
+    the time limit) returns its incumbent and tree bound with ``extra["gave_up"]``."""
     from autoddl.formulations.backends._highs import HighsBackend
 
     if not HighsBackend().available():
@@ -195,6 +212,9 @@ def branch_and_bound(milp: MILP, mip_rel_gap: float, time_limit_s: float | None 
     heap: list[tuple[float, int, np.ndarray]] = [(-INF, 0, np.zeros(0, np.int64))]
     # a model cut off near its LP bound is mostly a proof: no plan to dive for at the root
     tick, next_dive = 1, DIVE_EVERY if milp.incumbent_near else 0
+    def open_bound(bound: float) -> float:  # every integral point not yet excluded
+        return min([low, bound] + [b for b, _, _ in heap])
+
     while heap:
         bound, _, fixed = heapq.heappop(heap)
         if bound >= best_obj * (1 - mip_rel_gap):
@@ -202,19 +222,19 @@ def branch_and_bound(milp: MILP, mip_rel_gap: float, time_limit_s: float | None 
             continue
         remaining = deadline - time.perf_counter()
         if lp.solves >= max_lps or remaining <= 0:
-            return None
+            return _gave_up(milp, best_x, best_obj, open_bound(bound), t0, lp.solves)
         upper = milp.col_upper.copy()
         upper[fixed] = 0.0
         z, x, duals, finished = lp.solve(upper, remaining)
         if not finished:
-            return None
+            return _gave_up(milp, best_x, best_obj, open_bound(bound), t0, lp.solves)
         if x is None or z >= best_obj * (1 - mip_rel_gap):
             low = min(low, z)
             continue
         if not _fractional(groups, x):
             xr = _integral(milp, x)
-            if xr is None:
-                return None  # integral but infeasible beyond tolerance: leave it to a MILP solver
+            if xr is None:  # integral but infeasible beyond tolerance: leave it to a MILP solver
+                return _gave_up(milp, best_x, best_obj, open_bound(z), t0, lp.solves)
             if milp.evaluate(xr) < best_obj:
                 best_x, best_obj = xr, milp.evaluate(xr)
             low = min(low, z)

@@ -142,7 +142,7 @@ class PipelineProblem:
             for st in stage_sets:
                 stage = np.array(st)
                 cost, mem = self.evaluate(choice, stage)
-                if cost < best - 1e-15 and within_capacity(mem, p.memory_capacity_bytes):
+                if cost < best * (1 - 1e-12) and within_capacity(mem, p.memory_capacity_bytes):
                     best, arg = cost, (choice, stage)
         return best, arg
 
@@ -321,6 +321,7 @@ class PipelineModel(ShardingModel):
         elif np.isfinite(cap) and top > cap:
             for n_cols, n_big in rows:
                 if n_cols:
+                    self.memory_rows.append(len(self._rlo))
                     self._add_row(np.array(n_cols), np.array(n_big) / cap, -INF, 1.0)
 
     # ---------------------------------------------------------------- output

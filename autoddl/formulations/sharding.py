@@ -38,12 +38,14 @@ import numpy as np
 
 from autoddl.formulations.milp import INF, MILP
 
-#: relative slack of the memory rows' right-hand side when checking a plan outside a solver
-MEMORY_RTOL = 1e-9
+#: relative slack allowed when checking a plan's memory against the cap outside a solver: float
+#: rounding of a sum of terms (a few ulps of 1e-16 each) only, never a solver's tolerance (1e-7:
+#: a byte of a 48 MB cap); below a byte for any device memory under 1 TB
+MEMORY_RTOL = 1e-12
 
 
 def within_capacity(memory_bytes: float, capacity_bytes: float) -> bool:
-    """Whether a plan's memory fits a device (up to :data:`MEMORY_RTOL`)."""
+    """Whether a plan's memory fits a device (up to float rounding, :data:`MEMORY_RTOL`)."""
     return memory_bytes <= capacity_bytes * (1 + MEMORY_RTOL)
 
 
@@ -124,7 +126,7 @@ def bound_pruning(problem: ShardingProblem, cutoff: float) -> tuple[list, list, 
         col = c.min(axis=0) - m  # per consumer key
         lift[e.src] = lift[e.src] + row[e.src_key]
         lift[e.dst] = lift[e.dst] + col[e.dst_key]
-    tol = cutoff * 1e-9 + 1e-15
+    tol = abs(cutoff) * 1e-9  # relative: costs are seconds of any magnitude
     keep_nodes = [lb0 + lf <= cutoff + tol for lf in lift]
     keep_edges = []
     for e, c, m in zip(edges, finite, edge_min):
@@ -173,6 +175,8 @@ class ShardingModel:
         self._rhi: list[float] = []
         self.num_cols = 0
         self.x_start: list[int] = []
+        #: the memory rows (memory / capacity <= 1), one per memory group that can bind
+        self.memory_rows: list[int] = []
         self.y_blocks: list[tuple[int, np.ndarray, np.ndarray] | None] = []
         self._add_x()
         self.one_hot()
@@ -265,6 +269,7 @@ class ShardingModel:
         for g in np.unique(groups):
             nz = np.nonzero((groups == g) & (mem != 0))[0]
             if len(nz) and mem[nz].sum() > cap:  # a row that cannot bind is left out
+                self.memory_rows.append(len(self._rlo))
                 self._add_row(nz, mem[nz] / cap, -INF, 1.0)
 
     # ---------------------------------------------------------------- output

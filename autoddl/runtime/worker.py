@@ -305,6 +305,24 @@ class _Piped:
         return self.runner.full_params()
 
 
+def _sync_reference(trainer: Any, model: torch.nn.Module, pipelined: bool) -> None:
+    """Give the single-process reference the run's current weights (collective), so that each
+    checked step compares loss and gradients computed from the same weights. Without it, Adam
+    turns rounding differences of the order of 1e-7 in near-zero gradients into weight
+    differences of 1e-4 after one update (its step is lr x m/sqrt(v), about lr whatever the
+    gradient's size), and the next step's gradients then differ by more than the tolerance
+    for no fault of the plan."""
+    mine = {k: v.detach().cpu() for k, v in trainer.full_params().items()}
+    if pipelined:  # each rank holds its stage's parameters: share them
+        rows: list = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, mine)
+        mine = {k: v for row in rows for k, v in row.items()}
+    with torch.no_grad():
+        for k, p in all_params(model).items():
+            if k in mine:
+                p.copy_(mine[k].to(p.device))
+
+
 def _max_all(value: float, device) -> float:
     """The largest ``value`` over all ranks (collective)."""
     t = torch.tensor(value, dtype=torch.float64, device=device)
@@ -404,6 +422,8 @@ def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float,
         value = trainer.loss_value(raw)
         msg = f"step {step}: loss {value:.6f}"
         if check:
+            if step > start:
+                _sync_reference(trainer, model, bool(plan.pipeline))
             ref_opt.zero_grad()
             ref_loss = model(*inputs)
             ref_loss.backward()

@@ -8,12 +8,22 @@ which drives the same library.
 Silence: ``highspy`` prints a banner to C stdout when the first ``Highs`` object of the process is
 constructed, before any option can be set; :func:`new_highs` constructs that first object with
 file descriptor 1 pointed at /dev/null, and every object gets ``output_flag=false``.
+
+Loading: every use of ``highspy`` in this package goes through :func:`load_highspy`, which imports
+it once per process, under a lock. ``highspy``'s pybind11 module cannot be initialised twice: an
+import that failed or raced half way left ``ImportError: generic_type: type "ObjSense" is already
+registered!`` for every later one. The planner loads it up front
+(:func:`autoddl.formulations.backends.preload`), before any screening process forks or any thread
+exists, so no import happens while other threads run.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import threading
 import time
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,17 +41,28 @@ from autoddl.formulations.backends._common import (
 from autoddl.formulations.milp import MILP, SolveResult, SolveStatus
 
 _banner_done = False
+_highspy: ModuleType | None = None
+_load_lock = threading.Lock()
 
 # HiGHS C-API constants for passModel's raw-array overload.
 _COLWISE = 1
 _MINIMIZE = 1
 
 
+def load_highspy() -> ModuleType:
+    """The ``highspy`` module, imported once per process (the one loader of this package)."""
+    global _highspy
+    if _highspy is None:
+        with _load_lock:
+            if _highspy is None:
+                _highspy = importlib.import_module("highspy")
+    return _highspy
+
+
 def new_highs() -> Any:
     """A silent ``highspy.Highs`` object (the process' first one is built with stdout muted)."""
     global _banner_done
-    import highspy
-
+    highspy = load_highspy()
     if not _banner_done:
         with stdout_silenced():
             h = highspy.Highs()
@@ -63,8 +84,7 @@ def highs_threads() -> int:
     """
     global _threads
     if _threads is None:
-        import highspy
-
+        highspy = load_highspy()
         probe = new_highs()
         probe.setOptionValue("threads", MAX_THREADS)
         probe.addVar(0.0, 1.0)
@@ -130,8 +150,7 @@ def highs_outcome(h: Any, milp: MILP) -> tuple[SolveStatus, bool, float | None, 
     any kind (time, iterations, solutions, interrupt, objective target) give FEASIBLE with a
     solution, NO_SOLUTION without.
     """
-    import highspy
-
+    highspy = load_highspy()
     ms = highspy.HighsModelStatus
     status = h.getModelStatus()
     info = h.getInfo()
@@ -178,9 +197,7 @@ class HighsBackend(Backend):
         tune(h, milp)
         scale = objective_scale(milp.c)
         rc = pass_model(h, milp, scale, csc)
-        import highspy
-
-        if rc == highspy.HighsStatus.kError:
+        if rc == load_highspy().HighsStatus.kError:
             return finish(self.name, milp, SolveStatus.ERROR, None, None, t0,
                           "HiGHS rejected the model (passModel)")
         h.run()  # the model status, not run()'s return code, says what happened

@@ -14,8 +14,11 @@ exactly as it does MathOpt's). ``import pulp`` loads highspy's ``_core`` library
 ``RTLD_GLOBAL``; if OR-Tools' native library is loaded *after* that, its bundled (older, 1.12)
 HiGHS binds to highspy's (1.16) symbols and segfaults in ``HighsSolveProto``. Once OR-Tools is
 loaded its bindings are fixed (Python loads extensions with ``RTLD_NOW``), so the pulp backends
-call :func:`preload` before importing pulp, and ``ortools-highs`` refuses (status ERROR, no crash)
-in a process where pulp got there first. SCIP, CBC and CP-SAT are unaffected.
+call :func:`preload` before importing pulp, and :class:`PywraplpBackend` ``("HIGHS")`` refuses
+(status ERROR, no crash) in a process where pulp got there first. SCIP, CBC and CP-SAT are
+unaffected. The registered OR-Tools backends run these classes in a worker process
+(:mod:`~autoddl.formulations.backends._isolated`) that never imports pulp, so there
+``ortools-highs`` works whatever the planner's process imported first.
 
 OR-Tools' HiGHS returns no incumbent when its time limit hits (MPSolver status 99): such runs are
 NO_SOLUTION even when HiGHS had found solutions; use the ``highs`` backend for time-limited runs.

@@ -33,8 +33,12 @@ from autoddl.formulations.milp import MILP, SolveResult, SolveStatus
 
 
 def _import_pulp() -> Any:
-    """Import pulp, after OR-Tools' native library (if installed) so both can coexist."""
+    """Import pulp, after OR-Tools' native library (if installed) so both can coexist, and after
+    ``highspy`` (through its one loader, :func:`~autoddl.formulations.backends._highs.load_highspy`)
+    so that pulp finds it imported."""
     _ortools.preload()
+    if importlib.util.find_spec("highspy") is not None:
+        _highs.load_highspy()
     import pulp
 
     return pulp
