@@ -324,3 +324,16 @@ def test_plans_are_checked_against_the_models_graph(cli, work, monkeypatch, edit
     (work / "bad.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match=fragment):
         match_plan(load_plan(work / "bad.json"), graph)
+
+
+def test_json_and_save_into_read_only_places_are_refused_first(cli, work):
+    p = cli(["compare", "--model", "m.py:ok", "--cluster", "c.toml", "--json",
+             "/proc/autoddl-rows.json"], work, MARK=str(work / "mark"))
+    _one_line_error(p, "cannot write in folder")
+    assert not (work / "mark").exists()
+    assert cli(["plan", "--model", "m.py:ok", "--cluster", "c.toml", "-o", "p.json",
+                "--stages", "1"], work).returncode == 0
+    for folder, fragment in (("/proc/autoddl-ck", "cannot create folder"),
+                             ("p.json", "is the plan file"), ("m.py", "is not a folder")):
+        _one_line_error(cli(["run", "p.json", "--save", folder], work), fragment)
+    assert (work / "m.py").read_text() == MODEL
