@@ -7,23 +7,26 @@ local cost (:func:`greedy_assign`); the plan is then costed by the functions the
 :class:`~autoddl.engine.plan.Plan`. Every baseline's plan lies in the ILP's search space, so the
 ILP's optimum is never worse (the tests check it). With Ψ the bytes of the weights and N devices:
 
-* **DDP**: 1-axis mesh of all N devices, batch split, weights replicated. Each weight's gradient
-  comes back ``P`` and is all-reduced: 2(N−1)/N · Ψ bytes sent per device per step.
+* **DDP**: 1-axis mesh of all N devices, the user's inputs split by batch (constant leaves:
+  masks, position ids, tables, placed as their readers need), weights replicated. Each weight's
+  gradient comes back ``P`` and is all-reduced: 2(N−1)/N · Ψ bytes sent per device per step.
 * **ZeRO-1 / ZeRO-2**: as DDP, optimizer states (ZeRO-2: and gradients) divided over the N
   devices. Reduce-scatter + all-gather move the all-reduce's bytes, 2(N−1)/N · Ψ; memory per
   weight 2 + k/N resp. 1 + (1+k)/N copies instead of 2 + k (k optimizer states).
 * **ZeRO-3 (FSDP)**: each weight stored split over the N devices (its first divisible dim),
   all-gathered for use in forward, gathered again in backward, its gradient reduce-scattered:
   3(N−1)/N · Ψ, 1.5× DDP, for (2 + k)/N copies.
-* **Megatron TP + DP**: mesh (d, t), t within a node. The layers are found structurally: a
-  transformer layer is the scope of an attention op; its linears whose output feeds a residual
-  add are row-parallel (weight split on its input dim, output ``P``), the others column-parallel
-  (weight and bias split on the output dim); embedding tables are split by vocabulary rows, an
-  LM head (a linear outside the layers whose output size is a vocabulary) column-parallel.
-  Per layer forward: two all-reduces of b·s·h elements on the t axis (after the attention
-  projection and the second MLP linear); backward: one all-reduce per column-parallel reader of
-  the layer's normalized inputs (two with fused QKV, as in the paper; this GPT's separate q, k, v
-  make it four).
+* **Megatron TP + DP**: mesh (d, t), t within a node. The layers are found structurally, pre-LN
+  or post-LN (:mod:`autoddl.engine.megatron`): a transformer layer is the scope of an attention
+  op; its linears whose output reaches a residual add (through dropout, views, casts) are
+  row-parallel (weight split on its input dim, output ``P``, all-reduced right there), the others
+  column-parallel (weight and bias split on the output dim); the vocabulary's embedding table is
+  split by rows, an LM head column-parallel (both kept whole when t does not divide the
+  vocabulary, which Megatron pads). Per layer forward: two all-reduces of b·s·h elements on the
+  t axis (after the attention projection and the second MLP linear); backward: one all-reduce
+  per column-parallel reader of the layer's normalized inputs (two with fused QKV, as in the
+  paper; separate q, k, v make it four). A fused QKV (GPT-2, ViT) is split contiguously, not by
+  heads as Megatron permutes it, so its q, k, v slices are gathered.
 * **PTD-P grid** (Megatron-LM SC'21): every (t, p, d) with t·p·d = N, t dividing the GPUs of a
   node, p dividing the layers and at most the micro-batches; mesh (pp=p, d, t), the pipeline
   across nodes first, equal runs of layers per stage (1F1B), tensor and data parallel inside each
