@@ -26,6 +26,7 @@ from autoddl.engine.costs import predicted_collectives
 from autoddl.engine.plan import load_plan, save_plan
 from autoddl.engine.search import balanced_cuts
 from autoddl.engine.workload import Workload, load_workload, plan_from_choice
+from autoddl.engine.zoo import ensure_torchvision_importable
 from tests.helpers import cluster, run_checked
 
 MLP = "mlp:batch=64,dim_in=64,hidden=256,layers=2,dim_out=64"
@@ -99,6 +100,73 @@ def test_megatron_all_reduces_b_s_h_twice_per_layer_each_way():
     assert sorted(roles[n.inputs[1]] for n in g.ops if n.target == bl.LINEAR
                   and n.scope == "blocks.0") == ["col"] * 2 + ["row"] * 2
     assert roles["p_tok_emb_weight"] == "vocab" and roles["p_head_weight"] == "col"
+
+
+#: per library model: the layer-0 weights Megatron splits row-parallel (those feeding the
+#: residual add, through dropout in BERT's post-LN and ViT's layers), by fully qualified name
+REAL_ROWS = {
+    "hf-bert": ("layer.0.attention.output.dense.weight", "layer.0.output.dense.weight"),
+    "hf-gpt2": ("h.0.attn.c_proj.weight", "h.0.mlp.c_proj.weight"),
+    "hf-llama": ("layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"),
+    "timm-vit": ("blocks.0.attn.proj.weight", "blocks.0.mlp.fc2.weight"),
+}
+
+
+def _real_work(name: str, devices: int = 4, nodes: int = 1) -> Workload:
+    """A small library model (the configurations of ``tests/test_zoo.py``) on 4 devices."""
+    ensure_torchvision_importable()
+    for lib in ("transformers", "timm"):
+        pytest.importorskip(lib)
+    from tests.test_zoo import SMALL
+
+    return _work(SMALL[name], devices, nodes, 2**40, microbatches=2)
+
+
+@pytest.mark.parametrize("name", sorted(REAL_ROWS))
+def test_megatron_finds_pre_and_post_ln_layers_of_library_models(name):
+    """Row-parallel: exactly the two linears per layer that feed the residual add (split on
+    their input features); every other linear of the layer column-parallel with its bias."""
+    g = _real_work(name).sharding_graph
+    layout = bl.megatron_layout(g)
+    fqn = {n.name: n.fqn for n in g.params}
+    layer0 = {fqn[p]: s for p, s in layout.items() if ".0." in fqn[p]}
+    rows = sorted(f for f, s in layer0.items() if s.role == "row")
+    assert rows == sorted(f for f in layer0 if f.endswith(REAL_ROWS[name])), layer0
+    assert len(rows) == 2
+    for f, s in layer0.items():
+        in_dim = 0 if name == "hf-gpt2" else 1  # GPT-2's Conv1D weights are (in, out)
+        assert s.dim == (in_dim if s.role == "row" else 1 - in_dim if f.endswith("weight")
+                         else 0), (f, s)
+        assert s.role in ("row", "col") and not s.padded
+    assert len(layer0) >= 4 + (name != "hf-llama")  # LLaMA's linears have no biases
+
+
+def test_constant_leaves_do_not_define_the_batch():
+    """BERT's (1, s) position ids and its mask are constants: DDP splits the user's tokens and
+    targets over the batch and lets the constants be placed as their readers need."""
+    work = _real_work("hf-bert")
+    g = work.sharding_graph
+    consts = [n for n in g.nodes if n.target == "const"]
+    assert any(n.out.shape[0] == 1 for n in consts)  # would not divide the 4 devices
+    costed = work.costed(work.mesh((4,)))
+    fixed = bl.batch_inputs(costed, 0)
+    assert set(fixed) == {n.name for n in g.user_inputs} == {"tokens", "targets"}
+    assert all(s.out == ("S(0)",) for s in fixed.values())
+    assert bl.data_parallel(work).plan is not None
+
+
+@pytest.mark.parametrize("name", sorted(REAL_ROWS))
+def test_every_baseline_applies_to_library_transformers(name):
+    """Every baseline row of ``compare`` applies to BERT, GPT-2, LLaMA and ViT, and costs no
+    less than the ILP's plan (its space contains them)."""
+    rows, _ = compare(_real_work(name))
+    ilp = rows[0]
+    assert ilp.method == ILP and ilp.fits
+    for r in rows[1:]:
+        assert r.applicable and r.fits, (r.method, r.note)
+        assert ilp.total_s <= r.total_s * (1 + 1e-9) + 1e-15, (r.method, r.config)
+    mega = {r.method: r.config for r in rows if r.method.startswith("Megatron")}
+    assert mega["Megatron TP+DP"].startswith(("t=2", "t=4")), mega
 
 
 def test_megatron_does_not_apply_without_attention():
@@ -236,3 +304,18 @@ def test_megatron_ptdp_plan_runs_checked(tmp_path):
     path = tmp_path / "ptdp.json"
     save_plan(out.plan, path)
     run_checked(path, steps=2, require=("all_reduce", "p2p"))
+
+
+@pytest.mark.dist
+def test_megatron_plan_of_bert_runs_checked(tmp_path):
+    """Megatron TP+DP (t=2, d=2) on a small post-LN BERT, 4 gloo ranks: `autoddl run --check`
+    executes it as predicted (losses, gradients, bytes per axis and kind)."""
+    work = _real_work("hf-bert")
+    out = bl.ptdp(load_workload(work.spec_text, "cpu:devices=4"), 2, 1, 2, "Megatron TP+DP")
+    assert out.plan is not None, out.note
+    split = {o.name for o in out.plan.ops if o.target == "param"
+             and any(p.startswith("S(") for p in o.out.values())}
+    assert any("output_dense_weight" in n for n in split), split  # row-parallel, post-LN
+    path = tmp_path / "megatron_bert.json"
+    save_plan(out.plan, path)
+    run_checked(path, steps=2, require=("all_reduce",))

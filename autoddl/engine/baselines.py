@@ -7,23 +7,26 @@ local cost (:func:`greedy_assign`); the plan is then costed by the functions the
 :class:`~autoddl.engine.plan.Plan`. Every baseline's plan lies in the ILP's search space, so the
 ILP's optimum is never worse (the tests check it). With Ψ the bytes of the weights and N devices:
 
-* **DDP**: 1-axis mesh of all N devices, batch split, weights replicated. Each weight's gradient
-  comes back ``P`` and is all-reduced: 2(N−1)/N · Ψ bytes sent per device per step.
+* **DDP**: 1-axis mesh of all N devices, the user's inputs split by batch (constant leaves:
+  masks, position ids, tables, placed as their readers need), weights replicated. Each weight's
+  gradient comes back ``P`` and is all-reduced: 2(N−1)/N · Ψ bytes sent per device per step.
 * **ZeRO-1 / ZeRO-2**: as DDP, optimizer states (ZeRO-2: and gradients) divided over the N
   devices. Reduce-scatter + all-gather move the all-reduce's bytes, 2(N−1)/N · Ψ; memory per
   weight 2 + k/N resp. 1 + (1+k)/N copies instead of 2 + k (k optimizer states).
 * **ZeRO-3 (FSDP)**: each weight stored split over the N devices (its first divisible dim),
   all-gathered for use in forward, gathered again in backward, its gradient reduce-scattered:
   3(N−1)/N · Ψ, 1.5× DDP, for (2 + k)/N copies.
-* **Megatron TP + DP**: mesh (d, t), t within a node. The layers are found structurally: a
-  transformer layer is the scope of an attention op; its linears whose output feeds a residual
-  add are row-parallel (weight split on its input dim, output ``P``), the others column-parallel
-  (weight and bias split on the output dim); embedding tables are split by vocabulary rows, an
-  LM head (a linear outside the layers whose output size is a vocabulary) column-parallel.
-  Per layer forward: two all-reduces of b·s·h elements on the t axis (after the attention
-  projection and the second MLP linear); backward: one all-reduce per column-parallel reader of
-  the layer's normalized inputs (two with fused QKV, as in the paper; this GPT's separate q, k, v
-  make it four).
+* **Megatron TP + DP**: mesh (d, t), t within a node. The layers are found structurally, pre-LN
+  or post-LN (:mod:`autoddl.engine.megatron`): a transformer layer is the scope of an attention
+  op; its linears whose output reaches a residual add (through dropout, views, casts) are
+  row-parallel (weight split on its input dim, output ``P``, all-reduced right there), the others
+  column-parallel (weight and bias split on the output dim); the vocabulary's embedding table is
+  split by rows, an LM head column-parallel (both kept whole when t does not divide the
+  vocabulary, which Megatron pads). Per layer forward: two all-reduces of b·s·h elements on the
+  t axis (after the attention projection and the second MLP linear); backward: one all-reduce
+  per column-parallel reader of the layer's normalized inputs (two with fused QKV, as in the
+  paper; separate q, k, v make it four). A fused QKV (GPT-2, ViT) is split contiguously, not by
+  heads as Megatron permutes it, so its q, k, v slices are gathered.
 * **PTD-P grid** (Megatron-LM SC'21): every (t, p, d) with t·p·d = N, t dividing the GPUs of a
   node, p dividing the layers and at most the micro-batches; mesh (pp=p, d, t), the pipeline
   across nodes first, equal runs of layers per stage (1F1B), tensor and data parallel inside each
@@ -42,17 +45,16 @@ import numpy as np
 
 from autoddl.engine.costs import CostedGraph
 from autoddl.engine.graph import OpGraph, OpNode
-from autoddl.engine.placements import B, S, Placement
+from autoddl.engine.megatron import (  # noqa: F401 (re-exported)
+    LINEAR, NotApplicable, Split, megatron_layout, megatron_roles,
+)
+from autoddl.engine.placements import B, P, S, Placement
 from autoddl.engine.plan import Plan, format_bytes
 from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_NONE, ZERO_REGATHER, ZERO_STATES, Signature,
 )
 from autoddl.engine.workload import Workload, plan_from_choice
 from autoddl.formulations.sharding import within_capacity
-
-
-class NotApplicable(Exception):
-    """A baseline that does not apply to a model or cluster; the message says why."""
 
 
 @dataclass
@@ -84,12 +86,6 @@ def fit_note(plan: Plan) -> str:
     if fits(plan):
         return ""
     return f"does not fit: needs {format_bytes(plan.memory['per_device_bytes'])} per device"
-
-
-SDPA = "aten.scaled_dot_product_attention.default"
-LINEAR = "aten.linear.default"
-EMBEDDING = "aten.embedding.default"
-_RESIDUAL = ("aten.add.Tensor",)
 
 
 # --------------------------------------------------------------------------- assignment
@@ -158,11 +154,11 @@ def leaf(costed: CostedGraph, name: str, placement: Placement, zero: int = ZERO_
 
 
 def batch_inputs(costed: CostedGraph, data_axis: int | None) -> dict[str, Signature]:
-    """Every user input split along its first dim (the batch) on ``data_axis``."""
+    """Every user input split along its first dim (the batch) on ``data_axis``. Constant leaves
+    (masks, position ids, tables, buffers) define no batch and are not fixed: each takes the
+    placement cheapest for its first reader (:func:`greedy_assign`)."""
     out = {}
-    for nd in costed.graph.nodes:
-        if nd.kind != "input":
-            continue
+    for nd in costed.graph.user_inputs:
         pl = [B] * costed.mesh.ndim
         if data_axis is not None and costed.mesh.shape[data_axis] > 1:
             size = costed.mesh.shape[data_axis]
@@ -238,54 +234,43 @@ def data_parallel(work: Workload, method: str = "DDP") -> Outcome:
 
 
 # --------------------------------------------------------------------------- Megatron
-def megatron_roles(g: OpGraph) -> dict[str, str]:
-    """Parameter -> Megatron role, found from the graph's structure: ``col`` (column-parallel
-    weight or bias), ``row`` (row-parallel weight), ``vocab`` (embedding table split by rows);
-    parameters not listed stay replicated. Raises :class:`NotApplicable` without attention."""
-    layers = {n.scope for n in g.ops if n.target == SDPA}
-    if not layers:
-        raise NotApplicable("no attention layers: Megatron splits transformer layers")
-    consumers: dict[str, list[OpNode]] = defaultdict(list)
-    for n in g.ops:
-        for i in n.inputs:
-            consumers[i].append(n)
-    vocab = {g[n.inputs[0]].out.shape[0] for n in g.ops
-             if n.target == EMBEDDING and g[n.inputs[0]].kind == "param"}
-    roles: dict[str, str] = {}
-    for n in g.ops:
-        if n.target == EMBEDDING and g[n.inputs[0]].kind == "param":
-            roles[n.inputs[0]] = "vocab"
-        if n.target != LINEAR or g[n.inputs[1]].kind != "param":
-            continue
-        w, bias = n.inputs[1], (n.inputs[2] if len(n.inputs) > 2 else None)
-        if n.scope in layers:
-            row = any(c.target in _RESIDUAL for c in consumers[n.name])
-            roles[w] = "row" if row else "col"
-            if bias is not None and not row:
-                roles[bias] = "col"
-        elif g[w].out.shape[0] in vocab:  # an LM head
-            roles[w] = "col"
-            if bias is not None:
-                roles[bias] = "col"
-    if "row" not in roles.values():
-        raise NotApplicable("no row-parallel linear (one feeding a residual add) in the layers")
-    return roles
-
-
-_ROLE_PLACEMENT = {"col": S(0), "row": S(1), "vocab": S(0)}
-
-
 def megatron_choice(costed: CostedGraph, data_axis: int | None, tp_axis: int | None
                     ) -> dict[str, Signature]:
     """Megatron's placements on a (d, t) mesh (either axis may be absent)."""
-    roles = megatron_roles(costed.graph)
+    layout = megatron_layout(costed.graph)
     fixed = batch_inputs(costed, data_axis)
     for p in costed.graph.params:
-        pl = [B] * costed.mesh.ndim
-        if tp_axis is not None and p.name in roles:
-            pl[tp_axis] = _ROLE_PLACEMENT[roles[p.name]]
-        fixed[p.name] = leaf(costed, p.name, tuple(pl))
-    return greedy_assign(costed, fixed, reads_params(fixed, False), divides(data_axis))
+        split = layout.get(p.name)
+        whole = (B,) * costed.mesh.ndim
+        if tp_axis is None or split is None:
+            fixed[p.name] = leaf(costed, p.name, whole)
+            continue
+        try:
+            fixed[p.name] = leaf(costed, p.name, whole[:tp_axis] + (S(split.dim),)
+                                 + whole[tp_axis + 1:])
+        except NotApplicable:
+            if not split.padded:
+                raise
+            fixed[p.name] = leaf(costed, p.name, whole)  # a vocabulary t does not divide
+    return greedy_assign(costed, fixed, reduced_at_once(costed.graph, fixed, layout, tp_axis),
+                         divides(data_axis))
+
+
+def reduced_at_once(g: OpGraph, fixed: dict[str, Signature], layout: dict[str, Split],
+                    tp_axis: int | None) -> Allowed:
+    """Parameters read as stored (:func:`reads_params`), and partial sums on the tensor axis
+    only out of a row-parallel linear, a vocabulary-parallel embedding or the loss: Megatron
+    all-reduces them right there, once, not again at each reader (the residual stream's)."""
+    reads = reads_params(fixed, False)
+    splitting = {p for p, s in layout.items() if s.role in ("row", "vocab")}
+
+    def ok(node: OpNode, sig: Signature) -> bool:
+        if not reads(node, sig):
+            return False
+        if tp_axis is None or sig.out[tp_axis] != P or node.name == g.loss:
+            return True
+        return any(i in splitting for i in node.inputs)
+    return ok
 
 
 def _axes(t: int, d: int) -> tuple[int | None, int | None]:

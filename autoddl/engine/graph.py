@@ -144,6 +144,12 @@ class OpGraph:
         """Operator nodes."""
         return [n for n in self.nodes if n.kind == "op"]
 
+    @property
+    def user_inputs(self) -> list[OpNode]:
+        """The inputs the user feeds each step; constant leaves (target ``const``: masks,
+        position ids, rotary tables, buffers) are left out."""
+        return [n for n in self.nodes if n.kind == "input" and n.target != "const"]
+
     def weights_read(self, name: str) -> list[str]:
         """The parameters node ``name`` reads directly."""
         return [i for i in self[name].inputs if self[i].kind == "param"]

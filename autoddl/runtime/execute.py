@@ -361,12 +361,16 @@ class ShardedExecutor:
         return out
 
     def _vocab_embedding(self, args, axis: int) -> torch.Tensor:
+        """A lookup in this rank's rows of a row-split table (zero for the others); a padding
+        row (``padding_idx``, BERT's) gets no gradient on the rank that owns it."""
         weight, idx = args[0], args[1]
         rows = weight.shape[0]
         offset = self.mesh.get_local_rank(axis) * rows
         shifted = idx - offset
         valid = (shifted >= 0) & (shifted < rows)
-        out = torch.nn.functional.embedding(shifted.clamp(0, rows - 1), weight)
+        pad = int(args[2]) - offset if len(args) > 2 and int(args[2]) >= 0 else -1
+        out = torch.ops.aten.embedding(weight, shifted.clamp(0, rows - 1),
+                                       pad if 0 <= pad < rows else -1)
         return out * valid.unsqueeze(-1).to(out.dtype)
 
     def full_grads(self) -> dict[str, torch.Tensor]:

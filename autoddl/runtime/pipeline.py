@@ -324,7 +324,7 @@ class PipelineRunner:
                                              if k_of[n.name] == self.stage_index])
         bounds = boundary_tensors(graph, plan)
         k = self.stage_index
-        user = [n.name for n in graph.nodes if n.kind == "input" and n.target != "const"]
+        user = [n.name for n in graph.user_inputs]
         ins = user if k == 0 else bounds[k - 1]
         outs = [] if k == K - 1 else bounds[k]
         self.module = StageModule(self.executor, plan, k, ins, outs,
