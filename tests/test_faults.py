@@ -214,7 +214,9 @@ def test_resume_with_lr_uses_it_and_says_so(plan_path, straight, killed, tmp_pat
 def test_resume_under_another_plan_reshards_the_state(baseline_plans, straight, tmp_path):
     """Saved under data parallelism (every weight whole), resumed under Megatron tensor
     parallelism (weights split): the state is resharded, and the step matches the
-    single-process reference (restored bit for bit) and the uninterrupted run."""
+    single-process reference and the uninterrupted run of another plan up to rounding (the
+    reference takes each run's weights before each checked step, so it follows the plan's
+    summation order)."""
     folder = tmp_path / "e"
     saved, _ = _run(baseline_plans["dp"], "--steps", "2", "--check", "--lr", LR,
                     "--save", str(folder))
@@ -223,18 +225,20 @@ def test_resume_under_another_plan_reshards_the_state(baseline_plans, straight, 
                    "--save", str(folder))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "check PASSED" in proc.stdout and "resharded to this plan" in proc.stdout
-    want = _references(straight[0])  # one process: the same under any plan
-    assert _references(saved.stdout) == {k: want[k] for k in (0, 1)}
-    assert _references(proc.stdout) == {2: want[2]}
+    want = _references(straight[0])
+    got_refs = {**_references(saved.stdout), **_references(proc.stdout)}
+    assert got_refs.keys() == {0, 1, 2}
+    assert all(abs(float(got_refs[k]) - float(want[k])) <= 1e-5 * abs(float(want[k]))
+               for k in got_refs), (got_refs, want)
     got = _read_step(folder / "step-3", tmp_path)
     ref = _read_step(straight[1] / "step-3", tmp_path)
     assert got.keys() == ref.keys()
-    for k in (k for k in ref if k.startswith("ref")):
-        assert torch.equal(got[k], ref[k]), k
-    params = [k for k in ref if k.startswith("param/")]
-    scale = max(float(ref[k].norm()) for k in params)
-    for k in params:  # another plan sums in another order: equal up to rounding
-        assert float((got[k] - ref[k]).norm()) <= 1e-4 * max(float(ref[k].norm()), scale), k
+    for prefix in ("param/", "ref"):  # another plan sums in another order: equal up to rounding
+        keys = [k for k in ref if k.startswith(prefix) and not k.endswith("step")]
+        scale = max(float(ref[k].double().norm()) for k in keys)
+        for k in keys:
+            diff = float((got[k].double() - ref[k].double()).norm())
+            assert diff <= 1e-4 * max(float(ref[k].double().norm()), scale), k
 
 
 def test_resume_errors_are_one_line(plan_path, baseline_plans, killed, tmp_path):

@@ -422,8 +422,7 @@ def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float,
         value = trainer.loss_value(raw)
         msg = f"step {step}: loss {value:.6f}"
         if check:
-            if step > start:
-                _sync_reference(trainer, model, bool(plan.pipeline))
+            _sync_reference(trainer, model, bool(plan.pipeline))  # (resumed runs alike)
             ref_opt.zero_grad()
             ref_loss = model(*inputs)
             ref_loss.backward()
