@@ -41,6 +41,54 @@ def test_two_axis_sizes_follow_the_other_axis():
     assert steps[1].bytes_per_device == pytest.approx(2 * 3 / 4 * T / 2)
 
 
+def _nested(steps, src, mesh_shape) -> bool:
+    cur = list(src)
+    for st in steps:
+        cur[st.axis] = st.dst
+        splits = [p for p, size in zip(cur, mesh_shape) if p.startswith("S(") and size > 1]
+        if len(splits) != len(set(splits)):
+            return True
+    return False
+
+
+def test_a_dim_moving_between_axes_is_given_up_before_it_is_split():
+    """(S(0), B) -> (B, S(0)) is no free slice: device (0, 1) holds rows 0..T/2 and needs the
+    other half, so it is gathered first (sliced first, the intermediate nests two splits of dim
+    0, which DTensor gathers unpriced). Likewise a reduce-scatter or an all-to-all into a dim
+    another axis still splits waits for that axis."""
+    steps = reshard_steps((S(0), B), (B, S(0)), T, (2, 2))
+    assert [(s.axis, s.kind) for s in steps] == [(0, "all_gather"), (1, "slice")]
+    assert steps[0].bytes_per_device == pytest.approx(T / 2)
+    steps = reshard_steps((P, S(1)), (S(1), B), T, (2, 2))
+    assert [(s.axis, s.kind) for s in steps] == [(1, "all_gather"), (0, "reduce_scatter")]
+    steps = reshard_steps((S(1), B), (S(0), S(1)), T, (2, 2))
+    assert [(s.axis, s.kind) for s in steps] == [(0, "all_to_all"), (1, "slice")]
+    # unaffected: a slice of a dim no other axis splits still runs first
+    assert [s.kind for s in reshard_steps((B, S(0)), (S(1), B), T, (2, 2))] == [
+        "slice", "all_gather"]
+
+
+@pytest.mark.parametrize("src,dst", [((S(0), S(1)), (S(1), S(0))),
+                                     ((S(0), S(1), S(2)), (S(1), S(2), S(0)))])
+def test_a_cycle_of_moves_is_broken_by_one_gather(src, dst):
+    mesh = (2,) * len(src)
+    steps = reshard_steps(src, dst, T, mesh)
+    assert not _nested(steps, src, mesh)
+    assert steps[0].kind == "all_gather" and steps[0].dst == B
+    assert steps[-1].kind == "slice" and steps[-1].axis == steps[0].axis
+    assert [s.kind for s in steps[1:-1]] == ["all_to_all"] * (len(src) - 1)
+
+
+def test_no_step_nests_two_splits_of_one_dim():
+    import itertools
+    one = [B, P, S(0), S(1), S(2)]
+    pls = [p for p in itertools.product(one, repeat=3) if is_valid(p, (8, 8, 8), (2, 2, 2))]
+    for src, dst in itertools.product(pls, pls):
+        steps = reshard_steps(src, dst, T, (2, 2, 2))
+        if steps is not None:
+            assert not _nested(steps, src, (2, 2, 2)), (src, dst)
+
+
 def test_gradient_placement_rule():
     assert input_grad(S(1), S(0)) == S(1)
     assert input_grad(P, P) == B

@@ -34,14 +34,16 @@ def _scalar(pa, pin, pg, mesh):
     return (*split(fwd), *split(bwd), frac)
 
 
-@pytest.mark.parametrize("shape", [(4,), (2, 4), (2, 1, 4), (2, 3, 2)])
-def test_table_matches_scalar_steps(shape):
+@pytest.mark.parametrize("shape,ndim", [((4,), 2), ((2, 4), 2), ((2, 1, 4), 2), ((2, 3, 2), 2),
+                                        ((2, 2, 2), 3)])
+def test_table_matches_scalar_steps(shape, ndim):
+    """Every pair, including dims moving between axes (chains, and on 3 axes cycles of 3)."""
     import math
     c = cluster(devices=math.prod(shape), nodes=2 if math.prod(shape) % 2 == 0 else 1,
                 gbps=100, inter_gbps=7, latency_s=3e-6)
     mesh = c.mesh(shape)
-    src = _placements(len(shape), 2)
-    ins = _placements(len(shape), 2)
+    src = _placements(len(shape), ndim)
+    ins = _placements(len(shape), ndim)
     rng = np.random.default_rng(0)
     dst = [(p, tuple(input_grad(x, "S(0)") for x in p)) for p in ins]
     dst += [(ins[i], None) for i in rng.choice(len(ins), 5)]

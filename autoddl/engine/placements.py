@@ -25,8 +25,10 @@ tensor before the step (ring algorithms; bytes *sent per device*):
 A multi-axis conversion is done one axis at a time, in the order :func:`reshard_steps` fixes
 (``STEP_ORDER``): the free slices (B→S) first, then the steps that shrink the local tensor
 (P→S, S→S'), then all-reduces (P→B), then all-gathers (S→B), which grow what later steps would
-move; steps of one kind in order of axis size, then index. The cost model and the runtime both
-follow these steps.
+move; steps of one kind in order of axis size, then index — except that no step may split a dim
+another axis still splits (no nested sharding, not even in between): a dim that moves from one
+axis to another is first given up, then split (:func:`reshard_steps`). The cost model and the
+runtime both follow these steps.
 
 Latency: a collective costs α (its axis's latency) per ring step plus one α to start, so one
 all-reduce, 2(p−1)+1 α, beats the all-gather and reduce-scatter that move the same bytes, 2p α:
@@ -166,25 +168,55 @@ def collective_cost(kind: str, p: int, held_bytes: float) -> tuple[float, int]:
     return 0.0, 0
 
 
+def _kind_rank(kind: str, size: int, axis: int) -> tuple[int, int, int]:
+    """Sort key of a step: its kind's :data:`STEP_ORDER`, then axis size, then axis index."""
+    return STEP_ORDER[kind], size, axis
+
+
+def _nests(cur: Sequence[str], axis: int, to: str, mesh_shape: Sequence[int]) -> bool:
+    """Whether placing ``to`` on ``axis`` would split a tensor dim another axis (of size > 1)
+    still splits in ``cur``: a nested split, which no step may produce."""
+    return is_split(to) and any(b != axis and mesh_shape[b] > 1 and cur[b] == to
+                                for b in range(len(cur)))
+
+
 def reshard_steps(
     src: Placement, dst: Placement, nbytes: float, mesh_shape: Sequence[int]
 ) -> list[Step] | None:
-    """The steps converting a tensor of ``nbytes`` from ``src`` to ``dst``; None if forbidden."""
-    order: list[tuple[int, int, int, str]] = []
+    """The steps converting a tensor of ``nbytes`` from ``src`` to ``dst``; None if forbidden.
+
+    Steps run in :data:`STEP_ORDER` except that no intermediate placement splits one tensor dim
+    on two axes: a step that splits dim d on one axis (slice, reduce-scatter, all-to-all) waits
+    until the axis that splits d in ``src`` has given it up (all-gather, all-to-all). Such a
+    "move" of d between axes is never free: the devices that need a piece of d do not hold it
+    (``(S(0), B) -> (B, S(0))`` gathers half the tensor, then slices; sliced first, DTensor
+    would gather it anyway, unpriced). Where the moves form a cycle (all-to-alls that swap
+    dims between axes), the first of them in :data:`STEP_ORDER` is run as an all-gather and
+    its split is sliced once the dim is free."""
+    pending: list[int] = []
     for axis, (a, b) in enumerate(zip(src, dst)):
         kind = step_kind(a, b)
         if kind is None:
             return None
         if kind != "none" and mesh_shape[axis] > 1:
-            order.append((STEP_ORDER[kind], mesh_shape[axis], axis, kind))
-    order.sort()
+            pending.append(axis)
     cur = list(src)
     steps = []
-    for _, _, axis, kind in order:
+    while pending:
+        def key(ax: int) -> tuple[int, int, int]:
+            return _kind_rank(step_kind(cur[ax], dst[ax]) or "", mesh_shape[ax], ax)
+
+        ready = [ax for ax in pending if not _nests(cur, ax, dst[ax], mesh_shape)]
+        axis = min(ready or pending, key=key)
+        to = dst[axis] if ready else B  # a cycle of moves: gather one, slice it later
+        kind = step_kind(cur[axis], to)
+        assert kind is not None
         held = nbytes * local_fraction(tuple(cur), mesh_shape)  # bytes this device holds now
         sent, lat = collective_cost(kind, mesh_shape[axis], held)
-        steps.append(Step(axis, cur[axis], dst[axis], kind, sent, lat))
-        cur[axis] = dst[axis]
+        steps.append(Step(axis, cur[axis], to, kind, sent, lat))
+        cur[axis] = to
+        if to == dst[axis]:
+            pending.remove(axis)
     return steps
 
 

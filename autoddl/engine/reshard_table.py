@@ -18,7 +18,10 @@ x → P (x≠P)    forbidden
 where ``held`` is the bytes a device holds when the step runs. Steps run in the order of
 :data:`~autoddl.engine.placements.STEP_ORDER` (slices, then reduce-scatters and all-to-alls,
 then all-reduces, then all-gathers; each kind by axis size, then index), the order
-:func:`reshard_steps` uses, so that costs and the runtime's collectives agree (tested).
+:func:`reshard_steps` uses, so that costs and the runtime's collectives agree (tested). The pairs
+where a dim moves from one axis to another (split on one in the producer's placement, on another
+in the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim:
+they are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`).
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ class _Pairs:
     dst_split: tuple[np.ndarray, ...]  # per axis: split after it
     bad: np.ndarray  # (A, B) forbidden (a step into P)
     present: np.ndarray  # per kind code, whether any pair takes it on some axis
+    src: np.ndarray  # (A, 1, axes) or (A, B, axes): codes before
+    dst: np.ndarray  # (1, B, axes) or (A, B, axes): codes after
+    moves: np.ndarray  # (A, B): some dim is split on one axis before and another after
 
 
 def _pairs(src: np.ndarray, dst: np.ndarray) -> _Pairs:
@@ -85,8 +91,15 @@ def _pairs(src: np.ndarray, dst: np.ndarray) -> _Pairs:
     for k in kinds:
         bad |= k == _BAD
         present[np.unique(k)] = True
+    moves = np.zeros_like(bad)
+    for a in range(axes):
+        for b in range(axes):
+            if a != b:
+                moves |= ((dst[..., a] > 0) & (dst[..., a] == src[..., b])
+                          & (kinds[a] != _NONE) & (kinds[b] != _NONE))
     return _Pairs(kinds, tuple(src[..., a] > 0 for a in range(axes)),
-                  tuple(dst[..., a] > 0 for a in range(axes)), bad, present)
+                  tuple(dst[..., a] > 0 for a in range(axes)), bad, present, src, dst,
+                  moves & ~bad)
 
 
 def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,8 +137,70 @@ def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndar
             ratio = (np.where(pairs.src_split[a], float(p), 1.0)
                      * np.where(pairs.dst_split[a], 1.0 / p, 1.0))
             held = np.where(live, held * ratio, held)
+    if pairs.moves.any():
+        rows = np.nonzero(pairs.moves)
+        src = np.broadcast_to(pairs.src, shape + pairs.src.shape[-1:])[rows]
+        dst = np.broadcast_to(pairs.dst, shape + pairs.dst.shape[-1:])[rows]
+        per_byte[rows], latency[rows] = _moves_seconds(src.T.copy(), dst.T.copy(), mesh)
     bad = pairs.bad
     return np.where(bad, np.inf, per_byte), np.where(bad, 0.0, latency), bad
+
+
+#: STEP_ORDER by kind code (NONE and BAD never run)
+_RANK = np.array([0] + [STEP_ORDER[k] for k in ("slice", "reduce_scatter", "all_to_all",
+                                                "all_gather", "all_reduce")] + [0])
+
+
+def _moves_seconds(cur: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.ndarray, ...]:
+    """(seconds per byte, latency seconds) of K conversions from codes ``cur`` to ``dst`` (each
+    (axes, K)), step by step as :func:`~autoddl.engine.placements.reshard_steps` runs them: the
+    ready step (one nesting no split) first in STEP_ORDER, by axis size, then index; where none
+    is ready (a cycle of moves), the first pending one gathers (to B) and is sliced later."""
+    n, k = cur.shape
+    sizes = np.array([ax.size for ax in mesh.axes])
+    inv_bw = np.array([1.0 / (ax.bandwidth_gbps * 1e9) for ax in mesh.axes])
+    alpha = np.array([ax.latency_s for ax in mesh.axes])
+    pos = np.empty(n, np.int64)
+    pos[sorted(range(n), key=lambda a: (sizes[a], a))] = np.arange(n)
+    p = sizes.astype(float)
+    factor = np.zeros((n, _BAD + 1))
+    steps = np.zeros((n, _BAD + 1))
+    factor[:, [_A2A, _RS, _AG, _AR]] = np.stack([(p - 1) / p, (p - 1) / p, p - 1,
+                                                 2 * (p - 1) / p], axis=1)
+    steps[:, [_A2A, _RS, _AG, _AR]] = np.stack([p, p, p, 2 * (p - 1) + 1], axis=1)
+    held = np.prod(np.where(cur > 0, 1.0 / p[:, None], 1.0), axis=0)
+    per_byte, latency = np.zeros(k), np.zeros(k)
+    cols = np.arange(k)
+    # the axis (of size > 1) that splits, before, the dim each axis splits after (if any): a
+    # step may not split that dim while that axis still does
+    pred = np.full((n, k), -1)
+    for a in range(n):
+        for b in range(n):
+            if b != a and sizes[b] > 1:
+                pred[a] = np.where((dst[a] > 0) & (cur[b] == dst[a]), b, pred[a])
+    has_pred, pred = pred >= 0, np.maximum(pred, 0)
+    live = (cur != dst) & (sizes[:, None] > 1)
+    key = _RANK[_kind(cur, dst)] * n + pos[:, None]
+    big = np.iinfo(np.int64).max
+    for _ in range(2 * n):
+        active = live.any(axis=0)
+        if not active.any():
+            break
+        ready = live & ~(has_pred & (np.take_along_axis(cur, pred, axis=0) == dst))
+        any_ready = ready.any(axis=0)
+        ax = np.argmin(np.where(np.where(any_ready, ready, live), key, big), axis=0)
+        frm, want = cur[ax, cols], dst[ax, cols]
+        to = np.where(any_ready, want, -1)  # -1: B, where a cycle of moves is broken
+        kind = _kind(frm, to)
+        per_byte += np.where(active, factor[ax, kind] * held * inv_bw[ax], 0.0)
+        latency += np.where(active, steps[ax, kind] * alpha[ax], 0.0)
+        ratio = np.where(frm > 0, p[ax], 1.0) * np.where(to > 0, 1.0 / p[ax], 1.0)
+        held = np.where(active, held * ratio, held)
+        cur[ax, cols] = np.where(active, to, frm)
+        live[ax, cols] &= ~(active & (to == want))
+        key[ax, cols] = np.where(active & (to == -1), _RANK[_SLICE] * n + pos[ax],
+                                 key[ax, cols])
+    return per_byte, latency
 
 
 @dataclass(frozen=True, eq=False)

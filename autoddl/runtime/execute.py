@@ -24,8 +24,6 @@ reduce-scatter + all-gather's bytes); the optimizer here keeps their states whol
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -36,12 +34,15 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import (
-    Placement, Step, collective_cost, grad_target, local_shape, reshard_steps, split_dim,
+    Placement, Step, grad_target, local_shape, reshard_steps, split_dim,
 )
 from autoddl.engine.plan import Plan
 from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_NONE, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
 )
+from autoddl.runtime.commlog import CollectiveRecorder, CommLog
+
+__all__ = ["CommLog", "Converter", "ShardedExecutor", "to_dtensor_placements"]
 
 _SIZE_ARG_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
                  "aten.expand.default"}
@@ -60,63 +61,33 @@ def to_dtensor_placements(placement: Placement) -> list:
     return out
 
 
-@dataclass
-class CommLog:
-    """Collectives the executor ran: (direction, axis name, kind) -> [count, bytes sent/device]."""
-
-    entries: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
-    direction: str = "forward"
-
-    def add(self, axis: str, kind: str, nbytes: float, direction: str | None = None) -> None:
-        """Record one collective step (or one point-to-point send, kind ``p2p``)."""
-        e = self.entries.setdefault((direction or self.direction, axis, kind), [0, 0.0])
-        e[0] += 1
-        e[1] += nbytes
-
-    def by_kind(self) -> Counter:
-        """Counts per collective kind."""
-        c: Counter = Counter()
-        for (_, _, kind), (n, _) in self.entries.items():
-            c[kind] += int(n)
-        return c
-
-    def bytes_by_kind(self) -> Counter:
-        """Bytes sent per device, per collective kind."""
-        c: Counter = Counter()
-        for (_, _, kind), (_, b) in self.entries.items():
-            c[kind] += b
-        return c
-
-    def by_axis_kind(self) -> dict[tuple[str, str], list[float]]:
-        """(axis name, kind) -> [count, bytes sent by this device], forward and backward
-        together: what :func:`autoddl.runtime.worker.byte_check` compares with the plan."""
-        out: dict[tuple[str, str], list[float]] = {}
-        for (_, axis, kind), (n, b) in self.entries.items():
-            e = out.setdefault((axis, kind), [0, 0.0])
-            e[0] += int(n)
-            e[1] += b
-        return out
-
-
 class Converter:
-    """Runs the steps of a placement conversion on local tensors of one mesh."""
+    """Runs the steps of a placement conversion on local tensors of one mesh, logging every
+    collective torch runs meanwhile (:class:`~autoddl.runtime.commlog.CollectiveRecorder`)."""
 
     def __init__(self, mesh: DeviceMesh, axis_names: Sequence[str], log: CommLog) -> None:
         self.mesh = mesh
         self.names = list(axis_names)
         self.shape = tuple(mesh.shape)
         self.log = log
+        self.groups = {mesh.get_group(a).group_name: (self.names[a], self.shape[a])
+                       for a in range(len(self.shape)) if self.shape[a] > 1}
 
     def run(self, local: torch.Tensor, src: Placement, steps: list[Step],
             global_shape: Sequence[int]) -> torch.Tensor:
         """Apply ``steps`` (from placement ``src``) to the local piece ``local``."""
+        if not steps:
+            return local
+        with CollectiveRecorder(self.log, self.groups):
+            return self._run(local, src, steps, global_shape)
+
+    def _run(self, local: torch.Tensor, src: Placement, steps: list[Step],
+             global_shape: Sequence[int]) -> torch.Tensor:
         cur = list(src)
         stride = torch.empty(global_shape, device="meta").stride()
         for st in steps:
             nxt = list(cur)
             nxt[st.axis] = st.dst
-            p = self.shape[st.axis]
-            nbytes_before = local.numel() * local.element_size()
             if st.kind == "all_to_all":
                 local = self._all_to_all(local, st.axis, split_dim(cur[st.axis]),
                                          split_dim(st.dst))
@@ -125,8 +96,6 @@ class Converter:
                                        to_dtensor_placements(tuple(cur)), run_check=False,
                                        shape=torch.Size(global_shape), stride=stride)
                 local = d.redistribute(self.mesh, to_dtensor_placements(tuple(nxt))).to_local()
-            if st.kind != "slice":
-                self.log.add(self.names[st.axis], st.kind, _sent_bytes(st.kind, p, nbytes_before))
             cur = nxt
         return local
 
@@ -135,7 +104,8 @@ class Converter:
         """S(src_dim) -> S(dst_dim) on one axis with one all-to-all: device k of the axis sends
         its piece's k-th chunk along ``dst_dim`` to device k and joins what it receives along
         ``src_dim``. (DTensor's own redistribute falls back to an all-gather on gloo, which
-        moves p times the bytes.)"""
+        moves p times the bytes.) Correct because no other axis splits ``src_dim`` or
+        ``dst_dim`` (:func:`~autoddl.engine.placements.reshard_steps` never nests splits)."""
         p = self.shape[axis]
         chunks = [c.contiguous() for c in local.chunk(p, dim=dst_dim)]
         send = torch.cat([c.reshape(-1) for c in chunks])
@@ -143,12 +113,6 @@ class Converter:
         dist.all_to_all_single(recv, send, group=self.mesh.get_group(axis))
         pieces = [r.reshape(chunks[0].shape) for r in recv.chunk(p)]
         return torch.cat(pieces, dim=src_dim)
-
-
-def _sent_bytes(kind: str, p: int, held: float) -> float:
-    """Bytes one device sends in a ring collective, from the bytes it held before (the cost
-    model's formula, :func:`~autoddl.engine.placements.collective_cost`, on the real sizes)."""
-    return collective_cost(kind, p, held)[0]
 
 
 class _Reshard(torch.autograd.Function):
