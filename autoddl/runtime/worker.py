@@ -373,6 +373,80 @@ def _restore(plan: Plan, params: dict[str, torch.Tensor], model: torch.nn.Module
     return opt, ref_opt, start, saver
 
 
+def _capture(plan: Plan, device) -> tuple[torch.nn.Module, tuple, Any, Any, Plan]:
+    """The plan's model built on ``device`` with its example inputs, exported (one micro-batch
+    when pipelined), its graph, and the plan checked against it and written out for every
+    layer."""
+    spec = parse_model_spec(plan.model["spec"])
+    with user_code(f"plan's model {spec.text}", foreign=spec.name == FILE_MODEL):
+        model, inputs = build_model(spec, device, seed=0)
+        captured = microbatch_inputs(inputs, plan.num_microbatches) if plan.pipeline else inputs
+        ep = export(model, captured)
+        graph = graph_from_export(ep)
+    return model, inputs, ep, graph, match_plan(plan, graph)
+
+
+def _check_step(trainer: Any, model: torch.nn.Module, ref_opt: torch.optim.Optimizer,
+                inputs: tuple, value: float, pipelined: bool, tol: float, device,
+                step: int) -> tuple[float, bool, str]:
+    """One checked step (collective): the reference, given the run's weights, computes the
+    loss and gradients on the whole batch; returns (worst relative error over all ranks, any
+    over ``tol`` on any rank, the words for the step line) and steps the reference."""
+    _sync_reference(trainer, model, pipelined)
+    ref_opt.zero_grad()
+    ref_loss = model(*inputs)
+    ref_loss.backward()
+    grads = trainer.full_grads()
+    ref_value = float(ref_loss.detach())
+    ref_grads = {k: p.grad for k, p in all_params(model).items()}
+    errs = {"loss": abs(value - ref_value) / max(abs(ref_value), 1e-30)}
+    # the parameters this rank holds (all of them unless pipelined: its stage's)
+    errs.update(relative_errors(grads, {k: ref_grads[k] for k in trainer.params},
+                                scale=ref_grads))
+    bad = {k: v for k, v in errs.items() if v > tol}
+    step_worst = _max_all(max(errs.values()), device)
+    any_bad = _max_all(float(bool(bad)), device) > 0
+    words = f"  reference {ref_value:.6f}  max relative error {step_worst:.2e}"
+    listed = ", ".join(f"{k} {v:.2e}" for k, v in list(bad.items())[:5])
+    if any_bad:
+        words += "  MISMATCH" + (f": {listed}" if bad else " (on other ranks)")
+        if bad and dist.get_rank() != 0:
+            print(f"rank {dist.get_rank()} step {step}: MISMATCH: {listed}", flush=True)
+    ref_opt.step()
+    return step_worst, any_bad, words
+
+
+def _first_step_bytes(trainer: Any, plan: Plan, counts, step: int, check: bool
+                      ) -> tuple[str, bool]:
+    """Print the first step's collective and byte tables (collective); returns the byte
+    verdict's words and whether a (mesh axis, kind) mismatched."""
+    rank = dist.get_rank()
+    table = trainer.table(counts)  # collective when pipelined
+    if rank == 0:
+        _print_collectives(plan, *table)
+    rows = byte_check(plan.cost.get("per_axis_kind"), gather_axis_kind(trainer))
+    if rank == 0:
+        _print_bytes(plan, rows, step, check)
+    bytes_bad = [r for r in rows if r.status == "MISMATCH"]
+    if "per_axis_kind" not in plan.cost:
+        return "; bytes per (axis, kind) NOT CHECKED (the plan predicts none)", False
+    if bytes_bad:
+        return f"; bytes per (axis, kind) MISMATCH in {len(bytes_bad)} of {len(rows)}", True
+    return (f"; bytes per (axis, kind) within {BYTE_RTOL:.0%} of the plan ({len(rows)} "
+            "pairs)"), False
+
+
+def _announce(plan: Plan, backend: str, device) -> None:
+    """Rank 0's first line: ranks, backend, mesh, pipeline, torch version."""
+    pipe = ""
+    if plan.pipeline:
+        pipe = (f", {plan.num_stages} stages × {plan.num_microbatches} micro-batches "
+                f"({plan.pipeline.get('schedule', '1F1B')})")
+    print(f"{dist.get_world_size()} rank(s), backend {backend} on {device.type}, mesh "
+          f"{dict(zip(plan.device_mesh_names, plan.device_mesh_shape))}{pipe}, "
+          f"torch {torch.__version__}", flush=True)
+
+
 def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float,
         save: str | None = None, resume: str | None = None) -> int:
     """Train ``steps`` steps of the planned model; with ``check``, compare to one process.
@@ -387,29 +461,15 @@ def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float,
     mesh = init_device_mesh(device.type, plan.device_mesh_shape,
                             mesh_dim_names=plan.device_mesh_names)
     if rank == 0:
-        pipe = ""
-        if plan.pipeline:
-            pipe = (f", {plan.num_stages} stages × {plan.num_microbatches} micro-batches "
-                    f"({plan.pipeline.get('schedule', '1F1B')})")
-        print(f"{world} rank(s), backend {backend} on {device.type}, mesh "
-              f"{dict(zip(plan.device_mesh_names, plan.device_mesh_shape))}{pipe}, "
-              f"torch {torch.__version__}", flush=True)
-    spec = parse_model_spec(plan.model["spec"])
-    with user_code(f"plan's model {spec.text}", foreign=spec.name == FILE_MODEL):
-        model, inputs = build_model(spec, device, seed=0)
-        captured = microbatch_inputs(inputs, plan.num_microbatches) if plan.pipeline else inputs
-        ep = export(model, captured)
-        graph = graph_from_export(ep)
-    plan = match_plan(plan, graph)  # checks the graph hash, writes out repeated layers
+        _announce(plan, backend, device)
+    model, inputs, ep, graph, plan = _capture(plan, device)
     if plan.pipeline:
         trainer: Any = _Piped(ep, graph, plan, mesh, model, inputs, device)
     else:
         trainer = _Flat(ep, graph, plan, mesh, model, inputs)
     opt, ref_opt, start, saver = _restore(plan, trainer.params, model, check, lr, save, resume)
     reference = (model, ref_opt) if check else None
-    worst = 0.0
-    ok = True
-    byte_note = ""
+    worst, ok, byte_note = 0.0, True, ""
     from torch.distributed.tensor.debug import CommDebugMode
     for step in range(start, start + steps):
         if not checkpoint.faults_in_save():  # (else the fault comes while saving)
@@ -418,69 +478,30 @@ def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float,
         trainer.reset_logs()
         with CommDebugMode() as comm:
             raw = trainer.forward_backward()
-        counts = comm.get_comm_counts()
         value = trainer.loss_value(raw)
         msg = f"step {step}: loss {value:.6f}"
         if check:
-            _sync_reference(trainer, model, bool(plan.pipeline))  # (resumed runs alike)
-            ref_opt.zero_grad()
-            ref_loss = model(*inputs)
-            ref_loss.backward()
-            grads = trainer.full_grads()
-            ref_value = float(ref_loss.detach())
-            ref_grads = {k: p.grad for k, p in all_params(model).items()}
-            errs = {"loss": abs(value - ref_value) / max(abs(ref_value), 1e-30)}
-            # the parameters this rank holds (all of them unless pipelined: its stage's)
-            errs.update(relative_errors(grads, {k: ref_grads[k] for k in trainer.params},
-                                        scale=ref_grads))
-            bad = {k: v for k, v in errs.items() if v > tol}
-            step_worst = _max_all(max(errs.values()), device)
-            any_bad = _max_all(float(bool(bad)), device) > 0
-            worst = max(worst, step_worst)
-            msg += f"  reference {ref_value:.6f}  max relative error {step_worst:.2e}"
-            if any_bad:
-                ok = False
-                msg += "  MISMATCH" + (": " + ", ".join(f"{k} {v:.2e}"
-                                                         for k, v in list(bad.items())[:5])
-                                       if bad else " (on other ranks)")
-                if bad and rank != 0:
-                    print(f"rank {rank} step {step}: MISMATCH: "
-                          + ", ".join(f"{k} {v:.2e}" for k, v in list(bad.items())[:5]),
-                          flush=True)
-            ref_opt.step()
+            step_worst, any_bad, words = _check_step(trainer, model, ref_opt, inputs, value,
+                                                     bool(plan.pipeline), tol, device, step)
+            worst, ok, msg = max(worst, step_worst), ok and not any_bad, msg + words
         opt.step()
         if rank == 0:
             print(msg, flush=True)
         if saver is not None:  # every rank saves this step before any starts the next
             saver.save(step + 1, trainer.params, opt, reference)
         if step == start:
-            table = trainer.table(counts)  # collective when pipelined
-            if rank == 0:
-                _print_collectives(plan, *table)
-            rows = byte_check(plan.cost.get("per_axis_kind"), gather_axis_kind(trainer))
-            if rank == 0:
-                _print_bytes(plan, rows, step, check)
-            bytes_bad = [r for r in rows if r.status == "MISMATCH"]
-            if "per_axis_kind" not in plan.cost:
-                byte_note = "; bytes per (axis, kind) NOT CHECKED (the plan predicts none)"
-            elif bytes_bad:
-                byte_note = (f"; bytes per (axis, kind) MISMATCH in {len(bytes_bad)} of "
-                             f"{len(rows)}")
-            else:
-                byte_note = (f"; bytes per (axis, kind) within {BYTE_RTOL:.0%} of the plan "
-                             f"({len(rows)} pairs)")
-            if check and bytes_bad:
-                ok = False
+            byte_note, bytes_bad = _first_step_bytes(trainer, plan, comm.get_comm_counts(),
+                                                     step, check)
+            ok = ok and not (check and bytes_bad)
     if check:
         ref = {k: p.detach() for k, p in all_params(model).items()}
         mine = relative_errors(trainer.full_params(), {k: ref[k] for k in trainer.params},
                                scale=ref)
         weights = _max_all(max(mine.values(), default=0.0), device)
         if rank == 0:
-            verdict = "PASSED" if ok else "FAILED"
-            print(f"check {verdict}: {steps} step(s), worst relative error {worst:.2e} over loss "
-                  f"and gradients (tolerance {tol:.0e}); weights after the last update differ by "
-                  f"{weights:.2e}{byte_note}", flush=True)
+            print(f"check {'PASSED' if ok else 'FAILED'}: {steps} step(s), worst relative error "
+                  f"{worst:.2e} over loss and gradients (tolerance {tol:.0e}); weights after the "
+                  f"last update differ by {weights:.2e}{byte_note}", flush=True)
     dist.barrier()  # every rank is done; the process then ends without tearing gloo down (see
     # __main__: a peer closing first made gloo abort a rank at times)
     return 0 if ok else CHECK_FAILED
