@@ -12,6 +12,13 @@ import signal
 from typing import Iterator
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what a
+    one-line error quotes of a library's exception."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UserError(ValueError):
     """A problem in the user's input, with a message that names the problem and the fix."""
 

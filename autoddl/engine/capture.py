@@ -17,7 +17,7 @@ from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
 from autoddl.engine.normalize import (
     constant_leaves, constant_nodes, constant_values, normalize,
 )
-from autoddl.errors import UserError
+from autoddl.errors import UserError, first_line
 
 
 def tensor_meta(value: Any) -> TensorMeta:
@@ -31,8 +31,7 @@ def export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.Export
     try:
         ep = torch.export.export(model, tuple(example_inputs), strict=False)
     except Exception as exc:  # export failures are the user's model: say so in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"torch.export could not capture the model: {first}") from exc
+        raise UserError(f"torch.export could not capture the model: {first_line(exc)}") from exc
     return normalize(ep)
 
 

@@ -20,7 +20,7 @@ import sys
 import threading
 from typing import Iterator
 
-from autoddl.errors import UserError
+from autoddl.errors import UserError, first_line
 
 #: environment variable: seconds that building and capturing a model may take
 TIMEOUT_ENV = "AUTODDL_CAPTURE_TIMEOUT_S"
@@ -103,17 +103,10 @@ def user_code(what: str, foreign: bool = True) -> Iterator[None]:
         too_big = isinstance(exc, (OverflowError, MemoryError)) or "overflow" in str(exc).lower()
         if too_big:
             raise UserError(f"{what}: the model is too large to build or capture "
-                            f"({type(exc).__name__}: {_first(exc)}); reduce its sizes") from None
+                            f"({type(exc).__name__}: {first_line(exc)}); reduce its sizes") from None
         if not foreign:
             raise
-        first = _first(exc)
-        raise UserError(f"{what}: the model's code raised {type(exc).__name__}"
-                        + (f": {first}" if first else "")) from exc
+        raise UserError(f"{what}: the model's code raised {type(exc).__name__}: "
+                        f"{first_line(exc)}") from exc
     finally:
         os._exit = real_exit  # type: ignore[assignment]
-
-
-def _first(exc: BaseException) -> str:
-    """The first line of an exception's message ("" if it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

@@ -236,8 +236,8 @@ def faults_in_save() -> bool:
     return bool(os.environ.get("AUTODDL_FAULT_SAVE"))
 
 
-def _die() -> None:
-    """SIGKILL this process (the test hook)."""
+def die_now() -> None:
+    """SIGKILL this process, its output flushed (the fault-injection test hooks)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -251,7 +251,7 @@ def _writer(path: Path, die: bool) -> Any:
         def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
             written = super().write_data(plan, planner)
             written.wait()
-            _die()
+            die_now()
             return written
 
     return (_DyingWriter if die else FileSystemWriter)(path)
@@ -306,7 +306,7 @@ class Saver:
         info = {**self.info, "step": step}
         write_text_atomic(partial / INFO, json.dumps(info, indent=1) + "\n")
         if _fault_here(self.rank, step, "commit"):
-            _die()
+            die_now()
         final = step_folder(self.folder, step)
         if final.exists():  # left by an earlier job that saved here
             _discard(final)

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import sys
 from datetime import timedelta
 from collections import Counter
 from dataclasses import dataclass
@@ -341,9 +339,7 @@ def inject_fault(rank: int, step: int) -> None:
     if want is None or int(want) != rank or int(os.environ.get("AUTODDL_FAULT_STEP", "0")) != step:
         return
     if os.environ.get("AUTODDL_FAULT_KIND", "raise") == "die":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.die_now()
     raise InjectedFault(f"injected fault at step {step} (AUTODDL_FAULT_RANK={rank})")
 
 
