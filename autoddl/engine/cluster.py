@@ -40,6 +40,11 @@ A cluster comes from ``parse_cluster(spec)``, where ``spec`` is one of
       bandwidth_gbps = 12.5
       latency_us = 10
 
+      [compute]                      # optional (autoddl.engine.compute); without it matmuls
+      matmul_efficiency = 0.75       #   run at the peak and memory-bound ops cost nothing
+      memory_bandwidth_gbps = 1600   # what streaming kernels reach, GB/s
+      kernel_overhead_us = 4         # fixed time per kernel
+
   Each quantity is given in exactly one of its two units. Unknown keys are an error.
   ``write_cluster_file(cluster, path)`` writes this format (exact units: bytes, FLOP/s, seconds),
   and ``parse_cluster`` reads it back to an equal :class:`Cluster`.
@@ -64,6 +69,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from autoddl.engine.compute import PRESET_COMPUTE, ComputeFigures
 from autoddl.errors import UserError
 from autoddl.specs import as_float, as_int, check_keys, parse_spec
 
@@ -267,6 +273,8 @@ class Cluster:
     device_type: str
     source: str
     spec: str = field(default="", compare=False)
+    #: how fast operators run (:mod:`autoddl.engine.compute`)
+    compute: ComputeFigures = ComputeFigures()
 
     def __post_init__(self) -> None:
         for key in ("nodes", "devices_per_node", "memory_per_device_bytes"):
@@ -341,6 +349,7 @@ class Cluster:
             "spec": self.spec,
             "intra_node": self.intra_node.to_dict(),
             "inter_node": self.inter_node.to_dict(),
+            "compute": self.compute.to_dict(),
         }
 
     @classmethod
@@ -483,7 +492,7 @@ def _parse_preset(spec: str) -> Cluster:
     return Cluster(
         name=name, nodes=nodes, devices_per_node=per_node, intra_node=intra, inter_node=inter,
         memory_per_device_bytes=memory_bytes, peak_flops=peak, device_type=p.device_type,
-        source=source, spec=spec.strip(),
+        source=source, spec=spec.strip(), compute=PRESET_COMPUTE[name],
     )
 
 
@@ -493,7 +502,7 @@ def _parse_preset(spec: str) -> Cluster:
 
 _TOP_KEYS = {
     "name", "nodes", "devices_per_node", "memory_per_device_gb", "memory_per_device_bytes",
-    "peak_tflops", "peak_flops", "device_type", "source", "intra_node", "inter_node",
+    "peak_tflops", "peak_flops", "device_type", "source", "intra_node", "inter_node", "compute",
 }
 _LINK_KEYS = {"bandwidth_gbps", "latency_us", "latency_s"}
 
@@ -614,10 +623,12 @@ def _cluster_from_mapping(
         if not isinstance(s, str):
             raise UserError(f"{where}: spec={s!r} must be a string")
         spec = s
+    compute = (ComputeFigures.from_dict(r.data["compute"], f"{where} [compute]")
+               if "compute" in r.data else ComputeFigures())
     return Cluster(
         name=name, nodes=nodes, devices_per_node=per_node, intra_node=intra, inter_node=inter,
         memory_per_device_bytes=memory, peak_flops=peak, device_type=device_type, source=source,
-        spec=spec,
+        spec=spec, compute=compute,
     )
 
 
@@ -759,6 +770,12 @@ def write_cluster_file(cluster: Cluster, path: str | os.PathLike[str]) -> None:
             f"bandwidth_gbps = {_toml_float(link.bandwidth_gbps)}",
             f"latency_s = {_toml_float(link.latency_s)}  # {link.latency_s * 1e6:g} µs",
         ]
+    fig = c.compute.to_dict()
+    lines += ["", "[compute]  # the roofline of autoddl.engine.compute; bandwidth 0: not modelled",
+              f"matmul_efficiency = {_toml_float(fig['matmul_efficiency'])}",
+              f"memory_bandwidth_gbps = {_toml_float(fig['memory_bandwidth_gbps'])}",
+              f"kernel_overhead_s = {_toml_float(fig['kernel_overhead_s'])}",
+              f"source = {_toml_str(fig['source'])}"]
     try:
         Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
     except OSError as e:

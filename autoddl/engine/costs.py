@@ -7,12 +7,15 @@
   A weight's gradient synchronisation is the backward of its edges: a ``B`` weight read by
   batch-split work returns a ``P`` gradient, all-reduced; a split weight gathered for its consumer
   gets its gradient reduce-scattered (ZeRO-3/FSDP).
-* **Node**: the redundant-compute charge. Replicating every op moves no bytes, so a bare bandwidth
-  objective would make "every device computes everything" optimal. A signature whose work is
-  divided over ``D`` of the mesh's ``N`` devices (``D`` = product of the axes on which its output
-  is not ``B``) is charged ``3 · flops · (1/D − 1/N) / peak`` seconds (forward + backward); zero
-  when split over every axis. Among plans that divide the work the objective is exactly the
-  bandwidth cost.
+* **Node**: an op's compute on one device, ``passes × forward`` (3 passes, 4 when recomputed),
+  with the forward priced by the roofline of :mod:`autoddl.engine.compute` on the work the
+  signature leaves to one device (FLOPs divided over the axes that split it, local pieces read
+  and written). Replicated work is therefore paid at its real rate, small kernels included.
+* **The step** (:class:`~autoddl.formulations.sharding.StepShape`): op compute, activations'
+  conversions and the loss's are *critical* (each waits for the previous); a weight's edge
+  conversions (gradient reduction, ZeRO gathers) and ZeRO's start-ups depend on no activation
+  and are *hidden* behind the backward compute (the ``window``: all passes but the forward), so
+  only what exceeds it is exposed: step = critical + max(0, hidden − window).
 * **Memory per device**: each weight's piece × (weight + gradient + optimizer states); each op's
   output piece (kept for backward); and a consumer that saves its inputs (matmuls, attention)
   keeps its own copy of an input that had to be converted.
@@ -39,6 +42,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,6 +51,7 @@ from typing import Sequence
 import numpy as np
 
 from autoddl.engine.cluster import Cluster, Mesh
+from autoddl.engine.compute import forward_seconds
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
 from autoddl.engine.reshard_table import unit_matrices
@@ -54,7 +59,7 @@ from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
 )
 from autoddl.errors import UserError
-from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem
+from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem, StepShape
 
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 
@@ -135,9 +140,28 @@ def work_divisor(sig: Signature, mesh: Mesh) -> int:
     return d
 
 
-def node_compute_penalty_s(flops: float, sig: Signature, mesh: Mesh, peak_flops: float) -> float:
-    """Seconds of forward+backward work a signature repeats instead of dividing."""
-    return 3.0 * flops * (1.0 / work_divisor(sig, mesh) - 1.0 / mesh.num_devices) / peak_flops
+def node_forward_s(graph: OpGraph, n, sig: Signature, mesh: Mesh, cluster: Cluster) -> float:
+    """One device's forward time of node ``n`` under ``sig`` (:mod:`autoddl.engine.compute`):
+    its FLOPs divided as the signature divides the work, its local pieces read and written."""
+    if n.kind != "op":
+        return 0.0
+    moved = n.out.nbytes * local_fraction(sig.out, mesh.shape) + sum(
+        graph[i].out.nbytes * local_fraction(p, mesh.shape) for i, p in zip(n.inputs, sig.ins))
+    return forward_seconds(n.target, n.flops / work_divisor(sig, mesh), moved,
+                           cluster.peak_flops, cluster.compute)
+
+
+def _fully_divided_s(graph: OpGraph, n, mesh: Mesh, cluster: Cluster) -> float:
+    """An op's forward time were its work and traffic divided over every device of the mesh."""
+    moved = (n.out.nbytes + sum(graph[i].out.nbytes for i in n.inputs)) / mesh.num_devices
+    return forward_seconds(n.target, n.flops / mesh.num_devices, moved, cluster.peak_flops,
+                           cluster.compute)
+
+
+def passes(name: str, mult: "Multiplicity") -> float:
+    """Forward passes' worth of work per training pass: 3 (forward, and a backward of twice the
+    forward), 4 when the forward is recomputed in backward."""
+    return 4.0 if name in mult.recomputed else 3.0
 
 
 def _replicated_axes(sig: Signature, mesh_shape: Sequence[int]) -> list[int]:
@@ -390,30 +414,52 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
     mult = mult or Multiplicity()
     sigs = {n.name: _signatures(n, graph, mesh.shape) for n in graph.nodes}
     index = {n.name: i for i, n in enumerate(graph.nodes)}
-    nodes = []
-    node_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # identical nodes, once
-    for n in graph.nodes:
-        ss = sigs[n.name]
-        if not ss:
-            raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
-        redo = 4.0 / 3.0 if n.name in mult.recomputed else 1.0  # forward once more
-        key = (id(ss), n.kind, n.flops, redo, n.out, n.requires_grad, n.name == graph.loss)
-        if key not in node_cache:
-            cost = np.array([redo * node_compute_penalty_s(n.flops, s, mesh, cluster.peak_flops)
-                             if n.kind == "op" else zero_latency_s(s, mesh) for s in ss])
-            if n.name == graph.loss:  # the loss value is made whole on every device
-                cost += [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
-            node_cache[key] = cost, np.array([node_memory_bytes(n, s, mesh, config) for s in ss])
-        cost, mem = node_cache[key]
-        k = mult.node(n.name)
-        nodes.append(NodeChoices(n.name, cost * k, mem * mult.node_memory(n.name)))
+    nodes = [_node_choices(graph, n, sigs[n.name], mesh, cluster, config, mult, node_cache)
+             for node_cache in [{}] for n in graph.nodes]
     coster = _EdgeCoster(mesh)
     edges = [coster.choices(graph, sigs, index, src, dst, i, k,
                             mult.edge_memory(src, dst, i, k), 2 if dst in mult.recomputed else 1,
                             mult.grad_copies.get((src, dst, i), -1.0))
              for src, dst, i, k in mult.all_edges(graph)]
-    problem = ShardingProblem(tuple(nodes), tuple(edges), float(cluster.memory_per_device_bytes))
+    if cluster.compute.overlap:
+        edges = [hide_weight_traffic(e) if graph.nodes[e.src].kind == "param" else e
+                 for e in edges]
+    problem = ShardingProblem(tuple(nodes), tuple(edges), float(cluster.memory_per_device_bytes),
+                              StepShape())
     return CostedGraph(graph, mesh, cluster, config, sigs, problem, index, mult)
+
+
+def hide_weight_traffic(e: EdgeChoices) -> EdgeChoices:
+    """An edge from a weight: its conversions (gradient reduction, ZeRO gathers) depend on no
+    activation, so they may run behind compute: all of its cost becomes hidden."""
+    finite = np.isfinite(e.cost_s)
+    return dataclasses.replace(e, cost_s=np.where(finite, 0.0, np.inf),
+                               hidden_s=np.where(finite, e.cost_s, 0.0))
+
+
+def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: Cluster,
+                  config: TrainingConfig, mult: Multiplicity, cache: dict) -> NodeChoices:
+    """A node's costs: an op's compute (critical) and its backward (the window that hides
+    weight traffic), the loss made whole; a weight's ZeRO start-ups (hidden)."""
+    if not ss:
+        raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
+    k_pass = passes(n.name, mult)
+    key = (id(ss), n.kind, n.target, n.flops, k_pass, n.out, n.requires_grad,
+           n.name == graph.loss, tuple(graph[i].out for i in n.inputs))
+    if key not in cache:
+        fwd = np.array([node_forward_s(graph, n, s, mesh, cluster) for s in ss])
+        cost = k_pass * fwd
+        if n.name == graph.loss:  # the loss value is made whole on every device
+            cost = cost + [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
+        hidden = np.array([zero_latency_s(s, mesh) for s in ss]) if n.kind == "param" else None
+        if hidden is not None and not cluster.compute.overlap:
+            cost, hidden = cost + hidden, None
+        cache[key] = (cost, (k_pass - 1.0) * fwd, hidden,
+                      np.array([node_memory_bytes(n, s, mesh, config) for s in ss]))
+    cost, window, hidden, mem = cache[key]
+    k = mult.node(n.name)
+    return NodeChoices(n.name, cost * k, mem * mult.node_memory(n.name), 0,
+                       None if hidden is None else hidden * k, window * k)
 
 
 @dataclass(frozen=True)
@@ -487,15 +533,16 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
     mult = costed.mult or Multiplicity()
     bandwidth_s = sum(c.seconds * c.copies for c in colls) + sum(
         mult.node(n.name) * zero_latency_s(choice[n.name], mesh) for n in graph.params)
-    peak = costed.cluster.peak_flops
-    def redo(name: str) -> float:
-        return 4.0 / 3.0 if name in mult.recomputed else 1.0
-
-    penalty_s = sum(mult.node(n.name) * redo(n.name)
-                    * node_compute_penalty_s(n.flops, choice[n.name], mesh, peak)
-                    for n in graph.ops)
-    compute_s = sum(mult.node(n.name) * redo(n.name) * 3.0 * n.flops
-                    / work_divisor(choice[n.name], mesh) / peak for n in graph.ops)
+    hidden_s = (sum(c.seconds * c.copies for c in colls if graph[c.src].kind == "param") + sum(
+        mult.node(n.name) * zero_latency_s(choice[n.name], mesh) for n in graph.params)
+        if costed.cluster.compute.overlap else 0.0)
+    compute_s, divided_s = 0.0, 0.0
+    for n in graph.ops:
+        k = mult.node(n.name) * passes(n.name, mult)
+        compute_s += k * node_forward_s(graph, n, choice[n.name], mesh, costed.cluster)
+        divided_s += k * _fully_divided_s(graph, n, mesh, costed.cluster)
+    step_s = costed.problem.evaluate(np.array([costed.sigs[n.name].index(choice[n.name])
+                                               for n in graph.nodes]))[0]
     mem = {"weights_bytes": 0.0, "activations_bytes": 0.0, "converted_inputs_bytes": 0.0}
     for n in graph.nodes:
         b = node_memory_bytes(n, choice[n.name], mesh, costed.config) * mult.node_memory(n.name)
@@ -509,11 +556,13 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
     mem["per_device_bytes"] = sum(mem.values())
     mem["capacity_bytes"] = float(costed.cluster.memory_per_device_bytes)
     return {
-        "total_s": bandwidth_s + penalty_s,
+        "total_s": step_s,  # what the solver minimized: the step time
         "bandwidth_s": bandwidth_s,
-        "redundant_compute_s": penalty_s,
+        "redundant_compute_s": max(compute_s - divided_s, 0.0),
         "compute_s": compute_s,
-        "step_time_s": compute_s + bandwidth_s,  # no overlap assumed: an upper estimate
+        "hidden_comm_s": hidden_s,
+        "exposed_comm_s": max(step_s - (compute_s + bandwidth_s - hidden_s), 0.0),
+        "step_time_s": step_s,
         "bytes_per_device": sum(c.bytes_per_device * c.copies for c in colls),
         "per_axis": per_axis,
         "per_kind": dict(sorted(per_kind.items())),

@@ -36,6 +36,7 @@ from autoddl.formulations.milp import SolveResult, SolveStatus
 from autoddl.formulations.solving import (  # noqa: F401 - NEAR_CUTOFF, solve_lp_first: API
     NEAR_CUTOFF, solve_lp_first, solve_within_capacity,
 )
+from autoddl.formulations.overlap import solve_overlap
 from autoddl.formulations.pipeline import PipelineModel, PipelineProblem
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingModel, ShardingProblem
 
@@ -103,18 +104,33 @@ def _solve_capped(milp, model: ShardingModel, capacity_bytes: float,
                                  time_limit_s)
 
 
+def _solve_problem(problem: ShardingProblem, backend: str | None, time_limit_s: float | None,
+                   mip_rel_gap: float, lp_first: bool, cutoff: float
+                   ) -> tuple[ShardingModel, SolveResult, float]:
+    """(model, result, build seconds) of a sharding problem's optimum, its overlap term solved
+    through sum-form bounds first (:func:`~autoddl.formulations.overlap.solve_overlap`)."""
+    build_s = 0.0
+
+    def solve(p: ShardingProblem, cut: float) -> tuple[ShardingModel, SolveResult]:
+        nonlocal build_s
+        t0 = time.perf_counter()
+        model = ShardingModel(p, cut)
+        milp = model.milp()
+        build_s += time.perf_counter() - t0
+        return model, _solve_capped(milp, model, p.memory_capacity_bytes,
+                                    lambda x: p.evaluate(model.choice(x))[1], backend,
+                                    time_limit_s, mip_rel_gap, lp_first, cut)
+
+    model, r = solve_overlap(problem, solve, cutoff, mip_rel_gap)
+    return model, r, build_s
+
+
 def solve_sharding(costed: CostedGraph, backend: str | None = None,
                    time_limit_s: float | None = None, mip_rel_gap: float = 1e-6,
                    cutoff: float = float("inf"), lp_first: bool = True) -> Candidate:
     """Solve the sharding ILP of one mesh (no pipelining); ``cutoff``: see ShardingModel."""
-    t0 = time.perf_counter()
-    model = ShardingModel(costed.problem, cutoff)
-    milp = model.milp()
-    build_s = time.perf_counter() - t0
-    p = costed.problem
-    r = _solve_capped(milp, model, p.memory_capacity_bytes,
-                      lambda x: p.evaluate(model.choice(x))[1], backend, time_limit_s,
-                      mip_rel_gap, lp_first, cutoff)
+    model, r, build_s = _solve_problem(costed.problem, backend, time_limit_s, mip_rel_gap,
+                                       lp_first, cutoff)
     choice = stage = None
     if r.has_solution:
         choice = _decode(costed, model, r.x)
@@ -122,7 +138,7 @@ def solve_sharding(costed: CostedGraph, backend: str | None = None,
         cost, _ = costed.problem.evaluate(model.choice(r.x))
         assert abs(cost - r.objective) <= 1e-6 * max(1.0, abs(cost)) + 1e-12, \
             f"decoded plan costs {cost}, solver said {r.objective}"
-    return Candidate(costed, 1, None, 1, r, choice, stage, milp.num_cols, build_s)
+    return Candidate(costed, 1, None, 1, r, choice, stage, model.num_cols, build_s)
 
 
 def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: MeshAxis,
@@ -188,12 +204,9 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     """Solve the sharding ILP of a pipelined program of repeated layers (stages fixed)."""
     t0 = time.perf_counter()
     costed, problem, bubble = prepared or prepare_program(prog, smesh, pp, cluster, config)
-    model = ShardingModel(problem, cutoff - bubble)
-    milp = model.milp()
-    build_s = time.perf_counter() - t0
-    r = _solve_capped(milp, model, problem.memory_capacity_bytes,
-                      lambda x: problem.evaluate(model.choice(x))[1], backend, time_limit_s,
-                      mip_rel_gap, lp_first, cutoff - bubble)
+    prep_s = time.perf_counter() - t0
+    model, r, build_s = _solve_problem(problem, backend, time_limit_s, mip_rel_gap, lp_first,
+                                       cutoff - bubble)
     r = dataclasses.replace(r, objective=None if r.objective is None else r.objective + bubble,
                             bound=None if r.bound is None else r.bound + bubble)
     choice = stage = None
@@ -201,7 +214,7 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
         choice = _decode(costed, model, r.x)
         stage = program_stages(prog, problem)
     return Candidate(costed, prog.stages, pp, prog.microbatches, r, choice, stage,
-                     milp.num_cols, build_s, prog, problem, bubble)
+                     model.num_cols, prep_s + build_s, prog, problem, bubble)
 
 
 def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:

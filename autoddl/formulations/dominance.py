@@ -3,7 +3,8 @@ r"""Dominated signatures: removed before any model is built, without losing the 
 Signature :math:`s'` of node :math:`v` *dominates* :math:`s` when it is no worse in every term
 the choice of :math:`v` touches:
 
-* :math:`c_v(s') \le c_v(s)` and :math:`m_v(s') \le m_v(s)`;
+* :math:`c_v(s') \le c_v(s)` and :math:`m_v(s') \le m_v(s)`, hidden communication no larger and
+  compute that hides it no smaller (the step only falls);
 * for every edge :math:`e = (v, w)` and every key :math:`b` of the other side,
   :math:`c_e(key(s'), b) \le c_e(key(s), b)` and the same for :math:`m_e` (likewise for edges
   into :math:`v`); for an edge of :math:`v` to itself, its value at :math:`(key(s'), key(s'))`.
@@ -25,15 +26,20 @@ _BIG = 1e300  # stands for inf in comparisons (inf <= inf holds, inf - inf does 
 
 def _features(problem: ShardingProblem) -> list[np.ndarray]:
     """Per node, one row per signature: every value the signature's choice touches."""
-    feats: list[list[np.ndarray]] = [[n.cost_s[:, None], n.memory_bytes[:, None]]
+    # compute that hides communication (window) is better larger: it enters negated
+    feats: list[list[np.ndarray]] = [[n.cost_s[:, None], n.memory_bytes[:, None],
+                                      n.hidden()[:, None], -n.window()[:, None]]
                                      for n in problem.nodes]
     for e in problem.edges:
+        hid = e.hidden()
         if e.src == e.dst:
             feats[e.src] += [e.cost_s[e.src_key, e.dst_key][:, None],
-                             e.memory_bytes[e.src_key, e.dst_key][:, None]]
+                             e.memory_bytes[e.src_key, e.dst_key][:, None],
+                             hid[e.src_key, e.dst_key][:, None]]
             continue
-        feats[e.src] += [e.cost_s[e.src_key], e.memory_bytes[e.src_key]]
-        feats[e.dst] += [e.cost_s[:, e.dst_key].T, e.memory_bytes[:, e.dst_key].T]
+        feats[e.src] += [e.cost_s[e.src_key], e.memory_bytes[e.src_key], hid[e.src_key]]
+        feats[e.dst] += [e.cost_s[:, e.dst_key].T, e.memory_bytes[:, e.dst_key].T,
+                         hid[:, e.dst_key].T]
     return [np.where(np.isfinite(f := np.concatenate(fs, axis=1)), f, _BIG) for fs in feats]
 
 
@@ -59,14 +65,18 @@ def undominated(features: np.ndarray) -> np.ndarray:
 def prune_dominated(problem: ShardingProblem) -> tuple[ShardingProblem, list[np.ndarray]]:
     """The problem without dominated signatures, and per node the kept signature indices."""
     keep = [np.nonzero(undominated(f))[0] for f in _features(problem)]
-    nodes = tuple(NodeChoices(n.name, n.cost_s[k], n.memory_bytes[k], n.group)
+    nodes = tuple(NodeChoices(n.name, n.cost_s[k], n.memory_bytes[k], n.group,
+                              None if n.hidden_s is None else n.hidden_s[k],
+                              None if n.window_s is None else n.window_s[k])
                   for n, k in zip(problem.nodes, keep))
     edges = []
     for e in problem.edges:
         src_key, dst_key = e.src_key[keep[e.src]], e.dst_key[keep[e.dst]]
         used_a, src_new = np.unique(src_key, return_inverse=True)
         used_b, dst_new = np.unique(dst_key, return_inverse=True)
+        ix = np.ix_(used_a, used_b)
         edges.append(EdgeChoices(e.src, e.dst, src_new.reshape(-1), dst_new.reshape(-1),
-                                 e.cost_s[np.ix_(used_a, used_b)],
-                                 e.memory_bytes[np.ix_(used_a, used_b)], e.group))
-    return ShardingProblem(nodes, tuple(edges), problem.memory_capacity_bytes), keep
+                                 e.cost_s[ix], e.memory_bytes[ix], e.group,
+                                 None if e.hidden_s is None else e.hidden_s[ix]))
+    return ShardingProblem(nodes, tuple(edges), problem.memory_capacity_bytes,
+                           problem.shape), keep

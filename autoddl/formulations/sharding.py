@@ -21,6 +21,21 @@ subject to
 * **memory per device** — :meth:`ShardingModel.memory`:
   :math:`\sum_{v,s} m_{v,s} x_{v,s} + \sum_{e,a,b} m_{e,a,b} y_{e,a,b} \le M`.
 
+**The step time** (:class:`StepShape`). The costs :math:`c` above are the *critical* seconds
+(compute, and communication nothing can hide). Two more families make the objective the step:
+
+* **overlap** — :meth:`ShardingModel.overlap`: communication that may run behind compute (a
+  weight's gradient reduction, ZeRO's gathers: :math:`h`, per node and edge pair) hides behind
+  the backward compute :math:`w` (per node): the exposed part is one continuous
+  :math:`X \ge \eta_g \sum_g h - \omega_g \sum_g w` for every group :math:`g`, :math:`X \ge 0`;
+* **stages in parallel** — :meth:`ShardingModel.stage_max`: with groups standing for pipeline
+  stages, :math:`T \ge \sigma_g C_g` for each group's critical sum :math:`C_g` (scaled to one
+  stage's time per micro-batch), and the objective is
+  :math:`\sum_g (1-\rho_g) C_g + b\,T + X`. The caller chooses :math:`\rho_g = b\lambda_g
+  \sigma_g` with stage weights :math:`\lambda_g \ge 0` summing to 1, so that
+  :math:`b\,T \ge \sum_g \rho_g C_g` (a max is at least any average): the objective is never
+  below :math:`\sum c`, and every bound computed from the costs alone stays a lower bound.
+
 Keys, not signatures, index :math:`y`: many signatures share an edge's placements, so the edge
 variables number (distinct output placements) × (distinct input placements), not |S_u|·|S_v|.
 An edge whose producer (or consumer) side has one key needs no :math:`y`: its cost lands on the
@@ -51,12 +66,24 @@ def within_capacity(memory_bytes: float, capacity_bytes: float) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class NodeChoices:
-    """A node's options: per signature a cost (s), memory per device (bytes), and edge keys."""
+    """A node's options: per signature a critical cost (s), memory per device (bytes),
+    communication that may hide behind compute (``hidden_s``) and compute that can hide it
+    (``window_s``)."""
 
     name: str
     cost_s: np.ndarray
     memory_bytes: np.ndarray
     group: int = 0  # memory group: the devices whose memory this counts against (a stage)
+    hidden_s: np.ndarray | None = None
+    window_s: np.ndarray | None = None
+
+    def hidden(self) -> np.ndarray:
+        """``hidden_s``, zeros when absent."""
+        return np.zeros(len(self.cost_s)) if self.hidden_s is None else self.hidden_s
+
+    def window(self) -> np.ndarray:
+        """``window_s``, zeros when absent."""
+        return np.zeros(len(self.cost_s)) if self.window_s is None else self.window_s
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,28 +97,93 @@ class EdgeChoices:
     cost_s: np.ndarray  # (num producer keys, num consumer keys)
     memory_bytes: np.ndarray
     group: int = 0  # memory group of the consumer
+    hidden_s: np.ndarray | None = None  # communication that may hide behind compute
+
+    def hidden(self) -> np.ndarray:
+        """``hidden_s``, zeros (of ``cost_s``'s shape) when absent."""
+        return np.zeros(self.cost_s.shape) if self.hidden_s is None else self.hidden_s
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """How groups' sums make the step time (module docstring): per group ``g`` the stage scale
+    σ_g (0: no stage), the share ρ_g taken off its critical sum, the overlap scales η_g, ω_g;
+    ``max_weight`` b. The default is one unpipelined group: step = C + max(0, H − W)."""
+
+    max_weight: float = 0.0
+    stage_scale: tuple[float, ...] = ()
+    stage_share: tuple[float, ...] = ()
+    hidden_scale: tuple[float, ...] = ()
+    window_scale: tuple[float, ...] = ()
+
+    @staticmethod
+    def _at(values: tuple[float, ...], g: int, default: float) -> float:
+        return values[g] if g < len(values) else default
+
+    def sigma(self, g: int) -> float:
+        """σ_g: a group's critical sum to one stage's time per micro-batch."""
+        return self._at(self.stage_scale, g, 0.0)
+
+    def rho(self, g: int) -> float:
+        """ρ_g: the share of a group's critical sum the max term stands for."""
+        return self._at(self.stage_share, g, 0.0)
+
+    def eta(self, g: int) -> float:
+        """η_g: a group's hidden sum to one stage's."""
+        return self._at(self.hidden_scale, g, 1.0)
+
+    def omega(self, g: int) -> float:
+        """ω_g: a group's window sum to the compute one stage can hide it behind."""
+        return self._at(self.window_scale, g, 1.0)
+
+    def combine(self, crit: dict[int, float], hidden: dict[int, float],
+                window: dict[int, float]) -> float:
+        """The step time of per-group critical, hidden and window sums."""
+        groups = set(crit) | set(hidden)
+        total = sum(c * (1.0 - self.rho(g)) for g, c in crit.items())
+        if self.max_weight:
+            total += self.max_weight * max((self.sigma(g) * c for g, c in crit.items()),
+                                           default=0.0)
+        exposed = [self.eta(g) * hidden.get(g, 0.0) - self.omega(g) * window.get(g, 0.0)
+                   for g in groups if hidden.get(g, 0.0) > 0]
+        return total + max([0.0] + exposed)
 
 
 @dataclass(frozen=True, eq=False)
 class ShardingProblem:
-    """Nodes (in topological order), edges, and the memory capacity per device."""
+    """Nodes (in topological order), edges, the memory capacity per device, and how the
+    groups' costs make the step (:class:`StepShape`)."""
 
     nodes: tuple[NodeChoices, ...]
     edges: tuple[EdgeChoices, ...]
     memory_capacity_bytes: float
+    shape: StepShape = StepShape()
 
     def evaluate(self, choice: np.ndarray) -> tuple[float, float]:
-        """(cost in seconds, memory per device in bytes, the worst group's) of one signature
-        per node."""
-        cost = sum(float(n.cost_s[c]) for n, c in zip(self.nodes, choice))
+        """(step time in seconds, memory per device in bytes, the worst group's) of one
+        signature per node."""
+        crit: dict[int, float] = {}
+        hid: dict[int, float] = {}
+        win: dict[int, float] = {}
         mem: dict[int, float] = {}
+
+        def add(d: dict[int, float], g: int, v: float) -> None:
+            d[g] = d.get(g, 0.0) + v
+
         for n, c in zip(self.nodes, choice):
-            mem[n.group] = mem.get(n.group, 0.0) + float(n.memory_bytes[c])
+            add(mem, n.group, float(n.memory_bytes[c]))
+            add(crit, n.group, float(n.cost_s[c]))
+            if n.hidden_s is not None:
+                add(hid, n.group, float(n.hidden_s[c]))
+            if n.window_s is not None:
+                add(win, n.group, float(n.window_s[c]))
         for e in self.edges:
             a, b = e.src_key[choice[e.src]], e.dst_key[choice[e.dst]]
-            cost += float(e.cost_s[a, b])
-            mem[e.group] = mem.get(e.group, 0.0) + float(e.memory_bytes[a, b])
-        return cost, max(mem.values(), default=0.0)
+            add(crit, e.group, float(e.cost_s[a, b]))
+            add(mem, e.group, float(e.memory_bytes[a, b]))
+            if e.hidden_s is not None:
+                add(hid, e.group, float(e.hidden_s[a, b]))
+        return self.shape.combine(crit, hid, win), max(mem.values(), default=0.0)
 
     def brute_force(self) -> tuple[float, np.ndarray | None]:
         """Exhaustive optimum (for tests on tiny problems): (cost, choice) or (inf, None)."""
@@ -166,6 +258,8 @@ class ShardingModel:
             self.keep_nodes, self.keep_edges, self.lower_bound = bound_pruning(problem, cutoff)
         self._c: list[np.ndarray] = []
         self._mem: list[np.ndarray] = []
+        self._hid: list[np.ndarray] = []  # per column: hidden communication (s)
+        self._win: list[np.ndarray] = []  # per column: compute that can hide it (s)
         self._ub: list[np.ndarray] = []
         self._int: list[np.ndarray] = []
         self._rows: list[np.ndarray] = []
@@ -178,16 +272,24 @@ class ShardingModel:
         #: the memory rows (memory / capacity <= 1), one per memory group that can bind
         self.memory_rows: list[int] = []
         self.y_blocks: list[tuple[int, np.ndarray, np.ndarray] | None] = []
+        #: the step's continuous columns: T (slowest stage) and X (exposed communication)
+        self.t_step: int | None = None
+        self.x_exposed: int | None = None
         self._add_x()
         self.one_hot()
         self.edge_marginals()
         self.memory()
+        self.stage_max()
+        self.overlap()
 
     # ---------------------------------------------------------------- helpers
-    def _new_cols(self, cost: np.ndarray, mem: np.ndarray, integer: bool) -> int:
+    def _new_cols(self, cost: np.ndarray, mem: np.ndarray, integer: bool,
+                  hid: np.ndarray | None = None, win: np.ndarray | None = None) -> int:
         start = self.num_cols
         self._c.append(np.array(cost, float))
         self._mem.append(np.array(mem, float))
+        self._hid.append(np.zeros(len(cost)) if hid is None else np.array(hid, float))
+        self._win.append(np.zeros(len(cost)) if win is None else np.array(win, float))
         self._ub.append(np.ones(len(cost)))
         self._int.append(np.full(len(cost), integer))
         self.num_cols += len(cost)
@@ -204,7 +306,8 @@ class ShardingModel:
     def _add_x(self) -> None:
         self._group: list[int] = []
         for n in self.problem.nodes:
-            self.x_start.append(self._new_cols(n.cost_s, n.memory_bytes, integer=True))
+            self.x_start.append(self._new_cols(n.cost_s, n.memory_bytes, integer=True,
+                                               hid=n.hidden_s, win=n.window_s))
             if self.keep_nodes is not None:
                 self._ub[-1][~self.keep_nodes[len(self.x_start) - 1]] = 0.0
             self._group.append(n.group)
@@ -219,13 +322,15 @@ class ShardingModel:
     def edge_marginals(self) -> None:
         r"""Per edge: :math:`\sum_b y_{a,b} = \sum_{key_u(s)=a} x_{u,s}`, and the same per b."""
         for i_e, e in enumerate(self.problem.edges):
-            cost, mem = e.cost_s, e.memory_bytes
+            cost, mem, hid = e.cost_s, e.memory_bytes, e.hidden()
             if self.keep_edges is not None:
                 cost = np.where(self.keep_edges[i_e], cost, np.inf)
             ks, kd = cost.shape
-            # folding puts the edge's memory in the group of the side it lands on
-            foldable_src = e.group == self.problem.nodes[e.src].group or not mem.any()
-            foldable_dst = e.group == self.problem.nodes[e.dst].group or not mem.any()
+            # folding puts the edge's memory and time in the group of the side it lands on
+            grouped = (mem.any() or hid.any()
+                       or np.where(np.isfinite(cost), cost, 0.0).any())
+            foldable_src = e.group == self.problem.nodes[e.src].group or not grouped
+            foldable_dst = e.group == self.problem.nodes[e.dst].group or not grouped
             onto_dst = ks == 1 and foldable_dst
             if onto_dst or (kd == 1 and self.fold_into_producer
                             and foldable_src):  # no y: fold onto x
@@ -233,16 +338,18 @@ class ShardingModel:
                 side, key = (e.dst, e.dst_key) if onto_dst else (e.src, e.src_key)
                 row = cost[0, :] if onto_dst else cost[:, 0]
                 mrow = mem[0, :] if onto_dst else mem[:, 0]
+                hrow = hid[0, :] if onto_dst else hid[:, 0]
                 start, k = self.x_start[side], len(key)
                 add_c, add_m = row[key], mrow[key]
                 bad = ~np.isfinite(add_c)
                 self._c[side][:] += np.where(bad, 0.0, add_c)
                 self._mem[side][:] += np.where(bad, 0.0, add_m)
+                self._hid[side][:] += np.where(bad, 0.0, hrow[key])
                 self._ub[side][bad] = 0.0
                 assert start + k <= self.num_cols
                 continue
             pa, pb = np.nonzero(np.isfinite(cost))
-            start = self._new_cols(cost[pa, pb], mem[pa, pb], integer=False)
+            start = self._new_cols(cost[pa, pb], mem[pa, pb], integer=False, hid=hid[pa, pb])
             self._group.append(e.group)
             self.y_blocks.append((start, pa, pb))
             ycols = start + np.arange(len(pa))
@@ -272,18 +379,70 @@ class ShardingModel:
                 self.memory_rows.append(len(self._rlo))
                 self._add_row(nz, mem[nz] / cap, -INF, 1.0)
 
+    def _grouped(self, blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The x and y columns' values of ``blocks`` (one array per column block) and groups."""
+        blocks = blocks[: len(self._group)]
+        groups = np.concatenate([np.full(len(b), g) for b, g in zip(blocks, self._group)])
+        return np.concatenate(blocks), groups
+
+    def stage_max(self) -> None:
+        r"""Stages in parallel: :math:`\sigma_g C_g - T \le 0` per stage group (no rows
+        without a :attr:`StepShape.max_weight`)."""
+        shape = self.problem.shape
+        if not shape.max_weight:
+            return
+        cost, groups = self._grouped(self._c)
+        self.t_step = self._new_cols(np.zeros(1), np.zeros(1), integer=False)
+        self._ub[-1][:] = np.inf
+        for g in np.unique(groups):
+            if shape.sigma(int(g)) <= 0:
+                continue
+            nz = np.nonzero((groups == g) & (cost != 0))[0]
+            self._add_row(np.append(nz, self.t_step),
+                          np.append(shape.sigma(int(g)) * cost[nz], -1.0), -INF, 0.0)
+
+    def overlap(self) -> None:
+        r"""Exposed communication: :math:`\eta_g H_g - \omega_g W_g - X \le 0` per group
+        holding hidden communication, :math:`X \ge 0`."""
+        shape = self.problem.shape
+        hid, groups = self._grouped(self._hid)
+        win, _ = self._grouped(self._win)
+        with_hidden = [int(g) for g in np.unique(groups[hid != 0])]
+        if not with_hidden:
+            return
+        self.x_exposed = self._new_cols(np.zeros(1), np.zeros(1), integer=False)
+        self._ub[-1][:] = np.inf
+        for g in with_hidden:
+            vals = shape.eta(g) * hid - shape.omega(g) * win
+            nz = np.nonzero((groups == g) & (vals != 0))[0]
+            self._add_row(np.append(nz, self.x_exposed), np.append(vals[nz], -1.0), -INF, 0.0)
+
+    def objective(self) -> np.ndarray:
+        """The objective per column: critical costs less their stage share, b·T, X."""
+        shape = self.problem.shape
+        c = np.concatenate(self._c)
+        n_grouped = sum(len(b) for b in self._c[: len(self._group)])
+        if shape.max_weight:
+            _, groups = self._grouped(self._c)
+            c[:n_grouped] *= 1.0 - np.array([shape.rho(int(g)) for g in groups])
+            assert self.t_step is not None
+            c[self.t_step] = shape.max_weight
+        if self.x_exposed is not None:
+            c[self.x_exposed] = 1.0
+        return c
+
     # ---------------------------------------------------------------- output
     def milp(self) -> MILP:
         """The assembled MILP (with ``cutoff``, also the row objective <= cutoff: a candidate
         that cannot beat the known plan comes back infeasible, fast)."""
+        c = self.objective()
         if np.isfinite(self.cutoff) and not self._cut_added:
-            c = np.concatenate(self._c)
             nz = np.nonzero(c)[0]
             if len(nz):
                 self._add_row(nz, c[nz] / max(self.cutoff, 1e-30), -INF, 1.0 + 1e-9)
             self._cut_added = True
         m = MILP(
-            c=np.concatenate(self._c),
+            c=c,
             a_rows=np.concatenate(self._rows).astype(np.int64),
             a_cols=np.concatenate(self._cols).astype(np.int64),
             a_vals=np.concatenate(self._vals),
@@ -292,7 +451,8 @@ class ShardingModel:
             col_lower=np.zeros(self.num_cols),
             col_upper=np.concatenate(self._ub),
             integrality=np.concatenate(self._int).astype(bool),
-            continuous_integral=True,  # the only continuous columns are flow variables y
+            # flow variables y are integral once x is; T and X (the step's) need not be
+            continuous_integral=self.t_step is None and self.x_exposed is None,
         )
         m.check()
         return m
