@@ -14,6 +14,17 @@ and the mesh is laid row-major over ranks (last axis innermost: contiguous ranks
 inter-node link if any of its groups (ranks that differ only in that axis's coordinate) holds ranks
 of different nodes, else the intra-node link.
 
+Two-level collectives. A group of an axis that spans nodes holds n = g·N ranks: g on each of the
+N nodes it spans (``MeshAxis.ranks_per_node``, ``nodes_spanned``; g = 1 where the groups are not
+spread evenly). With g > 1 NCCL runs a ring collective hierarchically, one NIC per GPU: intra-node
+reduce-scatter, inter-node all-reduce of 1/g of the data over g rails at once, intra-node
+all-gather. Each device sends a flat ring's bytes, (g−1)/g·T + (N−1)/N·T/g = (n−1)/n·T for a
+reduce-scatter, but only a share φ = (N−1)/(n−1) of them crosses nodes; an all-to-all sends the
+data for the n−g ranks on other nodes over its own NIC, φ = (n−g)/(n−1). A step that sends b
+bytes in s latency steps takes b·((1−φ)/β_intra + φ/β_inter) + s·((1−φ)·α_intra + φ·α_inter)
+(:meth:`MeshAxis.step_seconds`, the one place a step becomes seconds). g = 1 (each GPU of a group
+on its own node: a rail-aligned ring) gives φ = 1, an axis within a node φ = 0: one flat link.
+
 Every problem with a spec, a file or plan data raises :class:`autoddl.errors.UserError` with one
 line naming the problem and the fix.
 """
@@ -105,19 +116,70 @@ class Link:
         return {"bandwidth_gbps": float(self.bandwidth_gbps), "latency_s": float(self.latency_s)}
 
 
+#: collectives whose ring runs two-level on an axis spanning nodes (see the module docstring)
+RING_KINDS = ("all_reduce", "reduce_scatter", "all_gather")
+_NEW_AXIS_KEYS = ("ranks_per_node", "intra_bandwidth_gbps", "intra_latency_s")
+
+
 @dataclass(frozen=True)
 class MeshAxis:
-    """One axis of a device mesh and the (slowest) link its groups communicate over."""
+    """One axis of a device mesh: its slowest link (``bandwidth_gbps``, ``latency_s``: the
+    inter-node link where its groups span nodes), and its topology: ``ranks_per_node`` (g, the
+    ranks of one group on each node it spans) and the intra-node link. Left ``None`` (plan files
+    written before they were recorded) they read as a flat ring on the slowest link: g = 1 on an
+    axis spanning nodes, g = size on one that does not, intra link = the axis's link."""
 
     name: str
     size: int
     bandwidth_gbps: float
     latency_s: float
     spans_nodes: bool
+    ranks_per_node: int | None = None
+    intra_bandwidth_gbps: float | None = None
+    intra_latency_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ranks_per_node is None:
+            object.__setattr__(self, "ranks_per_node", 1 if self.spans_nodes else self.size)
+        if self.intra_bandwidth_gbps is None:
+            object.__setattr__(self, "intra_bandwidth_gbps", self.bandwidth_gbps)
+        if self.intra_latency_s is None:
+            object.__setattr__(self, "intra_latency_s", self.latency_s)
+        g = self.ranks_per_node
+        if (isinstance(g, bool) or not isinstance(g, int) or g < 1 or self.size % g
+                or (g == self.size) == self.spans_nodes and self.size > 1):
+            raise UserError(f"mesh axis {self.name!r}: ranks_per_node={g!r} must divide its size "
+                            f"{self.size}, and be below it exactly when the axis spans nodes")
+
+    @property
+    def nodes_spanned(self) -> int:
+        """N: the nodes one group of this axis spans (1 when it does not span nodes)."""
+        return self.size // self.ranks_per_node
 
     @property
     def link(self) -> Link:
         return Link(self.bandwidth_gbps, self.latency_s)
+
+    def inter_share(self, kind: str) -> float:
+        """φ: the fraction of a collective's bytes sent per device (and of its latency steps)
+        that cross the inter-node link; the rest ride the intra-node link."""
+        n, g = self.size, self.ranks_per_node
+        if not self.spans_nodes or n <= 1:
+            return 0.0
+        if kind == "all_to_all":
+            return (n - g) / (n - 1)
+        if kind in RING_KINDS:
+            return (self.nodes_spanned - 1) / (n - 1)
+        return 1.0  # anything else: priced on the slowest link
+
+    def step_seconds(self, kind: str, bytes_per_device: float, latency_steps: float) -> float:
+        """Seconds of one collective step of ``kind`` on this axis that sends
+        ``bytes_per_device`` and takes ``latency_steps`` α steps (two-level where the axis spans
+        nodes with g > 1: the module docstring). The one place a step becomes seconds."""
+        phi = self.inter_share(kind)
+        intra_bps, inter_bps = self.intra_bandwidth_gbps * GB, self.bandwidth_gbps * GB
+        return (bytes_per_device * (1.0 - phi) / intra_bps + bytes_per_device * phi / inter_bps
+                + latency_steps * ((1.0 - phi) * self.intra_latency_s + phi * self.latency_s))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,12 +188,17 @@ class MeshAxis:
             "bandwidth_gbps": float(self.bandwidth_gbps),
             "latency_s": float(self.latency_s),
             "spans_nodes": bool(self.spans_nodes),
+            "ranks_per_node": int(self.ranks_per_node),
+            "intra_bandwidth_gbps": float(self.intra_bandwidth_gbps),
+            "intra_latency_s": float(self.intra_latency_s),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "mesh axis") -> "MeshAxis":
+        """Read :meth:`to_dict` output back; the topology keys may be absent (older files)."""
         r = _Reader(data, where)
-        r.check_keys({"name", "size", "bandwidth_gbps", "latency_s", "spans_nodes"})
+        r.check_keys({"name", "size", "bandwidth_gbps", "latency_s", "spans_nodes",
+                      *_NEW_AXIS_KEYS})
         name = r.string("name")
         size = r.integer("size", minimum=1)
         bw = r.number("bandwidth_gbps", positive=True)
@@ -139,7 +206,12 @@ class MeshAxis:
         spans = r.data.get("spans_nodes")
         if not isinstance(spans, bool):
             raise UserError(f"{where}: spans_nodes={spans!r} must be true or false")
-        return cls(name, size, bw, lat, spans)
+        g = r.integer("ranks_per_node") if "ranks_per_node" in r.data else None
+        intra_bw = (r.number("intra_bandwidth_gbps", positive=True)
+                    if "intra_bandwidth_gbps" in r.data else None)
+        intra_lat = (r.number("intra_latency_s", nonnegative=True)
+                     if "intra_latency_s" in r.data else None)
+        return cls(name, size, bw, lat, spans, g, intra_bw, intra_lat)
 
 
 @dataclass(frozen=True)
@@ -177,7 +249,8 @@ class Mesh:
         axis size, :data:`~autoddl.engine.placements.STEP_ORDER`) except to break ties between
         axes of one size, so where axes of one size differ in link the key is the mesh itself.
         """
-        axes = [(a.size, a.bandwidth_gbps, a.latency_s, a.spans_nodes) for a in self.axes]
+        axes = [(a.size, a.bandwidth_gbps, a.latency_s, a.spans_nodes, a.ranks_per_node,
+                 a.intra_bandwidth_gbps, a.intra_latency_s) for a in self.axes]
         links = {}
         for size, *link in axes:
             if links.setdefault(size, link) != link:
@@ -286,7 +359,9 @@ class Cluster:
         for i, size in enumerate(shape):
             spans = bool(np.any(node_of.max(axis=i) != node_of.min(axis=i)))
             link = self.inter_node if spans else self.intra_node
-            axes.append(MeshAxis(_axis_name(i), size, link.bandwidth_gbps, link.latency_s, spans))
+            g = _ranks_per_node(np.moveaxis(node_of, i, -1).reshape(-1, size)) if spans else size
+            axes.append(MeshAxis(_axis_name(i), size, link.bandwidth_gbps, link.latency_s, spans,
+                                 g, self.intra_node.bandwidth_gbps, self.intra_node.latency_s))
         return Mesh(tuple(axes))
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,6 +385,19 @@ class Cluster:
 
         return cluster_from_mapping(data, where, default_name=None, default_source=None,
                                      allow_spec=True)
+
+
+def _ranks_per_node(groups: np.ndarray) -> int:
+    """g of an axis from the node of each rank of each of its groups (one group a row, ranks in
+    increasing order): the ranks of a group on each node it spans, when every group has as many
+    on every node; else 1 (priced as a flat ring on the inter-node link)."""
+    m, n = groups.shape
+    nodes = 1 + (np.diff(groups, axis=1) != 0).sum(axis=1)
+    big = int(nodes[0])
+    if (nodes != big).any() or n % big:
+        return 1
+    blocks = groups.reshape(m, big, n // big)
+    return n // big if bool((blocks == blocks[:, :, :1]).all()) else 1
 
 
 def unique_by(items: list, key: Callable) -> list:
