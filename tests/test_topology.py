@@ -148,7 +148,7 @@ def test_inconsistent_ranks_per_node_is_a_user_error():
 def test_old_plan_file_loads_and_shows(tmp_path):
     """A plan file written before the topology keys (mesh axes without them) loads and shows."""
     from autoddl.cli import main
-    from autoddl.engine.plan import load_plan, save_plan
+    from autoddl.engine.plan import load_plan, save_plan, summary
     from autoddl.engine.planner import plan_graph
 
     c = cluster(devices=4, nodes=2, gbps=100, inter_gbps=10)
@@ -163,6 +163,8 @@ def test_old_plan_file_loads_and_shows(tmp_path):
     old = load_plan(tmp_path / "old.json")
     assert Mesh.from_dict(old.mesh).axes[0].ranks_per_node == 1
     assert main(["show", str(tmp_path / "old.json")]) == 0
+    assert "x=4 (10 GB/s across nodes, 2 per node at 100 GB/s)" in summary(plan)
+    assert "x=4 (10 GB/s)" in summary(old)
 
 
 # ---------------------------------------------------------------------------------------------
