@@ -16,14 +16,13 @@ x → P (x≠P)    forbidden
 =============  ==========  ==========================  ===================
 
 where ``held`` is the bytes a device holds when the step runs, priced per axis and kind by
-:meth:`~autoddl.engine.cluster.MeshAxis.step_seconds` (two-level on an axis spanning nodes). Steps run in the order of
-:data:`~autoddl.engine.placements.STEP_ORDER` (slices, then reduce-scatters and all-to-alls,
-then all-reduces, then all-gathers; each kind by axis size, then index), the order
+:meth:`~autoddl.engine.cluster.MeshAxis.step_seconds` (two-level on an axis spanning nodes). Steps
+run in the order of :data:`~autoddl.engine.placements.STEP_ORDER` (slices, then reduce-scatters and
+all-to-alls, then all-reduces, then all-gathers; each kind by axis size, then index), the order
 :func:`reshard_steps` uses, so that costs and the runtime's collectives agree (tested). The pairs
-where a dim moves from one axis to another (split on one in the producer's placement, on another
-in the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim:
-they are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`).
-"""
+where a dim moves from one axis to another (split on one in the producer's placement, on another in
+the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim: they
+are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`)."""
 
 from __future__ import annotations
 
