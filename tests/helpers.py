@@ -157,7 +157,8 @@ def _accumulated_steps(graph: OpGraph, plan) -> list[tuple[str, str, float, floa
     pipelined step accumulates over its micro-batches (once per step)."""
     from autoddl.engine.cluster import Mesh
     from autoddl.engine.costs import (
-        accumulated_edges, accumulates_grad, edge_steps, grad_fraction, step_seconds,
+        accumulated_edges, accumulates_grad, edge_steps, grad_fraction, grad_sync_share,
+        step_seconds,
     )
     from autoddl.runtime.execute import find_signature
 
@@ -169,7 +170,9 @@ def _accumulated_steps(graph: OpGraph, plan) -> list[tuple[str, str, float, floa
             _, bwd = edge_steps(graph[src].out.nbytes, s_src.out, s_dst.ins[i], s_dst.grads[i],
                                 mesh)
             out += [(mesh.axes[st.axis].name, st.kind, st.bytes_per_device,
-                     step_seconds(st, mesh)) for st in bwd if st.kind not in ("slice", "none")]
+                     step_seconds(st, mesh, grad_sync_share(graph, src, s_dst.grads[i],
+                                                            mesh.shape)))
+                    for st in bwd if st.kind not in ("slice", "none")]
     return out
 
 

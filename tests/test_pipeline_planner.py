@@ -146,8 +146,9 @@ def test_replicated_weight_gradient_is_all_reduced_once_per_step():
                     for n in graph.nodes])
     choice = {n.name: costed.sigs[n.name][j] for n, j in zip(graph.nodes, idx)}
     stage = {"w1": 0, "x": 0, "y": 0, "h": 0, "a": 1, "o": 1, "w2": 1, "loss": 1}
-    # all-reduce on 2 devices: 2(p-1)/p · T bytes sent, 2(p-1)+1 = 3 latency steps
-    grad_s = 2048 / (gbps * 1e9) + 3 * alpha
+    # all-reduce on 2 devices: 2(p-1)/p · T bytes sent, 2(p-1)+1 = 3 latency steps; a weight's
+    # gradient (2048 B) pays its share of a 25 MiB bucket's latency (BUCKET_BYTES)
+    grad_s = 2048 / (gbps * 1e9) + 3 * alpha * 2048 / (25 * 2**20)
     loss_s = 4 / (gbps * 1e9) + 3 * alpha
     cost = pipeline_breakdown(costed, choice, stage, 2, m, pp)
     ar = cost["per_kind"]["all_reduce"]

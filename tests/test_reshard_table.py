@@ -26,8 +26,8 @@ def _scalar(pa, pin, pg, mesh):
         return (np.inf, np.inf, 0.0, 0.0, 0.0)
 
     def split(steps):
-        per_byte = sum(st.bytes_per_device / (mesh.axes[st.axis].bandwidth_gbps * 1e9)
-                       for st in steps)
+        per_byte = sum(mesh.axes[st.axis].step_seconds(st.kind, st.bytes_per_device, 0)
+                       for st in steps)  # two-level where an axis spans nodes
         return per_byte, steps_seconds(steps, mesh) - per_byte
 
     frac = local_fraction(pin, mesh.shape) if pa != pin else 0.0

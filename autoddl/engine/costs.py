@@ -6,7 +6,10 @@
   ``bytes / axis bandwidth + latency steps × axis latency`` (:mod:`autoddl.engine.placements`).
   A weight's gradient synchronisation is the backward of its edges: a ``B`` weight read by
   batch-split work returns a ``P`` gradient, all-reduced; a split weight gathered for its consumer
-  gets its gradient reduce-scattered (ZeRO-3/FSDP).
+  gets its gradient reduce-scattered (ZeRO-3/FSDP). Gradients are synchronised in buckets (DDP's
+  25 MiB, :data:`BUCKET_BYTES`), one latency chain per bucket: the backward steps of a trained
+  weight's edge (and ZeRO-1/2's extra start-up) pay their latency × the gradient piece's bytes /
+  BUCKET_BYTES (:func:`grad_sync_share`), in the ILP and in :func:`breakdown` alike.
 * **Node**: an op's compute on one device, ``passes × forward`` (3 passes, 4 when recomputed),
   with the forward priced by the roofline of :mod:`autoddl.engine.compute` on the work the
   signature leaves to one device (FLOPs divided over the axes that split it, local pieces read
@@ -92,17 +95,35 @@ class TrainingConfig:
         return 2 + OPTIMIZER_STATES[self.optimizer]
 
 
-def step_seconds(step: Step, mesh: Mesh) -> float:
-    """Time of one step under the α-β model of its mesh axis."""
+#: gradient bucket: DDP's default ``bucket_cap_mb=25`` (torch.nn.parallel.DistributedDataParallel,
+#: 25 MiB); gradient synchronisation pays one latency chain per bucket
+BUCKET_BYTES = 25 * 2**20
+
+
+def step_seconds(step: Step, mesh: Mesh, latency_share: float = 1.0) -> float:
+    """Time of one step under the α-β model of its mesh axis (two-level where the axis spans
+    nodes: :meth:`~autoddl.engine.cluster.MeshAxis.step_seconds`), its latency counted
+    ``latency_share`` times (a bucketed gradient's share, :func:`grad_sync_share`)."""
     if step.bytes_per_device == 0 and step.latency_steps == 0:
         return 0.0
-    ax = mesh.axes[step.axis]
-    return step.bytes_per_device / (ax.bandwidth_gbps * 1e9) + step.latency_steps * ax.latency_s
+    return mesh.axes[step.axis].step_seconds(step.kind, step.bytes_per_device,
+                                             step.latency_steps * latency_share)
 
 
-def steps_seconds(steps: Sequence[Step], mesh: Mesh) -> float:
+def steps_seconds(steps: Sequence[Step], mesh: Mesh, latency_share: float = 1.0) -> float:
     """Total time of a list of steps."""
-    return sum(step_seconds(s, mesh) for s in steps)
+    return sum(step_seconds(s, mesh, latency_share) for s in steps)
+
+
+def grad_sync_share(graph: OpGraph, src: str, dst_grad: Placement | None,
+                    mesh_shape: Sequence[int]) -> float:
+    """The latency share of the backward conversion of an edge from ``src``: for a trained
+    weight (its gradient synchronisation, bucketed as DDP and FSDP do) the gradient piece a
+    device holds over :data:`BUCKET_BYTES`, one latency chain per bucket; else 1."""
+    node = graph[src]
+    if node.kind != "param" or not node.requires_grad or dst_grad is None:
+        return 1.0
+    return node.out.nbytes * local_fraction(dst_grad, mesh_shape) / BUCKET_BYTES
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,12 +205,15 @@ def zero_axes(sig: Signature, mesh_shape: Sequence[int]) -> tuple[bool, ...]:
     return tuple(a in axes for a in range(len(mesh_shape)))
 
 
-def zero_latency_s(sig: Signature, mesh: Mesh) -> float:
+def zero_latency_s(sig: Signature, mesh: Mesh, nbytes: float = BUCKET_BYTES) -> float:
     """ZeRO-1/2's extra start-up: reduce-scatter + all-gather instead of one all-reduce, one α
-    per axis over which the states are divided."""
+    per axis over which the states are divided, for the weight's share of a gradient bucket
+    (``nbytes`` the weight's bytes: :func:`grad_sync_share`)."""
     if sig.zero not in (ZERO_STATES, ZERO_GRADS):
         return 0.0
-    return sum(mesh.axes[a].latency_s for a in _replicated_axes(sig, mesh.shape))
+    share = nbytes * local_fraction(sig.out, mesh.shape) / BUCKET_BYTES
+    return sum(mesh.axes[a].step_seconds("reduce_scatter", 0.0, share)
+               for a in _replicated_axes(sig, mesh.shape))
 
 
 def node_memory_bytes(node, sig: Signature, mesh: Mesh, config: TrainingConfig) -> float:
@@ -371,8 +395,10 @@ class _EdgeCoster:
             whole = np.array([v[2] for v in src_vals])
             bwd_copies = np.where(piece[None, :] <= whole[:, None] * (1 + 1e-9), grad_copies,
                                   copies)
+        # gradient sync of a weight: latency per bucket share (grad_sync_share), per consumer
+        share = np.array([[grad_sync_share(graph, src, pg, shape) for _, pg in dst_vals]])
         # a forbidden pair is inf in fwd; the backward of a tensor with no gradient is empty
-        cost = copies * times * (fb * nbytes + fl) + bwd_copies * (bb * nbytes + bl)
+        cost = copies * times * (fb * nbytes + fl) + bwd_copies * (bb * nbytes + bl * share)
         divided = np.array([v[3] for v in src_vals], bool).reshape(len(src_vals), len(shape))
         if divided.any():  # ZeRO-1/2 only where the gradient is reduced: no axis of the
             # states' division may return a gradient other than P
@@ -451,7 +477,7 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
         cost = k_pass * fwd
         if n.name == graph.loss:  # the loss value is made whole on every device
             cost = cost + [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
-        hidden = np.array([zero_latency_s(s, mesh) for s in ss]) if n.kind == "param" else None
+        hidden = np.array([zero_latency_s(s, mesh, n.out.nbytes) for s in ss]) if n.kind == "param" else None
         if hidden is not None and not cluster.compute.overlap:
             cost, hidden = cost + hidden, None
         cache[key] = (cost, (k_pass - 1.0) * fwd, hidden,
@@ -491,14 +517,16 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
         if (src, dst, i) in mult.grad_copies and accumulates_grad(
                 grad_fraction(choice[src], mesh.shape), sv.grads[i], mesh.shape):
             bwd_copies = mult.grad_copies[(src, dst, i)]
+        share = grad_sync_share(costed.graph, src, sv.grads[i], mesh.shape)
         for direction, steps in (("forward", fwd), ("backward", bwd)):
             for st in steps:
                 if st.kind in ("slice", "none"):
                     continue
                 n = (copies * forward_times(choice[src], dst, mult) if direction == "forward"
                      else bwd_copies)
+                secs = step_seconds(st, mesh, 1.0 if direction == "forward" else share)
                 out.append(Collective(src, dst, i, direction, mesh.axes[st.axis].name,
-                                      st.kind, st.bytes_per_device, step_seconds(st, mesh), n))
+                                      st.kind, st.bytes_per_device, secs, n))
     for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
         if st.kind not in ("slice", "none"):  # once per loss computed (per micro-batch)
             out.append(Collective(costed.graph.loss, "output", 0, "forward",
@@ -532,9 +560,11 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
             bucket["count"] += c.copies
     mult = costed.mult or Multiplicity()
     bandwidth_s = sum(c.seconds * c.copies for c in colls) + sum(
-        mult.node(n.name) * zero_latency_s(choice[n.name], mesh) for n in graph.params)
+        mult.node(n.name) * zero_latency_s(choice[n.name], mesh, n.out.nbytes)
+        for n in graph.params)
     hidden_s = (sum(c.seconds * c.copies for c in colls if graph[c.src].kind == "param") + sum(
-        mult.node(n.name) * zero_latency_s(choice[n.name], mesh) for n in graph.params)
+        mult.node(n.name) * zero_latency_s(choice[n.name], mesh, n.out.nbytes)
+        for n in graph.params)
         if costed.cluster.compute.overlap else 0.0)
     compute_s, divided_s = 0.0, 0.0
     for n in graph.ops:

@@ -250,11 +250,20 @@ def proof_lines(plan: Plan) -> list[str]:
     return out
 
 
+def _link_text(axis: dict) -> str:
+    """An axis's link: its bandwidth, and where it spans nodes with several ranks of a group on
+    each (two-level collectives) those ranks and the intra-node bandwidth."""
+    g = axis.get("ranks_per_node", 1)
+    if axis.get("spans_nodes") and 1 < g < axis["size"]:
+        return (f"{axis['bandwidth_gbps']:g} GB/s across nodes, {g} per node at "
+                f"{axis.get('intra_bandwidth_gbps', axis['bandwidth_gbps']):g} GB/s")
+    return f"{axis['bandwidth_gbps']:g} GB/s"
+
+
 def summary(plan: Plan) -> str:
     """A short human-readable table of a plan: mesh, cost by axis and kind, memory, solver."""
     c, m, s = plan.cost, plan.memory, plan.solver
-    axes = " × ".join(f"{a['name']}={a['size']} ({a['bandwidth_gbps']:g} GB/s)"
-                      for a in plan.mesh["axes"])
+    axes = " × ".join(f"{a['name']}={a['size']} ({_link_text(a)})" for a in plan.mesh["axes"])
     gap = "n/a" if s.get("gap") is None else f"{100 * s['gap']:.3g} %"
     total_s = plan.timings.get("total_s")
     searched = f"{total_s:.2f} s over " if isinstance(total_s, (int, float)) else "over "

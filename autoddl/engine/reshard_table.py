@@ -15,17 +15,18 @@ P → B          all-reduce  2(p−1)/p · held              2(p−1)+1
 x → P (x≠P)    forbidden
 =============  ==========  ==========================  ===================
 
-where ``held`` is the bytes a device holds when the step runs. Steps run in the order of
-:data:`~autoddl.engine.placements.STEP_ORDER` (slices, then reduce-scatters and all-to-alls,
-then all-reduces, then all-gathers; each kind by axis size, then index), the order
+where ``held`` is the bytes a device holds when the step runs, priced per axis and kind by
+:meth:`~autoddl.engine.cluster.MeshAxis.step_seconds` (two-level on an axis spanning nodes). Steps
+run in the order of :data:`~autoddl.engine.placements.STEP_ORDER` (slices, then reduce-scatters and
+all-to-alls, then all-reduces, then all-gathers; each kind by axis size, then index), the order
 :func:`reshard_steps` uses, so that costs and the runtime's collectives agree (tested). The pairs
-where a dim moves from one axis to another (split on one in the producer's placement, on another
-in the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim:
-they are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`).
-"""
+where a dim moves from one axis to another (split on one in the producer's placement, on another in
+the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim: they
+are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -102,6 +103,20 @@ def _pairs(src: np.ndarray, dst: np.ndarray) -> _Pairs:
                   moves & ~bad)
 
 
+@functools.lru_cache(maxsize=256)
+def _rates(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds per byte sent, seconds per latency step) of each axis (rows) and step kind
+    (columns, by code), from :meth:`~autoddl.engine.cluster.MeshAxis.step_seconds`: a two-level
+    axis prices each kind differently."""
+    per_byte = np.zeros((len(mesh.axes), _BAD + 1))
+    alpha = np.zeros((len(mesh.axes), _BAD + 1))
+    for a, ax in enumerate(mesh.axes):
+        for kind, code in _CODE.items():
+            per_byte[a, code] = ax.step_seconds(kind, 1.0, 0.0)
+            alpha[a, code] = ax.step_seconds(kind, 0.0, 1.0)
+    return per_byte, alpha
+
+
 def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(seconds per byte, latency seconds, forbidden) of the conversions of ``pairs`` on
     ``mesh``, each (A, B)."""
@@ -116,6 +131,7 @@ def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndar
     for a, p in enumerate(sizes):
         factor[a, [_A2A, _RS, _AG, _AR]] = [(p - 1) / p, (p - 1) / p, p - 1.0, 2.0 * (p - 1) / p]
         steps[a, [_A2A, _RS, _AG, _AR]] = [p, p, p, 2 * (p - 1) + 1]
+    inv_bw, alpha = _rates(mesh)
     per_byte, latency = np.zeros(shape), np.zeros(shape)
     by_size = sorted(range(len(sizes)), key=lambda a: (sizes[a], a))
     for group in _GROUPS:
@@ -130,9 +146,8 @@ def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndar
             live = in_group[k]
             if not live.any():
                 continue
-            ax = mesh.axes[a]
-            per_byte += np.where(live, factor[a, k] * held / (ax.bandwidth_gbps * 1e9), 0.0)
-            latency += np.where(live, steps[a, k] * ax.latency_s, 0.0)
+            per_byte += np.where(live, factor[a, k] * held * inv_bw[a, k], 0.0)
+            latency += np.where(live, steps[a, k] * alpha[a, k], 0.0)
             # the step changes the held piece by p (S -> B, gather) or 1/p (B/P -> S)
             ratio = (np.where(pairs.src_split[a], float(p), 1.0)
                      * np.where(pairs.dst_split[a], 1.0 / p, 1.0))
@@ -158,8 +173,7 @@ def _moves_seconds(cur: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.nda
     is ready (a cycle of moves), the first pending one gathers (to B) and is sliced later."""
     n, k = cur.shape
     sizes = np.array([ax.size for ax in mesh.axes])
-    inv_bw = np.array([1.0 / (ax.bandwidth_gbps * 1e9) for ax in mesh.axes])
-    alpha = np.array([ax.latency_s for ax in mesh.axes])
+    inv_bw, alpha = _rates(mesh)
     pos = np.empty(n, np.int64)
     pos[sorted(range(n), key=lambda a: (sizes[a], a))] = np.arange(n)
     p = sizes.astype(float)
@@ -192,8 +206,8 @@ def _moves_seconds(cur: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.nda
         frm, want = cur[ax, cols], dst[ax, cols]
         to = np.where(any_ready, want, -1)  # -1: B, where a cycle of moves is broken
         kind = _kind(frm, to)
-        per_byte += np.where(active, factor[ax, kind] * held * inv_bw[ax], 0.0)
-        latency += np.where(active, steps[ax, kind] * alpha[ax], 0.0)
+        per_byte += np.where(active, factor[ax, kind] * held * inv_bw[ax, kind], 0.0)
+        latency += np.where(active, steps[ax, kind] * alpha[ax, kind], 0.0)
         ratio = np.where(frm > 0, p[ax], 1.0) * np.where(to > 0, 1.0 / p[ax], 1.0)
         held = np.where(active, held * ratio, held)
         cur[ax, cols] = np.where(active, to, frm)

@@ -19,8 +19,8 @@ import numpy as np
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis, ordered_factorizations, unique_by
 from autoddl.engine.costs import (
     CostedGraph, Multiplicity, _EdgeCoster, accumulated_edges, accumulates_grad, breakdown,
-    edge_steps, forward_times, grad_fraction, keeps_converted, node_memory_bytes, steps_seconds,
-    work_divisor,
+    edge_steps, forward_times, grad_fraction, grad_sync_share, keeps_converted, node_memory_bytes,
+    steps_seconds, work_divisor,
 )
 from autoddl.engine.placements import local_fraction
 from autoddl.engine.rules import Signature
@@ -142,7 +142,8 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
                               * steps_seconds(fwd or [], mesh))
             once = (src, n.name, i) in step_mult.grad_copies and accumulates_grad(
                 grad_fraction(choice[src], mesh.shape), choice[n.name].grads[i], mesh.shape)
-            (stage_sync if once else stage_comm)[k] += steps_seconds(bwd, mesh)
+            (stage_sync if once else stage_comm)[k] += steps_seconds(
+                bwd, mesh, grad_sync_share(g, src, choice[n.name].grads[i], mesh.shape))
             pin = choice[n.name].ins[i]
             if keeps_converted(g, choice[src], n.name, pin):
                 converted[k] += (g[src].out.nbytes * local_fraction(pin, mesh.shape)
