@@ -477,7 +477,8 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
         cost = k_pass * fwd
         if n.name == graph.loss:  # the loss value is made whole on every device
             cost = cost + [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
-        hidden = np.array([zero_latency_s(s, mesh, n.out.nbytes) for s in ss]) if n.kind == "param" else None
+        hidden = (np.array([zero_latency_s(s, mesh, n.out.nbytes) for s in ss])
+                  if n.kind == "param" else None)
         if hidden is not None and not cluster.compute.overlap:
             cost, hidden = cost + hidden, None
         cache[key] = (cost, (k_pass - 1.0) * fwd, hidden,
