@@ -51,7 +51,7 @@ from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
 from autoddl.engine.reshard_table import unit_matrices
 from autoddl.engine.rules import (
-    ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
+    ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures, vocab_parallel_steps,
 )
 from autoddl.errors import UserError
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem
@@ -246,6 +246,14 @@ def loss_steps(graph: OpGraph, placement: Placement, mesh: Mesh) -> list[Step]:
     return steps
 
 
+def op_steps(graph: OpGraph, node, sig: Signature, mesh: Mesh) -> list[Step]:
+    """Collectives an operator's signature runs itself, per forward (a vocabulary-parallel
+    loss's all-reduces, :func:`~autoddl.engine.rules.vocab_parallel_steps`); none for most."""
+    if node.kind != "op" or not node.inputs:
+        return []
+    return vocab_parallel_steps(node, graph[node.inputs[0]].out, sig, mesh.shape)
+
+
 @dataclass(frozen=True)
 class Multiplicity:
     """How many real copies each node and edge of a reduced graph stands for.
@@ -403,6 +411,9 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
                              if n.kind == "op" else zero_latency_s(s, mesh) for s in ss])
             if n.name == graph.loss:  # the loss value is made whole on every device
                 cost += [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
+            # the operator's own collectives, forward only (twice when it is recomputed)
+            cost += [(2 if n.name in mult.recomputed else 1)
+                     * steps_seconds(op_steps(graph, n, s, mesh), mesh) for s in ss]
             node_cache[key] = cost, np.array([node_memory_bytes(n, s, mesh, config) for s in ss])
         cost, mem = node_cache[key]
         k = mult.node(n.name)
@@ -418,7 +429,8 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
 
 @dataclass(frozen=True)
 class Collective:
-    """One predicted collective: which edge, which pass, which axis, what kind, how many bytes."""
+    """One predicted collective: which edge (``index`` -1, ``src`` = ``dst``: an operator's
+    own collective), which pass, which axis, what kind, how many bytes."""
 
     src: str
     dst: str
@@ -453,6 +465,11 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
                      else bwd_copies)
                 out.append(Collective(src, dst, i, direction, mesh.axes[st.axis].name,
                                       st.kind, st.bytes_per_device, step_seconds(st, mesh), n))
+    for n in costed.graph.ops:  # an operator's own collectives (vocabulary-parallel loss)
+        times = mult.node(n.name) * (2 if n.name in mult.recomputed else 1)
+        out += [Collective(n.name, n.name, -1, "forward", mesh.axes[st.axis].name, st.kind,
+                           st.bytes_per_device, step_seconds(st, mesh), times)
+                for st in op_steps(costed.graph, n, choice[n.name], mesh)]
     for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
         if st.kind not in ("slice", "none"):  # once per loss computed (per micro-batch)
             out.append(Collective(costed.graph.loss, "output", 0, "forward",
