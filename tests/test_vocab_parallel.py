@@ -9,7 +9,8 @@ computed with three all-reduces of one fp32 value per row instead of gathering t
   computed by hand;
 - the runtime's function equals ``F.cross_entropy`` of the whole logits on 4 gloo ranks (loss and
   gradient within 1e-5 relative; measured ~1e-7), and ``autoddl run --check`` of the planned GPT
-  on 4 ranks equals the single-process run, its bytes the plan's.
+  on 4 ranks (1-D and 2×2 meshes, and a 2-stage pipeline) equals the single-process run, its
+  bytes the plan's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from autoddl.engine.placements import B, S
 from autoddl.engine.plan import save_plan
 from autoddl.engine.planner import plan_graph
 from autoddl.engine.rules import axis_signatures
-from tests.helpers import cluster, run_checked
+from tests.helpers import cluster, make_pipelined_plan, microbatch_graph, run_checked
 
 GPT = "gpt:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=512"
 TOKENS, VOCAB = 8 * 32, 512
@@ -186,3 +187,16 @@ def test_run_check_of_a_vocab_parallel_plan(tmp_path, shape):
     path = tmp_path / "plan.json"
     save_plan(plan, path)
     run_checked(path, steps=2, require=("all_reduce",))
+
+
+@pytest.mark.dist
+def test_run_check_of_a_pipelined_vocab_parallel_plan(tmp_path):
+    """The same on a 2-stage pipeline (2 micro-batches) of 2-device stage meshes: the loss, in
+    the last stage, runs vocabulary-parallel once per micro-batch."""
+    graph = microbatch_graph(GPT, 2)
+    c = cluster(devices=2, latency_s=1e-6, peak_flops=1e10)
+    plan = plan_graph(graph, c, model_spec=GPT, meshes=[c.mesh((2,))])
+    assert plan.op(graph.loss).ins[0] == {"x": S(1)}, plan.op(graph.loss)
+    path = tmp_path / "plan.json"
+    save_plan(make_pipelined_plan(plan, 2, 2, "1F1B", graph=graph), path)
+    run_checked(path, steps=2, require=("all_reduce", "p2p"))
