@@ -174,7 +174,8 @@ def test_function_equals_cross_entropy_of_whole_logits_on_4_ranks(tmp_path):
     assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, r
     rows, p = r["rows"], 2
     for axis in ("x", "y"):
-        assert r["logs"][axis] == {f"forward/{axis}/all_reduce": [3, 3 * 2 * (p - 1) / p * 4 * rows]}
+        want = [3, 3 * 2 * (p - 1) / p * 4 * rows]
+        assert r["logs"][axis] == {f"forward/{axis}/all_reduce": want}
 
 
 @pytest.mark.dist

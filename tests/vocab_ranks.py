@@ -45,7 +45,8 @@ def _case(group, rank_in_group: int, size: int, reduction: str, offset: float, s
         loss = vocab_parallel_cross_entropy(local, target, group, rank_in_group * cols, reduction)
     loss.backward()
     want = ref_in.grad[:, rank_in_group * cols:(rank_in_group + 1) * cols]
-    loss_err = abs(float(loss.detach()) - float(ref.detach())) / max(abs(float(ref.detach())), 1e-12)
+    got, want_loss = float(loss.detach()), float(ref.detach())
+    loss_err = abs(got - want_loss) / max(abs(want_loss), 1e-12)
     grad_err = float((local.grad - want).abs().max() / want.abs().max())
     return loss_err, grad_err
 
