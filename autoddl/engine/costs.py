@@ -59,7 +59,7 @@ from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
 from autoddl.engine.reshard_table import unit_matrices
 from autoddl.engine.rules import (
-    ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
+    ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures, vocab_parallel_steps,
 )
 from autoddl.errors import UserError
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem, StepShape
@@ -294,6 +294,14 @@ def loss_steps(graph: OpGraph, placement: Placement, mesh: Mesh) -> list[Step]:
     return steps
 
 
+def op_steps(graph: OpGraph, node, sig: Signature, mesh: Mesh) -> list[Step]:
+    """Collectives an operator's signature runs itself, per forward (a vocabulary-parallel
+    loss's all-reduces, :func:`~autoddl.engine.rules.vocab_parallel_steps`); none for most."""
+    if node.kind != "op" or not node.inputs:
+        return []
+    return vocab_parallel_steps(node, graph[node.inputs[0]].out, sig, mesh.shape)
+
+
 @dataclass(frozen=True)
 class Multiplicity:
     """How many real copies each node and edge of a reduced graph stands for.
@@ -477,6 +485,9 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
         cost = k_pass * fwd
         if n.name == graph.loss:  # the loss value is made whole on every device
             cost = cost + [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
+        # the operator's own collectives, forward only (twice when it is recomputed)
+        cost = cost + [(2 if n.name in mult.recomputed else 1)
+                       * steps_seconds(op_steps(graph, n, s, mesh), mesh) for s in ss]
         hidden = (np.array([zero_latency_s(s, mesh, n.out.nbytes) for s in ss])
                   if n.kind == "param" else None)
         if hidden is not None and not cluster.compute.overlap:
@@ -491,7 +502,8 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
 
 @dataclass(frozen=True)
 class Collective:
-    """One predicted collective: which edge, which pass, which axis, what kind, how many bytes."""
+    """One predicted collective: which edge (``index`` -1, ``src`` = ``dst``: an operator's
+    own collective), which pass, which axis, what kind, how many bytes."""
 
     src: str
     dst: str

@@ -10,11 +10,15 @@ Example, ``Y = X @ W`` on one axis: ``(S(0), B) -> S(0)`` data parallel, ``(B, S
 column parallel, ``(S(1), S(0)) -> P`` row parallel, ``(P, B) -> P`` and ``(B, P) -> P`` since the
 product is linear in each factor, ``(B, B) -> B`` replicated.
 
-Three local-execution flags keep local execution exact (the runtime applies them):
+Four local-execution flags keep local execution exact (the runtime applies them):
 ``masked`` inputs are additive ``B`` terms of a ``P`` output (a bias after a row-parallel matmul):
 only coordinate 0 of the axis adds them. ``scale`` divides a mean over a split dim by the axis
 size, turning each device's local mean into its addend of the global mean. ``vocab`` marks an
 embedding whose table is split by rows: each device looks up the indices it owns, zeros elsewhere.
+``vocab_parallel`` marks a cross-entropy loss whose logits are split by vocabulary (Megatron-LM's
+vocabulary-parallel loss): the devices of the axis combine their row maxima, target logits and
+sums of exponentials with three all-reduces and each gets the whole loss; the backward is local.
+Those all-reduces are the operator's own collectives (:func:`vocab_parallel_steps`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
-from autoddl.engine.placements import B, P, S, Placement, input_grad, is_valid
+from autoddl.engine.placements import (
+    B, P, S, Placement, Step, collective_cost, input_grad, is_valid, local_shape,
+)
 from autoddl.errors import NoRuleError
 
 
@@ -38,6 +44,7 @@ class AxisSig:
     masked: frozenset[int] = frozenset()
     scale: bool = False
     vocab: bool = False
+    vocab_parallel: bool = False
 
 
 #: ZeRO levels of a parameter's signature (:attr:`Signature.zero`)
@@ -448,7 +455,44 @@ def _cross_entropy(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
             continue
         dt = d if d == 0 else d - 1
         sigs.append(AxisSig((S(d), S(dt)), P, scale=reduction == _MEAN))
+    if vocab_parallel_ok(node, ins):
+        sigs.append(AxisSig((S(1), B), B, vocab_parallel=True))
     return sigs
+
+
+#: all-reduces of one fp32 value per row the vocabulary-parallel loss runs per forward (row
+#: maximum, target logit, sum of exponentials), and the bytes of one such value
+VOCAB_PARALLEL_ALL_REDUCES = 3
+VOCAB_PARALLEL_VALUE_BYTES = 4
+
+
+def vocab_parallel_ok(node: OpNode, ins: list[TensorMeta]) -> bool:
+    """Whether a loss node may read its logits split by vocabulary: ``cross_entropy_loss`` of
+    2-D logits (rows, vocabulary) and 1-D targets, mean or sum, no class weights, the default
+    ignore_index (-100) and no label smoothing."""
+    if node.target != "aten.cross_entropy_loss.default" or len(ins) != 2:
+        return False
+    logits, target = ins
+    return (logits.ndim == 2 and target.ndim == 1 and logits.shape[1] > 1
+            and node.arg(3, "reduction", _MEAN) in (1, 2)
+            and node.arg(4, "ignore_index", -100) == -100
+            and float(node.arg(5, "label_smoothing", 0.0)) == 0.0)
+
+
+def vocab_parallel_steps(node: OpNode, logits: TensorMeta, sig: Signature,
+                         mesh_shape: Sequence[int]) -> list[Step]:
+    """The collectives a signature of ``node`` runs inside the operator, forward (none in
+    backward): for a vocabulary-parallel loss, three all-reduces of one fp32 value per local row
+    of ``logits`` on its vocabulary axis; for any other signature none."""
+    steps: list[Step] = []
+    for axis, asig in enumerate(sig.axes):
+        p = mesh_shape[axis]
+        if not asig.vocab_parallel or p <= 1:
+            continue
+        rows = local_shape(logits.shape, sig.ins[0], mesh_shape)[0]
+        sent, lat = collective_cost("all_reduce", p, rows * VOCAB_PARALLEL_VALUE_BYTES)
+        steps += [Step(axis, P, B, "all_reduce", sent, lat)] * VOCAB_PARALLEL_ALL_REDUCES
+    return steps
 
 
 @rule("aten.mse_loss.default")

@@ -9,9 +9,11 @@ consumer's gradient placement back to the producer's), so forward *and* backward
 bytes the cost model predicted. DTensor's own sharding propagation is never used: a legal
 signature makes local execution correct by construction.
 
-Local execution needs three adjustments, flagged by the rules (:mod:`autoddl.engine.rules`):
+Local execution needs four adjustments, flagged by the rules (:mod:`autoddl.engine.rules`):
 masked additive inputs (only coordinate 0 of an axis adds a bias under a ``P`` output), means over
-a split dim (scaled by 1/axis size), and row-split embedding tables (look up owned rows only).
+a split dim (scaled by 1/axis size), row-split embedding tables (look up owned rows only), and a
+cross-entropy of logits split by vocabulary, computed vocabulary-parallel
+(:mod:`autoddl.runtime.vocab_loss`) with its all-reduces logged like every conversion's.
 Arguments that carry global sizes (view, reshape, expand) get the local sizes.
 
 ZeRO-3 parameters (signature ``zero`` = ``ZERO_REGATHER``): the consumer runs, together with the
@@ -41,6 +43,7 @@ from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_NONE, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
 )
 from autoddl.runtime.commlog import CollectiveRecorder, CommLog
+from autoddl.runtime.vocab_loss import vocab_parallel_cross_entropy
 
 __all__ = ["CommLog", "Converter", "ShardedExecutor", "to_dtensor_placements"]
 
@@ -313,8 +316,12 @@ class ShardedExecutor:
             local = local_shape(node.out.shape, sig.out, self.mesh_shape)
             args = (args[0], args[1], list(local[dim: dim + len(args[2])]), *args[3:])
         vocab_axes = [a for a, s in enumerate(sig.axes) if s.vocab and self.mesh_shape[a] > 1]
+        loss_axes = [a for a, s in enumerate(sig.axes)
+                     if s.vocab_parallel and self.mesh_shape[a] > 1]
         if vocab_axes:
             out = self._vocab_embedding(args, vocab_axes[0])
+        elif loss_axes:
+            out = self._vocab_parallel_loss(node, args, loss_axes[0])
         else:
             out = fx.target(*args, **kwargs)
         for axis, asig in enumerate(sig.axes):
@@ -336,6 +343,18 @@ class ShardedExecutor:
         out = torch.ops.aten.embedding(weight, shifted.clamp(0, rows - 1),
                                        pad if 0 <= pad < rows else -1)
         return out * valid.unsqueeze(-1).to(out.dtype)
+
+    def _vocab_parallel_loss(self, node, args, axis: int) -> torch.Tensor:
+        """The cross-entropy of logits split by vocabulary on ``axis``, computed there
+        (:func:`~autoddl.runtime.vocab_loss.vocab_parallel_cross_entropy`); its all-reduces are
+        logged under that axis, forward."""
+        logits, target = args[0], args[1]
+        start = self.mesh.get_local_rank(axis) * logits.shape[1]
+        reduction = "mean" if node.arg(3, "reduction", 1) == 1 else "sum"
+        self.log.direction = "forward"
+        with CollectiveRecorder(self.log, self.conv.groups):
+            return vocab_parallel_cross_entropy(logits, target, self.mesh.get_group(axis), start,
+                                                reduction, int(node.arg(4, "ignore_index", -100)))
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Every parameter's gradient gathered whole (collective: all ranks must call)."""
