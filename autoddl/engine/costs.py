@@ -49,6 +49,7 @@ import numpy as np
 from autoddl.engine.cluster import Cluster, Mesh
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
+from autoddl.engine.precision import check_precision, tensor_bytes, weight_bytes_per_element
 from autoddl.engine.reshard_table import unit_matrices
 from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
@@ -72,8 +73,12 @@ class TrainingConfig:
     #: "none", or "layers": repeated layers keep only their inputs and are recomputed in
     #: backward (Megatron-LM's full activation recomputation)
     recompute: str = "none"
+    #: "fp32", or "bf16": float tensors computed and sent in 2 bytes, fp32 master weights and
+    #: optimizer states (:mod:`autoddl.engine.precision`; callers resolve the cluster's default)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.recompute not in ("none", "layers"):
             raise UserError(f"unknown recompute {self.recompute!r}; choose none or layers")
         if self.optimizer not in OPTIMIZER_STATES:
@@ -170,16 +175,16 @@ def zero_latency_s(sig: Signature, mesh: Mesh) -> float:
 
 def node_memory_bytes(node, sig: Signature, mesh: Mesh, config: TrainingConfig) -> float:
     """Per-device bytes a node's signature keeps: weight states, or its saved output."""
-    piece = node.out.nbytes * local_fraction(sig.out, mesh.shape)
+    frac = local_fraction(sig.out, mesh.shape)
+    piece = tensor_bytes(node.out, config.precision) * frac
     if node.kind == "param":
         if not node.requires_grad:
             return piece
-        copies = float(config.state_copies)  # weight, gradient, optimizer states
-        if sig.zero == ZERO_STATES:
-            copies = 2.0 + (copies - 2.0) / zero_divisor(sig, mesh)
-        elif sig.zero == ZERO_GRADS:
-            copies = 1.0 + (copies - 1.0) / zero_divisor(sig, mesh)
-        return piece * copies
+        zero = sig.zero in (ZERO_STATES, ZERO_GRADS)
+        per_element = weight_bytes_per_element(  # weight, gradient, (master,) optimizer states
+            node.out, config.precision, OPTIMIZER_STATES[config.optimizer],
+            zero_divisor(sig, mesh) if zero else 1, sig.zero == ZERO_GRADS)
+        return node.out.numel * frac * per_element
     if node.kind == "op" and node.requires_grad:
         return piece
     return 0.0
@@ -238,10 +243,11 @@ def accumulated_edges(graph: OpGraph) -> list[tuple[str, str, int]]:
     return [es[0] for es in readers.values() if len(es) == 1]
 
 
-def loss_steps(graph: OpGraph, placement: Placement, mesh: Mesh) -> list[Step]:
+def loss_steps(graph: OpGraph, placement: Placement, mesh: Mesh,
+               precision: str = "fp32") -> list[Step]:
     """Steps that make the loss whole (``B``) on every device, forward only."""
-    steps = reshard_steps(placement, ("B",) * len(placement), graph[graph.loss].out.nbytes,
-                          mesh.shape)
+    steps = reshard_steps(placement, ("B",) * len(placement),
+                          tensor_bytes(graph[graph.loss].out, precision), mesh.shape)
     assert steps is not None
     return steps
 
@@ -297,8 +303,9 @@ class _EdgeCoster:
     and cached by its placement lists: the identical tensors of repeated layers are costed
     once."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, precision: str = "fp32") -> None:
         self.mesh = mesh
+        self.precision = precision  # the bytes of a tensor (:func:`tensor_bytes`)
         self.matrices: dict[tuple, tuple[np.ndarray, ...]] = {}
         self.keys: dict[tuple, tuple[np.ndarray, list]] = {}  # by signature list (and side)
 
@@ -330,7 +337,7 @@ class _EdgeCoster:
         # accumulated gradients, so is a divided gradient's (ZeRO-2)
         src_key, src_vals = self._src_keys(sigs[src], grad_copies >= 0)
         dst_key, dst_vals = self._dst_keys(sigs[dst], i)
-        nbytes = graph[src].out.nbytes
+        nbytes = tensor_bytes(graph[src].out, self.precision)
         saves = graph[dst].target in SAVES_INPUTS
         mkey = (tuple(src_vals), tuple(dst_vals))
         mats = self.matrices.get(mkey)
@@ -402,12 +409,13 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
             cost = np.array([redo * node_compute_penalty_s(n.flops, s, mesh, cluster.peak_flops)
                              if n.kind == "op" else zero_latency_s(s, mesh) for s in ss])
             if n.name == graph.loss:  # the loss value is made whole on every device
-                cost += [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
+                cost += [steps_seconds(loss_steps(graph, s.out, mesh, config.precision), mesh)
+                         for s in ss]
             node_cache[key] = cost, np.array([node_memory_bytes(n, s, mesh, config) for s in ss])
         cost, mem = node_cache[key]
         k = mult.node(n.name)
         nodes.append(NodeChoices(n.name, cost * k, mem * mult.node_memory(n.name)))
-    coster = _EdgeCoster(mesh)
+    coster = _EdgeCoster(mesh, config.precision)
     edges = [coster.choices(graph, sigs, index, src, dst, i, k,
                             mult.edge_memory(src, dst, i, k), 2 if dst in mult.recomputed else 1,
                             mult.grad_copies.get((src, dst, i), -1.0))
@@ -438,7 +446,8 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
     mult = costed.mult or Multiplicity()
     for src, dst, i, copies in mult.all_edges(costed.graph):
         sv = choice[dst]
-        fwd, bwd = edge_steps(costed.graph[src].out.nbytes, choice[src].out, sv.ins[i],
+        fwd, bwd = edge_steps(tensor_bytes(costed.graph[src].out, costed.config.precision),
+                              choice[src].out, sv.ins[i],
                               sv.grads[i], mesh)
         assert fwd is not None, f"plan converts {src}->{dst} in a forbidden way"
         bwd_copies = copies
@@ -453,7 +462,8 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
                      else bwd_copies)
                 out.append(Collective(src, dst, i, direction, mesh.axes[st.axis].name,
                                       st.kind, st.bytes_per_device, step_seconds(st, mesh), n))
-    for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
+    for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh,
+                         costed.config.precision):
         if st.kind not in ("slice", "none"):  # once per loss computed (per micro-batch)
             out.append(Collective(costed.graph.loss, "output", 0, "forward",
                                   mesh.axes[st.axis].name, st.kind, st.bytes_per_device,
@@ -504,7 +514,8 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
         pin = choice[dst].ins[i]
         if keeps_converted(graph, choice[src], dst, pin):
             mem["converted_inputs_bytes"] += (mult.edge_memory(src, dst, i, copies)
-                                              * graph[src].out.nbytes
+                                              * tensor_bytes(graph[src].out,
+                                                             costed.config.precision)
                                               * local_fraction(pin, mesh.shape))
     mem["per_device_bytes"] = sum(mem.values())
     mem["capacity_bytes"] = float(costed.cluster.memory_per_device_bytes)
