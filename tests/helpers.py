@@ -159,6 +159,7 @@ def _accumulated_steps(graph: OpGraph, plan) -> list[tuple[str, str, float, floa
     from autoddl.engine.costs import (
         accumulated_edges, accumulates_grad, edge_steps, grad_fraction, step_seconds,
     )
+    from autoddl.engine.precision import plan_precision, tensor_bytes
     from autoddl.runtime.execute import find_signature
 
     mesh = Mesh.from_dict(plan.mesh)
@@ -166,8 +167,8 @@ def _accumulated_steps(graph: OpGraph, plan) -> list[tuple[str, str, float, floa
     for src, dst, i in accumulated_edges(graph):
         s_src, s_dst = (find_signature(graph, n, plan, mesh.shape) for n in (src, dst))
         if accumulates_grad(grad_fraction(s_src, mesh.shape), s_dst.grads[i], mesh.shape):
-            _, bwd = edge_steps(graph[src].out.nbytes, s_src.out, s_dst.ins[i], s_dst.grads[i],
-                                mesh)
+            nbytes = tensor_bytes(graph[src].out, plan_precision(plan.training))
+            _, bwd = edge_steps(nbytes, s_src.out, s_dst.ins[i], s_dst.grads[i], mesh)
             out += [(mesh.axes[st.axis].name, st.kind, st.bytes_per_device,
                      step_seconds(st, mesh)) for st in bwd if st.kind not in ("slice", "none")]
     return out

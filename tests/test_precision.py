@@ -198,3 +198,28 @@ def test_run_check_bf16_on_4_gloo_ranks(tmp_path):
     wrong = subprocess.run(cmd + ["--precision", "fp32"], capture_output=True, text=True,
                            timeout=120)
     assert wrong.returncode == 2 and "costed in bf16, not fp32" in wrong.stderr, wrong.stderr
+
+
+@pytest.mark.dist
+def test_pipelined_bf16_accumulates_and_reduces_in_bf16(tmp_path):
+    """Two stages of a data-parallel MLP (2 devices each) in bf16: p2p sends carry bf16 pieces
+    and the weight gradients, summed over the 4 micro-batches, are all-reduced once per step in
+    bf16 before reaching the fp32 master weights. Executed bytes equal the plan's (p2p bytes =
+    half the fp32 count: pieces of 2-byte elements)."""
+    from autoddl.engine.planner import plan_graph
+    from tests.helpers import make_pipelined_plan, microbatch_graph, run_checked
+
+    spec = "mlp:batch=4096,dim_in=32,hidden=64,layers=2,dim_out=32"
+    graph = microbatch_graph(spec, 4)
+    c = cluster(devices=2, latency_s=1e-6, peak_flops=1e10)
+    p2p = {}
+    for precision in ("fp32", "bf16"):
+        plan = plan_graph(graph, c, model_spec=spec, meshes=[c.mesh((2,))],
+                          config=TrainingConfig(precision=precision))
+        piped = make_pipelined_plan(plan, 2, 4, "1F1B", graph=graph)
+        p2p[precision] = piped.cost["per_kind"]["p2p"]["bytes"]
+    assert p2p["bf16"] == p2p["fp32"] / 2 > 0
+    path = tmp_path / "plan.json"
+    save_plan(piped, path)
+    out = run_checked(path, 2, require=("all_reduce", "p2p"), tol=5e-2)
+    assert "precision bf16" in out
