@@ -152,7 +152,8 @@ def _compare(a: argparse.Namespace) -> int:
     log = (lambda msg: print(f"  {msg}", file=sys.stderr)) if a.verbose else None
     rows, _ = compare(work, a.backend, a.time_limit, log)
     title = f"{work.spec_text} on {work.cluster.spec or work.cluster.name}"
-    print(f"{title} ({work.cluster.num_devices} devices); cost = bandwidth + redundant compute"
+    print(f"{title} ({work.cluster.num_devices} devices, {work.config.precision}); cost = "
+          "bandwidth + redundant compute"
           " + pipeline bubble per step, under one cost model\n")
     print(table(rows))
     if a.json:
