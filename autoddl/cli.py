@@ -59,7 +59,7 @@ def _workload(a: argparse.Namespace):
         raise UserError(f"--workers must be at least 1, got {a.workers}")
     return load_workload(a.model, cluster, optimizer=a.optimizer, recompute=a.recompute,
                          microbatches=a.microbatches, stages=a.stages,
-                         balance_eps=a.balance_eps)
+                         balance_eps=a.balance_eps, precision=a.precision)
 
 
 def _inputs(a: argparse.Namespace) -> list[str]:
@@ -105,7 +105,7 @@ def _run(a: argparse.Namespace) -> int:
     from autoddl.runtime.launch import launch
 
     return launch(a.plan, a.nproc, steps=a.steps, check=a.check, lr=a.lr, tol=a.tol,
-                  save=a.save, resume=a.resume)
+                  save=a.save, resume=a.resume, precision=a.precision)
 
 
 def _calibrate(a: argparse.Namespace) -> int:
@@ -152,7 +152,8 @@ def _compare(a: argparse.Namespace) -> int:
     log = (lambda msg: print(f"  {msg}", file=sys.stderr)) if a.verbose else None
     rows, _ = compare(work, a.backend, a.time_limit, log)
     title = f"{work.spec_text} on {work.cluster.spec or work.cluster.name}"
-    print(f"{title} ({work.cluster.num_devices} devices); cost = bandwidth + redundant compute"
+    print(f"{title} ({work.cluster.num_devices} devices, {work.config.precision}); cost = "
+          "bandwidth + redundant compute"
           " + pipeline bubble per step, under one cost model\n")
     print(table(rows))
     if a.json:
@@ -171,12 +172,12 @@ def _demo(a: argparse.Namespace) -> int:
     ns = argparse.Namespace(model=a.model, cluster=a.cluster, output=a.output, backend=None,
                             time_limit=None, optimizer="adam", verbose=False, stages=None,
                             microbatches=None, schedule="1F1B", balance_eps=0.1,
-                            recompute="none", gap=1e-6, workers=None)
+                            recompute="none", gap=1e-6, workers=None, precision=None)
     print(f"== autoddl plan --model {a.model} --cluster {a.cluster} -o {a.output}\n")
     _plan(ns)
     print(f"\n== autoddl run {a.output} --steps {a.steps} --check\n", flush=True)
     rc = _run(argparse.Namespace(plan=a.output, nproc=None, steps=a.steps, check=True,
-                                 lr=1e-3, tol=1e-5, save=None, resume=None))
+                                 lr=1e-3, tol=None, save=None, resume=None, precision=None))
     return rc
 
 
@@ -217,11 +218,18 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute", default="none", choices=("none", "layers"),
                    help="layers: keep only each repeated layer's input and recompute it in "
                         "backward (Megatron's full activation recomputation)")
+    p.add_argument("--precision", default=None, choices=PRECISION_CHOICES,
+                   help="bf16: activations, weights as used and gradients in 2 bytes, fp32 "
+                        "master weights and optimizer states (16 B per parameter with Adam); "
+                        "default: bf16 on a cuda cluster, fp32 on cpu")
     p.add_argument("--balance-eps", type=float, default=0.1,
                    help="each stage's FLOPs at most (1+eps) x the mean")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+#: the values of ``--precision`` (:data:`autoddl.engine.precision.PRECISIONS`; listed here so
+#: that building the parser imports nothing)
+PRECISION_CHOICES = ("fp32", "bf16")
 DEMO_MODEL = "gpt:layers=2,hidden=256,heads=8,seq=64,batch=16,vocab=512"
 
 
@@ -253,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare loss and gradients with a single-process run")
     r.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: the saved one with --resume, else 1e-3)")
-    r.add_argument("--tol", type=float, default=1e-5)
+    r.add_argument("--tol", type=float, default=None,
+                   help="relative error --check accepts (default: 1e-5 in fp32, "
+                        "5e-2 in bf16, see autoddl.runtime.worker.BF16_TOL)")
+    r.add_argument("--precision", default=None, choices=PRECISION_CHOICES,
+                   help="must be the plan's (default: the plan's, fp32 for an older plan "
+                        "file): its bytes were predicted in it")
     r.add_argument("--save", default=None, metavar="DIR",
                    help="save the training state into DIR after every step (DIR/step-N, "
                         "torch distributed checkpoint; the newest complete step is kept)")

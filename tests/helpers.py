@@ -160,6 +160,7 @@ def _accumulated_steps(graph: OpGraph, plan) -> list[tuple[str, str, float, floa
         accumulated_edges, accumulates_grad, edge_steps, grad_fraction, grad_sync_share,
         step_seconds,
     )
+    from autoddl.engine.precision import plan_precision, tensor_bytes
     from autoddl.runtime.execute import find_signature
 
     mesh = Mesh.from_dict(plan.mesh)
@@ -167,8 +168,8 @@ def _accumulated_steps(graph: OpGraph, plan) -> list[tuple[str, str, float, floa
     for src, dst, i in accumulated_edges(graph):
         s_src, s_dst = (find_signature(graph, n, plan, mesh.shape) for n in (src, dst))
         if accumulates_grad(grad_fraction(s_src, mesh.shape), s_dst.grads[i], mesh.shape):
-            _, bwd = edge_steps(graph[src].out.nbytes, s_src.out, s_dst.ins[i], s_dst.grads[i],
-                                mesh)
+            nbytes = tensor_bytes(graph[src].out, plan_precision(plan.training))
+            _, bwd = edge_steps(nbytes, s_src.out, s_dst.ins[i], s_dst.grads[i], mesh)
             out += [(mesh.axes[st.axis].name, st.kind, st.bytes_per_device,
                      step_seconds(st, mesh, grad_sync_share(graph, src, s_dst.grads[i],
                                                             mesh.shape)))

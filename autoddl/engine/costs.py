@@ -57,6 +57,7 @@ from autoddl.engine.cluster import Cluster, Mesh
 from autoddl.engine.compute import forward_seconds
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
+from autoddl.engine.precision import check_precision, tensor_bytes, weight_bytes_per_element
 from autoddl.engine.reshard_table import unit_matrices
 from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures, vocab_parallel_steps,
@@ -80,8 +81,12 @@ class TrainingConfig:
     #: "none", or "layers": repeated layers keep only their inputs and are recomputed in
     #: backward (Megatron-LM's full activation recomputation)
     recompute: str = "none"
+    #: "fp32", or "bf16": float tensors computed and sent in 2 bytes, fp32 master weights and
+    #: optimizer states (:mod:`autoddl.engine.precision`; callers resolve the cluster's default)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.recompute not in ("none", "layers"):
             raise UserError(f"unknown recompute {self.recompute!r}; choose none or layers")
         if self.optimizer not in OPTIMIZER_STATES:
@@ -161,20 +166,23 @@ def work_divisor(sig: Signature, mesh: Mesh) -> int:
     return d
 
 
-def node_forward_s(graph: OpGraph, n, sig: Signature, mesh: Mesh, cluster: Cluster) -> float:
+def node_forward_s(graph: OpGraph, n, sig: Signature, mesh: Mesh, cluster: Cluster,
+                   precision: str) -> float:
     """One device's forward time of node ``n`` under ``sig`` (:mod:`autoddl.engine.compute`):
     its FLOPs divided as the signature divides the work, its local pieces read and written."""
     if n.kind != "op":
         return 0.0
-    moved = n.out.nbytes * local_fraction(sig.out, mesh.shape) + sum(
-        graph[i].out.nbytes * local_fraction(p, mesh.shape) for i, p in zip(n.inputs, sig.ins))
+    moved = tensor_bytes(n.out, precision) * local_fraction(sig.out, mesh.shape) + sum(
+        tensor_bytes(graph[i].out, precision) * local_fraction(p, mesh.shape)
+        for i, p in zip(n.inputs, sig.ins))
     return forward_seconds(n.target, n.flops / work_divisor(sig, mesh), moved,
                            cluster.peak_flops, cluster.compute)
 
 
-def _fully_divided_s(graph: OpGraph, n, mesh: Mesh, cluster: Cluster) -> float:
+def _fully_divided_s(graph: OpGraph, n, mesh: Mesh, cluster: Cluster, precision: str) -> float:
     """An op's forward time were its work and traffic divided over every device of the mesh."""
-    moved = (n.out.nbytes + sum(graph[i].out.nbytes for i in n.inputs)) / mesh.num_devices
+    moved = (tensor_bytes(n.out, precision) + sum(tensor_bytes(graph[i].out, precision)
+                                                  for i in n.inputs)) / mesh.num_devices
     return forward_seconds(n.target, n.flops / mesh.num_devices, moved, cluster.peak_flops,
                            cluster.compute)
 
@@ -218,16 +226,16 @@ def zero_latency_s(sig: Signature, mesh: Mesh, nbytes: float = BUCKET_BYTES) -> 
 
 def node_memory_bytes(node, sig: Signature, mesh: Mesh, config: TrainingConfig) -> float:
     """Per-device bytes a node's signature keeps: weight states, or its saved output."""
-    piece = node.out.nbytes * local_fraction(sig.out, mesh.shape)
+    frac = local_fraction(sig.out, mesh.shape)
+    piece = tensor_bytes(node.out, config.precision) * frac
     if node.kind == "param":
         if not node.requires_grad:
             return piece
-        copies = float(config.state_copies)  # weight, gradient, optimizer states
-        if sig.zero == ZERO_STATES:
-            copies = 2.0 + (copies - 2.0) / zero_divisor(sig, mesh)
-        elif sig.zero == ZERO_GRADS:
-            copies = 1.0 + (copies - 1.0) / zero_divisor(sig, mesh)
-        return piece * copies
+        zero = sig.zero in (ZERO_STATES, ZERO_GRADS)
+        per_element = weight_bytes_per_element(  # weight, gradient, (master,) optimizer states
+            node.out, config.precision, OPTIMIZER_STATES[config.optimizer],
+            zero_divisor(sig, mesh) if zero else 1, sig.zero == ZERO_GRADS)
+        return node.out.numel * frac * per_element
     if node.kind == "op" and node.requires_grad:
         return piece
     return 0.0
@@ -286,10 +294,11 @@ def accumulated_edges(graph: OpGraph) -> list[tuple[str, str, int]]:
     return [es[0] for es in readers.values() if len(es) == 1]
 
 
-def loss_steps(graph: OpGraph, placement: Placement, mesh: Mesh) -> list[Step]:
+def loss_steps(graph: OpGraph, placement: Placement, mesh: Mesh,
+               precision: str = "fp32") -> list[Step]:
     """Steps that make the loss whole (``B``) on every device, forward only."""
-    steps = reshard_steps(placement, ("B",) * len(placement), graph[graph.loss].out.nbytes,
-                          mesh.shape)
+    steps = reshard_steps(placement, ("B",) * len(placement),
+                          tensor_bytes(graph[graph.loss].out, precision), mesh.shape)
     assert steps is not None
     return steps
 
@@ -353,8 +362,9 @@ class _EdgeCoster:
     and cached by its placement lists: the identical tensors of repeated layers are costed
     once."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, precision: str = "fp32") -> None:
         self.mesh = mesh
+        self.precision = precision  # the bytes of a tensor (:func:`tensor_bytes`)
         self.matrices: dict[tuple, tuple[np.ndarray, ...]] = {}
         self.keys: dict[tuple, tuple[np.ndarray, list]] = {}  # by signature list (and side)
 
@@ -386,7 +396,7 @@ class _EdgeCoster:
         # accumulated gradients, so is a divided gradient's (ZeRO-2)
         src_key, src_vals = self._src_keys(sigs[src], grad_copies >= 0)
         dst_key, dst_vals = self._dst_keys(sigs[dst], i)
-        nbytes = graph[src].out.nbytes
+        nbytes = tensor_bytes(graph[src].out, self.precision)
         saves = graph[dst].target in SAVES_INPUTS
         mkey = (tuple(src_vals), tuple(dst_vals))
         mats = self.matrices.get(mkey)
@@ -450,7 +460,7 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
     index = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = [_node_choices(graph, n, sigs[n.name], mesh, cluster, config, mult, node_cache)
              for node_cache in [{}] for n in graph.nodes]
-    coster = _EdgeCoster(mesh)
+    coster = _EdgeCoster(mesh, config.precision)
     edges = [coster.choices(graph, sigs, index, src, dst, i, k,
                             mult.edge_memory(src, dst, i, k), 2 if dst in mult.recomputed else 1,
                             mult.grad_copies.get((src, dst, i), -1.0))
@@ -479,12 +489,14 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
         raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
     k_pass = passes(n.name, mult)
     key = (id(ss), n.kind, n.target, n.flops, k_pass, n.out, n.requires_grad,
-           n.name == graph.loss, tuple(graph[i].out for i in n.inputs))
+           n.name == graph.loss, tuple(graph[i].out for i in n.inputs), config)
     if key not in cache:
-        fwd = np.array([node_forward_s(graph, n, s, mesh, cluster) for s in ss])
+        fwd = np.array([node_forward_s(graph, n, s, mesh, cluster, config.precision)
+                        for s in ss])
         cost = k_pass * fwd
         if n.name == graph.loss:  # the loss value is made whole on every device
-            cost = cost + [steps_seconds(loss_steps(graph, s.out, mesh), mesh) for s in ss]
+            cost = cost + [steps_seconds(loss_steps(graph, s.out, mesh, config.precision), mesh)
+                           for s in ss]
         # the operator's own collectives, forward only (twice when it is recomputed)
         cost = cost + [(2 if n.name in mult.recomputed else 1)
                        * steps_seconds(op_steps(graph, n, s, mesh), mesh) for s in ss]
@@ -523,7 +535,8 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
     mult = costed.mult or Multiplicity()
     for src, dst, i, copies in mult.all_edges(costed.graph):
         sv = choice[dst]
-        fwd, bwd = edge_steps(costed.graph[src].out.nbytes, choice[src].out, sv.ins[i],
+        fwd, bwd = edge_steps(tensor_bytes(costed.graph[src].out, costed.config.precision),
+                              choice[src].out, sv.ins[i],
                               sv.grads[i], mesh)
         assert fwd is not None, f"plan converts {src}->{dst} in a forbidden way"
         bwd_copies = copies
@@ -540,7 +553,13 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
                 secs = step_seconds(st, mesh, 1.0 if direction == "forward" else share)
                 out.append(Collective(src, dst, i, direction, mesh.axes[st.axis].name,
                                       st.kind, st.bytes_per_device, secs, n))
-    for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh):
+    for n in costed.graph.ops:  # an operator's own collectives (vocabulary-parallel loss)
+        times = mult.node(n.name) * (2 if n.name in mult.recomputed else 1)
+        out += [Collective(n.name, n.name, -1, "forward", mesh.axes[st.axis].name, st.kind,
+                           st.bytes_per_device, step_seconds(st, mesh), times)
+                for st in op_steps(costed.graph, n, choice[n.name], mesh)]
+    for st in loss_steps(costed.graph, choice[costed.graph.loss].out, mesh,
+                         costed.config.precision):
         if st.kind not in ("slice", "none"):  # once per loss computed (per micro-batch)
             out.append(Collective(costed.graph.loss, "output", 0, "forward",
                                   mesh.axes[st.axis].name, st.kind, st.bytes_per_device,
@@ -582,8 +601,9 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
     compute_s, divided_s = 0.0, 0.0
     for n in graph.ops:
         k = mult.node(n.name) * passes(n.name, mult)
-        compute_s += k * node_forward_s(graph, n, choice[n.name], mesh, costed.cluster)
-        divided_s += k * _fully_divided_s(graph, n, mesh, costed.cluster)
+        prec = costed.config.precision
+        compute_s += k * node_forward_s(graph, n, choice[n.name], mesh, costed.cluster, prec)
+        divided_s += k * _fully_divided_s(graph, n, mesh, costed.cluster, prec)
     step_s = costed.problem.evaluate(np.array([costed.sigs[n.name].index(choice[n.name])
                                                for n in graph.nodes]))[0]
     mem = {"weights_bytes": 0.0, "activations_bytes": 0.0, "converted_inputs_bytes": 0.0}
@@ -594,7 +614,8 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
         pin = choice[dst].ins[i]
         if keeps_converted(graph, choice[src], dst, pin):
             mem["converted_inputs_bytes"] += (mult.edge_memory(src, dst, i, copies)
-                                              * graph[src].out.nbytes
+                                              * tensor_bytes(graph[src].out,
+                                                             costed.config.precision)
                                               * local_fraction(pin, mesh.shape))
     mem["per_device_bytes"] = sum(mem.values())
     mem["capacity_bytes"] = float(costed.cluster.memory_per_device_bytes)

@@ -303,12 +303,22 @@ def summary(plan: Plan) -> str:
         f"{'estimated step time':<28}{format_seconds(c['step_time_s']):>14}   "
         "(compute + communication" + (" + bubble, slowest stage)" if plan.pipeline else ")"),
         "",
+        f"precision {plan.training.get('precision', 'fp32')} ({_precision_words(plan)}), "
+        f"optimizer {plan.training.get('optimizer')}",
         f"memory per device  {format_bytes(m['per_device_bytes'])} of "
         f"{format_bytes(m['capacity_bytes'])}  (weights+grads+optimizer "
         f"{format_bytes(m['weights_bytes'])}, activations {format_bytes(m['activations_bytes'])}, "
         f"converted inputs {format_bytes(m['converted_inputs_bytes'])})",
     ]
     return "\n".join(lines)
+
+
+def _precision_words(plan: Plan) -> str:
+    """What the plan's precision counts, in words (a file without one was costed in fp32)."""
+    if plan.training.get("precision", "fp32") == "bf16":
+        return ("activations, weights as used and gradients in 2 B; fp32 master weights and "
+                "optimizer states")
+    return "every tensor at its captured size"
 
 
 def explain(plan: Plan, name: str) -> str:

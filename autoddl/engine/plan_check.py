@@ -197,6 +197,9 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
                                          f"{', '.join(OPTIMIZER_STATES)}")
     if data["training"].get("recompute", "none") not in ("none", "layers", None):
         raise _bad("training.recompute", "is not 'none' or 'layers'")
+    if data["training"].get("precision", "fp32") not in ("fp32", "bf16"):
+        raise _bad("training.precision", "is not 'fp32' or 'bf16' (a file without it was "
+                                         "costed in fp32)")
     for i, o in enumerate(data["ops"]):
         _check_op(o, i, axes, stages)
     _check_numbers(data)

@@ -283,7 +283,8 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
     return Plan(model=model_info, cluster={**cluster.to_dict(), "spec": cluster.spec},
                 mesh=costed.mesh.to_dict(),
                 training={"optimizer": costed.config.optimizer,
-                          "recompute": costed.config.recompute},
+                          "recompute": costed.config.recompute,
+                          "precision": costed.config.precision},
                 ops=tuple(ops), cost=cost, memory=memory, solver=solver,
                 candidates=tuple(rec for rec, _ in records), pipeline=pipeline, timings=timings)
 

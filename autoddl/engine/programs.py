@@ -28,6 +28,7 @@ from autoddl.engine.costs import (
 )
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import local_fraction
+from autoddl.engine.precision import tensor_bytes
 from autoddl.engine.repeat import Blocks, _canonical, block_outputs
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem
 
@@ -290,7 +291,8 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
             sigs = costed.sigs[src]
             piece = np.zeros(cost.shape[0])
             for s_idx, s in enumerate(sigs):
-                piece[ec.src_key[s_idx]] = g[src].out.nbytes * local_fraction(s.out, mesh.shape)
+                piece[ec.src_key[s_idx]] = (tensor_bytes(g[src].out, config.precision)
+                                            * local_fraction(s.out, mesh.shape))
             p2p = cross * sends * (piece / beta + pp.latency_s)
             cost = cost + p2p[:, None]
         edges.append(EdgeChoices(ec.src, ec.dst, ec.src_key, ec.dst_key, cost, mem, grp))
@@ -309,7 +311,8 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
     p2p = {"bytes": 0.0, "seconds": 0.0, "count": 0}
     for (src, dst, k), copies in prog.crossing.items():
         sends = 1 + int(g[src].requires_grad)
-        piece = g[src].out.nbytes * local_fraction(choice[src].out, mesh.shape)
+        piece = (tensor_bytes(g[src].out, costed.config.precision)
+                 * local_fraction(choice[src].out, mesh.shape))
         p2p["bytes"] += copies * sends * piece
         p2p["seconds"] += copies * sends * (piece / (pp.bandwidth_gbps * 1e9) + pp.latency_s)
         p2p["count"] += copies * sends

@@ -23,6 +23,7 @@ from autoddl.engine.costs import (
     steps_seconds, work_divisor,
 )
 from autoddl.engine.placements import local_fraction
+from autoddl.engine.precision import tensor_bytes
 from autoddl.engine.rules import Signature
 from autoddl.formulations.pipeline import PipelineProblem
 from autoddl.formulations.sharding import ShardingProblem
@@ -72,7 +73,8 @@ def build_pipeline_problem(costed: CostedGraph, stages: int, microbatches: int, 
         sigs = costed.sigs[n.name]
         acts.append(np.array([node_memory_bytes(n, s, mesh, costed.config)
                               if n.kind == "op" else 0.0 for s in sigs]))
-        pieces.append(np.array([n.out.nbytes * local_fraction(s.out, mesh.shape) for s in sigs]))
+        nbytes = tensor_bytes(n.out, costed.config.precision)
+        pieces.append(np.array([nbytes * local_fraction(s.out, mesh.shape) for s in sigs]))
     return PipelineProblem(
         sharding=accumulated_share(costed, microbatches), stages=stages,
         microbatches=microbatches,
@@ -94,7 +96,7 @@ def accumulated_share(costed: CostedGraph, microbatches: int) -> ShardingProblem
     acc = set(accumulated_edges(g))
     if m == 1 or not acc:
         return costed.problem
-    coster = _EdgeCoster(costed.mesh)
+    coster = _EdgeCoster(costed.mesh, costed.config.precision)
     edges = list(costed.problem.edges)
     for j, (src, dst, i, k) in enumerate(mult.all_edges(g)):
         if (src, dst, i) in acc:
@@ -121,6 +123,10 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
     """Cost and memory of a pipelined plan, per training step of ``microbatches`` micro-batches."""
     g, mesh, m = costed.graph, costed.mesh, microbatches
     step_mult = step_multiplicity(costed, m)
+
+    def nbytes(name: str) -> int:  # a tensor's bytes in the plan's precision
+        return tensor_bytes(g[name].out, costed.config.precision)
+
     per_step = breakdown(dataclasses.replace(costed, mult=step_mult), choice)
     mem_mb = per_step.pop("memory")
     out = {"per_axis": per_step["per_axis"], "per_kind": per_step["per_kind"],
@@ -136,7 +142,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
             d = work_divisor(choice[n.name], mesh)
             stage_compute[k] += 3.0 * n.flops / d / costed.cluster.peak_flops
         for i, src in enumerate(n.inputs):
-            fwd, bwd = edge_steps(g[src].out.nbytes, choice[src].out, choice[n.name].ins[i],
+            fwd, bwd = edge_steps(nbytes(src), choice[src].out, choice[n.name].ins[i],
                                   choice[n.name].grads[i], mesh)
             stage_comm[k] += (forward_times(choice[src], n.name, Multiplicity())
                               * steps_seconds(fwd or [], mesh))
@@ -146,7 +152,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
                 bwd, mesh, grad_sync_share(g, src, choice[n.name].grads[i], mesh.shape))
             pin = choice[n.name].ins[i]
             if keeps_converted(g, choice[src], n.name, pin):
-                converted[k] += (g[src].out.nbytes * local_fraction(pin, mesh.shape)
+                converted[k] += (nbytes(src) * local_fraction(pin, mesh.shape)
                                  * min(stages - k, m))
     last_reader: dict[str, int] = {}
     for n in g.nodes:
@@ -155,7 +161,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
     for src, far in last_reader.items():  # one send per tensor per boundary it crosses
         hops = far - stage[src]
         if hops and g[src].kind != "param":
-            piece = g[src].out.nbytes * local_fraction(choice[src].out, mesh.shape)
+            piece = nbytes(src) * local_fraction(choice[src].out, mesh.shape)
             sends = hops * (1 + int(g[src].requires_grad))
             secs = sends * (piece / (pp.bandwidth_gbps * 1e9) + pp.latency_s)
             p2p["bytes"] += m * sends * piece

@@ -20,6 +20,7 @@ from autoddl.engine.cluster import Cluster, Mesh, MeshAxis
 from autoddl.engine.costs import CostedGraph, TrainingConfig, build_problem
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.plan import Plan
+from autoddl.engine.precision import resolve_precision
 from autoddl.engine.programs import Program, build_program
 from autoddl.engine.repeat import Blocks, Reduced, find_blocks, reduce_graph
 from autoddl.engine.rules import Signature, check_rules
@@ -153,11 +154,13 @@ def plan_from_choice(work: Workload, costed: CostedGraph, choice: dict[str, Sign
 
 def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam",
                   recompute: str = "none", microbatches: int | None = None,
-                  stages: int | None = None, balance_eps: float = 0.1) -> Workload:
+                  stages: int | None = None, balance_eps: float = 0.1,
+                  precision: str | None = None) -> Workload:
     """The workload of a ``--model`` spec on a ``--cluster`` spec (or cluster), as ``autoddl
     plan`` captures it: a model with a ``layers`` key of more than three whose layers repeat is
     captured with three and planned for all; a micro-batch graph is captured unless ``stages`` is 1 or there is one device or one
-    micro-batch (default: the largest divisor of the batch up to 16)."""
+    micro-batch (default: the largest divisor of the batch up to 16). ``precision``: fp32 or
+    bf16 (None: the cluster's default, :func:`~autoddl.engine.precision.resolve_precision`)."""
     from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
     from autoddl.engine.cluster import parse_cluster
     from autoddl.engine.guard import user_code
@@ -166,7 +169,8 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
     spec = parse_model_spec(model)
     if isinstance(cluster, str):
         cluster = parse_cluster(cluster)
-    config = TrainingConfig(optimizer, recompute)
+    config = TrainingConfig(optimizer, recompute,
+                            resolve_precision(precision, cluster.device_type))
     if stages is not None and stages < 1:
         raise UserError(f"--stages must be at least 1, got {stages}")
     with user_code(f"--model {spec.text}", foreign=spec.name == FILE_MODEL):

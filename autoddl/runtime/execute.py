@@ -22,6 +22,13 @@ for backward; backward gathers it again (the forward steps run twice, as the cos
 and then reduce-scatters its gradient. Inside a recomputed layer the layer's own recomputation
 is that second gather. ZeRO-1/2 weights run as data parallel ones (the all-reduce moves their
 reduce-scatter + all-gather's bytes); the optimizer here keeps their states whole.
+
+Mixed precision (a plan costed in ``bf16``, :mod:`autoddl.engine.precision`): the parameters stay
+fp32 (the master weights the optimizer updates); each is cast to bf16 as it is read, and so are
+float user inputs and constants, and every float operator output is bf16 (an operator that makes
+fp32, e.g. an explicit upcast, is cast back). So activations and weights cross the wire in bf16,
+gradients are produced and reduced in bf16 and reach the fp32 master weights through the
+casts' backward, converted to fp32 only after their reduction: the bytes the plan predicts.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from autoddl.engine.placements import (
     Placement, Step, grad_target, local_shape, reshard_steps, split_dim,
 )
 from autoddl.engine.plan import Plan
+from autoddl.engine.precision import plan_precision
 from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_NONE, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
 )
@@ -132,6 +140,12 @@ class _Reshard(torch.autograd.Function):
         return out, None, None, None, None, None, None
 
 
+def compute_dtype(plan: Plan) -> torch.dtype | None:
+    """The dtype float tensors are computed and sent in under the plan's precision: bfloat16
+    under bf16, None (each as captured) under fp32."""
+    return torch.bfloat16 if plan_precision(plan.training) == "bf16" else None
+
+
 def find_signature(graph: OpGraph, name: str, plan: Plan, mesh_shape) -> Signature:
     """The rule signature matching the plan's placements for node ``name``."""
     op = plan.op(name)
@@ -160,6 +174,7 @@ class ShardedExecutor:
                  nodes: Iterable[str] | None = None) -> None:
         self.ep, self.graph, self.plan, self.mesh = ep, graph, plan, mesh
         self.mesh_shape = tuple(mesh.shape)
+        self.dtype = compute_dtype(plan)
         self.log = CommLog()
         self.conv = Converter(mesh, plan.axis_names, self.log)
         self.nodes = [n.name for n in graph.nodes] if nodes is None else list(nodes)
@@ -195,12 +210,20 @@ class ShardedExecutor:
 
     def local_input(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This device's piece of a user input under its planned placement."""
-        return distribute_tensor(full, self.mesh, to_dtensor_placements(self.sigs[name].out),
-                                 src_data_rank=None).to_local()
+        return self.cast(distribute_tensor(full, self.mesh,
+                                           to_dtensor_placements(self.sigs[name].out),
+                                           src_data_rank=None).to_local())
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the plan's compute dtype when it is a float tensor (bf16 plans; autograd
+        casts its gradient back), else ``t``."""
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            return t.to(self.dtype)
+        return t
 
     def param_locals(self) -> dict[str, torch.Tensor]:
         """Node name -> local piece of each held parameter (autograd flows to the DTensor)."""
-        return {n.name: self.params[n.fqn].to_local() for n in self.graph.params
+        return {n.name: self.cast(self.params[n.fqn].to_local()) for n in self.graph.params
                 if n.fqn in self.params}
 
     def run_ops(self, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -327,6 +350,7 @@ class ShardedExecutor:
         for axis, asig in enumerate(sig.axes):
             if asig.scale and self.mesh_shape[axis] > 1:
                 out = out / self.mesh_shape[axis]
+        out = self.cast(out)
         want = local_shape(node.out.shape, sig.out, self.mesh_shape)
         assert tuple(out.shape) == want, f"{node.name}: local shape {tuple(out.shape)} != {want}"
         return out

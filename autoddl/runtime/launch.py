@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from autoddl.engine.plan import load_plan
+from autoddl.engine.precision import plan_precision
 from autoddl.files import check_output_folder
 from autoddl.errors import CHECK_FAILED, Terminated, UserError, raise_on_sigterm
 from autoddl.runtime import checkpoint
@@ -42,12 +43,18 @@ def torchrun_command(module: str, nproc: int, args: list[str]) -> list[str]:
 
 
 def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = False,
-           lr: float | None = None, tol: float = 1e-5, save: str | None = None,
-           resume: str | None = None) -> int:
+           lr: float | None = None, tol: float | None = None, save: str | None = None,
+           resume: str | None = None, precision: str | None = None) -> int:
     """Run a plan on ``nproc`` local processes; returns the job's exit code. ``lr``: None for
     the saved one when resuming, else 1e-3; ``save``: a folder to save the training state into
-    after every step; ``resume``: a folder to start from (its newest complete step)."""
+    after every step; ``resume``: a folder to start from (its newest complete step).
+    ``tol``: None for the default of the plan's precision; ``precision``: None, or the plan's
+    own (a plan's bytes and memory were predicted in one precision: it runs in that one)."""
     plan = load_plan(plan_path)
+    have = plan_precision(plan.training)
+    if precision is not None and precision != have:
+        raise UserError(f"plan {plan_path!r} was costed in {have}, not {precision}: re-plan "
+                        f"with `autoddl plan --precision {precision}` or run without --precision")
     need = plan.num_devices
     nproc = need if nproc is None else nproc
     if nproc != need:
@@ -55,7 +62,7 @@ def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = Fals
                         f"{'x'.join(map(str, plan.device_mesh_shape))}); got --nproc {nproc}")
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
-    args = ["--steps", str(steps), "--tol", repr(tol)]
+    args = ["--steps", str(steps)] + ([] if tol is None else ["--tol", repr(tol)])
     if lr is not None:
         args += ["--lr", repr(lr)]
     if check:

@@ -54,6 +54,7 @@ from autoddl.engine.costs import accumulated_edges, accumulates_grad, grad_fract
 from autoddl.engine.graph import OpGraph, TensorMeta
 from autoddl.engine.placements import grad_target, local_shape, reshard_steps
 from autoddl.engine.plan import Plan
+from autoddl.engine.precision import plan_precision, tensor_bytes
 from autoddl.errors import UserError
 from autoddl.runtime.execute import CommLog, ShardedExecutor, to_dtensor_placements
 
@@ -103,12 +104,12 @@ def boundary_tensors(graph: OpGraph, plan: Plan) -> list[list[str]]:
             for k in range(plan.num_stages - 1)]
 
 
-def piece_bytes(meta: TensorMeta, placement, mesh_shape) -> int:
-    """Bytes of one device's local piece of ``meta`` under ``placement``."""
+def piece_bytes(meta: TensorMeta, placement, mesh_shape, precision: str = "fp32") -> int:
+    """Bytes of one device's local piece of ``meta`` under ``placement``, in ``precision``."""
     n = 1
     for s in local_shape(meta.shape, placement, mesh_shape):
         n *= s
-    return n * meta.itemsize
+    return n * tensor_bytes(meta, precision) // max(meta.numel, 1)
 
 
 def p2p_per_step(graph: OpGraph, plan: Plan) -> dict[str, float]:
@@ -122,7 +123,8 @@ def p2p_per_step(graph: OpGraph, plan: Plan) -> dict[str, float]:
             pl = tuple(plan.op(name).out[a] for a in plan.axis_names)
             sends = 1 + int(node.requires_grad)
             count += sends
-            nbytes += sends * piece_bytes(node.out, pl, plan.mesh_shape)
+            nbytes += sends * piece_bytes(node.out, pl, plan.mesh_shape,
+                                          plan_precision(plan.training))
     m = plan.num_microbatches
     return {"count": m * count, "bytes": m * nbytes}
 
@@ -131,7 +133,10 @@ def _placement(plan: Plan, name: str) -> tuple[str, ...]:
     return tuple(plan.op(name).out[a] for a in plan.axis_names)
 
 
-def _torch_dtype(meta: TensorMeta) -> torch.dtype:
+def _torch_dtype(meta: TensorMeta, precision: str = "fp32") -> torch.dtype:
+    """The dtype a tensor crosses a boundary in: bf16 for a float tensor of a bf16 plan."""
+    if precision == "bf16" and meta.is_float:
+        return torch.bfloat16
     return getattr(torch, meta.dtype)
 
 
@@ -206,8 +211,9 @@ class StageExecutor(ShardedExecutor):
             if total is None:
                 continue
             meta, grad_pl = self.graph[src].out, self.sigs[dst].grads[i]
-            local = self.conv.run(total, grad_pl, steps, meta.shape) / microbatches
             param = self.params[self.graph[src].fqn]
+            # reduced in the compute dtype; the fp32 master weight's gradient after
+            local = self.conv.run(total, grad_pl, steps, meta.shape).to(param.dtype) / microbatches
             target = tuple(grad_target(p) for p in self.sigs[src].out)
             grad = DTensor.from_local(local, self.mesh, to_dtensor_placements(target),
                                       run_check=False, shape=param.shape, stride=param.stride())
@@ -234,7 +240,8 @@ class StageModule(torch.nn.Module):
         # registered so that the schedule's scale_grads and the optimizer see them
         self.stage_params = torch.nn.ParameterList(ex.params.values())
         shape = plan.mesh_shape
-        self._bytes = {n: piece_bytes(self.graph[n].out, _placement(plan, n), shape)
+        precision = plan_precision(plan.training)
+        self._bytes = {n: piece_bytes(self.graph[n].out, _placement(plan, n), shape, precision)
                        for n in set(inputs) | set(outputs)}
 
     def __call__(self, *args: torch.Tensor) -> Any:
@@ -315,6 +322,7 @@ class PipelineRunner:
                             f"({m} < {K}); use GPipe or more micro-batches")
         pp = plan.pipeline["axis"]["name"]
         self.plan, self.graph, self.device = plan, graph, device
+        self.precision = plan_precision(plan.training)
         self.stage_index = int(mesh.get_local_rank(pp))
         self.stage_mesh = mesh[tuple(plan.axis_names)]
         self.group = mesh.get_group(pp)
@@ -335,7 +343,8 @@ class PipelineRunner:
             in_args = tuple(self._example(n) for n in ins)
         if k == K - 1:
             loss = graph[graph.loss].out
-            out_args: tuple = (torch.empty((), dtype=_torch_dtype(loss), device=device,
+            out_args: tuple = (torch.empty((), dtype=_torch_dtype(loss, self.precision),
+                                           device=device,
                                            requires_grad=True),)
         else:
             out_args = tuple(self._example(n) for n in outs)
@@ -349,7 +358,7 @@ class PipelineRunner:
     def _example(self, name: str) -> torch.Tensor:
         meta = self.graph[name].out
         shape = local_shape(meta.shape, _placement(self.plan, name), self.plan.mesh_shape)
-        return torch.empty(shape, dtype=_torch_dtype(meta), device=self.device,
+        return torch.empty(shape, dtype=_torch_dtype(meta, self.precision), device=self.device,
                            requires_grad=self.graph[name].requires_grad)
 
     @property

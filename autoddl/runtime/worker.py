@@ -49,6 +49,7 @@ from autoddl.engine.costs import OPTIMIZER_STATES
 from autoddl.engine.guard import user_code
 from autoddl.engine.models import FILE_MODEL, build_model, parse_model_spec
 from autoddl.engine.plan import Plan, load_plan
+from autoddl.engine.precision import plan_precision
 from autoddl.errors import CHECK_FAILED, UserError
 from autoddl.runtime import checkpoint
 from autoddl.runtime.execute import ShardedExecutor
@@ -98,6 +99,28 @@ def relative_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
 def predicted_counts(plan: Plan) -> Counter:
     """Collective counts per kind the plan predicts for one step."""
     return Counter({k: int(v["count"]) for k, v in plan.cost["per_kind"].items()})
+
+
+#: ``--check``'s default tolerance (relative error of the loss and of each gradient, the
+#: gradient's norm floored as in :func:`relative_errors`) for a plan run in fp32: the run and the
+#: reference compute the same sums in another order, fp32 rounding only
+FP32_TOL = 1e-5
+#: ... and for a plan run in bf16 against the fp32 single-process reference. bf16 keeps 8
+#: significant bits: each rounding errs by at most u = 2^-8 ≈ 3.9e-3 relative. A step rounds
+#: every activation, every weight as read and every gradient once per operator, so an error
+#: grows with the chain of operators a value passes (forward and backward, about 2 roundings per
+#: operator on the path), as √n·u when the roundings are independent, up to n·u in the worst
+#: case: for the dozen or so chained roundings of a small GPT's step, ≈ 4·u to 12·u, i.e.
+#: 1.5e-2 to 5e-2. A few 1e-2 is therefore the honest bound: 5e-2 (≈ 13·u) accepts bf16's
+#: rounding and still fails a plan that is wrong (a missing or doubled reduction errs by 1e-1 to
+#: 1e0). Used under bf16 only; fp32 runs keep :data:`FP32_TOL`.
+BF16_TOL = 5e-2
+
+
+def default_tolerance(precision: str) -> float:
+    """``--check``'s tolerance when none is given: :data:`BF16_TOL` for a bf16 plan, else
+    :data:`FP32_TOL`."""
+    return BF16_TOL if precision == "bf16" else FP32_TOL
 
 
 #: ``--check`` fails when a (mesh axis, kind)'s executed bytes differ from the plan's by more
@@ -440,15 +463,19 @@ def _announce(plan: Plan, backend: str, device) -> None:
                 f"({plan.pipeline.get('schedule', '1F1B')})")
     print(f"{dist.get_world_size()} rank(s), backend {backend} on {device.type}, mesh "
           f"{dict(zip(plan.device_mesh_names, plan.device_mesh_shape))}{pipe}, "
+          f"precision {plan_precision(plan.training)}, "
           f"torch {torch.__version__}", flush=True)
 
 
-def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float,
+def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float | None,
         save: str | None = None, resume: str | None = None) -> int:
-    """Train ``steps`` steps of the planned model; with ``check``, compare to one process.
+    """Train ``steps`` steps of the planned model; with ``check``, compare to one process
+    (fp32) within ``tol`` (None: :func:`default_tolerance` of the plan's precision).
     ``lr``: None for the saved one when resuming, else 1e-3. ``resume``: start from the newest
     complete step saved in that folder; ``save``: save the state into that folder after every
     step (:mod:`autoddl.runtime.checkpoint`)."""
+    if tol is None:
+        tol = default_tolerance(plan_precision(plan.training))
     backend, device = pick_device()
     dist.init_process_group(backend, timeout=timedelta(seconds=group_timeout_s()))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -560,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--tol", type=float, default=None)
     ap.add_argument("--save", default=None)
     ap.add_argument("--resume", default=None)
     a = ap.parse_args(argv)
