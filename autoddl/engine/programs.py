@@ -30,7 +30,7 @@ from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import local_fraction
 from autoddl.engine.precision import tensor_bytes
 from autoddl.engine.repeat import Blocks, _canonical, block_outputs
-from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem
+from autoddl.formulations.sharding import ShardingProblem, StepShape
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Program:
     layers: int
     recompute: bool = False
     outputs: frozenset[int] = frozenset()  # block positions whose outputs leave the block
+    interleave: int = 1  # model chunks per device (Megatron's interleaved 1F1B: v)
 
 
 def _stage_blocks(n: int) -> list[tuple[str, int]]:
@@ -265,11 +266,36 @@ def _params_first(nodes: list) -> list:
     return leaves + [n for n in nodes if n.kind == "op"]
 
 
+def step_shape(prog: Program) -> tuple[float, StepShape]:
+    """(κ, shape): how a program's groups make the step (Narayanan et al., SC'21; Alpa).
+
+    With per-micro-batch stage times :math:`t_k`, ``m`` micro-batches and ``v`` model chunks
+    per device, a 1F1B step takes :math:`\sum_k t_k / v + (m - 1/v) \max_k t_k`: the bubble
+    is :math:`(K-1)/v` slowest-stage passes, :math:`(m + (K-1)/v)\,t` for equal stages. A
+    group ``g`` of ``c_g`` stages sums ``m·c_g·t_g`` of cost; the costs are scaled by
+    :math:`\kappa = (m + (K-1)/v)/(mK)` so that their sum is the step of balanced stages (a lower
+    bound of every plan's step, :class:`~autoddl.formulations.sharding.StepShape`). Weight
+    traffic of one stage (its copies' sum / c_g) hides behind one micro-batch's backward of it
+    (the window's sum / (m·c_g)): the last micro-batch's, after which it is exposed."""
+    k, m, v = prog.stages, prog.microbatches, prog.interleave
+    copies = (1, max(k - 2, 0), 1)
+    kappa = (m + (k - 1) / v) / (m * k)
+    sigma = tuple(1.0 / (kappa * m * c) if c else 0.0 for c in copies)
+    shape = StepShape(max_weight=m - 1.0 / v, stage_scale=sigma,
+                      stage_share=tuple(1.0 - 1.0 / (kappa * m * v) if c else 0.0
+                                        for c in copies),
+                      hidden_scale=tuple(1.0 / max(c, 1) for c in copies),
+                      window_scale=tuple(1.0 / (m * max(c, 1)) for c in copies))
+    return kappa, shape
+
+
 def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
                  config: TrainingConfig) -> tuple[CostedGraph, ShardingProblem]:
     """The sharding problem of a program on a stage mesh: costs x copies, memory per stage
-    group (activations x micro-batches in flight), boundary transfers over the pipeline axis."""
+    group (activations x micro-batches in flight), boundary transfers over the pipeline axis
+    (``v`` times with ``v`` chunks per device), the step's shape (:func:`step_shape`)."""
     costed = build_problem(prog.graph, mesh, cluster, config, mult=prog.cost_mult)
+    kappa, shape = step_shape(prog)
     g = prog.graph
     beta = pp.bandwidth_gbps * 1e9
     nodes = []
@@ -277,7 +303,8 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
         copies = prog.cost_mult.node_memory(nd.name)
         raw_mem = nc.memory_bytes / max(copies, 1)
         grp = prog.node_group[nd.name]
-        nodes.append(NodeChoices(nc.name, nc.cost_s, raw_mem * _mem_factor(prog, nd), grp))
+        nodes.append(dataclasses.replace(nc, cost_s=kappa * nc.cost_s,
+                                         memory_bytes=raw_mem * _mem_factor(prog, nd), group=grp))
     edges = []
     all_edges = prog.cost_mult.all_edges(g)
     for (src, dst, k, copies), ec in zip(all_edges, costed.problem.edges):
@@ -285,7 +312,7 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
         mem_copies = prog.cost_mult.edge_memory(src, dst, k, copies)
         mem = ec.memory_bytes / max(mem_copies, 1) * _edge_mem_factor(prog, g[dst], src)
         cost = ec.cost_s
-        cross = prog.crossing.get((src, dst, k), 0)
+        cross = prog.crossing.get((src, dst, k), 0) * prog.interleave
         if cross:
             sends = 1 + int(g[src].requires_grad)
             sigs = costed.sigs[src]
@@ -295,8 +322,9 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
                                             * local_fraction(s.out, mesh.shape))
             p2p = cross * sends * (piece / beta + pp.latency_s)
             cost = cost + p2p[:, None]
-        edges.append(EdgeChoices(ec.src, ec.dst, ec.src_key, ec.dst_key, cost, mem, grp))
-    problem = ShardingProblem(tuple(nodes), tuple(edges), costed.problem.memory_capacity_bytes)
+        edges.append(dataclasses.replace(ec, cost_s=kappa * cost, memory_bytes=mem, group=grp))
+    problem = ShardingProblem(tuple(nodes), tuple(edges), costed.problem.memory_capacity_bytes,
+                              shape)
     return dataclasses.replace(costed, problem=problem), problem
 
 
@@ -329,12 +357,22 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
         a, b = e.src_key[sig_index[src]], e.dst_key[sig_index[dst]]
         per_group[e.group] = per_group.get(e.group, 0.0) + float(e.memory_bytes[a, b])
     del idx
-    total = out["total_s"] + p2p["seconds"] + bubble_s
+    # the step (what the solver minimized) holds the transfers and the bubble: (K-1)/v passes
+    # of the slowest stage, T = max_g σ_g C_g of the shape
+    crit: dict[int, float] = {}
+    for nd, nc in zip(g.nodes, problem.nodes):
+        crit[nc.group] = crit.get(nc.group, 0.0) + float(nc.cost_s[sig_index[nd.name]])
+    for e in problem.edges:
+        a = e.src_key[sig_index[g.nodes[e.src].name]]
+        b = e.dst_key[sig_index[g.nodes[e.dst].name]]
+        crit[e.group] = crit.get(e.group, 0.0) + float(e.cost_s[a, b])
+    slowest = max(problem.shape.sigma(grp) * c for grp, c in crit.items())
+    out.pop("exposed_comm_s", None)
     out.update({
-        "total_s": total, "bandwidth_s": out["bandwidth_s"] + p2p["seconds"], "bubble_s": bubble_s,
+        "bandwidth_s": out["bandwidth_s"] + p2p["seconds"],
+        "bubble_s": bubble_s + (prog.stages - 1) / prog.interleave * slowest,
+        "stage_time_s": slowest, "interleave": prog.interleave,
         "bytes_per_device": out["bytes_per_device"] + p2p["bytes"],
-        "step_time_s": (out["compute_s"] + out["bandwidth_s"] + p2p["seconds"])
-        / max(prog.stages, 1) * (prog.microbatches + prog.stages - 1) / prog.microbatches,
     })
     stage_names = ["stage 0", "stages 1..K-2", f"stage {prog.stages - 1}"]
     worst = max(per_group, key=per_group.get)
