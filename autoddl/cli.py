@@ -215,9 +215,11 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microbatches", type=int, default=None,
                    help="micro-batches per step when pipelined (default: the largest divisor "
                         "of the batch up to 16)")
-    p.add_argument("--recompute", default="none", choices=("none", "layers"),
+    p.add_argument("--recompute", default="auto", choices=("auto", "none", "layers"),
                    help="layers: keep only each repeated layer's input and recompute it in "
-                        "backward (Megatron's full activation recomputation)")
+                        "backward (Megatron's full activation recomputation); none: keep all "
+                        "activations; auto (default): the planner solves both and keeps the "
+                        "faster step")
     p.add_argument("--precision", default=None, choices=PRECISION_CHOICES,
                    help="bf16: activations, weights as used and gradients in 2 bytes, fp32 "
                         "master weights and optimizer states (16 B per parameter with Adam); "

@@ -280,11 +280,12 @@ def _axes(t: int, d: int) -> tuple[int | None, int | None]:
     return (0 if d > 1 else None), (0 if t > 1 else None)
 
 
-def ptdp(work: Workload, t: int, p: int, d: int, method: str = "Megatron PTD-P") -> Outcome:
+def ptdp(work: Workload, t: int, p: int, d: int, method: str = "Megatron PTD-P",
+         v: int = 1) -> Outcome:
     """Megatron's plan for one (t, p, d): tensor parallel t within a node, p pipeline stages of
-    equal runs of layers, data parallel d."""
+    equal runs of layers (``v`` interleaved chunks per device), data parallel d."""
     t0 = time.perf_counter()
-    config = f"t={t},p={p},d={d}"
+    config = f"t={t},p={p},d={d}" + (f",v={v}" if v > 1 else "")
 
     def na(reason: str) -> Outcome:
         return Outcome(method, config, None, time.perf_counter() - t0, f"not applicable: {reason}")
@@ -305,7 +306,10 @@ def ptdp(work: Workload, t: int, p: int, d: int, method: str = "Megatron PTD-P")
         if not cands:
             return na(f"no stage mesh {shape} with {p} stages")
         _, pp, smesh = cands[0]
-        built = work.program(p, smesh, pp)
+        try:
+            built = work.program(p, smesh, pp, interleave=v)
+        except ValueError as exc:
+            return na(str(exc))
         if built is None:
             return na(f"pipelining needs repeated layers (four or more) divisible by p={p}")
         prog, costed, problem, bubble = built

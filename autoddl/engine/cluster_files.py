@@ -39,7 +39,7 @@ A cluster comes from ``parse_cluster(spec)``, where ``spec`` is one of
       latency_us = 10
 
       [compute]                      # optional (autoddl.engine.compute); without it matmuls
-      matmul_efficiency = 0.75       #   run at the peak and memory-bound ops cost nothing
+      matmul_efficiency = 0.70       #   run at the peak and memory-bound ops cost nothing
       memory_bandwidth_gbps = 1600   # what streaming kernels reach, GB/s
       kernel_overhead_us = 4         # fixed time per kernel
       overlap = true                 # weight traffic may run behind compute

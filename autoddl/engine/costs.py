@@ -66,6 +66,7 @@ from autoddl.errors import UserError
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem, StepShape
 
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+RECOMPUTE = ("none", "layers", "auto")
 
 SAVES_INPUTS = {
     "aten.linear.default", "aten.mm.default", "aten.bmm.default", "aten.matmul.default",
@@ -78,8 +79,9 @@ class TrainingConfig:
     """What a training step keeps in memory besides activations."""
 
     optimizer: str = "adam"
-    #: "none", or "layers": repeated layers keep only their inputs and are recomputed in
-    #: backward (Megatron-LM's full activation recomputation)
+    #: "none", "layers": repeated layers keep only their inputs and are recomputed in
+    #: backward (Megatron-LM's full activation recomputation), or "auto": the planner solves
+    #: both and keeps the faster step
     recompute: str = "none"
     #: "fp32", or "bf16": float tensors computed and sent in 2 bytes, fp32 master weights and
     #: optimizer states (:mod:`autoddl.engine.precision`; callers resolve the cluster's default)
@@ -87,8 +89,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if self.recompute not in ("none", "layers"):
-            raise UserError(f"unknown recompute {self.recompute!r}; choose none or layers")
+        if self.recompute not in RECOMPUTE:
+            raise UserError(f"unknown recompute {self.recompute!r}; choose none, layers or auto")
         if self.optimizer not in OPTIMIZER_STATES:
             raise UserError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}"
@@ -176,7 +178,17 @@ def node_forward_s(graph: OpGraph, n, sig: Signature, mesh: Mesh, cluster: Clust
         tensor_bytes(graph[i].out, precision) * local_fraction(p, mesh.shape)
         for i, p in zip(n.inputs, sig.ins))
     return forward_seconds(n.target, n.flops / work_divisor(sig, mesh), moved,
-                           cluster.peak_flops, cluster.compute)
+                           cluster.peak_flops, cluster.compute,
+                           _score_bytes(graph, n, precision) * local_fraction(sig.out, mesh.shape))
+
+
+def _score_bytes(graph: OpGraph, n, precision: str) -> float:
+    """Attention's whole score matrix (queries × keys per head), bytes; 0 for other ops."""
+    if n.target != "aten.scaled_dot_product_attention.default":
+        return 0.0
+    q, k = graph[n.inputs[0]].out, graph[n.inputs[1]].out
+    per_elem = tensor_bytes(q, precision) / max(q.numel, 1)
+    return q.numel / q.shape[-1] * k.shape[-2] * per_elem
 
 
 def _fully_divided_s(graph: OpGraph, n, mesh: Mesh, cluster: Cluster, precision: str) -> float:
@@ -184,7 +196,8 @@ def _fully_divided_s(graph: OpGraph, n, mesh: Mesh, cluster: Cluster, precision:
     moved = (tensor_bytes(n.out, precision) + sum(tensor_bytes(graph[i].out, precision)
                                                   for i in n.inputs)) / mesh.num_devices
     return forward_seconds(n.target, n.flops / mesh.num_devices, moved, cluster.peak_flops,
-                           cluster.compute)
+                           cluster.compute,
+                           _score_bytes(graph, n, precision) / mesh.num_devices)
 
 
 def passes(name: str, mult: "Multiplicity") -> float:

@@ -315,13 +315,59 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     blocks = find_blocks(graph) if reduce else None
     if blocks is not None and (layers or blocks.count) < 4 and layers is None:
         blocks = None  # three layers or fewer: nothing to gain
-    recompute = config.recompute == "layers"
-    reduced: Reduced | None = reduce_graph(graph, blocks, layers, recompute) if blocks else None
-    if layers is not None and reduced is None:
+    if layers is not None and blocks is None:
         raise UserError("a layer count was given but the graph has no repeated layers")
-    if recompute and reduced is None:
+    if config.recompute == "layers" and blocks is None:
         raise UserError("--recompute layers needs repeated layers (a ModuleList of identical "
                         "blocks, four or more)")
+    # "auto": both variants are candidates, the faster step wins (recomputation is the choice
+    # of all repeated layers at once)
+    variants = (["none", "layers"] if config.recompute == "auto" and blocks is not None
+                else ["none" if config.recompute == "auto" else config.recompute])
+    jobs: list[Job] = []
+    for variant in variants:
+        jobs += _variant_jobs(graph, cluster, dataclasses.replace(config, recompute=variant),
+                              blocks, layers, backend, meshes, mip_rel_gap, microbatch_graph,
+                              microbatches, stages, balance_eps, lp_first,
+                              " (recompute)" if len(variants) > 1 and variant == "layers" else "")
+    reduced = reduce_graph(graph, blocks, layers, False) if blocks else None
+    if not jobs:
+        n_layers = reduced.layers if reduced else 0
+        layers_too = (f" and, with repeated layers, divide the {n_layers} layers"
+                      if n_layers and microbatch_graph is not None and blocks else "")
+        raise UserError(f"no candidate with {stages} pipeline stages: the stage count must "
+                        f"divide the {cluster.num_devices} devices and be at most the "
+                        f"{microbatches} micro-batches{layers_too}")
+    found = search(jobs, mip_rel_gap=mip_rel_gap, time_limit_s=time_limit_s, screen=screen,
+                   workers=workers, log=log)
+    best = found.best
+    if best is None:
+        if found.timed_out:
+            raise SolverError("no plan found within the time limit; raise --time-limit")
+        _raise_no_plan(found.solved, cluster, backend, balance_eps)
+    proof = _proof(found, time_limit_s)
+    candidates = found.records
+    g = best.costed.graph
+    info = {"spec": model_spec, "graph_hash": g.digest(), "num_ops": len(g.ops),
+            "num_params": reduced.param_count if reduced else g.param_count}
+    if fallback:
+        info["fallback_ops"] = dict(sorted(fallback.items()))
+    if reduced is not None:
+        info["repeat"] = {"layers": reduced.layers, "container": reduced.container,
+                          "block_size": reduced.block_size}
+    return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule, proof)
+
+
+def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, blocks,
+                  layers: int | None, backend: str | None, meshes: list[Mesh] | None,
+                  mip_rel_gap: float, microbatch_graph: OpGraph | None, microbatches: int,
+                  stages: int | None, balance_eps: float, lp_first: bool, suffix: str
+                  ) -> list[Job]:
+    """The candidates of one recomputation variant: every unpipelined mesh, and every pipeline
+    degree and stage mesh (programs of repeated layers, or the joint stage problem)."""
+    recompute = config.recompute == "layers"
+    reduced: Reduced | None = reduce_graph(graph, blocks, layers, recompute) if blocks else None
+
     def sharding_job(g: OpGraph, mesh: Mesh, mult) -> Prepared:
         t1 = time.perf_counter()
         costed = build_problem(g, mesh, cluster, config, mult)
@@ -361,47 +407,24 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     if stages in (None, 1):
         g, mult = (reduced.graph, reduced.mult) if reduced else (graph, None)
         for mesh in (meshes if meshes is not None else cluster.distinct_meshes()):
-            jobs.append(Job(str(mesh), 1, mesh.shape,
+            jobs.append(Job(f"{mesh}{suffix}", 1, mesh.shape,
                             lambda mesh=mesh: sharding_job(g, mesh, mult)))
     n_layers = reduced.layers if reduced else 0
-    mb_blocks = None
     if microbatch_graph is not None and stages != 1:
         check_rules(microbatch_graph)
         mb_blocks = find_blocks(microbatch_graph) if reduced else None
         for k, pp, smesh in pipeline_candidates(cluster, microbatches, stages=stages,
                                                  distinct=True):
+            label = f"pp{k} × {smesh}{suffix}"
             if mb_blocks is not None:
                 if n_layers % k == 0:  # stages hold whole, equal runs of layers
-                    jobs.append(Job(f"pp{k} × {smesh}", k, smesh.shape,
+                    jobs.append(Job(label, k, smesh.shape,
                                     lambda k=k, pp=pp, smesh=smesh: program_job(k, pp, smesh,
                                                                                 mb_blocks)))
                 continue
-            jobs.append(Job(f"pp{k} × {smesh}", k, smesh.shape,
+            jobs.append(Job(label, k, smesh.shape,
                             lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
-    if not jobs:
-        layers_too = (f" and, with repeated layers, divide the {n_layers} layers"
-                      if n_layers and mb_blocks is not None else "")
-        raise UserError(f"no candidate with {stages} pipeline stages: the stage count must "
-                        f"divide the {cluster.num_devices} devices and be at most the "
-                        f"{microbatches} micro-batches{layers_too}")
-    found = search(jobs, mip_rel_gap=mip_rel_gap, time_limit_s=time_limit_s, screen=screen,
-                   workers=workers, log=log)
-    best = found.best
-    if best is None:
-        if found.timed_out:
-            raise SolverError("no plan found within the time limit; raise --time-limit")
-        _raise_no_plan(found.solved, cluster, backend, balance_eps)
-    proof = _proof(found, time_limit_s)
-    candidates = found.records
-    g = best.costed.graph
-    info = {"spec": model_spec, "graph_hash": g.digest(), "num_ops": len(g.ops),
-            "num_params": reduced.param_count if reduced else g.param_count}
-    if fallback:
-        info["fallback_ops"] = dict(sorted(fallback.items()))
-    if reduced is not None:
-        info["repeat"] = {"layers": reduced.layers, "container": reduced.container,
-                          "block_size": reduced.block_size}
-    return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule, proof)
+    return jobs
 
 
 def _proof(found, time_limit_s: float | None) -> dict:

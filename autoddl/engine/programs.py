@@ -234,6 +234,23 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
                    recompute, frozenset(block_outputs(graph, blocks)))
 
 
+def interleaved(prog: Program, v: int) -> Program:
+    """``prog`` run with ``v`` model chunks per device (Megatron's interleaved 1F1B: device k
+    holds chunks k, k+K, ...): ``v`` times the transfers, bubble / v, and more micro-batches in
+    flight (Megatron's warm-up, 2(K−r−1) + (v−1)K chunks on rank r, plus the one running)."""
+    if v == 1:
+        return prog
+    k, m = prog.stages, prog.microbatches
+    if v < 1 or (prog.layers // k) % v or m % k:
+        raise ValueError(f"{v} chunks need layers/stages divisible by {v} and micro-batches "
+                         f"divisible by the {k} stages")
+
+    def flight(rank: int) -> int:
+        return min(m, -(-(2 * (k - rank - 1) + (v - 1) * k + 1) // v))
+
+    return dataclasses.replace(prog, interleave=v, inflight=(flight(0), flight(1), flight(k - 1)))
+
+
 def _transient(name: str) -> bool:
     """The block instance that stands for the layer being recomputed in its stage."""
     tag = name.split("/")[0].split(".")[-1]

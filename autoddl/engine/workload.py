@@ -21,7 +21,7 @@ from autoddl.engine.costs import CostedGraph, TrainingConfig, build_problem
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.plan import Plan
 from autoddl.engine.precision import resolve_precision
-from autoddl.engine.programs import Program, build_program
+from autoddl.engine.programs import interleaved, Program, build_program
 from autoddl.engine.repeat import Blocks, Reduced, find_blocks, reduce_graph
 from autoddl.engine.rules import Signature, check_rules
 from autoddl.engine.stages import pipeline_candidates
@@ -88,12 +88,13 @@ class Workload:
         """(K, pipeline axis, stage mesh) of ``stages`` pipeline stages."""
         return pipeline_candidates(self.cluster, self.microbatches, stages=stages)
 
-    def program(self, stages: int, smesh: Mesh, pp: MeshAxis, crossings: bool = True
+    def program(self, stages: int, smesh: Mesh, pp: MeshAxis, crossings: bool = True,
+                interleave: int = 1
                 ) -> tuple[Program, CostedGraph, ShardingProblem, float] | None:
-        """The pipelined program of repeated layers on ``stages`` stages, costed as the planner
-        costs it: (program, costed, problem, 1F1B bubble seconds); None when the model has no
-        repeated layers or ``stages`` does not divide them. ``crossings=False`` leaves out the
-        transfers between stages."""
+        """The pipelined program of repeated layers on ``stages`` stages (``interleave`` model
+        chunks per device), costed as the planner costs it: (program, costed, problem, extra
+        seconds); None when the model has no repeated layers or ``stages`` does not divide them.
+        ``crossings=False`` leaves out the transfers between stages."""
         from autoddl.engine.planner import prepare_program
 
         blocks = self.microbatch_blocks()
@@ -101,6 +102,7 @@ class Workload:
             return None
         prog = build_program(self.microbatch_graph, blocks, self.num_layers, stages,
                              self.microbatches, self.config.recompute == "layers")
+        prog = interleaved(prog, interleave)
         if not crossings:
             prog = dataclasses.replace(prog, crossing={})
         return (prog, *prepare_program(prog, smesh, pp, self.cluster, self.config))
