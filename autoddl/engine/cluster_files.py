@@ -42,6 +42,7 @@ A cluster comes from ``parse_cluster(spec)``, where ``spec`` is one of
       matmul_efficiency = 0.70       #   run at the peak and memory-bound ops cost nothing
       memory_bandwidth_gbps = 1600   # what streaming kernels reach, GB/s
       kernel_overhead_us = 4         # fixed time per kernel
+      attention_score_passes = 4     # unfused attention's score matrix through memory
       overlap = true                 # weight traffic may run behind compute
 
   Each quantity is given in exactly one of its two units. Unknown keys are an error.
@@ -400,6 +401,7 @@ def write_cluster_file(cluster: Cluster, path: str | os.PathLike[str]) -> None:
               f"matmul_efficiency = {_toml_float(fig['matmul_efficiency'])}",
               f"memory_bandwidth_gbps = {_toml_float(fig['memory_bandwidth_gbps'])}",
               f"kernel_overhead_s = {_toml_float(fig['kernel_overhead_s'])}",
+              f"attention_score_passes = {_toml_float(fig['attention_score_passes'])}",
               f"overlap = {'true' if fig['overlap'] else 'false'}",
               f"source = {_toml_str(fig['source'])}"]
     try:

@@ -466,10 +466,13 @@ def _signatures(n, graph: OpGraph, mesh_shape: tuple[int, ...]) -> list[Signatur
 
 def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
                   config: TrainingConfig = TrainingConfig(),
-                  mult: Multiplicity | None = None) -> CostedGraph:
-    """Signatures and costs of every node and edge of ``graph`` on ``mesh`` (times ``mult``)."""
+                  mult: Multiplicity | None = None,
+                  sigs: dict[str, list[Signature]] | None = None) -> CostedGraph:
+    """Signatures and costs of every node and edge of ``graph`` on ``mesh`` (times ``mult``);
+    ``sigs`` restricts the signatures (default: every legal one)."""
     mult = mult or Multiplicity()
-    sigs = {n.name: _signatures(n, graph, mesh.shape) for n in graph.nodes}
+    if sigs is None:
+        sigs = {n.name: _signatures(n, graph, mesh.shape) for n in graph.nodes}
     index = {n.name: i for i, n in enumerate(graph.nodes)}
     nodes = [_node_choices(graph, n, sigs[n.name], mesh, cluster, config, mult, node_cache)
              for node_cache in [{}] for n in graph.nodes]
@@ -580,6 +583,19 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
     return out
 
 
+def step_time_s(costed: CostedGraph, choice: dict[str, Signature]) -> float:
+    """The step time of one signature per node, as the solver prices it (a choice outside the
+    solver's lists, such as a baseline's, is costed on its own)."""
+    graph = costed.graph
+    if all(choice[n.name] in costed.sigs[n.name] for n in graph.nodes):
+        return costed.problem.evaluate(np.array([costed.sigs[n.name].index(choice[n.name])
+                                                 for n in graph.nodes]))[0]
+    own = build_problem(graph, costed.mesh, costed.cluster, costed.config, costed.mult,
+                        sigs={n.name: [choice[n.name]] for n in graph.nodes}).problem
+    own = dataclasses.replace(own, shape=costed.problem.shape)
+    return own.evaluate(np.zeros(len(graph.nodes), dtype=int))[0]
+
+
 def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
     """Cost and memory of a plan: totals, per mesh axis, per collective kind, per (axis, kind)
     (``per_axis_kind[axis][kind]``: bytes sent per device, seconds, count in one training step),
@@ -617,8 +633,7 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
         prec = costed.config.precision
         compute_s += k * node_forward_s(graph, n, choice[n.name], mesh, costed.cluster, prec)
         divided_s += k * _fully_divided_s(graph, n, mesh, costed.cluster, prec)
-    step_s = costed.problem.evaluate(np.array([costed.sigs[n.name].index(choice[n.name])
-                                               for n in graph.nodes]))[0]
+    step_s = step_time_s(costed, choice)
     mem = {"weights_bytes": 0.0, "activations_bytes": 0.0, "converted_inputs_bytes": 0.0}
     for n in graph.nodes:
         b = node_memory_bytes(n, choice[n.name], mesh, costed.config) * mult.node_memory(n.name)

@@ -81,9 +81,12 @@ def _decode(costed: CostedGraph, model: ShardingModel, x: np.ndarray) -> dict[st
 LARGE_MILP_COLS = 5000
 
 
-def size_backend(milp) -> str:
-    """The default backend for a model of this size (when the user named none)."""
-    if milp.num_cols > LARGE_MILP_COLS and BACKENDS["highs"].available():
+def size_backend(milp, step_rows: bool = False) -> str:
+    """The default backend for a model of this size and kind (when the user named none):
+    HiGHS for large models and for step-time rows (slowest stage, exposed communication),
+    which CBC did not prove within minutes where HiGHS took seconds (a 7-layer MLP on 2×2)."""
+    step_rows = step_rows or not milp.continuous_integral
+    if (milp.num_cols > LARGE_MILP_COLS or step_rows) and BACKENDS["highs"].available():
         return "highs"
     return default_backend()
 
@@ -94,7 +97,7 @@ def _solve_capped(milp, model: ShardingModel, capacity_bytes: float,
                   cutoff: float) -> SolveResult:
     """Solve a candidate's MILP LP first (:func:`solve_lp_first`; the user's ``backend``, or by
     size), no plan over the memory cap (:func:`solve_within_capacity`)."""
-    chosen = backend or size_backend(milp)
+    chosen = backend or size_backend(milp, model.exposure == "covered")
 
     def attempt(m, tl: float | None) -> SolveResult:
         return solve_lp_first(m, chosen, tl, mip_rel_gap, lp_first, cutoff,
@@ -108,13 +111,13 @@ def _solve_problem(problem: ShardingProblem, backend: str | None, time_limit_s: 
                    mip_rel_gap: float, lp_first: bool, cutoff: float
                    ) -> tuple[ShardingModel, SolveResult, float]:
     """(model, result, build seconds) of a sharding problem's optimum, its overlap term solved
-    through sum-form bounds first (:func:`~autoddl.formulations.overlap.solve_overlap`)."""
+    as a disjunction of sums (:func:`~autoddl.formulations.overlap.solve_overlap`)."""
     build_s = 0.0
 
-    def solve(p: ShardingProblem, cut: float) -> tuple[ShardingModel, SolveResult]:
+    def solve(p: ShardingProblem, cut: float, part) -> tuple[ShardingModel, SolveResult]:
         nonlocal build_s
         t0 = time.perf_counter()
-        model = ShardingModel(p, cut)
+        model = ShardingModel(p, cut, part)
         milp = model.milp()
         build_s += time.perf_counter() - t0
         return model, _solve_capped(milp, model, p.memory_capacity_bytes,

@@ -284,7 +284,7 @@ def _params_first(nodes: list) -> list:
 
 
 def step_shape(prog: Program) -> tuple[float, StepShape]:
-    """(κ, shape): how a program's groups make the step (Narayanan et al., SC'21; Alpa).
+    r"""(κ, shape): how a program's groups make the step (Narayanan et al., SC'21; Alpa).
 
     With per-micro-batch stage times :math:`t_k`, ``m`` micro-batches and ``v`` model chunks
     per device, a 1F1B step takes :math:`\sum_k t_k / v + (m - 1/v) \max_k t_k`: the bubble

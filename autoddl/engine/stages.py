@@ -18,7 +18,7 @@ import numpy as np
 
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis, ordered_factorizations, unique_by
 from autoddl.engine.costs import (
-    CostedGraph, Multiplicity, _EdgeCoster, accumulated_edges, accumulates_grad, breakdown,
+    CostedGraph, Multiplicity, _EdgeCoster, accumulated_edges, accumulates_grad, breakdown, build_problem,
     edge_steps, forward_times, grad_fraction, grad_sync_share, keeps_converted, node_memory_bytes,
     steps_seconds, work_divisor,
 )
@@ -127,7 +127,8 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
     def nbytes(name: str) -> int:  # a tensor's bytes in the plan's precision
         return tensor_bytes(g[name].out, costed.config.precision)
 
-    per_step = breakdown(dataclasses.replace(costed, mult=step_mult), choice)
+    per_step = breakdown(build_problem(g, mesh, costed.cluster, costed.config, step_mult,
+                                       sigs=costed.sigs), choice)
     mem_mb = per_step.pop("memory")
     out = {"per_axis": per_step["per_axis"], "per_kind": per_step["per_kind"],
            "per_axis_kind": per_step["per_axis_kind"], "per_op": per_step["per_op"]}

@@ -244,11 +244,14 @@ class ShardingModel:
     #: the pipeline model turns it off so that an edge's memory stays with its consumer's stage
     fold_into_producer = True
 
-    def __init__(self, problem: ShardingProblem, cutoff: float = INF) -> None:
+    def __init__(self, problem: ShardingProblem, cutoff: float = INF,
+                 exposure: str | None = None) -> None:
         """``cutoff``: an upper bound on the optimum (the cost of a known plan). Costs are
         non-negative, so a signature or an edge pair costing more on its own is in no optimal
-        plan: it gets no variable (exact pruning)."""
+        plan: it gets no variable (exact pruning). ``exposure``: which part of the overlap
+        term's disjunction to model (:meth:`overlap`)."""
         self.problem = problem
+        self.exposure = exposure
         self.cutoff = cutoff
         self._cut_added = False
         self.keep_nodes: list | None = None
@@ -276,6 +279,7 @@ class ShardingModel:
         self.t_step: int | None = None
         self.x_exposed: int | None = None
         self._add_x()
+        self.step_unit_s = self._step_unit_s()
         self.one_hot()
         self.edge_marginals()
         self.memory()
@@ -294,6 +298,29 @@ class ShardingModel:
         self._int.append(np.full(len(cost), integer))
         self.num_cols += len(cost)
         return start
+
+    def _step_unit_s(self) -> float:
+        """The unit of the continuous columns T and X: the largest finite cost of any one
+        choice. Costs of nanoseconds would otherwise sit below the solvers' absolute
+        feasibility tolerances (1e-7 in HiGHS) and let T or X drift below their rows."""
+        big = 0.0
+        for n in self.problem.nodes:
+            for a in (n.cost_s, n.hidden_s, n.window_s):
+                if a is not None and len(a):
+                    fin = a[np.isfinite(a)]
+                    big = max(big, float(np.abs(fin).max()) if len(fin) else 0.0)
+        for e in self.problem.edges:
+            for a in (e.cost_s, e.hidden_s):
+                if a is not None and a.size:
+                    fin = a[np.isfinite(a)]
+                    big = max(big, float(np.abs(fin).max()) if len(fin) else 0.0)
+        return big if big > 0 else 1.0
+
+    def _sum_bound(self, blocks: list[np.ndarray]) -> float:
+        """A finite upper bound on any plan's sum of ``blocks`` (column values), in step units:
+        finite bounds on T and X keep every backend (CP-SAT too) applicable."""
+        total = sum(float(np.abs(b[np.isfinite(b)]).max(initial=0.0)) for b in blocks)
+        return total / self.step_unit_s + 1.0
 
     def _add_row(self, cols: np.ndarray, vals: np.ndarray, lo: float, hi: float) -> None:
         r = len(self._rlo)
@@ -393,29 +420,46 @@ class ShardingModel:
             return
         cost, groups = self._grouped(self._c)
         self.t_step = self._new_cols(np.zeros(1), np.zeros(1), integer=False)
-        self._ub[-1][:] = np.inf
+        self._ub[-1][:] = max(shape.stage_scale, default=1.0) * self._sum_bound(self._c)
         for g in np.unique(groups):
             if shape.sigma(int(g)) <= 0:
                 continue
             nz = np.nonzero((groups == g) & (cost != 0))[0]
             self._add_row(np.append(nz, self.t_step),
-                          np.append(shape.sigma(int(g)) * cost[nz], -1.0), -INF, 0.0)
+                          np.append(shape.sigma(int(g)) * cost[nz] / self.step_unit_s, -1.0),
+                          -INF, 0.0)
 
-    def overlap(self) -> None:
-        r"""Exposed communication: :math:`\eta_g H_g - \omega_g W_g - X \le 0` per group
-        holding hidden communication, :math:`X \ge 0`."""
+    def _exposures(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per group holding hidden communication: (columns, values) of its exposure
+        :math:`D_g = \eta_g H_g - \omega_g W_g`, in step units."""
         shape = self.problem.shape
         hid, groups = self._grouped(self._hid)
         win, _ = self._grouped(self._win)
-        with_hidden = [int(g) for g in np.unique(groups[hid != 0])]
-        if not with_hidden:
+        out = {}
+        for g in (int(g) for g in np.unique(groups[hid != 0])):
+            vals = (shape.eta(g) * hid - shape.omega(g) * win) / self.step_unit_s
+            nz = np.nonzero((groups == g) & (vals != 0))[0]
+            out[g] = (nz, vals[nz])
+        return out
+
+    def overlap(self) -> None:
+        r"""Exposed communication :math:`\max(0, \max_g D_g)`, by :attr:`exposure`:
+
+        * None: one column :math:`X \ge 0` with :math:`D_g - X \le 0` per group;
+        * ``"covered"``: only the plans that hide it all, :math:`D_g \le 0` per group (no X:
+          a sum with a few rows, whose relaxation is tighter)."""
+        exposures = self._exposures()
+        if not exposures:
+            return
+        if self.exposure == "covered":
+            for nz, vals in exposures.values():
+                self._add_row(nz, vals, -INF, 0.0)
             return
         self.x_exposed = self._new_cols(np.zeros(1), np.zeros(1), integer=False)
-        self._ub[-1][:] = np.inf
-        for g in with_hidden:
-            vals = shape.eta(g) * hid - shape.omega(g) * win
-            nz = np.nonzero((groups == g) & (vals != 0))[0]
-            self._add_row(np.append(nz, self.x_exposed), np.append(vals[nz], -1.0), -INF, 0.0)
+        self._ub[-1][:] = (max(self.problem.shape.hidden_scale, default=1.0)
+                           * self._sum_bound(self._hid))
+        for nz, vals in exposures.values():
+            self._add_row(np.append(nz, self.x_exposed), np.append(vals, -1.0), -INF, 0.0)
 
     def objective(self) -> np.ndarray:
         """The objective per column: critical costs less their stage share, b·T, X."""
@@ -426,9 +470,9 @@ class ShardingModel:
             _, groups = self._grouped(self._c)
             c[:n_grouped] *= 1.0 - np.array([shape.rho(int(g)) for g in groups])
             assert self.t_step is not None
-            c[self.t_step] = shape.max_weight
+            c[self.t_step] = shape.max_weight * self.step_unit_s
         if self.x_exposed is not None:
-            c[self.x_exposed] = 1.0
+            c[self.x_exposed] = self.step_unit_s
         return c
 
     # ---------------------------------------------------------------- output

@@ -238,7 +238,8 @@ class CpSatBackend(Backend):
                             "use another backend (e.g. highs)")
         if not milp.continuous_integral and not bool(milp.integrality.all()):
             raise UserError("backend ortools-cpsat takes integer variables only, and this model "
-                            "has continuous ones (pipeline transfers and memory): use another "
+                            "has continuous ones (pipeline transfers and memory, the slowest stage, "
+                            "exposed communication): use another "
                             "backend (e.g. ortools-cbc or highs)")
         preload()  # CP-SAT shares OR-Tools' native library: bind it before any later pulp import
         from ortools.sat.python import cp_model
