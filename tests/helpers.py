@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from autoddl.engine.cluster import Cluster, Link
+from autoddl.engine.compute import ComputeFigures
 from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
 
 
 def cluster(devices: int = 2, memory_bytes: int = 2**40, gbps: float = 10.0,
             latency_s: float = 1e-5, peak_flops: float = 1e12, nodes: int = 1,
-            inter_gbps: float | None = None) -> Cluster:
-    """A synthetic cluster with round numbers."""
+            inter_gbps: float | None = None, overlap: bool = True) -> Cluster:
+    """A synthetic cluster with round numbers: matmuls at the peak, other operators free;
+    ``overlap=False`` puts every collective on the critical path (nothing runs behind
+    compute)."""
     per_node = devices // nodes
     return Cluster("test", nodes, per_node, Link(gbps, latency_s),
-                   Link(inter_gbps or gbps, latency_s), memory_bytes, peak_flops, "cpu", "test")
+                   Link(inter_gbps or gbps, latency_s), memory_bytes, peak_flops, "cpu", "test",
+                   compute=ComputeFigures(overlap=overlap))
 
 
 def mlp_graph(batch: int, d_in: int, hidden: int, d_out: int, bias: bool = False) -> OpGraph:

@@ -45,7 +45,7 @@ def test_sharding_optimum_equals_unreduced(shape):
 
 
 @pytest.mark.parametrize("layers,stages", [(4, 2), (8, 4)])
-def test_pipeline_optimum_equals_unreduced(layers, stages):
+def test_pipeline_program_is_no_slower_than_the_unreduced_joint_plan(layers, stages):
     spec = f"gpt:layers={layers},hidden=32,heads=2,seq=8,batch=8,vocab=64"
     s, g = _graph(spec, 1)
     _, mb = _graph(spec, 4)
@@ -55,9 +55,13 @@ def test_pipeline_optimum_equals_unreduced(layers, stages):
     full = plan_graph(g, c, reduce=False, **kw)
     reduced = plan_graph(g, c, reduce=True, **kw)
     assert reduced.model["repeat"]["layers"] == layers and "repeat" not in full.model
-    assert reduced.solver["objective"] == pytest.approx(full.solver["objective"], rel=1e-7)
     for plan in (full, reduced):  # the reported breakdown adds up to the solver's objective
         assert plan.cost["total_s"] == pytest.approx(plan.solver["objective"], rel=1e-6)
+    # the unreduced graph is solved by the joint stage model, which still charges the sum of
+    # the stages (an upper bound on its plan's step); the program of repeated layers prices
+    # the slowest stage: never more than the joint model's plan's own step
+    assert reduced.cost["step_time_s"] <= full.cost["step_time_s"] * (1 + 1e-9)
+    assert reduced.cost["step_time_s"] <= full.solver["objective"] * (1 + 1e-9)
 
 
 def test_expanded_plan_covers_every_node_with_its_stage():

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.dist
 def _plan(spec: str, mesh_shape: tuple[int, ...], path):
     s = parse_model_spec(spec)
     graph = capture(*build_model(s, "meta"))
-    c = cluster(devices=4, latency_s=1e-6, peak_flops=1e10)
+    c = cluster(devices=4, latency_s=1e-6, peak_flops=1e10, overlap=False)
     plan = plan_graph(graph, c, model_spec=s.text, meshes=[c.mesh(mesh_shape)])
     save_plan(plan, path)
     return graph, plan

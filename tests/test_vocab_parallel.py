@@ -32,8 +32,8 @@ from autoddl.engine.planner import plan_graph
 from autoddl.engine.rules import axis_signatures
 from tests.helpers import cluster, make_pipelined_plan, microbatch_graph, run_checked
 
-GPT = "gpt:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=512"
-TOKENS, VOCAB = 8 * 32, 512
+GPT = "gpt:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=8192"
+TOKENS, VOCAB = 8 * 32, 8192
 
 
 def _loss_graph(rows: int = 64, vocab: int = 128, hidden: int = 16, ndim: int = 2,
@@ -108,7 +108,7 @@ def test_node_is_charged_three_all_reduces_of_its_rows(recomputed):
 def _gpt_plan(shape: tuple[int, ...]):
     s = parse_model_spec(GPT)
     graph = capture(*build_model(s, "meta"))
-    c = cluster(devices=4, latency_s=1e-6, peak_flops=1e10)
+    c = cluster(devices=4, latency_s=1e-6, peak_flops=1e11, overlap=False)
     mesh = c.mesh(shape)
     return s, graph, c, mesh, plan_graph(graph, c, model_spec=s.text, meshes=[mesh])
 
@@ -130,7 +130,7 @@ def test_planner_splits_the_loss_by_vocabulary_and_saves_the_gather(shape):
     _, graph, c, mesh, plan = _gpt_plan(shape)
     loss = plan.op(graph.loss)
     logits = graph[graph.loss].inputs[0]
-    head = graph[logits].inputs[0]  # the view's input: the LM head's (8, 32, 512) output
+    head = graph[logits].inputs[0]  # the view's input: the LM head's (8, 32, 8192) output
     vocab_axes = [a for a in plan.axis_names if loss.ins[0][a] == S(1)]
     assert len(vocab_axes) == 1, loss
     va = vocab_axes[0]
@@ -195,7 +195,7 @@ def test_run_check_of_a_pipelined_vocab_parallel_plan(tmp_path):
     """The same on a 2-stage pipeline (2 micro-batches) of 2-device stage meshes: the loss, in
     the last stage, runs vocabulary-parallel once per micro-batch."""
     graph = microbatch_graph(GPT, 2)
-    c = cluster(devices=2, latency_s=1e-6, peak_flops=1e10)
+    c = cluster(devices=2, latency_s=1e-6, peak_flops=1e10, overlap=False)
     plan = plan_graph(graph, c, model_spec=GPT, meshes=[c.mesh((2,))])
     assert plan.op(graph.loss).ins[0] == {"x": S(1)}, plan.op(graph.loss)
     path = tmp_path / "plan.json"

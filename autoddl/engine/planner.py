@@ -85,7 +85,6 @@ def size_backend(milp, step_rows: bool = False) -> str:
     """The default backend for a model of this size and kind (when the user named none):
     HiGHS for large models and for step-time rows (slowest stage, exposed communication),
     which CBC did not prove within minutes where HiGHS took seconds (a 7-layer MLP on 2×2)."""
-    step_rows = step_rows or not milp.continuous_integral
     if (milp.num_cols > LARGE_MILP_COLS or step_rows) and BACKENDS["highs"].available():
         return "highs"
     return default_backend()
@@ -97,7 +96,8 @@ def _solve_capped(milp, model: ShardingModel, capacity_bytes: float,
                   cutoff: float) -> SolveResult:
     """Solve a candidate's MILP LP first (:func:`solve_lp_first`; the user's ``backend``, or by
     size), no plan over the memory cap (:func:`solve_within_capacity`)."""
-    chosen = backend or size_backend(milp, model.exposure == "covered")
+    chosen = backend or size_backend(milp, model.exposure == "covered"
+                                     or model.t_step is not None or model.x_exposed is not None)
 
     def attempt(m, tl: float | None) -> SolveResult:
         return solve_lp_first(m, chosen, tl, mip_rel_gap, lp_first, cutoff,

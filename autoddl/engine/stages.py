@@ -186,7 +186,11 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
     per_stage = [sum(mem_stage[k].values()) + converted[k] for k in range(stages)]
     worst = int(np.argmax(per_stage))
     out.update({
-        "total_s": per_step["total_s"] + p2p["seconds"] + bubble,
+        # what the joint model minimizes: m times the per-micro-batch problem (accumulated
+        # gradients at their share), the transfers and the bubble
+        "total_s": m * accumulated_share(costed, m).evaluate(np.array(
+            [costed.sigs[n.name].index(choice[n.name]) for n in g.nodes]))[0]
+        + p2p["seconds"] + bubble,
         "bandwidth_s": bandwidth,
         "redundant_compute_s": per_step["redundant_compute_s"],
         "bubble_s": bubble,

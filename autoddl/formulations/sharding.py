@@ -430,7 +430,7 @@ class ShardingModel:
                           -INF, 0.0)
 
     def _exposures(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Per group holding hidden communication: (columns, values) of its exposure
+        r"""Per group holding hidden communication: (columns, values) of its exposure
         :math:`D_g = \eta_g H_g - \omega_g W_g`, in step units."""
         shape = self.problem.shape
         hid, groups = self._grouped(self._hid)
