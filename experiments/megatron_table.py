@@ -1,15 +1,17 @@
-"""The Megatron-LM SC'21 GPT table (Narayanan et al., Table 1): its published (t, p, d) beside
-autoddl's plan, on DGX-A100 nodes, under one cost model.
+"""The Megatron-LM SC'21 GPT table (Narayanan et al., Table 1): the published step time beside
+the one autoddl predicts for the published plan, then the ILP's plan, on DGX-A100 nodes.
 
-For each row: the published plan costed by autoddl's model (tensor parallel t inside a node,
-p pipeline stages of equal runs of layers, data parallel d, micro-batches m = batch / (d · b) as
-published; interleaved virtual stages are not modelled), the best of the PTD-P grid under the
-same model, and the ILP's plan (full activation recomputation, as Megatron; the same m). The ILP
-search has a per-case time limit: a plan found within it reports its gap; cases that did not
-finish are recorded as such. Writes experiments/results/megatron_table.{md,csv,json}; the rows
-run replace their earlier results, the others are kept. Run:
+For each row: the published step time (the paper's FLOPs per step over the GPUs at the
+published TFLOP/s per GPU), the published plan (tensor parallel t inside a node, p pipeline
+stages of equal runs of layers, data parallel d, m = batch / (d · b) micro-batches, v
+interleaved chunks) costed by autoddl's step-time model with the `dgx-a100` preset's figures (no
+per-row tuning), the best of the PTD-P grid under the same model, and the ILP's plan (full
+activation recomputation, as Megatron; the same m). The ILP search has a per-case time limit: a
+plan found within it reports its gap; cases that did not finish are recorded as such. Writes
+experiments/results/megatron_table.{md,csv,json}; the rows run replace their earlier results,
+the others are kept. Run:
 
-    python experiments/megatron_table.py [--cases gpt-1.7b,gpt-3.6b] [--time-limit 300]
+    python experiments/megatron_table.py [--cases gpt-1.7b,gpt-3.6b] [--time-limit 300] [--no-ilp]
 """
 
 from __future__ import annotations
@@ -89,17 +91,19 @@ def run_case(row: dict[str, str], time_limit_s: float, ilp: bool = True) -> dict
     return out
 
 
-def _worker(row: dict[str, str], time_limit_s: float, q) -> None:
+def _worker(row: dict[str, str], time_limit_s: float, ilp: bool, q) -> None:
     try:
-        q.put(run_case(row, time_limit_s))
+        q.put(run_case(row, time_limit_s, ilp))
     except Exception as exc:  # recorded in the table, not fatal to the other rows
         q.put({"model": row["name"], "note": f"{type(exc).__name__}: {str(exc)[:200]}"})
 
 
 def main() -> None:
-    """Run the rows given (default: the first four) and write the results."""
+    """Run the rows given (default: all) and write the results."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="gpt-1.7b,gpt-3.6b,gpt-7.5b,gpt-18.4b")
+    ap.add_argument("--cases", default="all", help="comma-separated row names, or all")
+    ap.add_argument("--no-ilp", action="store_true",
+                    help="only the published plans' predicted step times")
     ap.add_argument("--time-limit", type=float, default=240.0,
                     help="seconds for the ILP search of each case")
     ap.add_argument("--wall", type=float, default=600.0,
@@ -107,9 +111,9 @@ def main() -> None:
     a = ap.parse_args()
     rows = {r["name"]: r for r in read_table()}
     results = []
-    for name in a.cases.split(","):
+    for name in (list(rows) if a.cases == "all" else a.cases.split(",")):
         q: mp.Queue = mp.Queue()
-        proc = mp.Process(target=_worker, args=(rows[name], a.time_limit, q))
+        proc = mp.Process(target=_worker, args=(rows[name], a.time_limit, not a.no_ilp, q))
         t0 = time.perf_counter()
         proc.start()
         proc.join(a.wall)
@@ -127,10 +131,31 @@ def main() -> None:
     write(results)
 
 
-COLS = ["model", "gpus", "published", "microbatches", "published_cost_s", "published_memory",
-        "published_fits", "grid", "grid_cost_s", "grid_fits", "ilp_mesh", "ilp_cost_s",
-        "ilp_memory", "ilp_status", "ilp_gap", "ilp_s", "published_over_ilp", "wall_s", "note",
-        "published_note", "capture_s"]
+COLS = ["model", "gpus", "published", "microbatches", "published_step_s", "predicted_step_s",
+        "predicted_over_published", "published_memory", "published_fits", "grid", "grid_cost_s",
+        "grid_fits", "ilp_mesh", "ilp_cost_s", "ilp_memory", "ilp_status", "ilp_gap", "ilp_s",
+        "published_over_ilp", "wall_s", "note", "published_note", "capture_s"]
+
+
+def _ms(v) -> str:
+    return "—" if v is None else f"{1e3 * v:,.0f} ms"
+
+
+def _md_row(r: dict) -> str:
+    gap = r.get("ilp_gap")
+    status = r.get("ilp_status", "—") + ("" if gap is None else f" ({100 * gap:.2g} %)")
+    ratio, pred = r.get("published_over_ilp"), r.get("predicted_over_published")
+    saving = (None if ratio is None else
+              f"{1e3 * (r['predicted_step_s'] - r['ilp_cost_s']):,.0f} ms ({100 * (1 - 1 / ratio):.1f} %)")
+    return " | ".join([
+        f"| {r['model']}", str(r.get("gpus", "")), r.get("published", ""),
+        str(r.get("microbatches", "")), _ms(r.get("published_step_s")),
+        _ms(r.get("predicted_step_s")), "—" if pred is None else f"{pred:.2f}",
+        r.get("published_memory", "—") + ("" if r.get("published_fits", True)
+                                          else " (does not fit)"),
+        r.get("ilp_mesh", "—"), _ms(r.get("ilp_cost_s")), r.get("ilp_memory", "—"), status,
+        "—" if "ilp_s" not in r else f"{r['ilp_s']} s", "—" if saving is None else saving,
+        (r.get("note", "") + " " + r.get("published_note", "")).strip() + " |"])
 
 
 def write(new: list[dict]) -> None:
@@ -147,41 +172,20 @@ def write(new: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=COLS, extrasaction="ignore")
         w.writeheader()
         w.writerows(results)
-
-    def ms(v) -> str:
-        return "—" if v is None else f"{1e3 * v:.1f} ms"
-
-    md = ["# Megatron-LM SC'21 table: published (t, p, d) beside autoddl's plan", "",
+    md = ["# Megatron-LM SC'21 table: predicted step time beside the published one, and the "
+          "ILP's plan", "",
           "Generated by `python experiments/megatron_table.py`; DGX-A100 (8 × A100 80 GB per "
-          "node), full activation recomputation, m = batch / (d · b) micro-batches as published. "
-          "Cost per step = bandwidth + redundant compute + pipeline bubble under autoddl's "
-          "model; the ILP's mesh is (pp ×) the stage mesh. The objective sums the "
-          "communication of every stage of a pipeline (what the ILP minimizes), not the wall "
-          "clock: deep pipelines (p = 64 for the 1T row) pay for every stage's collectives. "
-          "Under this model Megatron's layers run with sequence parallelism (reduce-scatter + "
-          "all-gather around the normalizations instead of all-reduce: the same bytes, the "
-          "normalizations' work divided), which the greedy per-op choice finds from the fixed "
-          "weight placements. An unpipelined plan keeps the whole per-device batch's activations "
-          "(no gradient accumulation), so the 18.4B row's published p = 1 does not fit here; the "
-          "1T row's published plan needs 84.3 GiB here (all tensors fp32). Rows beyond the "
-          "ILP's time limit report their gap.", "",
-          "| model | GPUs | published (t,p,d) | m | published cost | memory | PTD-P grid best "
-          "| grid cost | ILP plan | ILP cost | memory | status (gap) | ILP search | published / "
-          "ILP | note |", "|" + "---|" * 15]
-    for r in results:
-        gap = r.get("ilp_gap")
-        status = r.get("ilp_status", "—") + ("" if gap is None else f" ({100 * gap:.2g} %)")
-        ratio = r.get("published_over_ilp")
-        md.append(" | ".join([
-            f"| {r['model']}", str(r.get("gpus", "")), r.get("published", ""),
-            str(r.get("microbatches", "")), ms(r.get("published_cost_s")),
-            r.get("published_memory", "—") + ("" if r.get("published_fits", True)
-                                              else " (does not fit)"),
-            r.get("grid", "—"), ms(r.get("grid_cost_s")), r.get("ilp_mesh", "—"),
-            ms(r.get("ilp_cost_s")), r.get("ilp_memory", "—"), status,
-            "—" if "ilp_s" not in r else f"{r['ilp_s']} s",
-            "—" if ratio is None else f"{ratio:.3g}",
-            (r.get("note", "") + " " + r.get("published_note", "")).strip() + " |"]))
+          "node, the `dgx-a100` preset's compute figures, one set for every row), bf16 with "
+          "fp32 master weights and Adam states, full activation recomputation, m = batch / (d "
+          "· b) micro-batches and the interleaving v as published. *Published step* = the "
+          "paper's FLOPs per step (96·B·s·l·h²·(1 + s/6h + V/16lh)) ÷ (GPUs × published "
+          "TFLOP/s per GPU). *Predicted* = autoddl's step time of the published (t, p, d, v) "
+          "plan. *ILP plan* = the planner's optimum under the same model (its proof: status "
+          "and gap); *saving* = predicted published step − ILP step.", "",
+          "| model | GPUs | published (t,p,d,v) | m | published step | predicted | predicted "
+          "/ published | memory | ILP plan | ILP step | memory | status (gap) | ILP search "
+          "| saving | note |", "|" + "---|" * 15]
+    md += [_md_row(r) for r in results]
     (out / "megatron_table.md").write_text("\n".join(md) + "\n")
 
 

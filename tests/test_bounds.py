@@ -110,7 +110,7 @@ def test_meshes_with_equal_symmetry_keys_have_equal_optima():
     s = parse_model_spec("gpt:layers=1,hidden=32,heads=4,seq=16,batch=8,vocab=64")
     model, inputs = build_model(s, "meta")
     g = capture(model, inputs)
-    c = cluster(devices=16, nodes=16, gbps=10, latency_s=1e-6, peak_flops=1e11)
+    c = cluster(devices=16, nodes=16, gbps=10, latency_s=1e-6, peak_flops=1e11, overlap=False)
     classes: dict = {}
     for m in c.meshes():
         classes.setdefault(m.symmetry_key(), []).append(m)

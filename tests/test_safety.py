@@ -201,7 +201,10 @@ def test_stopping_run_leaves_no_process(cli, work, how):
     proc = subprocess.Popen([sys.executable, "-m", "autoddl.cli", "run", "p.json", "--steps",
                              "1000000", "--save", "ck"], cwd=work, start_new_session=True,
                             env={**os.environ, "AUTODDL_TEST_TAG": tag, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            # files, not pipes: a million steps' lines would fill a pipe nobody
+                            # reads, and a process blocked writing to it can never stop
+                            stdout=(work / "out.txt").open("w"),
+                            stderr=(work / "err.txt").open("w"))
     try:
         end = time.monotonic() + 120
         while not any((work / "ck").glob("step-*")) and time.monotonic() < end:
@@ -215,7 +218,8 @@ def test_stopping_run_leaves_no_process(cli, work, how):
             code = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
-            pytest.fail(f"autoddl run did not stop: {proc.communicate()[1][-2000:]}")
+            proc.wait()
+            pytest.fail(f"autoddl run did not stop: {(work / 'err.txt').read_text()[-2000:]}")
         assert code == {"ctrl-c": 130, "sigterm": 143, "sigkill": -9}[how]
         assert _gone(tag, proc.pid, 30) == []
         files = {p: p.stat().st_mtime_ns for p in (work / "ck").rglob("*")}
