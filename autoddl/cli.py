@@ -153,8 +153,8 @@ def _compare(a: argparse.Namespace) -> int:
     rows, _ = compare(work, a.backend, a.time_limit, log)
     title = f"{work.spec_text} on {work.cluster.spec or work.cluster.name}"
     print(f"{title} ({work.cluster.num_devices} devices, {work.config.precision}); cost = "
-          "bandwidth + redundant compute"
-          " + pipeline bubble per step, under one cost model\n")
+          "predicted step time (compute, critical and exposed communication, pipeline "
+          "bubble), under one cost model\n")
     print(table(rows))
     if a.json:
         write_text_atomic(a.json, to_json(rows, {"model": work.spec_text,

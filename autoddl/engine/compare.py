@@ -1,7 +1,7 @@
 """``autoddl compare``: the ILP's plan beside every baseline, all under one cost model.
 
 One :class:`Row` per method: its configuration (mesh, or Megatron's (t, p, d)), total cost per
-step (the ILP's objective: bandwidth + redundant compute + pipeline bubble), bandwidth cost, bytes
+step (the ILP's objective: the predicted step time), bandwidth cost, bytes
 per mesh axis, peak memory per device, estimated step time, search time, and the ratio of its
 cost to the ILP plan's. A baseline that does not fit memory keeps its row, marked "does not fit:
 needs X per device"; one that does not apply says why.

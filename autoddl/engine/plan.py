@@ -286,11 +286,15 @@ def summary(plan: Plan) -> str:
         *repeat_line(plan), *proof_lines(plan),
         "",
         f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
-        f"{'  total (objective)':<28}{format_seconds(c['total_s']):>14}",
-        f"{'  bandwidth':<28}{format_seconds(c['bandwidth_s']):>14}"
-        f"{format_bytes(c['bytes_per_device']):>16}",
-        f"{'  redundant compute':<28}{format_seconds(c['redundant_compute_s']):>14}",
+        f"{'  step time (objective)':<28}{format_seconds(c['total_s']):>14}",
     ]
+    for key, label in (("compute_s", "  compute"), ("redundant_compute_s", "    of it redundant"),
+                       ("hidden_comm_s", "  communication hidden"),
+                       ("exposed_comm_s", "  ... of it exposed")):
+        if key in c:
+            lines.append(f"{label:<28}{format_seconds(c[key]):>14}")
+    lines.append(f"{'  communication (all)':<28}{format_seconds(c['bandwidth_s']):>14}"
+                 f"{format_bytes(c['bytes_per_device']):>16}")
     if "bubble_s" in c:
         lines.append(f"{'  pipeline bubble':<28}{format_seconds(c['bubble_s']):>14}")
     for name, v in c["per_axis"].items():
@@ -301,7 +305,8 @@ def summary(plan: Plan) -> str:
                      f"{format_bytes(v['bytes']):>16}{v['count']:>7}")
     lines += [
         f"{'estimated step time':<28}{format_seconds(c['step_time_s']):>14}   "
-        "(compute + communication" + (" + bubble, slowest stage)" if plan.pipeline else ")"),
+        "(critical compute and communication, exposed weight traffic"
+        + (", slowest stage × 1F1B)" if plan.pipeline else ")"),
         "",
         f"precision {plan.training.get('precision', 'fp32')} ({_precision_words(plan)}), "
         f"optimizer {plan.training.get('optimizer')}",
