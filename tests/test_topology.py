@@ -5,6 +5,7 @@ separately), not against the formula they test."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -44,6 +45,12 @@ def _table_seconds(src: str, dst: str, mesh: Mesh, nbytes: float) -> float:
     return float(fb[0, 0] * nbytes + fl[0, 0])
 
 
+def _ar_steps(n: int) -> int:
+    """An all-reduce's α steps on n ranks: NCCL's double binary tree, ⌈log2 n⌉ hops up and
+    down + 1 to start, never more than the ring's 2(n−1)+1."""
+    return min(2 * (n - 1) + 1, 2 * math.ceil(math.log2(n)) + 1)
+
+
 def _latency(steps: int, n: int, inter_share: float) -> float:
     return steps * ((1 - inter_share) * A_INTRA + inter_share * A_INTER)
 
@@ -71,11 +78,11 @@ def test_two_level_all_reduce_by_hand():
     inter_bytes = 2 * (N - 1) / N * T / g  # all-reduce across nodes of one rail's 1/g
     assert intra_bytes + inter_bytes == pytest.approx(2 * (n - 1) / n * T)  # a flat ring's
     want = (intra_bytes / BW_INTRA + inter_bytes / BW_INTER
-            + _latency(2 * (n - 1) + 1, n, inter_bytes / (intra_bytes + inter_bytes)))
+            + _latency(_ar_steps(n), n, inter_bytes / (intra_bytes + inter_bytes)))
     step = _one_step("P", "B", mesh)
     assert step_seconds(step, mesh) == pytest.approx(want, rel=1e-12)
     assert _table_seconds("P", "B", mesh, T) == pytest.approx(want, rel=1e-12)
-    flat = 2 * (n - 1) / n * T / BW_INTER + (2 * (n - 1) + 1) * A_INTER
+    flat = 2 * (n - 1) / n * T / BW_INTER + _ar_steps(n) * A_INTER
     assert want < flat / 5  # 15/16 of the bytes ride NVLink
 
 
@@ -90,7 +97,7 @@ def test_two_level_reduce_scatter_and_4x4_axis_by_hand():
 
     mesh = _dgx((4, 4))
     intra, inter = 2 * 1 / 2 * T, 2 * 1 / 2 * T / 2  # g = 2, N = 2
-    want = intra / BW_INTRA + inter / BW_INTER + _latency(7, 4, inter / (intra + inter))
+    want = intra / BW_INTRA + inter / BW_INTER + _latency(_ar_steps(4), 4, inter / (intra + inter))
     assert inter / (intra + inter) == pytest.approx(1 / 3)  # (N-1)/(n-1)
     assert step_seconds(_one_step("P", "B", mesh), mesh) == pytest.approx(want, rel=1e-12)
 
@@ -103,8 +110,9 @@ def test_rail_axis_is_a_flat_ring_on_the_inter_node_link():
     assert step_seconds(step, mesh) == pytest.approx(want, rel=1e-12)
     # the axis inside a node: NVLink only
     step = _one_step("P", "B", mesh, axis=1)
-    assert step_seconds(step, mesh) == pytest.approx(2 * 7 / 8 * T / BW_INTRA + 15 * A_INTRA,
-                                                     rel=1e-12)
+    assert step_seconds(step, mesh) == pytest.approx(
+        2 * 7 / 8 * T / BW_INTRA + _ar_steps(8) * A_INTRA, rel=1e-12)
+    assert _ar_steps(8) == 7 and _ar_steps(2) == 3  # the tree beats the ring's 15 from 3 ranks
 
 
 def test_all_to_all_inter_share():
@@ -128,8 +136,8 @@ def test_old_mesh_dict_loads_as_a_flat_ring_and_new_dicts_round_trip():
     x, y = mesh.axes
     assert (x.ranks_per_node, x.intra_bandwidth_gbps, y.ranks_per_node) == (1, 25.0, 2)
     step = _one_step("P", "B", mesh)
-    assert step_seconds(step, mesh) == pytest.approx(2 * 15 / 16 * T / BW_INTER + 31 * A_INTER,
-                                                     rel=1e-12)
+    assert step_seconds(step, mesh) == pytest.approx(
+        2 * 15 / 16 * T / BW_INTER + _ar_steps(16) * A_INTER, rel=1e-12)
     new = _dgx((16,))
     d = json.loads(json.dumps(new.to_dict()))
     assert d["axes"][0]["ranks_per_node"] == 8 and d["axes"][0]["intra_bandwidth_gbps"] == 300.0
@@ -198,7 +206,7 @@ def test_data_parallel_gradient_sync_latency_is_per_bucket():
     for c in sync:
         w = graph[c.src].out.nbytes
         assert w in (4 * MiB, 2 * MiB)
-        want = 2 * (P - 1) / P * w / (GBPS * 1e9) + (2 * (P - 1) + 1) * ALPHA * w / BUCKET_BYTES
+        want = 2 * (P - 1) / P * w / (GBPS * 1e9) + _ar_steps(P) * ALPHA * w / BUCKET_BYTES
         assert c.seconds == pytest.approx(want, rel=1e-12)
     # ILP objective and breakdown agree (and hold nothing but the sync and the loss's gather)
     total = breakdown(costed, choice)

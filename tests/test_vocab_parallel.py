@@ -89,9 +89,10 @@ def test_node_is_charged_three_all_reduces_of_its_rows(recomputed):
     sigs = costed.sigs["loss"]
     vp = next(i for i, s in enumerate(sigs) if s.axes[0].vocab_parallel)
     old = next(i for i, s in enumerate(sigs) if s.ins == ((B,), (B,)))
-    # by hand: all-reduce of rows fp32 values on a ring of p: 2(p-1)/p · 4·rows bytes,
-    # 2(p-1)+1 latency steps; three of them, per forward; no node penalty (work divided)
-    one = 2 * (p - 1) / p * 4 * rows / (gbps * 1e9) + (2 * (p - 1) + 1) * lat
+    # by hand: all-reduce of rows fp32 values on p ranks: 2(p-1)/p · 4·rows bytes, the tree's
+    # 2·log2(p)+1 latency steps (5, below the ring's 7); three of them, per forward; no node
+    # penalty (work divided)
+    one = 2 * (p - 1) / p * 4 * rows / (gbps * 1e9) + (2 * 2 + 1) * lat
     times = 2 if recomputed else 1
     node = costed.problem.nodes[costed.index["loss"]]
     assert node.cost_s[vp] == pytest.approx(3 * one * times, rel=1e-12)

@@ -173,11 +173,23 @@ class MeshAxis:
             return (self.nodes_spanned - 1) / (n - 1)
         return 1.0  # anything else: priced on the slowest link
 
+    def tree_share(self, kind: str) -> float:
+        """The latency an all-reduce pays under NCCL's tree algorithm, as a share of the ring's:
+        a double binary tree reaches every rank in ⌈log2 p⌉ hops up and as many down (+1 to
+        start) against the ring's 2(p−1)+1, at the ring's bandwidth, and NCCL runs whichever
+        is faster (its tuner picks trees for small messages across many ranks). Other kinds
+        have no tree: 1."""
+        p = self.size
+        if kind != "all_reduce" or p <= 2:
+            return 1.0
+        return (2 * math.ceil(math.log2(p)) + 1) / (2 * (p - 1) + 1)
+
     def step_seconds(self, kind: str, bytes_per_device: float, latency_steps: float) -> float:
         """Seconds of one collective step of ``kind`` on this axis that sends
         ``bytes_per_device`` and takes ``latency_steps`` α steps (two-level where the axis spans
         nodes with g > 1: the module docstring). The one place a step becomes seconds."""
         phi = self.inter_share(kind)
+        latency_steps *= self.tree_share(kind)
         intra_bps, inter_bps = self.intra_bandwidth_gbps * GB, self.bandwidth_gbps * GB
         return (bytes_per_device * (1.0 - phi) / intra_bps + bytes_per_device * phi / inter_bps
                 + latency_steps * ((1.0 - phi) * self.intra_latency_s + phi * self.latency_s))

@@ -43,6 +43,9 @@ class Row:
     ratio: float | None = None
     fits: bool = False
     note: str = ""
+    #: the step's compute and its weight traffic not hidden behind compute (seconds)
+    compute_s: float | None = None
+    exposed_comm_s: float | None = None
 
     @property
     def applicable(self) -> bool:
@@ -63,7 +66,8 @@ def row_of(o: Outcome) -> Row:
     c, m = o.plan.cost, o.plan.memory
     return Row(o.method, o.config or plan_label(o.plan), c["total_s"], c["bandwidth_s"],
                {a: v["bytes"] for a, v in c["per_axis"].items()}, m["per_device_bytes"],
-               c["step_time_s"], o.search_s, None, fits(o.plan), o.note or fit_note(o.plan))
+               c["step_time_s"], o.search_s, None, fits(o.plan), o.note or fit_note(o.plan),
+               c.get("compute_s"), c.get("exposed_comm_s"))
 
 
 def ilp_outcomes(work: Workload, backend: str | None, time_limit_s: float | None
@@ -132,16 +136,16 @@ def _axes(r: Row) -> str:
     return ", ".join(f"{a} {format_bytes(b)}" for a, b in r.bytes_per_axis.items() if b) or "—"
 
 
-HEADER = ("method", "mesh / (t,p,d)", "cost", "bandwidth", "bytes per axis", "peak memory",
-          "step time", "search", "× ILP", "note")
+HEADER = ("method", "mesh / (t,p,d)", "step time", "compute", "communication",
+          "exposed weight traffic", "bytes per axis", "peak memory", "search", "× ILP", "note")
 
 
 def cells(r: Row) -> list[str]:
     """A row as display strings."""
-    return [r.method, r.config or "—", _s(r.total_s), _s(r.bandwidth_s), _axes(r),
+    return [r.method, r.config or "—", _s(r.total_s), _s(r.compute_s), _s(r.bandwidth_s),
+            _s(r.exposed_comm_s), _axes(r),
             "—" if r.peak_memory_bytes is None else format_bytes(r.peak_memory_bytes),
-            _s(r.step_time_s), f"{r.search_s:.2f} s",
-            "—" if r.ratio is None else f"{r.ratio:.3g}", r.note]
+            f"{r.search_s:.2f} s", "—" if r.ratio is None else f"{r.ratio:.3g}", r.note]
 
 
 def table(rows: list[Row]) -> str:
@@ -169,7 +173,8 @@ def to_csv(rows: list[Row], extra: dict[str, Any] | None = None) -> str:
     buf = io.StringIO()
     extra = extra or {}
     cols = list(extra) + ["method", "config", "total_s", "bandwidth_s", "bytes_per_axis",
-                          "peak_memory_bytes", "step_time_s", "search_s", "ratio", "fits", "note"]
+                          "peak_memory_bytes", "step_time_s", "search_s", "ratio", "fits", "note",
+                          "compute_s", "exposed_comm_s"]
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
