@@ -192,6 +192,14 @@ def _gone(tag: str, but: int, within_s: float) -> list[int]:
     return left
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT delivered and handled by default, as for a command
+    started from a shell (an ignored or blocked SIGINT is inherited across exec, and Python
+    then installs no Ctrl-C handler; the test process's state depends on what ran before)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
 def test_stopping_run_leaves_no_process(cli, work, how):
@@ -201,10 +209,10 @@ def test_stopping_run_leaves_no_process(cli, work, how):
     proc = subprocess.Popen([sys.executable, "-m", "autoddl.cli", "run", "p.json", "--steps",
                              "1000000", "--save", "ck"], cwd=work, start_new_session=True,
                             env={**os.environ, "AUTODDL_TEST_TAG": tag, "OMP_NUM_THREADS": "1"},
-                            # files, not pipes: a million steps' lines would fill a pipe nobody
-                            # reads, and a process blocked writing to it can never stop
+                            # files, not pipes: nobody reads them until the end
                             stdout=(work / "out.txt").open("w"),
-                            stderr=(work / "err.txt").open("w"))
+                            stderr=(work / "err.txt").open("w"),
+                            preexec_fn=_as_from_a_terminal)
     try:
         end = time.monotonic() + 120
         while not any((work / "ck").glob("step-*")) and time.monotonic() < end:
@@ -219,7 +227,10 @@ def test_stopping_run_leaves_no_process(cli, work, how):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            pytest.fail(f"autoddl run did not stop: {(work / 'err.txt').read_text()[-2000:]}")
+            pytest.fail(f"autoddl run did not stop (this process: SIGINT handler "
+                        f"{signal.getsignal(signal.SIGINT)}, blocked "
+                        f"{signal.pthread_sigmask(signal.SIG_BLOCK, [])}): "
+                        f"{(work / 'err.txt').read_text()[-2000:]}")
         assert code == {"ctrl-c": 130, "sigterm": 143, "sigkill": -9}[how]
         assert _gone(tag, proc.pid, 30) == []
         files = {p: p.stat().st_mtime_ns for p in (work / "ck").rglob("*")}
