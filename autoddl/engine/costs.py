@@ -583,13 +583,17 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
     return out
 
 
+def choice_indices(costed: CostedGraph, choice: dict[str, Signature]) -> np.ndarray:
+    """Each node's signature as its index in ``costed``'s lists (ValueError if not there)."""
+    return np.array([costed.sigs[n.name].index(choice[n.name]) for n in costed.graph.nodes])
+
+
 def step_time_s(costed: CostedGraph, choice: dict[str, Signature]) -> float:
     """The step time of one signature per node, as the solver prices it (a choice outside the
     solver's lists, such as a baseline's, is costed on its own)."""
     graph = costed.graph
     if all(choice[n.name] in costed.sigs[n.name] for n in graph.nodes):
-        return costed.problem.evaluate(np.array([costed.sigs[n.name].index(choice[n.name])
-                                                 for n in graph.nodes]))[0]
+        return costed.problem.evaluate(choice_indices(costed, choice))[0]
     own = build_problem(graph, costed.mesh, costed.cluster, costed.config, costed.mult,
                         sigs={n.name: [choice[n.name]] for n in graph.nodes}).problem
     own = dataclasses.replace(own, shape=costed.problem.shape)

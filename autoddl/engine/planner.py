@@ -96,8 +96,7 @@ def _solve_capped(milp, model: ShardingModel, capacity_bytes: float,
                   cutoff: float) -> SolveResult:
     """Solve a candidate's MILP LP first (:func:`solve_lp_first`; the user's ``backend``, or by
     size), no plan over the memory cap (:func:`solve_within_capacity`)."""
-    chosen = backend or size_backend(milp, model.exposure == "covered"
-                                     or model.t_step is not None or model.x_exposed is not None)
+    chosen = backend or size_backend(milp, model.has_step_rows)
 
     def attempt(m, tl: float | None) -> SolveResult:
         return solve_lp_first(m, chosen, tl, mip_rel_gap, lp_first, cutoff,
@@ -111,7 +110,8 @@ def _solve_problem(problem: ShardingProblem, backend: str | None, time_limit_s: 
                    mip_rel_gap: float, lp_first: bool, cutoff: float
                    ) -> tuple[ShardingModel, SolveResult, float]:
     """(model, result, build seconds) of a sharding problem's optimum, its overlap term solved
-    as a disjunction of sums (:func:`~autoddl.formulations.overlap.solve_overlap`)."""
+    covered plans first, then the full model under their step
+    (:func:`~autoddl.formulations.overlap.solve_overlap`)."""
     build_s = 0.0
 
     def solve(p: ShardingProblem, cut: float, part) -> tuple[ShardingModel, SolveResult]:

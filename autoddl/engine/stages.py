@@ -18,9 +18,9 @@ import numpy as np
 
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis, ordered_factorizations, unique_by
 from autoddl.engine.costs import (
-    CostedGraph, Multiplicity, _EdgeCoster, accumulated_edges, accumulates_grad, breakdown, build_problem,
-    edge_steps, forward_times, grad_fraction, grad_sync_share, keeps_converted, node_memory_bytes,
-    steps_seconds, work_divisor,
+    CostedGraph, Multiplicity, _EdgeCoster, accumulated_edges, accumulates_grad, breakdown,
+    build_problem, choice_indices, edge_steps, forward_times, grad_fraction, grad_sync_share,
+    keeps_converted, node_memory_bytes, steps_seconds, work_divisor,
 )
 from autoddl.engine.placements import local_fraction
 from autoddl.engine.precision import tensor_bytes
@@ -188,8 +188,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
     out.update({
         # what the joint model minimizes: m times the per-micro-batch problem (accumulated
         # gradients at their share), the transfers and the bubble
-        "total_s": m * accumulated_share(costed, m).evaluate(np.array(
-            [costed.sigs[n.name].index(choice[n.name]) for n in g.nodes]))[0]
+        "total_s": m * accumulated_share(costed, m).evaluate(choice_indices(costed, choice))[0]
         + p2p["seconds"] + bubble,
         "bandwidth_s": bandwidth,
         "redundant_compute_s": per_step["redundant_compute_s"],

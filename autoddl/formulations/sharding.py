@@ -237,6 +237,11 @@ def bound_pruning(problem: ShardingProblem, cutoff: float) -> tuple[list, list, 
     return keep_nodes, keep_edges, lb0
 
 
+def _finite_abs_max(a: np.ndarray) -> float:
+    """The largest finite magnitude in ``a`` (0 when it has none)."""
+    return float(np.abs(a[np.isfinite(a)]).max(initial=0.0))
+
+
 class ShardingModel:
     """Builds the MILP of a :class:`ShardingProblem` and reads assignments back."""
 
@@ -303,24 +308,22 @@ class ShardingModel:
         """The unit of the continuous columns T and X: the largest finite cost of any one
         choice. Costs of nanoseconds would otherwise sit below the solvers' absolute
         feasibility tolerances (1e-7 in HiGHS) and let T or X drift below their rows."""
-        big = 0.0
-        for n in self.problem.nodes:
-            for a in (n.cost_s, n.hidden_s, n.window_s):
-                if a is not None and len(a):
-                    fin = a[np.isfinite(a)]
-                    big = max(big, float(np.abs(fin).max()) if len(fin) else 0.0)
-        for e in self.problem.edges:
-            for a in (e.cost_s, e.hidden_s):
-                if a is not None and a.size:
-                    fin = a[np.isfinite(a)]
-                    big = max(big, float(np.abs(fin).max()) if len(fin) else 0.0)
+        arrays = [a for n in self.problem.nodes for a in (n.cost_s, n.hidden_s, n.window_s)]
+        arrays += [a for e in self.problem.edges for a in (e.cost_s, e.hidden_s)]
+        big = max((_finite_abs_max(a) for a in arrays if a is not None), default=0.0)
         return big if big > 0 else 1.0
 
     def _sum_bound(self, blocks: list[np.ndarray]) -> float:
         """A finite upper bound on any plan's sum of ``blocks`` (column values), in step units:
         finite bounds on T and X keep every backend (CP-SAT too) applicable."""
-        total = sum(float(np.abs(b[np.isfinite(b)]).max(initial=0.0)) for b in blocks)
-        return total / self.step_unit_s + 1.0
+        return sum(_finite_abs_max(b) for b in blocks) / self.step_unit_s + 1.0
+
+    @property
+    def has_step_rows(self) -> bool:
+        """Whether the model holds the step's rows (slowest stage T, exposed communication X,
+        or the covered part's exposure rows): harder for branch and bound than a plain sum."""
+        return (self.t_step is not None or self.x_exposed is not None
+                or self.exposure == "covered")
 
     def _add_row(self, cols: np.ndarray, vals: np.ndarray, lo: float, hi: float) -> None:
         r = len(self._rlo)
