@@ -110,3 +110,55 @@ def test_dominance_keeps_recompute_optimum():
         best, _ = problem.brute_force()
         lean, _ = prune_dominated(problem)
         assert lean.brute_force()[0] == pytest.approx(best, rel=1e-12)
+
+
+def _small_gpt():
+    """A 3-layer GPT (planned whole: one recompute group per layer) on 2 devices whose attention
+    keeps a score stash (so selective recomputation frees memory), overlap off."""
+    import dataclasses
+
+    from autoddl.engine.capture import capture
+    from autoddl.engine.costs import build_problem
+    from autoddl.engine.models import build_model, parse_model_spec
+    from autoddl.engine.recompute import sharding_layers, with_recompute
+    from tests.helpers import cluster
+
+    spec = parse_model_spec("gpt:layers=3,hidden=32,heads=8,seq=64,batch=4,vocab=64")
+    graph = capture(*build_model(spec, "meta"))
+    c = cluster(devices=2, latency_s=1e-6, peak_flops=1e10, overlap=False)
+    c = dataclasses.replace(c, compute=dataclasses.replace(c.compute,
+                                                           attention_score_passes=4.0))
+    layers, _ = sharding_layers(graph, None, False)
+    assert len(layers) == 3
+    return graph, with_recompute(build_problem(graph, c.mesh((2,)), c), layers, "auto")
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.6])
+def test_solver_recomputation_equals_brute_force_over_layers(fraction):
+    """On a 3-layer GPT with memory capped below its plain optimum's, the MILP's per-layer
+    recomputation (none, selective, full: each a free choice) and sharding cost what the best of
+    all 27 per-layer assignments costs, each solved with its recomputation forced."""
+    import dataclasses
+    import itertools
+
+    from autoddl.engine.planner import solve_sharding
+
+    graph, base = _small_gpt()
+    plain = solve_sharding(base)
+    idx = [base.sigs[n.name].index(plain.choice[n.name]) for n in graph.nodes]
+    cap = fraction * base.problem.evaluate(np.array(idx + [0] * 6))[1]
+    capped = dataclasses.replace(base, problem=dataclasses.replace(
+        base.problem, memory_capacity_bytes=cap))
+    free = solve_sharding(capped)
+    assert free.result.status is SolveStatus.OPTIMAL
+    best = np.inf
+    for combo in itertools.product(("none", "selective", "full"), repeat=3):
+        groups = tuple(dataclasses.replace(g, fixed=tuple(int(o.kind == mode) for o in g.options))
+                       for g, mode in zip(capped.problem.recompute, combo))
+        forced = solve_sharding(dataclasses.replace(
+            capped, problem=dataclasses.replace(capped.problem, recompute=groups)))
+        if forced.result.has_solution:
+            best = min(best, forced.result.objective)
+    assert free.result.objective == pytest.approx(best, rel=1e-6)
+    assert free.result.objective > plain.result.objective  # the cap binds: recomputation pays
+    assert sum(free.counts) >= 1

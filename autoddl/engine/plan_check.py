@@ -173,7 +173,8 @@ def _check_numbers(data: Mapping[str, Any]) -> None:
 def check_plan_data(data: Mapping[str, Any]) -> None:
     """Raise :class:`UserError` naming the first malformed field of a plan file's data."""
     from autoddl.engine.cluster import MAX_DEVICES
-    from autoddl.engine.costs import OPTIMIZER_STATES
+    from autoddl.engine.costs import OPTIMIZER_STATES, RECOMPUTE
+    from autoddl.engine.recompute import LAYER_MODES
 
     for key, kind in _TOP.items():
         if not isinstance(data.get(key), kind):
@@ -195,8 +196,13 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
     if not isinstance(optimizer, str) or optimizer not in OPTIMIZER_STATES:
         raise _bad("training.optimizer", f"is {optimizer!r}; autoddl trains with one of "
                                          f"{', '.join(OPTIMIZER_STATES)}")
-    if data["training"].get("recompute", "none") not in ("none", "layers", None):
-        raise _bad("training.recompute", "is not 'none' or 'layers'")
+    if data["training"].get("recompute", "none") not in RECOMPUTE + (None,):
+        raise _bad("training.recompute", f"is not one of {', '.join(RECOMPUTE)}")
+    per_layer = data["training"].get("recompute_layers")
+    if per_layer is not None and (not isinstance(per_layer, list) or any(
+            m not in LAYER_MODES for m in per_layer)):
+        raise _bad("training.recompute_layers", "is not a list of 'none', 'selective' or "
+                                                "'full' (one per repeated layer)")
     if data["training"].get("precision", "fp32") not in ("fp32", "bf16"):
         raise _bad("training.precision", "is not 'fp32' or 'bf16' (a file without it was "
                                          "costed in fp32)")

@@ -16,13 +16,20 @@ from typing import Callable
 import numpy as np
 
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis
-from autoddl.engine.costs import CostedGraph, TrainingConfig, breakdown, build_problem
+from autoddl.engine.costs import (
+    CostedGraph, TrainingConfig, breakdown, build_problem, own_problem, plain_indices,
+)
 from autoddl.engine.candidates import Job, Prepared, search
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes, split_timings
 from autoddl.engine.rules import Signature, check_rules
-from autoddl.engine.programs import Program, build_program, cost_program, program_breakdown
+from autoddl.engine.programs import (
+    Program, build_program, cost_program, program_breakdown, program_layer_order,
+)
+from autoddl.engine.recompute import (
+    plan_counts, realized, recompute_record, sharding_layers, with_recompute,
+)
 from autoddl.engine.repeat import Reduced, find_blocks, reduce_graph
 from autoddl.engine.stages import (
     build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
@@ -38,7 +45,7 @@ from autoddl.formulations.solving import (  # noqa: F401 - NEAR_CUTOFF, solve_lp
 )
 from autoddl.formulations.overlap import solve_overlap
 from autoddl.formulations.pipeline import PipelineModel, PipelineProblem
-from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingModel, ShardingProblem
+from autoddl.formulations.sharding import ShardingModel, ShardingProblem
 
 SCHEDULES = ("1F1B", "GPipe")
 
@@ -59,6 +66,9 @@ class Candidate:
     program: Program | None = None
     problem: ShardingProblem | None = None
     bubble_s: float = 0.0
+    #: recomputation: copies per group option, after the signatures in a choice vector
+    #: (:mod:`autoddl.formulations.recompute`; empty: the problem's defaults)
+    counts: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
@@ -73,6 +83,22 @@ def decode(costed: CostedGraph, idx: np.ndarray) -> dict[str, Signature]:
 
 def _decode(costed: CostedGraph, model: ShardingModel, x: np.ndarray) -> dict[str, Signature]:
     return decode(costed, model.choice(x))
+
+
+def tail(problem: ShardingProblem, idx: np.ndarray) -> tuple[int, ...]:
+    """The recomputation counts a choice vector holds after its signatures."""
+    return tuple(int(c) for c in idx[len(problem.nodes):])
+
+
+def best_counts(costed: CostedGraph, choice: dict[str, Signature]) -> tuple[int, ...]:
+    """The fastest recomputation for a fixed sharding (a baseline's), within memory: its own
+    problem's MILP; the problem's defaults when nothing is free to choose or nothing fits."""
+    own = own_problem(costed, choice)
+    if not own.recompute or all(g.fixed is not None for g in own.recompute):
+        return ()
+    model = ShardingModel(own)
+    r = solve_or_fall_back(model.milp(), None, named=False)
+    return tail(own, model.choice(r.x)) if r.has_solution else ()
 
 
 #: above this many variables the default backend is HiGHS: CBC proves small sharding ILPs
@@ -141,13 +167,16 @@ def solve_sharding(costed: CostedGraph, backend: str | None = None,
     model, r, build_s = _solve_problem(costed.problem, backend, time_limit_s, mip_rel_gap,
                                        lp_first, cutoff)
     choice = stage = None
+    counts: tuple[int, ...] = ()
     if r.has_solution:
         choice = _decode(costed, model, r.x)
         stage = {n: 0 for n in choice}
+        counts = tail(costed.problem, model.choice(r.x))
         cost, _ = costed.problem.evaluate(model.choice(r.x))
         assert abs(cost - r.objective) <= 1e-6 * max(1.0, abs(cost)) + 1e-12, \
             f"decoded plan costs {cost}, solver said {r.objective}"
-    return Candidate(costed, 1, None, 1, r, choice, stage, model.num_cols, build_s)
+    return Candidate(costed, 1, None, 1, r, choice, stage, model.num_cols, build_s,
+                     counts=counts)
 
 
 def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: MeshAxis,
@@ -215,26 +244,23 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     r = dataclasses.replace(r, objective=None if r.objective is None else r.objective + bubble,
                             bound=None if r.bound is None else r.bound + bubble)
     choice = stage = None
+    counts: tuple[int, ...] = ()
     if r.has_solution:
         choice = _decode(costed, model, r.x)
         stage = program_stages(prog, problem)
+        counts = tail(problem, model.choice(r.x))
     return Candidate(costed, prog.stages, pp, prog.microbatches, r, choice, stage,
-                     model.num_cols, prep_s + build_s, prog, problem, bubble)
+                     model.num_cols, prep_s + build_s, prog, problem, bubble, counts)
 
 
 def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
-    """The least memory per device any plan of this (sharding) problem needs; with memory
-    groups (pipeline stages), the largest of each group's least (a lower bound)."""
+    """The least memory per device any plan of this (sharding) problem needs, recomputation
+    included; with memory groups (pipeline stages), the largest of each group's least (a lower
+    bound)."""
     p = costed.problem
     need = 0.0
     for g in sorted({n.group for n in p.nodes} | {e.group for e in p.edges}):
-        nodes = tuple(NodeChoices(n.name, n.memory_bytes * (n.group == g), n.memory_bytes)
-                      for n in p.nodes)
-        edges = tuple(EdgeChoices(e.src, e.dst, e.src_key, e.dst_key,
-                                  np.where(np.isfinite(e.cost_s),
-                                           e.memory_bytes * (e.group == g), np.inf),
-                                  e.memory_bytes) for e in p.edges)
-        model = ShardingModel(ShardingProblem(nodes, edges, float("inf")))
+        model = ShardingModel(p, memory_of=g)
         r = solve_or_fall_back(model.milp(), backend, named=backend is not None)
         need = max(need, float(r.objective) if r.has_solution else float("inf"))
     return need
@@ -264,12 +290,21 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
             tuple(None if g is None else format_placement(g, names) for g in s.grads),
             c.stage[n.name], zero=s.zero,
         ))
+    recompute = {"recompute": costed.config.recompute}
     if c.stages == 1:
-        cost = breakdown(costed, c.choice)
+        layers, order = sharding_layers(costed.graph, costed.mult,
+                                        any(n.name.startswith("mid/") for n in costed.graph.ops))
+        counts = plan_counts(costed, np.append(plain_indices(costed, c.choice), c.counts))
+        cost = breakdown(costed, c.choice, c.counts, realized(costed, layers, counts))
+        recompute = recompute_record(costed.config.recompute, counts, order)
         pipeline = None
     elif c.program is not None:
         assert c.pp is not None and c.problem is not None
-        cost = program_breakdown(c.program, costed, c.problem, c.choice, c.pp, c.bubble_s)
+        cost = program_breakdown(c.program, costed, c.problem, c.choice, c.pp, c.bubble_s,
+                                 c.counts)
+        idx = np.append(plain_indices(costed, c.choice), c.counts)
+        recompute = recompute_record(costed.config.recompute, plan_counts(costed, idx),
+                                     program_layer_order(c.program))
         pipeline = {"stages": c.stages, "microbatches": c.microbatches, "schedule": schedule,
                     "axis": c.pp.to_dict(), "layers_per_stage": c.program.layers // c.stages}
     else:
@@ -287,8 +322,7 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
                "candidates": [t for _, t in records]}
     return Plan(model=model_info, cluster={**cluster.to_dict(), "spec": cluster.spec},
                 mesh=costed.mesh.to_dict(),
-                training={"optimizer": costed.config.optimizer,
-                          "recompute": costed.config.recompute,
+                training={"optimizer": costed.config.optimizer, **recompute,
                           "precision": costed.config.precision},
                 ops=tuple(ops), cost=cost, memory=memory, solver=solver,
                 candidates=tuple(rec for rec, _ in records), pipeline=pipeline, timings=timings)
@@ -329,17 +363,10 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     if config.recompute == "layers" and blocks is None:
         raise UserError("--recompute layers needs repeated layers (a ModuleList of identical "
                         "blocks, four or more)")
-    # "auto": both variants are candidates, the faster step wins (recomputation is the choice
-    # of all repeated layers at once)
-    variants = (["none", "layers"] if config.recompute == "auto" and blocks is not None
-                else ["none" if config.recompute == "auto" else config.recompute])
-    jobs: list[Job] = []
-    for variant in variants:
-        jobs += _variant_jobs(graph, cluster, dataclasses.replace(config, recompute=variant),
-                              blocks, layers, backend, meshes, mip_rel_gap, microbatch_graph,
-                              microbatches, stages, balance_eps, lp_first,
-                              " (recompute)" if len(variants) > 1 and variant == "layers" else "")
-    reduced = reduce_graph(graph, blocks, layers, False) if blocks else None
+    # recomputation is chosen per layer by each candidate's MILP ("auto") or forced
+    jobs = _variant_jobs(graph, cluster, config, blocks, layers, backend, meshes, mip_rel_gap,
+                         microbatch_graph, microbatches, stages, balance_eps, lp_first, "")
+    reduced = reduce_graph(graph, blocks, layers) if blocks else None
     if not jobs:
         n_layers = reduced.layers if reduced else 0
         layers_too = (f" and, with repeated layers, divide the {n_layers} layers"
@@ -374,22 +401,24 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                   ) -> list[Job]:
     """The candidates of one recomputation variant: every unpipelined mesh, and every pipeline
     degree and stage mesh (programs of repeated layers, or the joint stage problem)."""
-    recompute = config.recompute == "layers"
-    reduced: Reduced | None = reduce_graph(graph, blocks, layers, recompute) if blocks else None
+    reduced: Reduced | None = reduce_graph(graph, blocks, layers) if blocks else None
 
     def sharding_job(g: OpGraph, mesh: Mesh, mult) -> Prepared:
         t1 = time.perf_counter()
-        costed = build_problem(g, mesh, cluster, config, mult)
+        costed = with_recompute(build_problem(g, mesh, cluster, config, mult),
+                                sharding_layers(g, mult, reduced is not None)[0],
+                                config.recompute)
         return Prepared(
             str(mesh), 1, costed, costed.problem, 0.0, time.perf_counter() - t1,
             solve=lambda cut, tl: solve_sharding(without_dominated(costed), backend, tl,
                                                  mip_rel_gap, cut, lp_first),
             make=lambda idx, r: Candidate(costed, 1, None, 1, r, decode(costed, idx),
-                                          {n.name: 0 for n in costed.graph.nodes}, 0, 0.0))
+                                          {n.name: 0 for n in costed.graph.nodes}, 0, 0.0,
+                                          counts=tail(costed.problem, idx)))
 
     def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks) -> Prepared:
         t1 = time.perf_counter()
-        prog = build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches, recompute)
+        prog = build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches)
         costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config)
 
         def solve(cut: float, tl: float | None) -> Candidate:
@@ -401,7 +430,7 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             f"pp{k} × {smesh}", k, costed, problem, bubble, time.perf_counter() - t1, solve=solve,
             make=lambda idx, r: Candidate(costed, k, pp, microbatches, r, decode(costed, idx),
                                           program_stages(prog, problem), 0, 0.0, prog, problem,
-                                          bubble))
+                                          bubble, tail(problem, idx)))
 
     def joint_job(k: int, pp: MeshAxis, smesh: Mesh) -> Prepared:
         t1 = time.perf_counter()

@@ -29,7 +29,10 @@ from autoddl.engine.costs import (
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import local_fraction
 from autoddl.engine.precision import tensor_bytes
+from autoddl.engine.recompute import Layer, layers_by_prefix, plan_counts, realized, \
+    with_recompute
 from autoddl.engine.repeat import Blocks, _canonical, block_outputs
+from autoddl.formulations.recompute import recompute_terms
 from autoddl.formulations.sharding import ShardingProblem, StepShape
 
 
@@ -55,7 +58,6 @@ class Program:
     stages: int
     microbatches: int
     layers: int
-    recompute: bool = False
     outputs: frozenset[int] = frozenset()  # block positions whose outputs leave the block
     interleave: int = 1  # model chunks per device (Megatron's interleaved 1F1B: v)
 
@@ -66,7 +68,7 @@ def _stage_blocks(n: int) -> list[tuple[str, int]]:
 
 
 def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
-                  microbatches: int, recompute: bool = False) -> Program:
+                  microbatches: int) -> Program:
     """The reduced graph of ``layers`` blocks over ``stages`` stages (``stages`` divides it)."""
     K, m = stages, microbatches
     assert layers % K == 0 and K >= 2
@@ -224,14 +226,11 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
             del crossing[key]
         else:
             seen2.add((key[0], node_group[key[1]]))
-    recomputed = frozenset(nd.name for nd in reduced.nodes if nd.kind == "op"
-                           and nd.name.split("/")[0] in inst_of) if recompute else frozenset()
     # a weight's accumulated gradient is converted once per step: per copy, not per micro-batch
     grads = {key: edge_mult[key] // m for key in accumulated_edges(reduced)}
-    mult = Multiplicity(node_mult, edge_mult, tuple(extra), recomputed=recomputed,
-                        grad_copies=grads)
+    mult = Multiplicity(node_mult, edge_mult, tuple(extra), grad_copies=grads)
     return Program(reduced, mult, node_group, node_mem, inflight, crossing, K, m, layers,
-                   recompute, frozenset(block_outputs(graph, blocks)))
+                   frozenset(block_outputs(graph, blocks)))
 
 
 def interleaved(prog: Program, v: int) -> Program:
@@ -251,31 +250,45 @@ def interleaved(prog: Program, v: int) -> Program:
     return dataclasses.replace(prog, interleave=v, inflight=(flight(0), flight(1), flight(k - 1)))
 
 
-def _transient(name: str) -> bool:
-    """The block instance that stands for the layer being recomputed in its stage."""
-    tag = name.split("/")[0].split(".")[-1]
-    return tag in ("mid", "b0")
-
-
 def _mem_factor(prog: Program, nd) -> float:
     """Memory copies of a node: weights once per represented layer; activations per layer and
-    micro-batch in flight, or, recomputed, only the layers' outputs plus one layer live."""
+    micro-batch in flight (recomputation frees some: :mod:`autoddl.engine.recompute`)."""
     copies = prog.node_mem_copies.get(nd.name, 1)
     if nd.kind != "op":
         return copies
-    flight = prog.inflight[prog.node_group[nd.name]]
-    if nd.name not in prog.cost_mult.recomputed:
-        return copies * flight
-    j = int(nd.name.split("/")[1])
-    return (copies * flight if j in prog.outputs else 0) + (1 if _transient(nd.name) else 0)
+    return copies * prog.inflight[prog.node_group[nd.name]]
 
 
-def _edge_mem_factor(prog: Program, dst, src: str) -> float:
+def _edge_mem_factor(prog: Program, dst) -> float:
     """Memory copies of a consumer's saved converted input."""
-    if dst.name in prog.cost_mult.recomputed:
-        same = src.split("/")[0] == dst.name.split("/")[0]
-        return 1.0 if _transient(dst.name) and same else 0.0
     return prog.node_mem_copies.get(dst.name, 1) * prog.inflight[prog.node_group[dst.name]]
+
+
+def program_layers(prog: Program, kappa: float) -> list[Layer]:
+    """The recompute groups of a program: each stage group's block instances (a middle block
+    standing for its copies), its seconds counted per stage copy and micro-batch (× κ), its
+    freed bytes per micro-batch in flight."""
+    prefixes = list(dict.fromkeys(n.name.split("/")[0] for n in prog.graph.ops
+                                  if "." in n.name.split("/")[0]))
+    out = []
+    for layer in layers_by_prefix(prog.graph, prog.cost_mult, prefixes):
+        op = layer.ops[0]
+        copies = prog.node_mem_copies.get(op, 1)
+        group = prog.node_group[op]
+        out.append(dataclasses.replace(layer, copies=copies, group=group,
+                                       cost_scale=kappa * prog.cost_mult.node(op) / copies,
+                                       memory_scale=float(prog.inflight[group])))
+    return out
+
+
+def program_layer_order(prog: Program) -> list[tuple[str, int]]:
+    """(recompute group, copies) of the real layers' groups, stage by stage, in model order."""
+    n = prog.layers // prog.stages
+    order = []
+    for k in range(prog.stages):
+        st = "s0" if k == 0 else ("sl" if k == prog.stages - 1 else "sm")
+        order += [(f"{st}.{tag}", copies) for tag, copies in _stage_blocks(n)]
+    return order
 
 
 def _params_first(nodes: list) -> list:
@@ -327,7 +340,7 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
     for (src, dst, k, copies), ec in zip(all_edges, costed.problem.edges):
         grp = prog.node_group[dst]
         mem_copies = prog.cost_mult.edge_memory(src, dst, k, copies)
-        mem = ec.memory_bytes / max(mem_copies, 1) * _edge_mem_factor(prog, g[dst], src)
+        mem = ec.memory_bytes / max(mem_copies, 1) * _edge_mem_factor(prog, g[dst])
         cost = ec.cost_s
         cross = prog.crossing.get((src, dst, k), 0) * prog.interleave
         if cross:
@@ -342,15 +355,23 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
         edges.append(dataclasses.replace(ec, cost_s=kappa * cost, memory_bytes=mem, group=grp))
     problem = ShardingProblem(tuple(nodes), tuple(edges), costed.problem.memory_capacity_bytes,
                               shape)
-    return dataclasses.replace(costed, problem=problem), problem
+    costed = with_recompute(dataclasses.replace(costed, problem=problem),
+                            program_layers(prog, kappa), config.recompute)
+    return costed, costed.problem
 
 
 def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProblem,
-                      choice: dict, pp: MeshAxis, bubble_s: float) -> dict:
-    """Cost and memory of a pipelined program plan, per training step."""
+                      choice: dict, pp: MeshAxis, bubble_s: float, counts: tuple = ()) -> dict:
+    """Cost and memory of a pipelined program plan (recomputation ``counts``), per step."""
     from autoddl.engine.costs import breakdown  # the per-axis/kind totals, copies included
 
-    out = breakdown(costed, choice)
+    layers = program_layers(prog, step_shape(prog)[0])
+    idx_full = np.append([costed.sigs[n.name].index(choice[n.name]) for n in prog.graph.nodes],
+                         np.asarray(counts, int))
+    mult = realized(costed, layers, plan_counts(costed, idx_full))
+    out = breakdown(costed, choice, counts, mult)
+    extra_crit, extra_mem = (recompute_terms(problem, idx_full) if problem.recompute
+                             else ({}, {}))
     mem_parts = out.pop("memory")
     g, mesh = prog.graph, costed.mesh
     p2p = {"bytes": 0.0, "seconds": 0.0, "count": 0}
@@ -374,6 +395,8 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
         a, b = e.src_key[sig_index[src]], e.dst_key[sig_index[dst]]
         per_group[e.group] = per_group.get(e.group, 0.0) + float(e.memory_bytes[a, b])
     del idx
+    for grp, v in extra_mem.items():
+        per_group[grp] = per_group.get(grp, 0.0) + v
     # the step (what the solver minimized) holds the transfers and the bubble: (K-1)/v passes
     # of the slowest stage, T = max_g σ_g C_g of the shape
     crit: dict[int, float] = {}
@@ -383,6 +406,8 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
         a = e.src_key[sig_index[g.nodes[e.src].name]]
         b = e.dst_key[sig_index[g.nodes[e.dst].name]]
         crit[e.group] = crit.get(e.group, 0.0) + float(e.cost_s[a, b])
+    for grp, v in extra_crit.items():
+        crit[grp] = crit.get(grp, 0.0) + v
     slowest = max(problem.shape.sigma(grp) * c for grp, c in crit.items())
     out.pop("exposed_comm_s", None)
     out.update({

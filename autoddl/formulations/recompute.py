@@ -161,6 +161,22 @@ def all_count_choices(groups: Sequence[RecomputeGroup]) -> Iterator[tuple[int, .
         yield tuple(c for counts in combo for c in counts)
 
 
+def restrict_groups(problem: Any, choice: Sequence[int]) -> tuple[RecomputeGroup, ...]:
+    """``problem``'s recompute groups on the problem of one signature per node (``choice``'s),
+    each edge keyed by its one pair: what a plan's own problem carries."""
+    keep = [np.array([int(c)]) for c in choice[:len(problem.nodes)]]
+    pairs = [(np.array([e.src_key[choice[e.src]]]), np.array([e.dst_key[choice[e.dst]]]))
+             for e in problem.edges]
+
+    def cut(o: RecomputeOption) -> RecomputeOption:
+        return RecomputeOption(o.kind, o.extra_s.restricted(keep, pairs),
+                               o.saved_bytes.restricted(keep, pairs),
+                               o.live_bytes.restricted(keep, pairs))
+
+    return tuple(RecomputeGroup(g.name, g.copies, g.group, tuple(cut(o) for o in g.options),
+                                g.fixed) for g in problem.recompute)
+
+
 def _bits(copies: int) -> list[int]:
     """Powers of two whose sums make every count 0..copies."""
     return [1 << j for j in range(max(copies, 1).bit_length())]

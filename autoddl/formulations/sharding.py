@@ -46,6 +46,7 @@ This module imports no torch and no solver: it builds a :class:`~autoddl.formula
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -265,11 +266,15 @@ class ShardingModel(RecomputeRows):
     fold_into_producer = True
 
     def __init__(self, problem: ShardingProblem, cutoff: float = INF,
-                 exposure: str | None = None) -> None:
+                 exposure: str | None = None, memory_of: int | None = None) -> None:
         """``cutoff``: an upper bound on the optimum (the cost of a known plan). Costs are
         non-negative, so a signature or an edge pair costing more on its own is in no optimal
         plan: it gets no variable (exact pruning). ``exposure``: which part of the overlap
-        term's disjunction to model (:meth:`overlap`)."""
+        term's disjunction to model (:meth:`overlap`). ``memory_of``: minimize the memory of
+        that memory group instead of the step (the leanest plan; no memory rows)."""
+        self.memory_of = memory_of
+        if memory_of is not None:
+            problem = dataclasses.replace(problem, memory_capacity_bytes=INF)
         self.problem = problem
         self.exposure = exposure
         self.cutoff = cutoff
@@ -484,7 +489,12 @@ class ShardingModel(RecomputeRows):
             self._add_row(np.append(nz, self.x_exposed), np.append(vals, -1.0), -INF, 0.0)
 
     def objective(self) -> np.ndarray:
-        """The objective per column: critical costs less their stage share, b·T, X."""
+        """The objective per column: critical costs less their stage share, b·T, X (or the
+        memory of group :attr:`memory_of`)."""
+        if self.memory_of is not None:
+            mem, groups = self._grouped(self._mem)
+            return np.append(np.where(groups == self.memory_of, mem, 0.0),
+                             np.zeros(self.num_cols - len(mem)))
         shape = self.problem.shape
         c = np.concatenate(self._c)
         n_grouped = sum(len(b) for b in self._c[: len(self._group)])
