@@ -162,3 +162,31 @@ def test_solver_recomputation_equals_brute_force_over_layers(fraction):
     assert free.result.objective == pytest.approx(best, rel=1e-6)
     assert free.result.objective > plain.result.objective  # the cap binds: recomputation pays
     assert sum(free.counts) >= 1
+
+
+def test_screening_bound_holds_with_recomputation():
+    """The Lagrangian tree bound of a problem with recompute groups stays below the exhaustive
+    optimum (memory lowered by the most recomputation can free), and its plan, counts filled
+    in to fit, is a real plan at least as costly as the optimum."""
+    from autoddl.formulations.bounds import TreeBound
+
+    rng = np.random.default_rng(21)
+    bounded = 0
+    for _ in range(12):
+        base = random_problem(rng, n_nodes=4, tight=False)
+        problem = with_groups(rng, base)
+        _, plain_arg = ShardingProblem(base.nodes, base.edges, np.inf).brute_force()
+        if plain_arg is None:
+            continue
+        cap = 0.8 * problem.evaluate(np.concatenate([plain_arg, [0, 0, 0, 0]]))[1]
+        problem = ShardingProblem(problem.nodes, problem.edges, cap, problem.shape,
+                                  problem.recompute)
+        best, _ = problem.brute_force()
+        result = TreeBound(problem).best()
+        assert result.lower_bound <= best * (1 + 1e-9) + 1e-12
+        if result.choice is not None:
+            cost, mem = problem.evaluate(result.choice)
+            assert mem <= cap * (1 + 1e-9) and cost == pytest.approx(result.upper_bound)
+            assert cost >= best - 1e-12
+            bounded += 1
+    assert bounded >= 3

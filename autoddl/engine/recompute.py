@@ -124,11 +124,12 @@ def _internal_edges(costed: CostedGraph, ops: set[str]) -> list[tuple[int, str, 
     """(problem edge index, src, dst, input) of the graph edges between two ops of ``ops``."""
     g = costed.graph
     out = []
-    for k, (src, dst, i, _) in enumerate((costed.mult or Multiplicity()).all_edges(g)):
-        if k >= sum(len(n.inputs) for n in g.nodes):
-            break  # the extra edges (into the next copy) are entries, not internal
-        if src in ops and dst in ops:
-            out.append((k, src, dst, i))
+    k = 0  # the graph's edges come first in the problem (then the extra edges: entries)
+    for n in g.nodes:
+        for i, src in enumerate(n.inputs):
+            if src in ops and n.name in ops:
+                out.append((k, src, n.name, i))
+            k += 1
     return out
 
 

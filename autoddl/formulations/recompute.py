@@ -34,6 +34,7 @@ Bars are upper bounds of the forms (:meth:`LinearForm.upper`), which keeps the c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -177,6 +178,73 @@ def restrict_groups(problem: Any, choice: Sequence[int]) -> tuple[RecomputeGroup
                                 g.fixed) for g in problem.recompute)
 
 
+def memory_floor(problem: Any) -> Any:
+    """``problem`` without its recompute groups, each node's and edge's memory lowered by the
+    most recomputation could free through it (every copy of a group by, term by term, its most
+    freeing option; the live layer left out): below every plan's memory, recomputation
+    included, so a bound computed on it holds."""
+    node_mem = [np.array(n.memory_bytes, float) for n in problem.nodes]
+    edge_mem = [np.array(e.memory_bytes, float) for e in problem.edges]
+    for g in problem.recompute:
+        nodes: dict[int, np.ndarray] = {}
+        edges: dict[int, np.ndarray] = {}
+        for o in g.options:
+            for v, vals in o.saved_bytes.nodes:
+                nodes[v] = np.maximum(nodes.get(v, 0.0), vals)
+            for i, vals in o.saved_bytes.edges:
+                edges[i] = np.maximum(edges.get(i, 0.0), np.nan_to_num(vals, posinf=0.0))
+        for v, vals in nodes.items():
+            node_mem[v] = node_mem[v] - g.copies * vals
+        for i, vals in edges.items():
+            edge_mem[i] = edge_mem[i] - g.copies * vals
+    return dataclasses.replace(
+        problem, recompute=(),
+        nodes=tuple(dataclasses.replace(n, memory_bytes=m) for n, m in zip(problem.nodes,
+                                                                           node_mem)),
+        edges=tuple(dataclasses.replace(e, memory_bytes=m) for e, m in zip(problem.edges,
+                                                                           edge_mem)))
+
+
+def fill_counts(problem: Any, choice: Sequence[int], capacity_bytes: float) -> np.ndarray:
+    """A choice vector of ``choice``'s signatures with recomputation counts that fit memory
+    where some do (a heuristic for screening's plans, not an optimum): the defaults if they fit;
+    else options taken whole in order of seconds added per byte freed, the last one cut back
+    to the fewest copies that still fit."""
+    n = len(problem.nodes)
+    base = [int(c) for c in choice[:n]]
+    groups = problem.recompute
+    counts = [list(g.default_counts()) for g in groups]
+
+    def vec() -> np.ndarray:
+        return np.array(base + [c for cs in counts for c in cs], dtype=int)
+
+    def fits() -> bool:
+        return problem.evaluate(vec())[1] <= capacity_bytes * (1 + 1e-12)
+
+    if not groups or fits():
+        return vec()
+    items = []
+    for gi, g in enumerate(groups):
+        if g.fixed is None:
+            for oi, o in enumerate(g.options):
+                freed = o.saved_bytes.value(problem, base)
+                if freed > 0:
+                    items.append((o.extra_s.value(problem, base) / freed, gi, oi))
+    for _, gi, oi in sorted(items):
+        room = groups[gi].copies - sum(counts[gi])
+        if room <= 0:
+            continue
+        counts[gi][oi] += room
+        if fits():
+            lo, hi = counts[gi][oi] - room, counts[gi][oi]  # hi fits; find the fewest
+            while hi - lo > 1:
+                counts[gi][oi] = (lo + hi) // 2
+                lo, hi = (lo, counts[gi][oi]) if fits() else (counts[gi][oi], hi)
+            counts[gi][oi] = hi
+            break
+    return vec()
+
+
 def _bits(copies: int) -> list[int]:
     """Powers of two whose sums make every count 0..copies."""
     return [1 << j for j in range(max(copies, 1).bit_length())]
@@ -228,23 +296,30 @@ class RecomputeRows:
                               float(g.copies))
             self.recompute_cols.append(cols)
 
+    def _form_column(self, form: LinearForm, cap: float, group: int) -> int:
+        """A continuous column equal to ``form`` / ``cap`` (in [0, 1]): one dense row, so that
+        the rows of each binary digit read one column instead of the whole form."""
+        col = self._new_cols(np.zeros(1), np.zeros(1), integer=False)
+        self._group.append(group)
+        cols, vals = self.form_terms(form)
+        self._add_row(np.append(cols, col), np.append(vals / cap, -1.0), 0.0, 0.0)
+        return col
+
     def _option_rows(self, g: RecomputeGroup, opt: RecomputeOption, oc: _OptionCols,
                      u: int | None, live_cap: float) -> None:
         """The rows of one option's digits: cost, freed memory, live memory."""
         f_cap, s_cap = opt.extra_s.upper(), opt.saved_bytes.upper()
-        f_cols, f_vals = self.form_terms(opt.extra_s)
-        s_cols, s_vals = self.form_terms(opt.saved_bytes)
+        phi = self._form_column(opt.extra_s, f_cap, g.group) if f_cap > 0 else None
+        sigma = self._form_column(opt.saved_bytes, s_cap, g.group) if s_cap > 0 else None
         for bit, b in zip(oc.bits, oc.b):
-            if f_cap > 0:  # F/F̄ - c + b <= 1
+            if phi is not None:  # F/F̄ - c + b <= 1
                 c = self._new_cols(np.array([bit * f_cap]), np.zeros(1), integer=False)
                 self._group.append(g.group)
-                self._add_row(np.concatenate([f_cols, [c, b]]),
-                              np.concatenate([f_vals / f_cap, [-1.0, 1.0]]), -np.inf, 1.0)
-            if s_cap > 0:  # w <= S/S̄, w <= b
+                self._add_row(np.array([phi, c, b]), np.array([1.0, -1.0, 1.0]), -np.inf, 1.0)
+            if sigma is not None:  # w <= S/S̄, w <= b
                 w = self._new_cols(np.zeros(1), np.array([-bit * s_cap]), integer=False)
                 self._group.append(g.group)
-                self._add_row(np.concatenate([[w], s_cols]),
-                              np.concatenate([[1.0], -s_vals / s_cap]), -np.inf, 0.0)
+                self._add_row(np.array([w, sigma]), np.array([1.0, -1.0]), -np.inf, 0.0)
                 self._add_row(np.array([w, b]), np.array([1.0, -1.0]), -np.inf, 0.0)
         if u is None or live_cap <= 0 or opt.live_bytes.upper() <= 0:
             return
@@ -252,9 +327,8 @@ class RecomputeRows:
         self._group.append(g.group)
         for b in oc.b:  # z >= b_j: z is 1 once any copy is recomputed; and L/L̄ - u + z <= 1
             self._add_row(np.array([b, z]), np.array([1.0, -1.0]), -np.inf, 0.0)
-        l_cols, l_vals = self.form_terms(opt.live_bytes)
-        self._add_row(np.concatenate([l_cols, [u, z]]),
-                      np.concatenate([l_vals / live_cap, [-1.0, 1.0]]), -np.inf, 1.0)
+        lam = self._form_column(opt.live_bytes, live_cap, g.group)
+        self._add_row(np.array([lam, u, z]), np.array([1.0, -1.0, 1.0]), -np.inf, 1.0)
 
     def recompute_counts(self, x: np.ndarray) -> list[int]:
         """The counts of a solution vector, flattened as in a choice vector."""
