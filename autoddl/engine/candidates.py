@@ -99,16 +99,26 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class Job:
-    """A candidate not built yet: its label, pipeline degree, mesh shape and how to build it."""
+    """A candidate not built yet: its label, pipeline degree, mesh shape and how to build it.
+
+    A *derived* candidate names its ``parent`` (an index into the same job list) and a
+    ``bound_scale`` r with :math:`z \\ge r\\,\\ell` for every lower bound :math:`\\ell` of the
+    parent's plans (interleaved pipelines: their v = 1 candidate,
+    :func:`autoddl.engine.programs.interleave_bound_scale`): it is screened after every other
+    candidate, and not even built when :math:`r\\,\\ell` already reaches the best plan found."""
 
     label: str
     stages: int
     shape: tuple[int, ...]
     build: Callable[[], Prepared]
+    interleave: int = 1
+    parent: int | None = None
+    bound_scale: float = 1.0
 
     def record(self) -> dict:
         """The start of this candidate's record in the plan file."""
         return {"mesh": self.label, "stages": self.stages, "shape": list(self.shape),
+                **({"interleave": self.interleave} if self.interleave > 1 else {}),
                 "build_s": None, "lower_bound": None, "heuristic": None}
 
 
@@ -162,6 +172,21 @@ def seed_jobs(jobs: list[Job]) -> list[int]:
 Screened = list[tuple[dict, np.ndarray | None] | None]
 
 
+def _by_parent(jobs: list[Job], out: Screened, i: int, prune_at: float) -> bool:
+    """Record derived candidate ``i`` unbuilt, with its parent's bound scaled, when that bound
+    already reaches ``prune_at``; whether it did."""
+    job = jobs[i]
+    assert job.parent is not None
+    got = out[job.parent]
+    if got is None or got[0]["lower_bound"] is None or not np.isfinite(prune_at):
+        return False
+    lb = job.bound_scale * got[0]["lower_bound"]
+    if lb < prune_at:
+        return False
+    out[i] = ({**job.record(), "lower_bound": lb, "bound_s": 0.0, "bound_from": "parent"}, None)
+    return True
+
+
 def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
                 log: Callable[[str], None] | None = None,
                 built: dict[int, Prepared] | None = None,
@@ -169,9 +194,10 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
     """Every candidate's record and heuristic choice (None where the deadline came first), in
     ``workers`` forked processes when there are enough candidates to pay for them.
 
-    Two phases: the :func:`seed_jobs` are bounded fully; the cheapest plan they give, less the
+    Three phases: the :func:`seed_jobs` are bounded fully; the cheapest plan they give, less the
     gap, then prunes each other candidate whose relaxation without memory reaches it (one tree
-    pass instead of a search over multipliers). ``meanwhile(seed results, prune_at)`` runs in
+    pass instead of a search over multipliers); last the derived candidates (:class:`Job`),
+    those whose parent's bound, scaled, reaches the best plan screened left unbuilt. ``meanwhile(seed results, prune_at)`` runs in
     this process while the workers screen the rest. ``log`` hears "screening k/N" about ten
     times. Screened in this process, the built candidates are kept in ``built``."""
     global _JOBS
@@ -185,14 +211,14 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
             log(f"screening {done}/{len(jobs)} candidates")
 
     seeds = seed_jobs(jobs)
-    rest = sorted(set(range(len(jobs))) - set(seeds))
-    phases = [seeds, rest] if seeds else [rest]
+    derived = [i for i, j in enumerate(jobs) if j.parent is not None]
+    rest = sorted(set(range(len(jobs))) - set(seeds) - set(derived))
+    phases = [p for p in (seeds, rest, derived) if p]
 
     def prune_at() -> float:
-        if not seeds:
-            return INF
-        ubs = [out[i][0]["heuristic"] for i in seeds
-               if out[i] is not None and out[i][0]["heuristic"] is not None]
+        """The best plan screened so far, less the gap (every heuristic plan is a plan)."""
+        ubs = [got[0]["heuristic"] for got in out
+               if got is not None and got[0]["heuristic"] is not None]
         return min(ubs) * (1 - gap) if ubs else INF
 
     def here(ids: list[int], cut: float):
@@ -213,9 +239,13 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
     try:
         for phase, ids in enumerate(phases):
             cut = prune_at() if phase else INF
+            if ids is derived:  # bounded by their parent's screening: most are never built
+                ids = [i for i in ids if not _by_parent(jobs, out, i, cut)]
+                done += len(derived) - len(ids)
+                report()
             results = (pool.imap_unordered(_screen, [(i, cut) for i in ids]) if pool
                        else here(ids, cut))  # the pool starts at once, ``here`` when iterated
-            if meanwhile is not None and phase == len(phases) - 1:
+            if meanwhile is not None and phase == (1 if seeds else 0):
                 meanwhile(out, cut)
             for i, rec, choice in results:
                 out[i] = (rec, choice)

@@ -22,7 +22,10 @@ from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes, split_timings
 from autoddl.engine.rules import Signature, check_rules
-from autoddl.engine.programs import Program, build_program, cost_program, program_breakdown
+from autoddl.engine.programs import (
+    Program, build_program, cost_program, interleave_bound_scale, interleave_options, interleaved,
+    program_breakdown,
+)
 from autoddl.engine.repeat import Reduced, find_blocks, reduce_graph
 from autoddl.engine.stages import (
     build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
@@ -62,8 +65,11 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        """e.g. "x2·y2" or "pp2 × x2"."""
-        return str(self.costed.mesh) if self.stages == 1 else f"pp{self.stages} × {self.costed.mesh}"
+        """e.g. "x2·y2", "pp2 × x2" or, interleaved, "pp2·v2 × x2"."""
+        if self.stages == 1:
+            return str(self.costed.mesh)
+        v = self.program.interleave if self.program is not None else 1
+        return f"pp{self.stages}{f'·v{v}' if v > 1 else ''} × {self.costed.mesh}"
 
 
 def decode(costed: CostedGraph, idx: np.ndarray) -> dict[str, Signature]:
@@ -195,8 +201,9 @@ def without_dominated(costed: CostedGraph) -> CostedGraph:
 
 
 def program_stages(prog: Program, problem: ShardingProblem) -> dict[str, int]:
-    """The real stage of each node of a program's problem (middle stages shown as stage 1)."""
-    real = (0, 1, prog.stages - 1)
+    """The real stage (model chunk when interleaved) of each node of a program's problem: the
+    first, the last, and the middle ones shown as 1."""
+    real = (0, 1, prog.stages * prog.interleave - 1)
     return {n.name: real[n.group] for n in problem.nodes}
 
 
@@ -271,7 +278,8 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
         assert c.pp is not None and c.problem is not None
         cost = program_breakdown(c.program, costed, c.problem, c.choice, c.pp, c.bubble_s)
         pipeline = {"stages": c.stages, "microbatches": c.microbatches, "schedule": schedule,
-                    "axis": c.pp.to_dict(), "layers_per_stage": c.program.layers // c.stages}
+                    "axis": c.pp.to_dict(), "layers_per_stage": c.program.layers // c.stages,
+                    "interleave": c.program.interleave}
     else:
         assert c.pp is not None
         cost = pipeline_breakdown(costed, c.choice, c.stage, c.stages, c.microbatches, c.pp)
@@ -302,7 +310,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                schedule: str = "1F1B", log: Callable[[str], None] | None = None,
                layers: int | None = None, reduce: bool = True, lp_first: bool = True,
                screen: bool = True, workers: int | None = None,
-               strict_rules: bool = False) -> Plan:
+               strict_rules: bool = False, interleave: int | None = None) -> Plan:
     """The minimum-cost plan of ``graph`` on ``cluster`` over all candidates.
 
     ``microbatch_graph`` (the graph of one of ``microbatches`` micro-batches) enables pipelined
@@ -312,7 +320,9 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     ``time_limit_s`` bounds the whole search (the plan then reports its gap); ``screen``: see
     :func:`autoddl.engine.candidates.search`, as is ``workers`` (screening processes).
     Operators without a sharding rule run replicated and are listed in the plan
-    (``model["fallback_ops"]``); ``strict_rules`` makes them an error instead.
+    (``model["fallback_ops"]``); ``strict_rules`` makes them an error instead. Pipelines of
+    repeated layers may run interleaved (v model chunks per device) where v is legal
+    (:func:`~autoddl.engine.programs.interleave_options`); ``interleave`` forces one v.
     """
     t0 = time.perf_counter()
     preload()  # solver libraries imported now, before screening forks or any thread starts
@@ -320,6 +330,10 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
         raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if not 0 <= balance_eps:
         raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
+    if interleave is not None and interleave < 1:
+        raise UserError(f"--interleave must be at least 1, got {interleave}")
+    if interleave is not None and interleave > 1 and stages == 1:
+        raise UserError("--interleave needs a pipeline; drop --stages 1")
     fallback = check_rules(graph, strict_rules)
     blocks = find_blocks(graph) if reduce else None
     if blocks is not None and (layers or blocks.count) < 4 and layers is None:
@@ -338,8 +352,15 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
         jobs += _variant_jobs(graph, cluster, dataclasses.replace(config, recompute=variant),
                               blocks, layers, backend, meshes, mip_rel_gap, microbatch_graph,
                               microbatches, stages, balance_eps, lp_first,
-                              " (recompute)" if len(variants) > 1 and variant == "layers" else "")
+                              " (recompute)" if len(variants) > 1 and variant == "layers" else "",
+                              interleave)
     reduced = reduce_graph(graph, blocks, layers, False) if blocks else None
+    if not jobs and interleave is not None and interleave > 1:
+        raise UserError(f"no pipeline can run {interleave} model chunks per device: it needs "
+                        "repeated layers (four or more), a stage count dividing the devices and "
+                        f"the micro-batches ({microbatches}), and {interleave} dividing the "
+                        "layers per stage; choose another --interleave, --stages or "
+                        "--microbatches")
     if not jobs:
         n_layers = reduced.layers if reduced else 0
         layers_too = (f" and, with repeated layers, divide the {n_layers} layers"
@@ -370,8 +391,8 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
 def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, blocks,
                   layers: int | None, backend: str | None, meshes: list[Mesh] | None,
                   mip_rel_gap: float, microbatch_graph: OpGraph | None, microbatches: int,
-                  stages: int | None, balance_eps: float, lp_first: bool, suffix: str
-                  ) -> list[Job]:
+                  stages: int | None, balance_eps: float, lp_first: bool, suffix: str,
+                  interleave: int | None = None) -> list[Job]:
     """The candidates of one recomputation variant: every unpipelined mesh, and every pipeline
     degree and stage mesh (programs of repeated layers, or the joint stage problem)."""
     recompute = config.recompute == "layers"
@@ -387,9 +408,10 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             make=lambda idx, r: Candidate(costed, 1, None, 1, r, decode(costed, idx),
                                           {n.name: 0 for n in costed.graph.nodes}, 0, 0.0))
 
-    def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks) -> Prepared:
+    def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks, v: int) -> Prepared:
         t1 = time.perf_counter()
-        prog = build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches, recompute)
+        prog = interleaved(build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches,
+                                         recompute), v)
         costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config)
 
         def solve(cut: float, tl: float | None) -> Candidate:
@@ -398,7 +420,8 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                                  cut, lp_first, (lean, lean.problem, bubble))
 
         return Prepared(
-            f"pp{k} × {smesh}", k, costed, problem, bubble, time.perf_counter() - t1, solve=solve,
+            _program_label(k, v, smesh), k, costed, problem, bubble, time.perf_counter() - t1,
+            solve=solve,
             make=lambda idx, r: Candidate(costed, k, pp, microbatches, r, decode(costed, idx),
                                           program_stages(prog, problem), 0, 0.0, prog, problem,
                                           bubble))
@@ -413,7 +436,8 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             make=lambda idx, r: None, uses_cutoff=False)
 
     jobs: list[Job] = []
-    if stages in (None, 1):
+    forced = interleave is not None and interleave > 1  # pipelines of repeated layers only
+    if stages in (None, 1) and not forced:
         g, mult = (reduced.graph, reduced.mult) if reduced else (graph, None)
         for mesh in (meshes if meshes is not None else cluster.distinct_meshes()):
             jobs.append(Job(f"{mesh}{suffix}", 1, mesh.shape,
@@ -427,12 +451,39 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             label = f"pp{k} × {smesh}{suffix}"
             if mb_blocks is not None:
                 if n_layers % k == 0:  # stages hold whole, equal runs of layers
-                    jobs.append(Job(label, k, smesh.shape,
-                                    lambda k=k, pp=pp, smesh=smesh: program_job(k, pp, smesh,
-                                                                                mb_blocks)))
+                    jobs += _interleave_jobs(k, smesh, microbatches, n_layers, interleave, suffix,
+                                             len(jobs),
+                                             lambda v, k=k, pp=pp, smesh=smesh: program_job(
+                                                 k, pp, smesh, mb_blocks, v))
                 continue
-            jobs.append(Job(label, k, smesh.shape,
-                            lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
+            if not forced:
+                jobs.append(Job(label, k, smesh.shape,
+                                lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
+    return jobs
+
+
+def _program_label(k: int, v: int, smesh: Mesh) -> str:
+    """A program candidate's label: "pp4 × x8", interleaved "pp4·v2 × x8"."""
+    return f"pp{k}{f'·v{v}' if v > 1 else ''} × {smesh}"
+
+
+def _interleave_jobs(k: int, smesh: Mesh, microbatches: int, layers: int,
+                     interleave: int | None, suffix: str, first: int,
+                     build: Callable[[int], Prepared]) -> list[Job]:
+    """The jobs of one (K, stage mesh) of repeated layers, one per legal chunk count v
+    (:func:`~autoddl.engine.programs.interleave_options`; ``interleave`` forces one): v = 1
+    first, at index ``first`` of the job list, and the others derived from it
+    (:func:`~autoddl.engine.programs.interleave_bound_scale`); v = 1 alone when forced."""
+    options = interleave_options(layers, k, microbatches)
+    if interleave is not None:
+        options = [v for v in options if v == interleave]
+    jobs = []
+    for v in options:
+        derive = v > 1 and interleave is None
+        jobs.append(Job(_program_label(k, v, smesh) + suffix, k, smesh.shape,
+                        lambda v=v: build(v), interleave=v,
+                        parent=first if derive else None,
+                        bound_scale=interleave_bound_scale(k, microbatches, v) if derive else 1.0))
     return jobs
 
 
