@@ -132,11 +132,13 @@ def _screen(task: tuple[int, float]) -> tuple[int, dict, np.ndarray | None]:
     return _bound(i, _JOBS[i].build(), prune_at)
 
 
-def _bound(i: int, prep: Prepared, prune_at: float = INF) -> tuple[int, dict, np.ndarray | None]:
-    """Bound built candidate ``i``: (i, its record, the heuristic plan's choice). A candidate
-    whose relaxation without memory (one tree pass) is already ``>= prune_at`` (a known plan's
-    cost, less the gap) stops there, with that bound and no plan of its own."""
-    rec = {**_JOBS[i].record(), "build_s": prep.build_s}
+def _bound(i: int, prep: Prepared, prune_at: float = INF, job: Job | None = None
+           ) -> tuple[int, dict, np.ndarray | None]:
+    """Bound built candidate ``i`` (``job``, default the ``i``-th of the screening): (i, its
+    record, the heuristic plan's choice). A candidate whose relaxation without memory (one tree
+    pass) is already ``>= prune_at`` (a known plan's cost, less the gap) stops there, with that
+    bound and no plan of its own."""
+    rec = {**(job or _JOBS[i]).record(), "build_s": prep.build_s}
     if prep.problem is None:
         return i, rec, None
     t1 = time.perf_counter()
@@ -172,19 +174,13 @@ def seed_jobs(jobs: list[Job]) -> list[int]:
 Screened = list[tuple[dict, np.ndarray | None] | None]
 
 
-def _by_parent(jobs: list[Job], out: Screened, i: int, prune_at: float) -> bool:
-    """Record derived candidate ``i`` unbuilt, with its parent's bound scaled, when that bound
-    already reaches ``prune_at``; whether it did."""
-    job = jobs[i]
+def _from_parent(job: Job, out: Screened) -> tuple[dict, None]:
+    """A derived candidate's record, unbuilt: its parent's screening bound, scaled."""
     assert job.parent is not None
     got = out[job.parent]
-    if got is None or got[0]["lower_bound"] is None or not np.isfinite(prune_at):
-        return False
-    lb = job.bound_scale * got[0]["lower_bound"]
-    if lb < prune_at:
-        return False
-    out[i] = ({**job.record(), "lower_bound": lb, "bound_s": 0.0, "bound_from": "parent"}, None)
-    return True
+    lb = None if got is None or got[0]["lower_bound"] is None \
+        else job.bound_scale * got[0]["lower_bound"]
+    return {**job.record(), "lower_bound": lb, "bound_s": 0.0, "bound_from": "parent"}, None
 
 
 def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
@@ -194,12 +190,13 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
     """Every candidate's record and heuristic choice (None where the deadline came first), in
     ``workers`` forked processes when there are enough candidates to pay for them.
 
-    Three phases: the :func:`seed_jobs` are bounded fully; the cheapest plan they give, less the
+    Two phases: the :func:`seed_jobs` are bounded fully; the cheapest plan they give, less the
     gap, then prunes each other candidate whose relaxation without memory reaches it (one tree
-    pass instead of a search over multipliers); last the derived candidates (:class:`Job`),
-    those whose parent's bound, scaled, reaches the best plan screened left unbuilt. ``meanwhile(seed results, prune_at)`` runs in
-    this process while the workers screen the rest. ``log`` hears "screening k/N" about ten
-    times. Screened in this process, the built candidates are kept in ``built``."""
+    pass instead of a search over multipliers). ``meanwhile(seed results, prune_at)`` runs in
+    this process while the workers screen the rest. Derived candidates (:class:`Job`) are not
+    built: they get their parent's bound, scaled (:func:`search` bounds them when it must).
+    ``log`` hears "screening k/N" about ten times. Screened in this process, the built
+    candidates are kept in ``built``."""
     global _JOBS
     out: Screened = [None] * len(jobs)
     _JOBS = jobs
@@ -213,12 +210,13 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
     seeds = seed_jobs(jobs)
     derived = [i for i, j in enumerate(jobs) if j.parent is not None]
     rest = sorted(set(range(len(jobs))) - set(seeds) - set(derived))
-    phases = [p for p in (seeds, rest, derived) if p]
+    phases = [p for p in (seeds, rest) if p]
 
     def prune_at() -> float:
-        """The best plan screened so far, less the gap (every heuristic plan is a plan)."""
-        ubs = [got[0]["heuristic"] for got in out
-               if got is not None and got[0]["heuristic"] is not None]
+        if not seeds:
+            return INF
+        ubs = [out[i][0]["heuristic"] for i in seeds
+               if out[i] is not None and out[i][0]["heuristic"] is not None]
         return min(ubs) * (1 - gap) if ubs else INF
 
     def here(ids: list[int], cut: float):
@@ -239,13 +237,9 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
     try:
         for phase, ids in enumerate(phases):
             cut = prune_at() if phase else INF
-            if ids is derived:  # bounded by their parent's screening: most are never built
-                ids = [i for i in ids if not _by_parent(jobs, out, i, cut)]
-                done += len(derived) - len(ids)
-                report()
             results = (pool.imap_unordered(_screen, [(i, cut) for i in ids]) if pool
                        else here(ids, cut))  # the pool starts at once, ``here`` when iterated
-            if meanwhile is not None and phase == (1 if seeds else 0):
+            if meanwhile is not None and phase == len(phases) - 1:
                 meanwhile(out, cut)
             for i, rec, choice in results:
                 out[i] = (rec, choice)
@@ -253,11 +247,28 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
                 report()
                 if time.perf_counter() > deadline:
                     return out
+        for i in derived:
+            out[i] = _from_parent(jobs[i], out)
+            done += 1
+        report()
     finally:
         if pool is not None:
             pool.terminate()
         _JOBS = []
     return out
+
+
+def _bound_derived(job: Job, i: int, prep: Prepared, lb: float, rec: dict, prune_at: float
+                   ) -> tuple[float, dict]:
+    """(bound, record) of derived candidate ``i`` (bound ``lb`` from its parent) after its own
+    screening (:func:`_bound`): the larger bound, the screening's timings and heuristic."""
+    _, own, _ = _bound(i, prep, prune_at, job)
+    if own["lower_bound"] is not None and own["lower_bound"] > lb:
+        lb = own["lower_bound"]
+        own["bound_from"] = "screening"
+    else:
+        own.update(lower_bound=lb, bound_from="parent")
+    return lb, {**rec, **own}
 
 
 def _outcome(r: SolveResult, lb: float, cut: float) -> tuple[str, float]:
@@ -374,14 +385,31 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
             presolved)
     else:
         preps, unscreened = [(i, -INF, jobs[i].record()) for i in range(len(jobs))], 0
+    for c, _ in presolved.values():  # the seed solved meanwhile: the incumbent from the start
+        if c.choice is not None and c.result.objective < best_obj:
+            best, best_obj = c, c.result.objective
     records, solved, bounds = [], [], []
-    order = sorted(range(len(preps)), key=lambda i: preps[i][1]) if screen \
+    # derived candidates last, under the best plan of the others and their parent's proof
+    order = sorted(range(len(preps)), key=lambda j: (jobs[preps[j][0]].parent is not None,
+                                                     preps[j][1])) if screen \
         else list(range(len(preps)))
     timed_out = unscreened > 0
+    proven: dict[int, float] = {}  # candidate -> the lower bound its outcome proved
     for n, j in enumerate(order):
         i, lb, rec = preps[j]
         records.append(rec)
-        if best is not None and lb >= best_obj * (1 - mip_rel_gap):
+        parent = jobs[i].parent
+        if parent in proven and jobs[i].bound_scale * proven[parent] > lb:
+            lb = jobs[i].bound_scale * proven[parent]
+            rec.update(lower_bound=lb, bound_from="parent")
+        if (screen and parent is not None and rec.get("bound_from") == "parent"
+                and not (best is not None and lb >= best_obj * (1 - mip_rel_gap))
+                and time.perf_counter() < deadline):  # a derived candidate it must solve
+            lb, rec = _bound_derived(jobs[i], i, prepared(i), lb, rec,
+                                     best_obj * (1 - mip_rel_gap))
+            records[-1] = rec
+        proven[i] = lb
+        if best is not None and lb >= best_obj * (1 - mip_rel_gap) and i not in presolved:
             rec.update(status="pruned", objective=None, gap=None, time_s=0.0, variables=None)
             bounds.append(lb)
             continue
@@ -405,6 +433,7 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
         r = c.result
         status, bound = _outcome(r, lb, cut)
         bounds.append(bound)
+        proven[i] = bound
         timed_out = timed_out or (time_limit_s is not None and status in (
             SolveStatus.FEASIBLE.value, SolveStatus.NO_SOLUTION.value))
         rec.update(status=status, objective=r.objective, gap=r.gap, time_s=r.time_s,

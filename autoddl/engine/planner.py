@@ -183,10 +183,11 @@ def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: Mesh
 
 
 def prepare_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
-                    config: TrainingConfig) -> tuple[CostedGraph, ShardingProblem, float]:
+                    config: TrainingConfig, base: CostedGraph | None = None
+                    ) -> tuple[CostedGraph, ShardingProblem, float]:
     """(costed, sharding problem, extra seconds: none, the bubble is in the problem's step
-    shape) of a pipelined program on a stage mesh."""
-    costed, problem = cost_program(prog, smesh, pp, cluster, config)
+    shape) of a pipelined program on a stage mesh (``base``: see :func:`cost_program`)."""
+    costed, problem = cost_program(prog, smesh, pp, cluster, config, base)
     return costed, problem, 0.0  # the 1F1B bubble is in the problem's step shape
 
 
@@ -408,11 +409,21 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             make=lambda idx, r: Candidate(costed, 1, None, 1, r, decode(costed, idx),
                                           {n.name: 0 for n in costed.graph.nodes}, 0, 0.0))
 
+    programs: dict[tuple, tuple[Program, CostedGraph]] = {}
+
     def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks, v: int) -> Prepared:
         t1 = time.perf_counter()
-        prog = interleaved(build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches,
-                                         recompute), v)
-        costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config)
+        key = (k, smesh.shape)
+        if key not in programs:  # one program and base costs for every v of (K, stage mesh)
+            if len(programs) >= 32:  # a few MB each: keep the newest
+                del programs[next(iter(programs))]
+            plain = build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches,
+                                  recompute)
+            programs[key] = (plain, build_problem(plain.graph, smesh, cluster, config,
+                                                  mult=plain.cost_mult))
+        plain, base = programs[key]
+        prog = interleaved(plain, v)
+        costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config, base)
 
         def solve(cut: float, tl: float | None) -> Candidate:
             lean = without_dominated(dataclasses.replace(costed, problem=problem))

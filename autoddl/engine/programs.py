@@ -350,11 +350,14 @@ def step_shape(prog: Program) -> tuple[float, StepShape]:
 
 
 def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
-                 config: TrainingConfig) -> tuple[CostedGraph, ShardingProblem]:
+                 config: TrainingConfig, base: CostedGraph | None = None
+                 ) -> tuple[CostedGraph, ShardingProblem]:
     """The sharding problem of a program on a stage mesh: costs x copies, memory per stage
     group (activations x micro-batches in flight), boundary transfers over the pipeline axis
-    (those of all ``v·K`` chunks, :func:`interleaved`), the step's shape (:func:`step_shape`)."""
-    costed = build_problem(prog.graph, mesh, cluster, config, mult=prog.cost_mult)
+    (those of all ``v·K`` chunks, :func:`interleaved`), the step's shape (:func:`step_shape`).
+    ``base``: the program's :func:`~autoddl.engine.costs.build_problem` on ``mesh``, if built
+    already (it does not depend on the chunks per device)."""
+    costed = base or build_problem(prog.graph, mesh, cluster, config, mult=prog.cost_mult)
     kappa, shape = step_shape(prog)
     g = prog.graph
     beta = pp.bandwidth_gbps * 1e9
@@ -451,9 +454,18 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
     return out
 
 
-def stage_of_real_block(i: int, layers: int, stages: int) -> tuple[int, str]:
-    """(stage, canonical instance prefix) of real block ``i``."""
+def stage_of_real_block(i: int, layers: int, stages: int, interleave: int = 1
+                        ) -> tuple[int, str]:
+    """(stage, canonical instance prefix) of real block ``i``; interleaved, (model chunk, the
+    prefix of its place among its device's layers in execution order: chunk k's, then k+K's,
+    ...). Block ``i`` runs in chunk i // (layers / (v·K)), on device chunk mod K."""
     n = layers // stages
+    if interleave > 1:
+        per_chunk = n // interleave
+        chunk, within = divmod(i, per_chunk)
+        k, rnd = chunk % stages, chunk // stages
+        _, prefix = stage_of_real_block(k * n + rnd * per_chunk + within, layers, stages)
+        return chunk, prefix
     k, r = divmod(i, n)
     st = "s0" if k == 0 else ("sl" if k == stages - 1 else "sm")
     tags = [t for t, _ in _stage_blocks(n)]
