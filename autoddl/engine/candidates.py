@@ -258,17 +258,31 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
     return out
 
 
-def _bound_derived(job: Job, i: int, prep: Prepared, lb: float, rec: dict, prune_at: float
-                   ) -> tuple[float, dict]:
-    """(bound, record) of derived candidate ``i`` (bound ``lb`` from its parent) after its own
-    screening (:func:`_bound`): the larger bound, the screening's timings and heuristic."""
-    _, own, _ = _bound(i, prep, prune_at, job)
+def _solve_order(jobs: list[Job], preps: list[tuple[int, float, dict]]) -> list[int]:
+    """Best bound first; derived candidates last, under the best plan of the others and their
+    parent's proof."""
+    return sorted(range(len(preps)), key=lambda j: (jobs[preps[j][0]].parent is not None,
+                                                    preps[j][1]))
+
+
+def _bound_derived(job: Job, i: int, prepared: Callable[[int], Prepared], lb: float, rec: dict,
+                   proven: dict[int, float], prune_at: float, build: bool) -> float:
+    """The bound of derived candidate ``i`` (screening bound ``lb``, record ``rec``, updated):
+    its parent's proven bound, scaled; if that is below ``prune_at`` and ``build``, the larger
+    of it and the candidate's own screening (:func:`_bound`, built now)."""
+    if job.parent in proven and job.bound_scale * proven[job.parent] > lb:
+        lb = job.bound_scale * proven[job.parent]
+        rec.update(lower_bound=lb, bound_from="parent")
+    if not build or lb >= prune_at or rec.get("bound_from") != "parent":
+        return lb
+    _, own, _ = _bound(i, prepared(i), prune_at, job)
     if own["lower_bound"] is not None and own["lower_bound"] > lb:
         lb = own["lower_bound"]
         own["bound_from"] = "screening"
     else:
         own.update(lower_bound=lb, bound_from="parent")
-    return lb, {**rec, **own}
+    rec.update(own)
+    return lb
 
 
 def _outcome(r: SolveResult, lb: float, cut: float) -> tuple[str, float]:
@@ -336,8 +350,9 @@ def _screen_phase(jobs: list[Job], workers: int, deadline: float, mip_rel_gap: f
                   prepared: Callable[[int], Prepared], presolved: dict[int, object]
                   ) -> tuple[list[tuple[int, float, dict]], object | None, float, int]:
     """Screen every candidate (:func:`_screen_all`), solving meanwhile the ILP of the seed with
-    the least bound into ``presolved``: (index, bound, record) per candidate, the best
-    heuristic plan and its cost, and how many candidates the deadline left unscreened."""
+    the least bound into ``presolved``: (index, bound, record) per candidate, the best plan
+    (heuristic, or that seed's) and its cost, and how many candidates the deadline left
+    unscreened."""
     t0 = time.perf_counter()
 
     def solve_a_seed(seen: Screened, cut: float) -> None:
@@ -355,10 +370,13 @@ def _screen_phase(jobs: list[Job], workers: int, deadline: float, mip_rel_gap: f
     screened = _screen_all(jobs, workers, deadline, mip_rel_gap, log, built, solve_a_seed)
     unscreened = sum(g is None for g in screened)
     preps, best, best_obj = _from_screening(jobs, screened, prepared)
+    for c, _ in presolved.values():  # the seed solved meanwhile: the incumbent from the start
+        if c.choice is not None and c.result.objective < best_obj:
+            best, best_obj = c, c.result.objective
     if log:
         log(f"screened {len(jobs) - unscreened} of {len(jobs)} candidates in "
             f"{time.perf_counter() - t0:.2f} s"
-            + (f"; best heuristic plan {best_obj:.6g} s" if best is not None else ""))
+            + (f"; best plan so far {best_obj:.6g} s" if best is not None else ""))
     return preps, best, best_obj, unscreened
 
 
@@ -385,29 +403,17 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
             presolved)
     else:
         preps, unscreened = [(i, -INF, jobs[i].record()) for i in range(len(jobs))], 0
-    for c, _ in presolved.values():  # the seed solved meanwhile: the incumbent from the start
-        if c.choice is not None and c.result.objective < best_obj:
-            best, best_obj = c, c.result.objective
     records, solved, bounds = [], [], []
-    # derived candidates last, under the best plan of the others and their parent's proof
-    order = sorted(range(len(preps)), key=lambda j: (jobs[preps[j][0]].parent is not None,
-                                                     preps[j][1])) if screen \
-        else list(range(len(preps)))
+    order = _solve_order(jobs, preps) if screen else list(range(len(preps)))
     timed_out = unscreened > 0
     proven: dict[int, float] = {}  # candidate -> the lower bound its outcome proved
     for n, j in enumerate(order):
         i, lb, rec = preps[j]
         records.append(rec)
-        parent = jobs[i].parent
-        if parent in proven and jobs[i].bound_scale * proven[parent] > lb:
-            lb = jobs[i].bound_scale * proven[parent]
-            rec.update(lower_bound=lb, bound_from="parent")
-        if (screen and parent is not None and rec.get("bound_from") == "parent"
-                and not (best is not None and lb >= best_obj * (1 - mip_rel_gap))
-                and time.perf_counter() < deadline):  # a derived candidate it must solve
-            lb, rec = _bound_derived(jobs[i], i, prepared(i), lb, rec,
-                                     best_obj * (1 - mip_rel_gap))
-            records[-1] = rec
+        if jobs[i].parent is not None:
+            lb = _bound_derived(jobs[i], i, prepared, lb, rec, proven,
+                                best_obj * (1 - mip_rel_gap) if best is not None else INF,
+                                screen and time.perf_counter() < deadline)
         proven[i] = lb
         if best is not None and lb >= best_obj * (1 - mip_rel_gap) and i not in presolved:
             rec.update(status="pruned", objective=None, gap=None, time_s=0.0, variables=None)

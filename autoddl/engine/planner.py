@@ -327,14 +327,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     """
     t0 = time.perf_counter()
     preload()  # solver libraries imported now, before screening forks or any thread starts
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if not 0 <= balance_eps:
-        raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
-    if interleave is not None and interleave < 1:
-        raise UserError(f"--interleave must be at least 1, got {interleave}")
-    if interleave is not None and interleave > 1 and stages == 1:
-        raise UserError("--interleave needs a pipeline; drop --stages 1")
+    _check_options(schedule, balance_eps, stages, interleave)
     fallback = check_rules(graph, strict_rules)
     blocks = find_blocks(graph) if reduce else None
     if blocks is not None and (layers or blocks.count) < 4 and layers is None:
@@ -389,6 +382,19 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule, proof)
 
 
+def _check_options(schedule: str, balance_eps: float, stages: int | None,
+                   interleave: int | None) -> None:
+    """Raise :class:`UserError` on a planning option out of range."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not 0 <= balance_eps:
+        raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
+    if interleave is not None and interleave < 1:
+        raise UserError(f"--interleave must be at least 1, got {interleave}")
+    if interleave is not None and interleave > 1 and stages == 1:
+        raise UserError("--interleave needs a pipeline; drop --stages 1")
+
+
 def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, blocks,
                   layers: int | None, backend: str | None, meshes: list[Mesh] | None,
                   mip_rel_gap: float, microbatch_graph: OpGraph | None, microbatches: int,
@@ -409,19 +415,12 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             make=lambda idx, r: Candidate(costed, 1, None, 1, r, decode(costed, idx),
                                           {n.name: 0 for n in costed.graph.nodes}, 0, 0.0))
 
-    programs: dict[tuple, tuple[Program, CostedGraph]] = {}
+    programs = _Programs()
 
     def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks, v: int) -> Prepared:
         t1 = time.perf_counter()
-        key = (k, smesh.shape)
-        if key not in programs:  # one program and base costs for every v of (K, stage mesh)
-            if len(programs) >= 32:  # a few MB each: keep the newest
-                del programs[next(iter(programs))]
-            plain = build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches,
-                                  recompute)
-            programs[key] = (plain, build_problem(plain.graph, smesh, cluster, config,
-                                                  mult=plain.cost_mult))
-        plain, base = programs[key]
+        plain, base = programs.get(k, smesh, lambda: build_program(
+            microbatch_graph, mb_blocks, n_layers, k, microbatches, recompute), cluster, config)
         prog = interleaved(plain, v)
         costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config, base)
 
@@ -471,6 +470,26 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                 jobs.append(Job(label, k, smesh.shape,
                                 lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
     return jobs
+
+
+class _Programs:
+    """The v = 1 program of each (K, stage mesh) and its base costs, shared by the candidates
+    of every v (a few MB each: the newest 32 are kept)."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple, tuple[Program, CostedGraph]] = {}
+
+    def get(self, k: int, smesh: Mesh, build: Callable[[], Program], cluster: Cluster,
+            config: TrainingConfig) -> tuple[Program, CostedGraph]:
+        """(program, its :func:`~autoddl.engine.costs.build_problem` on ``smesh``)."""
+        key = (k, smesh.shape)
+        if key not in self._built:
+            if len(self._built) >= 32:
+                del self._built[next(iter(self._built))]
+            prog = build()
+            self._built[key] = (prog, build_problem(prog.graph, smesh, cluster, config,
+                                                    mult=prog.cost_mult))
+        return self._built[key]
 
 
 def _program_label(k: int, v: int, smesh: Mesh) -> str:
