@@ -79,7 +79,7 @@ def test_planner_interleaves_where_the_bubble_pays():
     assert plan.cost["per_kind"]["p2p"]["count"] == p2p_per_step(mb, full)["count"]
     assert plan.cost["per_kind"]["p2p"]["bytes"] == pytest.approx(
         p2p_per_step(mb, full)["bytes"], rel=1e-12)
-    assert "interleaved: 2 model chunks per device (4 chunks of 1 layers)" in summary(plan)
+    assert "interleaved: 2 model chunks per device (4 chunks of 1 layer)" in summary(plan)
 
 
 def test_planner_keeps_one_chunk_where_transfers_are_expensive():

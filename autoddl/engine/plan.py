@@ -282,9 +282,10 @@ def summary(plan: Plan) -> str:
     if plan.pipeline:
         ax = plan.pipeline["axis"]
         v = plan.interleave
+        per = int(plan.pipeline.get("layers_per_stage", 0)) // v
         chunks = (f", interleaved: {v} model chunks per device ({plan.num_chunks} chunks"
-                  + (f" of {plan.pipeline['layers_per_stage'] // v} layers"
-                     if "layers_per_stage" in plan.pipeline else "") + ")") if v > 1 else ""
+                  + (f" of {per} layer{'s' if per > 1 else ''}" if per else "") + ")"
+                  ) if v > 1 else ""
         pipe = (f"\npipeline {plan.num_stages} stages × {plan.num_microbatches} micro-batches "
                 f"({plan.pipeline['schedule']}{chunks}) over {ax['name']} "
                 f"({ax['bandwidth_gbps']:g} GB/s); ops per {'chunk' if v > 1 else 'stage'}: "

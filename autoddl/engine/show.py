@@ -38,6 +38,10 @@ def group_title(plan: Plan, group: str) -> str:
              "sm": f"stages 1–{k - 2} (one shown, {k - 2} alike)"}.get(stage, stage)
     what = {"first": "first layer", "last": "last layer",
             "mid": f"middle layers (one shown, {n - 2} alike)"}.get(tag, f"layer {tag[1:]}")
+    v = plan.interleave
+    if v > 1:  # a pipeline rank's layers, its v chunks k, k+K, ... in execution order
+        where = where.replace("stages", "pipeline ranks").replace("stage", "pipeline rank")
+        return f"{where}, {what} of {n} per rank ({v} chunks of {n // v}, interleaved)"
     return f"{where}, {what} of {n} per stage"
 
 
