@@ -111,7 +111,10 @@ def test_plan_file_round_trip_keeps_v(tmp_path):
     data["pipeline"].update(interleave=2, microbatches=3)
     with pytest.raises(UserError, match="interleave"):
         check_plan_data(data)
-    data["pipeline"].update(microbatches=4)
+    data["pipeline"].update(microbatches=4, schedule="GPipe")
+    with pytest.raises(UserError, match="1F1B only"):
+        check_plan_data(data)
+    data["pipeline"].update(schedule="1F1B")
     check_plan_data(data)
     del data["pipeline"]["interleave"]  # read as one chunk per device: chunk 3 is too far
     with pytest.raises(UserError, match="stage is 3"):
@@ -143,6 +146,9 @@ def test_forced_interleave_errors():
         _plan(latency_s=1e-7, interleave=3)
     with pytest.raises(UserError, match="--interleave"):
         _plan(latency_s=1e-7, interleave=0)
+    with pytest.raises(UserError, match="1F1B only"):
+        _plan(latency_s=1e-7, interleave=2, schedule="GPipe")
+    assert _plan(latency_s=1e-7, schedule="GPipe")[0].interleave == 1  # where 1F1B takes v = 2
 
 
 @pytest.mark.dist

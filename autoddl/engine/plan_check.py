@@ -109,6 +109,9 @@ def _check_pipeline(data: Mapping[str, Any], axes: list[str]) -> tuple[int, int]
     stages = _count(pipe.get("stages"), "pipeline.stages", 1)
     microbatches = _count(pipe.get("microbatches"), "pipeline.microbatches", 1)
     v = _count(pipe.get("interleave", 1), "pipeline.interleave", 1)
+    if v > 1 and pipe.get("schedule", "1F1B") != "1F1B":
+        raise _bad("pipeline.interleave", f"is {v} under {pipe.get('schedule')}: interleaving "
+                                          "runs under 1F1B only")
     if v > 1 and microbatches % stages:
         raise _bad("pipeline.interleave", f"is {v} with {microbatches} micro-batches, not a "
                                           f"multiple of the {stages} stages")

@@ -328,6 +328,8 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     t0 = time.perf_counter()
     preload()  # solver libraries imported now, before screening forks or any thread starts
     _check_options(schedule, balance_eps, stages, interleave)
+    if schedule != "1F1B":  # interleaving is a 1F1B schedule
+        interleave = 1
     fallback = check_rules(graph, strict_rules)
     blocks = find_blocks(graph) if reduce else None
     if blocks is not None and (layers or blocks.count) < 4 and layers is None:
@@ -393,6 +395,8 @@ def _check_options(schedule: str, balance_eps: float, stages: int | None,
         raise UserError(f"--interleave must be at least 1, got {interleave}")
     if interleave is not None and interleave > 1 and stages == 1:
         raise UserError("--interleave needs a pipeline; drop --stages 1")
+    if interleave is not None and interleave > 1 and schedule != "1F1B":
+        raise UserError(f"--interleave runs under 1F1B only, not {schedule}; drop --schedule")
 
 
 def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, blocks,

@@ -2,7 +2,7 @@
 
 An interleaved plan (``pipeline.interleave`` = v > 1, Megatron's virtual stages) cuts the model
 into C = v·K chunks (an op's ``stage`` is its chunk) and rank ``k`` of the pipeline runs chunks
-k, k+K, k+2K, ... under ``ScheduleInterleaved1F1B`` (``ScheduleLoopedBFS`` for GPipe); below,
+k, k+K, k+2K, ... under ``ScheduleInterleaved1F1B`` (1F1B only); below,
 "stage" then reads "chunk": boundaries, relays and accumulated weight gradients are per chunk,
 each chunk with its own executor, the rank's chunks sharing one log.
 
@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import (
-    PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleLoopedBFS,
+    PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
 )
 
 from autoddl.engine.costs import accumulated_edges, accumulates_grad, grad_fraction
@@ -69,8 +69,6 @@ from autoddl.runtime.execute import ShardedExecutor, to_dtensor_placements
 
 P2P = "p2p"
 SCHEDULES = {"1F1B": Schedule1F1B, "GPIPE": ScheduleGPipe}
-#: the same schedules with several model chunks per rank (interleaved plans)
-MULTI_SCHEDULES = {"1F1B": ScheduleInterleaved1F1B, "GPIPE": ScheduleLoopedBFS}
 
 
 def stage_of(plan: Plan) -> dict[str, int]:
@@ -362,8 +360,8 @@ class PipelineRunner:
             self.schedule = SCHEDULES[kind](self.stages[0], n_microbatches=m,
                                             loss_fn=_stage_loss, scale_grads=True)
         else:
-            self.schedule = MULTI_SCHEDULES[kind](self.stages, n_microbatches=m,
-                                                  loss_fn=_stage_loss, scale_grads=True)
+            self.schedule = ScheduleInterleaved1F1B(self.stages, n_microbatches=m,
+                                                    loss_fn=_stage_loss, scale_grads=True)
         # the schedule splits the target among the micro-batches; _stage_loss ignores it
         self._target = torch.zeros(m, device=device)
         self.params = {k: p for ex in self.executors for k, p in ex.params.items()}
@@ -431,6 +429,9 @@ def _schedule_kind(plan: Plan) -> str:
     if kind == "1F1B" and m < K:
         raise UserError(f"1F1B needs at least as many micro-batches as stages "
                         f"({m} < {K}); use GPipe or more micro-batches")
+    if v > 1 and kind != "1F1B":
+        raise UserError(f"plan interleaves {v} chunks per stage under {kind}; interleaving runs "
+                        "under 1F1B only: re-plan without --schedule GPipe")
     if v > 1 and m % K:
         raise UserError(f"interleaved 1F1B needs the micro-batches ({m}) to be a multiple of "
                         f"the {K} stages; re-plan with --microbatches a multiple of {K}")
