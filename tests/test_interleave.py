@@ -74,6 +74,13 @@ def test_planner_interleaves_where_the_bubble_pays():
     assert plain.interleave == 1
     assert plain.cost["step_time_s"] == pytest.approx(_by_hand(plain, mb, c), rel=1e-9)
     assert plan.cost["step_time_s"] < plain.cost["step_time_s"]
+    # the bound the search prunes derived candidates with holds
+    r = interleave_bound_scale(2, M, 2)
+    assert r * plain.cost["step_time_s"] <= plan.cost["step_time_s"]
+    # solving every candidate, unscreened, finds the same plan
+    unscreened, _, _ = _plan(latency_s=1e-7, screen=False)
+    assert unscreened.interleave == 2
+    assert unscreened.cost["step_time_s"] == pytest.approx(plan.cost["step_time_s"], rel=1e-9)
     # the plan's predicted sends are the runtime's (v·K − 1 boundaries)
     full = expand_plan(plan, mb)
     assert plan.cost["per_kind"]["p2p"]["count"] == p2p_per_step(mb, full)["count"]
@@ -178,3 +185,24 @@ def test_interleaved_run_equals_one_process(tmp_path, devices):
     assert "2 stages × 4 micro-batches (interleaved 1F1B, 2 chunks per stage)" in out
     weights = float(re.search(r"weights after the last update differ by (\S+?);", out).group(1))
     assert weights < 1e-5, out
+
+
+def test_derived_candidates_pruned_unbuilt_by_their_parents_bound():
+    """Where unpipelined plans win, every interleaved candidate is pruned by its v = 1
+    parent's bound scaled (never built), and solving every candidate agrees."""
+    spec = "gpt:layers=8,hidden=64,heads=4,seq=16,batch=8,vocab=128"
+    s = parse_model_spec(spec)
+    g = capture(*build_model(s, "meta"))
+    mb = microbatch_graph(spec, 4)
+    c = cluster(devices=4, latency_s=1e-6, peak_flops=1e10)
+    plans = [plan_graph(g, c, model_spec=s.text, microbatch_graph=mb, microbatches=4,
+                        screen=screen) for screen in (True, False)]
+    derived = [(rec, t) for rec, t in zip(plans[0].candidates, plans[0].timings["candidates"])
+               if rec.get("interleave", 1) > 1]
+    assert {rec["interleave"] for rec, _ in derived} == {2, 4}
+    for rec, t in derived:
+        assert rec["status"] == "pruned" and rec["bound_from"] == "parent", rec
+        assert t.get("build_s") is None, t
+        assert rec["lower_bound"] >= plans[0].cost["step_time_s"] * (1 - 1e-6)
+    assert plans[0].cost["step_time_s"] == pytest.approx(plans[1].cost["step_time_s"], rel=1e-9)
+    assert len(plans[1].candidates) == len(plans[0].candidates)
