@@ -85,8 +85,8 @@ def layer_table(plan: Plan, params: bool = False) -> str:
 
 
 def plot_plan(plan: Plan, path: str | Path) -> None:
-    """Per-operator communication per step (bars coloured by pipeline stage; repeated-layer
-    groups marked), with the plan's cost by collective kind in the title."""
+    """Per-operator communication per step (bars coloured by pipeline stage, or model chunk when
+    interleaved; repeated-layer groups marked), with the plan's cost by collective kind in the title."""
     from autoddl.engine.compare import pyplot, save_figure
 
     plt = pyplot()
@@ -107,7 +107,9 @@ def plot_plan(plan: Plan, path: str | Path) -> None:
     ax.set_xlabel("operator (graph order)")
     ax.set_ylabel("communication per step (ms)")
     kinds = ", ".join(f"{k} {v['seconds'] * 1e3:.3g} ms" for k, v in plan.cost["per_kind"].items())
-    stages = f", {plan.num_stages} stages (colours)" if plan.pipeline else ""
+    stages = (f", {plan.num_stages} stages" + (f" × {plan.interleave} chunks"
+                                               if plan.interleave > 1 else "") + " (colours)"
+              ) if plan.pipeline else ""
     mesh = " × ".join(f"{a['name']}={a['size']}" for a in plan.mesh["axes"])
     ax.set_title(f"{plan.model['spec']} on {plan.cluster.get('spec') or plan.cluster['name']}: "
                  f"mesh {mesh}{stages}\n{kinds or 'no collectives'}", fontsize=9)
