@@ -99,15 +99,22 @@ def _check_mesh(data: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def _check_pipeline(data: Mapping[str, Any], axes: list[str]) -> int:
-    """Pipeline stages (1 without a pipeline)."""
+def _check_pipeline(data: Mapping[str, Any], axes: list[str]) -> tuple[int, int]:
+    """(pipeline stages, model chunks: stages × interleave); (1, 1) without a pipeline."""
     pipe = data.get("pipeline")
     if pipe is None:
-        return 1
+        return 1, 1
     if not isinstance(pipe, dict):
         raise _bad("pipeline", "is not an object or null")
     stages = _count(pipe.get("stages"), "pipeline.stages", 1)
-    _count(pipe.get("microbatches"), "pipeline.microbatches", 1)
+    microbatches = _count(pipe.get("microbatches"), "pipeline.microbatches", 1)
+    v = _count(pipe.get("interleave", 1), "pipeline.interleave", 1)
+    if v > 1 and pipe.get("schedule", "1F1B") != "1F1B":
+        raise _bad("pipeline.interleave", f"is {v} under {pipe.get('schedule')}: interleaving "
+                                          "runs under 1F1B only")
+    if v > 1 and microbatches % stages:
+        raise _bad("pipeline.interleave", f"is {v} with {microbatches} micro-batches, not a "
+                                          f"multiple of the {stages} stages")
     if not isinstance(pipe.get("schedule", "1F1B"), str) or pipe.get("schedule", "1F1B") \
             not in SCHEDULES:
         raise _bad("pipeline.schedule", f"is {pipe.get('schedule')!r}; use one of {SCHEDULES}")
@@ -117,7 +124,7 @@ def _check_pipeline(data: Mapping[str, Any], axes: list[str]) -> int:
     if axis["name"] in axes:
         raise _bad("pipeline.axis", f"repeats the mesh axis {axis['name']!r}")
     _number(axis.get("bandwidth_gbps"), "pipeline.axis.bandwidth_gbps")
-    return stages
+    return stages, stages * v
 
 
 def _check_op(o: Any, i: int, axes: list[str], stages: int) -> None:
@@ -139,7 +146,8 @@ def _check_op(o: Any, i: int, axes: list[str], stages: int) -> None:
             _check_axes_map(p, axes, f"{where} grad[{j}]")
     stage = _count(o.get("stage", 0), f"{where} stage")
     if stage >= stages:
-        raise _bad(f"{where} stage", f"is {stage}; the plan has {stages} stage(s)")
+        raise _bad(f"{where} stage", f"is {stage}; the plan has {stages} stage(s) (model "
+                                     "chunks when interleaved)")
     _count(o.get("zero", 0), f"{where} zero")
 
 
@@ -188,7 +196,7 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
     for key in ("num_params", "num_ops"):
         _count(model.get(key), f"model.{key}")
     axes = _check_mesh(data)
-    stages = _check_pipeline(data, axes)
+    stages, chunks = _check_pipeline(data, axes)
     devices = stages * math.prod(int(a["size"]) for a in data["mesh"]["axes"])
     if devices > MAX_DEVICES:
         raise _bad("mesh", f"spans {devices:,} devices, more than {MAX_DEVICES:,}")
@@ -207,7 +215,7 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
         raise _bad("training.precision", "is not 'fp32' or 'bf16' (a file without it was "
                                          "costed in fp32)")
     for i, o in enumerate(data["ops"]):
-        _check_op(o, i, axes, stages)
+        _check_op(o, i, axes, chunks)
     _check_numbers(data)
 
 

@@ -25,7 +25,8 @@ from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes, split_timings
 from autoddl.engine.rules import Signature, check_rules
 from autoddl.engine.programs import (
-    Program, build_program, cost_program, program_breakdown, program_layer_order,
+    Program, build_program, cost_program, interleave_bound_scale, interleave_options, interleaved,
+    program_breakdown, program_layer_order,
 )
 from autoddl.engine.recompute import (
     plan_counts, realized, recompute_record, sharding_layers, with_recompute,
@@ -72,8 +73,11 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        """e.g. "x2·y2" or "pp2 × x2"."""
-        return str(self.costed.mesh) if self.stages == 1 else f"pp{self.stages} × {self.costed.mesh}"
+        """e.g. "x2·y2", "pp2 × x2" or, interleaved, "pp2·v2 × x2"."""
+        if self.stages == 1:
+            return str(self.costed.mesh)
+        v = self.program.interleave if self.program is not None else 1
+        return f"pp{self.stages}{f'·v{v}' if v > 1 else ''} × {self.costed.mesh}"
 
 
 def decode(costed: CostedGraph, idx: np.ndarray) -> dict[str, Signature]:
@@ -206,10 +210,11 @@ def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: Mesh
 
 
 def prepare_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
-                    config: TrainingConfig) -> tuple[CostedGraph, ShardingProblem, float]:
+                    config: TrainingConfig, base: CostedGraph | None = None
+                    ) -> tuple[CostedGraph, ShardingProblem, float]:
     """(costed, sharding problem, extra seconds: none, the bubble is in the problem's step
-    shape) of a pipelined program on a stage mesh."""
-    costed, problem = cost_program(prog, smesh, pp, cluster, config)
+    shape) of a pipelined program on a stage mesh (``base``: see :func:`cost_program`)."""
+    costed, problem = cost_program(prog, smesh, pp, cluster, config, base)
     return costed, problem, 0.0  # the 1F1B bubble is in the problem's step shape
 
 
@@ -224,8 +229,9 @@ def without_dominated(costed: CostedGraph) -> CostedGraph:
 
 
 def program_stages(prog: Program, problem: ShardingProblem) -> dict[str, int]:
-    """The real stage of each node of a program's problem (middle stages shown as stage 1)."""
-    real = (0, 1, prog.stages - 1)
+    """The real stage (model chunk when interleaved) of each node of a program's problem: the
+    first, the last, and the middle ones shown as 1."""
+    real = (0, 1, prog.stages * prog.interleave - 1)
     return {n.name: real[n.group] for n in problem.nodes}
 
 
@@ -306,7 +312,8 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
         recompute = recompute_record(costed.config.recompute, plan_counts(costed, idx),
                                      program_layer_order(c.program))
         pipeline = {"stages": c.stages, "microbatches": c.microbatches, "schedule": schedule,
-                    "axis": c.pp.to_dict(), "layers_per_stage": c.program.layers // c.stages}
+                    "axis": c.pp.to_dict(), "layers_per_stage": c.program.layers // c.stages,
+                    "interleave": c.program.interleave}
     else:
         assert c.pp is not None
         cost = pipeline_breakdown(costed, c.choice, c.stage, c.stages, c.microbatches, c.pp)
@@ -336,7 +343,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                schedule: str = "1F1B", log: Callable[[str], None] | None = None,
                layers: int | None = None, reduce: bool = True, lp_first: bool = True,
                screen: bool = True, workers: int | None = None,
-               strict_rules: bool = False) -> Plan:
+               strict_rules: bool = False, interleave: int | None = None) -> Plan:
     """The minimum-cost plan of ``graph`` on ``cluster`` over all candidates.
 
     ``microbatch_graph`` (the graph of one of ``microbatches`` micro-batches) enables pipelined
@@ -346,14 +353,15 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     ``time_limit_s`` bounds the whole search (the plan then reports its gap); ``screen``: see
     :func:`autoddl.engine.candidates.search`, as is ``workers`` (screening processes).
     Operators without a sharding rule run replicated and are listed in the plan
-    (``model["fallback_ops"]``); ``strict_rules`` makes them an error instead.
+    (``model["fallback_ops"]``); ``strict_rules`` makes them an error instead. Pipelines of
+    repeated layers may run interleaved (v model chunks per device) where v is legal
+    (:func:`~autoddl.engine.programs.interleave_options`); ``interleave`` forces one v.
     """
     t0 = time.perf_counter()
     preload()  # solver libraries imported now, before screening forks or any thread starts
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if not 0 <= balance_eps:
-        raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
+    _check_options(schedule, balance_eps, stages, interleave)
+    if schedule != "1F1B":  # interleaving is a 1F1B schedule
+        interleave = 1
     fallback = check_rules(graph, strict_rules)
     blocks = find_blocks(graph) if reduce else None
     if blocks is not None and (layers or blocks.count) < 4 and layers is None:
@@ -365,8 +373,15 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                         "blocks, four or more)")
     # recomputation is chosen per layer by each candidate's MILP ("auto") or forced
     jobs = _variant_jobs(graph, cluster, config, blocks, layers, backend, meshes, mip_rel_gap,
-                         microbatch_graph, microbatches, stages, balance_eps, lp_first, "")
+                         microbatch_graph, microbatches, stages, balance_eps, lp_first, "",
+                         interleave)
     reduced = reduce_graph(graph, blocks, layers) if blocks else None
+    if not jobs and interleave is not None and interleave > 1:
+        raise UserError(f"no pipeline can run {interleave} model chunks per device: it needs "
+                        "repeated layers (four or more), a stage count dividing the devices and "
+                        f"the micro-batches ({microbatches}), and {interleave} dividing the "
+                        "layers per stage; choose another --interleave, --stages or "
+                        "--microbatches")
     if not jobs:
         n_layers = reduced.layers if reduced else 0
         layers_too = (f" and, with repeated layers, divide the {n_layers} layers"
@@ -394,11 +409,26 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule, proof)
 
 
+def _check_options(schedule: str, balance_eps: float, stages: int | None,
+                   interleave: int | None) -> None:
+    """Raise :class:`UserError` on a planning option out of range."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not 0 <= balance_eps:
+        raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
+    if interleave is not None and interleave < 1:
+        raise UserError(f"--interleave must be at least 1, got {interleave}")
+    if interleave is not None and interleave > 1 and stages == 1:
+        raise UserError("--interleave needs a pipeline; drop --stages 1")
+    if interleave is not None and interleave > 1 and schedule != "1F1B":
+        raise UserError(f"--interleave runs under 1F1B only, not {schedule}; drop --schedule")
+
+
 def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, blocks,
                   layers: int | None, backend: str | None, meshes: list[Mesh] | None,
                   mip_rel_gap: float, microbatch_graph: OpGraph | None, microbatches: int,
-                  stages: int | None, balance_eps: float, lp_first: bool, suffix: str
-                  ) -> list[Job]:
+                  stages: int | None, balance_eps: float, lp_first: bool, suffix: str,
+                  interleave: int | None = None) -> list[Job]:
     """The candidates of one recomputation variant: every unpipelined mesh, and every pipeline
     degree and stage mesh (programs of repeated layers, or the joint stage problem)."""
     reduced: Reduced | None = reduce_graph(graph, blocks, layers) if blocks else None
@@ -416,10 +446,14 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                                           {n.name: 0 for n in costed.graph.nodes}, 0, 0.0,
                                           counts=tail(costed.problem, idx)))
 
-    def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks) -> Prepared:
+    programs = _Programs()
+
+    def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks, v: int) -> Prepared:
         t1 = time.perf_counter()
-        prog = build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches)
-        costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config)
+        plain, base = programs.get(k, smesh, lambda: build_program(
+            microbatch_graph, mb_blocks, n_layers, k, microbatches), cluster, config)
+        prog = interleaved(plain, v)
+        costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config, base)
 
         def solve(cut: float, tl: float | None) -> Candidate:
             lean = without_dominated(dataclasses.replace(costed, problem=problem))
@@ -427,7 +461,8 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                                  cut, lp_first, (lean, lean.problem, bubble))
 
         return Prepared(
-            f"pp{k} × {smesh}", k, costed, problem, bubble, time.perf_counter() - t1, solve=solve,
+            _program_label(k, v, smesh), k, costed, problem, bubble, time.perf_counter() - t1,
+            solve=solve,
             make=lambda idx, r: Candidate(costed, k, pp, microbatches, r, decode(costed, idx),
                                           program_stages(prog, problem), 0, 0.0, prog, problem,
                                           bubble, tail(problem, idx)))
@@ -442,7 +477,8 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             make=lambda idx, r: None, uses_cutoff=False)
 
     jobs: list[Job] = []
-    if stages in (None, 1):
+    forced = interleave is not None and interleave > 1  # pipelines of repeated layers only
+    if stages in (None, 1) and not forced:
         g, mult = (reduced.graph, reduced.mult) if reduced else (graph, None)
         for mesh in (meshes if meshes is not None else cluster.distinct_meshes()):
             jobs.append(Job(f"{mesh}{suffix}", 1, mesh.shape,
@@ -456,12 +492,59 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             label = f"pp{k} × {smesh}{suffix}"
             if mb_blocks is not None:
                 if n_layers % k == 0:  # stages hold whole, equal runs of layers
-                    jobs.append(Job(label, k, smesh.shape,
-                                    lambda k=k, pp=pp, smesh=smesh: program_job(k, pp, smesh,
-                                                                                mb_blocks)))
+                    jobs += _interleave_jobs(k, smesh, microbatches, n_layers, interleave, suffix,
+                                             len(jobs),
+                                             lambda v, k=k, pp=pp, smesh=smesh: program_job(
+                                                 k, pp, smesh, mb_blocks, v))
                 continue
-            jobs.append(Job(label, k, smesh.shape,
-                            lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
+            if not forced:
+                jobs.append(Job(label, k, smesh.shape,
+                                lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
+    return jobs
+
+
+class _Programs:
+    """The v = 1 program of each (K, stage mesh) and its base costs, shared by the candidates
+    of every v (a few MB each: the newest 32 are kept)."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple, tuple[Program, CostedGraph]] = {}
+
+    def get(self, k: int, smesh: Mesh, build: Callable[[], Program], cluster: Cluster,
+            config: TrainingConfig) -> tuple[Program, CostedGraph]:
+        """(program, its :func:`~autoddl.engine.costs.build_problem` on ``smesh``)."""
+        key = (k, smesh.shape)
+        if key not in self._built:
+            if len(self._built) >= 32:
+                del self._built[next(iter(self._built))]
+            prog = build()
+            self._built[key] = (prog, build_problem(prog.graph, smesh, cluster, config,
+                                                    mult=prog.cost_mult))
+        return self._built[key]
+
+
+def _program_label(k: int, v: int, smesh: Mesh) -> str:
+    """A program candidate's label: "pp4 × x8", interleaved "pp4·v2 × x8"."""
+    return f"pp{k}{f'·v{v}' if v > 1 else ''} × {smesh}"
+
+
+def _interleave_jobs(k: int, smesh: Mesh, microbatches: int, layers: int,
+                     interleave: int | None, suffix: str, first: int,
+                     build: Callable[[int], Prepared]) -> list[Job]:
+    """The jobs of one (K, stage mesh) of repeated layers, one per legal chunk count v
+    (:func:`~autoddl.engine.programs.interleave_options`; ``interleave`` forces one): v = 1
+    first, at index ``first`` of the job list, and the others derived from it
+    (:func:`~autoddl.engine.programs.interleave_bound_scale`); v = 1 alone when forced."""
+    options = interleave_options(layers, k, microbatches)
+    if interleave is not None:
+        options = [v for v in options if v == interleave]
+    jobs = []
+    for v in options:
+        derive = v > 1 and interleave is None
+        jobs.append(Job(_program_label(k, v, smesh) + suffix, k, smesh.shape,
+                        lambda v=v: build(v), interleave=v,
+                        parent=first if derive else None,
+                        bound_scale=interleave_bound_scale(k, microbatches, v) if derive else 1.0))
     return jobs
 
 

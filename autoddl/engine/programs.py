@@ -233,10 +233,44 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
                    frozenset(block_outputs(graph, blocks)))
 
 
+#: the most model chunks per device the planner offers (Megatron's published rows use 2 and 3)
+MAX_INTERLEAVE = 4
+
+
+def interleave_options(layers: int, stages: int, microbatches: int,
+                       cap: int = MAX_INTERLEAVE) -> list[int]:
+    """The legal chunk counts ``v`` per device of ``layers`` on ``stages`` stages, 1 first:
+    ``v`` divides the layers per stage, at most ``cap``, and ``v >= 2`` needs the micro-batches
+    divisible by the stages (Megatron's interleaved schedule)."""
+    if stages < 2 or layers % stages:
+        return [1]
+    per = layers // stages
+    more = [v for v in range(2, min(cap, per) + 1) if per % v == 0] \
+        if microbatches % stages == 0 else []
+    return [1] + more
+
+
+def interleave_bound_scale(stages: int, microbatches: int, v: int) -> float:
+    r"""r with :math:`z_v \ge r\,z_1` for the optimum :math:`z_v` of a program run with ``v``
+    chunks per device and any lower bound :math:`z_1` of the same program's plans at v = 1
+    (memory relaxed or not): :math:`r = (m + (K-1)/v) / (m + K - 1)`.
+
+    Why: for one plan with stage times :math:`t_k` (sum S, max M, S ≤ K·M), exposed traffic E,
+    the v-step :math:`S/v + (m - 1/v) M + E` is at least r times the 1-step
+    :math:`S + (m-1) M + E` (linear in S; equal at S = K·M, larger at S = M, and r ≤ 1); with
+    v its transfers only grow and more micro-batches are in flight (its plans are a subset)."""
+    k, m = stages, microbatches
+    return (m + (k - 1) / v) / (m + k - 1)
+
+
 def interleaved(prog: Program, v: int) -> Program:
     """``prog`` run with ``v`` model chunks per device (Megatron's interleaved 1F1B: device k
-    holds chunks k, k+K, ...): ``v`` times the transfers, bubble / v, and more micro-batches in
-    flight (Megatron's warm-up, 2(K−r−1) + (v−1)K chunks on rank r, plus the one running)."""
+    holds chunks k, k+K, ...): bubble / v, more micro-batches in flight (Megatron's warm-up,
+    2(K−r−1) + (v−1)K chunks on rank r, plus the one running) and the transfers of v·K chunks:
+    v·K − 1 boundaries instead of K − 1. The boundaries of the layer chain count v times, plus
+    v − 1 wrap-arounds from the last device to the first (charged to the edge leaving stage 0,
+    which carries the same tensors); a prefix tensor relayed over f boundaries to its farthest
+    reader is relayed over (v − 1)·K + f (its readers in the last round of chunks)."""
     if v == 1:
         return prog
     k, m = prog.stages, prog.microbatches
@@ -247,7 +281,16 @@ def interleaved(prog: Program, v: int) -> Program:
     def flight(rank: int) -> int:
         return min(m, -(-(2 * (k - rank - 1) + (v - 1) * k + 1) // v))
 
-    return dataclasses.replace(prog, interleave=v, inflight=(flight(0), flight(1), flight(k - 1)))
+    crossing = {}
+    for key, copies in prog.crossing.items():
+        src = key[0]
+        if src.startswith("pre/"):  # a relay over copies / m boundaries
+            crossing[key] = ((v - 1) * k + copies // m) * m
+        else:
+            wrap = (v - 1) * m if prog.node_group[src] == 0 else 0
+            crossing[key] = copies * v + wrap
+    return dataclasses.replace(prog, interleave=v, crossing=crossing,
+                               inflight=(flight(0), flight(1), flight(k - 1)))
 
 
 def _mem_factor(prog: Program, nd) -> float:
@@ -281,13 +324,14 @@ def program_layers(prog: Program, kappa: float) -> list[Layer]:
     return out
 
 
-def program_layer_order(prog: Program) -> list[tuple[str, int]]:
-    """(recompute group, copies) of the real layers' groups, stage by stage, in model order."""
-    n = prog.layers // prog.stages
+def program_layer_order(prog: Program) -> list[tuple[str, tuple[int, str]]]:
+    """Per real layer in model order, (recompute group, slot): the group is its block instance
+    (:func:`stage_of_real_block`), the slot that instance on its device (middle stages share a
+    group, each has its own copies)."""
     order = []
-    for k in range(prog.stages):
-        st = "s0" if k == 0 else ("sl" if k == prog.stages - 1 else "sm")
-        order += [(f"{st}.{tag}", copies) for tag, copies in _stage_blocks(n)]
+    for i in range(prog.layers):
+        chunk, prefix = stage_of_real_block(i, prog.layers, prog.stages, prog.interleave)
+        order.append((prefix, (chunk % prog.stages, prefix)))
     return order
 
 
@@ -320,11 +364,14 @@ def step_shape(prog: Program) -> tuple[float, StepShape]:
 
 
 def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
-                 config: TrainingConfig) -> tuple[CostedGraph, ShardingProblem]:
+                 config: TrainingConfig, base: CostedGraph | None = None
+                 ) -> tuple[CostedGraph, ShardingProblem]:
     """The sharding problem of a program on a stage mesh: costs x copies, memory per stage
     group (activations x micro-batches in flight), boundary transfers over the pipeline axis
-    (``v`` times with ``v`` chunks per device), the step's shape (:func:`step_shape`)."""
-    costed = build_problem(prog.graph, mesh, cluster, config, mult=prog.cost_mult)
+    (those of all ``v·K`` chunks, :func:`interleaved`), the step's shape (:func:`step_shape`).
+    ``base``: the program's :func:`~autoddl.engine.costs.build_problem` on ``mesh``, if built
+    already (it does not depend on the chunks per device)."""
+    costed = base or build_problem(prog.graph, mesh, cluster, config, mult=prog.cost_mult)
     kappa, shape = step_shape(prog)
     g = prog.graph
     beta = pp.bandwidth_gbps * 1e9
@@ -342,7 +389,7 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
         mem_copies = prog.cost_mult.edge_memory(src, dst, k, copies)
         mem = ec.memory_bytes / max(mem_copies, 1) * _edge_mem_factor(prog, g[dst])
         cost = ec.cost_s
-        cross = prog.crossing.get((src, dst, k), 0) * prog.interleave
+        cross = prog.crossing.get((src, dst, k), 0)
         if cross:
             sends = 1 + int(g[src].requires_grad)
             sigs = costed.sigs[src]
@@ -433,9 +480,18 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
     return out
 
 
-def stage_of_real_block(i: int, layers: int, stages: int) -> tuple[int, str]:
-    """(stage, canonical instance prefix) of real block ``i``."""
+def stage_of_real_block(i: int, layers: int, stages: int, interleave: int = 1
+                        ) -> tuple[int, str]:
+    """(stage, canonical instance prefix) of real block ``i``; interleaved, (model chunk, the
+    prefix of its place among its device's layers in execution order: chunk k's, then k+K's,
+    ...). Block ``i`` runs in chunk i // (layers / (v·K)), on device chunk mod K."""
     n = layers // stages
+    if interleave > 1:
+        per_chunk = n // interleave
+        chunk, within = divmod(i, per_chunk)
+        k, rnd = chunk % stages, chunk // stages
+        _, prefix = stage_of_real_block(k * n + rnd * per_chunk + within, layers, stages)
+        return chunk, prefix
     k, r = divmod(i, n)
     st = "s0" if k == 0 else ("sl" if k == stages - 1 else "sm")
     tags = [t for t, _ in _stage_blocks(n)]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -91,19 +91,21 @@ def layers_of_blocks(graph: OpGraph, members: Sequence[Sequence[str]]) -> list[L
 
 
 def sharding_layers(graph: OpGraph, mult: Multiplicity | None, reduced: bool
-                    ) -> tuple[list[Layer], list[tuple[str, int]]]:
+                    ) -> tuple[list[Layer], list[tuple[str, str]]]:
     """The recompute groups of an unpipelined graph (a reduced graph's first, mid and last; a
-    graph planned whole, each of its repeated blocks) and (group, copies) in model order."""
+    graph planned whole, each of its repeated blocks) and each real layer's (group, slot) in
+    model order (:func:`layer_modes`)."""
     from autoddl.engine.repeat import find_blocks
 
     if reduced:
         layers = layers_by_prefix(graph, mult, ("first", "mid", "last"))
-        return layers, [(layer.name, layer.copies) for layer in layers]
+        return layers, [(layer.name, layer.name) for layer in layers
+                        for _ in range(layer.copies)]
     blocks = find_blocks(graph)
     if blocks is None:
         return [], []
     layers = layers_of_blocks(graph, blocks.members)
-    return layers, [(layer.name, 1) for layer in layers]
+    return layers, [(layer.name, layer.name) for layer in layers]
 
 
 def _node_terms(costed: CostedGraph, ops: Sequence[str]) -> dict[str, np.ndarray]:
@@ -212,21 +214,29 @@ def realized(costed: CostedGraph, layers: Sequence[Layer], counts: dict[str, dic
     return dataclasses.replace(mult, recomputed=recomputed)
 
 
-def layer_modes(counts: dict[str, dict[str, int]], order: Sequence[tuple[str, int]]
+def layer_modes(counts: dict[str, dict[str, int]], order: Sequence[tuple[str, Hashable]]
                 ) -> list[str]:
     """Per real layer, in model order, its recomputation ("none", "selective", "full"):
-    ``order`` lists (group name, copies) of the real layers' groups in model order; a group's
-    recomputed copies are its first ones, full before selective."""
+    ``order`` gives each real layer's (group name, slot), a slot holding a group's copies on one
+    device; a slot's recomputed copies are its first ones, full before selective."""
+    used: dict[Hashable, list[int]] = {}
     modes: list[str] = []
-    for name, copies in order:
+    for name, slot in order:
         chosen = counts.get(name, {})
-        full, sel = chosen.get("full", 0), chosen.get("selective", 0)
-        modes += ["full"] * full + ["selective"] * sel + ["none"] * (copies - full - sel)
+        full, sel = used.setdefault(slot, [0, 0])
+        if full < chosen.get("full", 0):
+            used[slot][0] += 1
+            modes.append("full")
+        elif sel < chosen.get("selective", 0):
+            used[slot][1] += 1
+            modes.append("selective")
+        else:
+            modes.append("none")
     return modes
 
 
 def recompute_record(mode: str, counts: dict[str, dict[str, int]],
-                     order: Sequence[tuple[str, int]]) -> dict:
+                     order: Sequence[tuple[str, Hashable]]) -> dict:
     """The plan file's recomputation entries: the mode asked for and, where layers repeat, what
     each real layer does, in model order (``recompute_layers``: "none", "selective", "full")."""
     modes = layer_modes(counts, order)

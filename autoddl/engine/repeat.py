@@ -199,7 +199,7 @@ def reduce_graph(graph: OpGraph, blocks: Blocks, layers: int | None = None) -> R
 
 def expand_plan(plan: Plan, graph: OpGraph) -> Plan:
     """The plan of a reduced graph (or pipelined program), written out for every node of the
-    full ``graph``, each with its real stage."""
+    full ``graph``, each with its real stage (model chunk when interleaved)."""
     from autoddl.engine.programs import stage_of_real_block
 
     blocks = find_blocks(graph)
@@ -213,13 +213,14 @@ def expand_plan(plan: Plan, graph: OpGraph) -> Plan:
         if n.name in pos:
             b, j = pos[n.name]
             if program:
-                stage, inst = stage_of_real_block(b, blocks.count, plan.num_stages)
+                stage, inst = stage_of_real_block(b, blocks.count, plan.num_stages,
+                                                  plan.interleave)
                 canon = f"{inst}/{j}"
             else:
                 stage, tag = 0, ("first" if b == 0 else "last" if b == blocks.count - 1 else "mid")
                 canon = f"{tag}/{j}"
         elif n.name in post:
-            stage, canon = plan.num_stages - 1, f"post/{post.index(n.name)}"
+            stage, canon = plan.num_chunks - 1, f"post/{post.index(n.name)}"
         else:
             stage, canon = 0, f"pre/{n.name}"
         src: OpPlacement = plan.op(canon)

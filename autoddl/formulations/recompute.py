@@ -3,7 +3,7 @@ r"""Activation recomputation chosen by the MILP: per layer, or per repeated laye
 A *recompute group* is one layer of the model, or one representative standing for :math:`R`
 identical layers (the middle layers of a reduced graph, a pipeline stage's layers). Each of its
 options :math:`o` (``"full"``: the layer keeps only its inputs and runs its forward again in
-backward; ``"selective"``: only attention's score region, Korthikanti et al. 2022) is taken by
+backward; ``"selective"``: only attention's score stash, Korthikanti et al. 2022) is taken by
 an integer count :math:`r_o` of the :math:`R` copies, :math:`\sum_o r_o \le R`. Per recomputed
 copy, with the sharding choice :math:`x` fixed, an option
 
@@ -14,29 +14,28 @@ copy, with the sharding choice :math:`x` fixed, an option
   once per memory group, for the largest recomputing option there).
 
 :math:`F, S, L` are linear in the choice (:class:`LinearForm`: per-signature and per-edge-pair
-values), so the step and memory are *bilinear* in :math:`(r, x)`. With
-:math:`r_o = \sum_j 2^j b_{o,j}` (binary digits :math:`b`) each product is a binary times a
-bounded linear form, which is exact in linear rows (:meth:`RecomputeRows.recompute`):
+values), so the step and memory are *bilinear* in :math:`(r, x)`. Exact in linear rows
+(:meth:`RecomputeRows.recompute`), by spreading the count over the chosen columns: for every
+one-hot set :math:`J` the forms touch (a node's signatures, an edge's pairs), continuous
+:math:`z_j = r\,x_j` with :math:`\sum_{j \in J} z_j = r` and :math:`0 \le z_j \le R\,x_j`;
+with :math:`x` binary this forces :math:`z_j = r` on the chosen column and 0 elsewhere, so
+:math:`r F_o(x) = \sum_j f_j z_j` and :math:`r S_o(x) = \sum_j s_j z_j` are linear. Its LP
+relaxation charges recomputed copies at the (fractional) sharding's own rates. The count is
+one-hot over its values, :math:`r = \sum_k k\,q_k` (so every integer column lies in a one-hot
+group). The live layer: per memory group one :math:`u \in [0,1]` with
+:math:`L_o(x)/\bar L - u - q_{o,0} \le 0`; the memory row gets :math:`\bar L u`, at least
+:math:`\max_{o: r_o > 0} L_o(x)` (:math:`\bar L`: an upper bound of the forms,
+:meth:`LinearForm.upper`). Forced counts (``--recompute`` given) are folded into the costs
+instead (:func:`fold_fixed`).
 
-* cost :math:`c_{o,j} \in [0,1]`: :math:`F_o(x)/\bar F_o - c_{o,j} + b_{o,j} \le 1`; the
-  objective (and the stage's time) gets :math:`2^j \bar F_o c_{o,j}`, which any minimiser holds
-  at :math:`b_{o,j} F_o(x)/\bar F_o`;
-* freed memory :math:`w_{o,j} \in [0,1]`: :math:`w_{o,j} \le S_o(x)/\bar S_o`,
-  :math:`w_{o,j} \le b_{o,j}`; the memory row gets :math:`-2^j \bar S_o w_{o,j}` (the largest
-  value the rows allow is :math:`b_{o,j} S_o(x)/\bar S_o`: memory is never under-counted);
-* live memory: :math:`z_o \ge b_{o,j}` for every digit (:math:`z_o \in [0,1]`), and per
-  memory group one :math:`u \in [0,1]` with :math:`L_o(x)/\bar L - u + z_o \le 1`; the memory row gets
-  :math:`\bar L u`, at least :math:`\max_{o: r_o > 0} L_o(x)`.
-
-Bars are upper bounds of the forms (:meth:`LinearForm.upper`), which keeps the columns in
-[0, 1]. This module imports no torch and no solver.
+This module imports no torch and no solver.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -66,6 +65,13 @@ class LinearForm:
             f = v[np.isfinite(v)]
             return max(float(f.max(initial=0.0)), 0.0)
         return sum(top(v) for _, v in self.nodes) + sum(top(v) for _, v in self.edges)
+
+    def lower(self) -> float:
+        """A lower bound over every choice (the sum of each term's smallest finite value)."""
+        def low(v: np.ndarray) -> float:
+            f = v[np.isfinite(v)]
+            return float(f.min(initial=0.0))
+        return sum(low(v) for _, v in self.nodes) + sum(low(v) for _, v in self.edges)
 
     def scaled(self, k: float) -> "LinearForm":
         """The form times ``k``."""
@@ -162,6 +168,40 @@ def all_count_choices(groups: Sequence[RecomputeGroup]) -> Iterator[tuple[int, .
         yield tuple(c for counts in combo for c in counts)
 
 
+def fold_fixed(problem: Any) -> Any:
+    """``problem`` with every forced recomputation folded into its node and edge costs and
+    memory (exact: linear for fixed counts); those groups keep only their live layer."""
+    if not any(g.fixed is not None for g in problem.recompute):
+        return problem
+    cost = [np.array(n.cost_s, float) for n in problem.nodes]
+    mem = [np.array(n.memory_bytes, float) for n in problem.nodes]
+    e_cost = [np.array(e.cost_s, float) for e in problem.edges]
+    e_mem = [np.array(e.memory_bytes, float) for e in problem.edges]
+    groups = []
+    for g in problem.recompute:
+        if g.fixed is None:
+            groups.append(g)
+            continue
+        options = []
+        for o, r in zip(g.options, g.fixed):
+            for v, vals in o.extra_s.nodes:
+                cost[v] = cost[v] + r * vals
+            for v, vals in o.saved_bytes.nodes:
+                mem[v] = mem[v] - r * vals
+            for i, vals in o.extra_s.edges:
+                e_cost[i] = e_cost[i] + r * np.nan_to_num(vals, posinf=0.0)
+            for i, vals in o.saved_bytes.edges:
+                e_mem[i] = e_mem[i] - r * np.nan_to_num(vals, posinf=0.0)
+            options.append(RecomputeOption(o.kind, LinearForm(), LinearForm(), o.live_bytes))
+        groups.append(RecomputeGroup(g.name, g.copies, g.group, tuple(options), g.fixed))
+    return dataclasses.replace(
+        problem, recompute=tuple(groups),
+        nodes=tuple(dataclasses.replace(n, cost_s=c, memory_bytes=m)
+                    for n, c, m in zip(problem.nodes, cost, mem)),
+        edges=tuple(dataclasses.replace(e, cost_s=c, memory_bytes=m)
+                    for e, c, m in zip(problem.edges, e_cost, e_mem)))
+
+
 def restrict_groups(problem: Any, choice: Sequence[int]) -> tuple[RecomputeGroup, ...]:
     """``problem``'s recompute groups on the problem of one signature per node (``choice``'s),
     each edge keyed by its one pair: what a plan's own problem carries."""
@@ -245,26 +285,14 @@ def fill_counts(problem: Any, choice: Sequence[int], capacity_bytes: float) -> n
     return vec()
 
 
-def _bits(copies: int) -> list[int]:
-    """Powers of two whose sums make every count 0..copies."""
-    return [1 << j for j in range(max(copies, 1).bit_length())]
-
-
-@dataclass
-class _OptionCols:
-    """Columns of one group option: binary digits, their cost and freed-memory columns, z."""
-
-    bits: list[int] = field(default_factory=list)
-    b: list[int] = field(default_factory=list)
-
-
 class RecomputeRows:
     """The recomputation constraint family of :class:`~autoddl.formulations.sharding
     .ShardingModel` (module docstring); mixed in, it uses the model's column and row helpers."""
 
     def recompute(self) -> None:
-        r"""Counts as binary digits; cost, freed and live memory of each recomputed copy."""
-        self.recompute_cols: list[list[_OptionCols]] = []
+        r"""Per group option an integer count, its copies spread over the signatures (and edge
+        pairs) chosen; cost and freed memory on those columns; the live layer's memory."""
+        self.recompute_cols: list[list[int]] = []
         groups = self.problem.recompute
         live_cap: dict[int, float] = {}
         for g in groups:
@@ -275,65 +303,92 @@ class RecomputeRows:
             if cap > 0:
                 u_col[grp] = self._new_cols(np.zeros(1), np.array([cap]), integer=False)
                 self._group.append(grp)
+        self.live_cols = list(u_col.values())
         for g in groups:
-            cols = []
-            count_terms: list[tuple[np.ndarray, np.ndarray]] = []
+            counts = []
             for o, opt in enumerate(g.options):
-                oc = _OptionCols(bits=_bits(g.copies))
-                oc.b = [self._new_cols(np.zeros(1), np.zeros(1), integer=True)
-                        for _ in oc.bits]
-                for _ in oc.b:
-                    self._group.append(g.group)
-                self._option_rows(g, opt, oc, u_col.get(g.group), live_cap.get(g.group, 0.0))
-                b_cols, b_vals = np.array(oc.b), np.array(oc.bits, float)
-                count_terms.append((b_cols, b_vals))
-                if g.fixed is not None:
-                    self._add_row(b_cols, b_vals, float(g.fixed[o]), float(g.fixed[o]))
-                cols.append(oc)
-            if g.fixed is None and sum(t[1].sum() for t in count_terms) > g.copies:
-                self._add_row(np.concatenate([t[0] for t in count_terms]),
-                              np.concatenate([t[1] for t in count_terms]), -np.inf,
-                              float(g.copies))
-            self.recompute_cols.append(cols)
+                r, q0 = self._count(g, None if g.fixed is None else g.fixed[o])
+                self._spread(g, opt, r)
+                self._live(g, opt, q0, u_col.get(g.group), live_cap.get(g.group, 0.0))
+                counts.append(r)
+            if g.fixed is None and len(counts) > 1:
+                self._add_row(np.array(counts), np.ones(len(counts)), -np.inf, float(g.copies))
+            self.recompute_cols.append(counts)
 
-    def _form_column(self, form: LinearForm, cap: float, group: int) -> int:
-        """A continuous column equal to ``form`` / ``cap`` (in [0, 1]): one dense row, so that
-        the rows of each binary digit read one column instead of the whole form."""
-        col = self._new_cols(np.zeros(1), np.zeros(1), integer=False)
-        self._group.append(group)
-        cols, vals = self.form_terms(form)
-        self._add_row(np.append(cols, col), np.append(vals / cap, -1.0), 0.0, 0.0)
-        return col
+    def _count(self, g: RecomputeGroup, fixed: int | None) -> tuple[int, int]:
+        r"""A count :math:`r = \sum_k k\,q_k` with binary :math:`q` one-hot over 0..R (the
+        integers are one-hot groups, which the LP branch and bound of
+        :mod:`autoddl.formulations.branching` branches on); ``fixed``: only that value.
+        Returns (r's column, :math:`q_0`'s column)."""
+        values = np.arange(g.copies + 1, dtype=float)
+        q = self._new_cols(np.zeros(len(values)), np.zeros(len(values)), integer=True)
+        if fixed is not None:
+            self._ub[-1][:] = 0.0
+            self._ub[-1][fixed] = 1.0
+        self._group.append(g.group)
+        qs = q + np.arange(len(values))
+        self._add_row(qs, np.ones(len(values)), 1.0, 1.0)
+        r = self._new_cols(np.zeros(1), np.zeros(1), integer=False)
+        self._ub[-1][:] = g.copies
+        self._group.append(g.group)
+        self._add_row(np.append(qs, r), np.append(-values, 1.0), 0.0, 0.0)
+        return r, q
 
-    def _option_rows(self, g: RecomputeGroup, opt: RecomputeOption, oc: _OptionCols,
-                     u: int | None, live_cap: float) -> None:
-        """The rows of one option's digits: cost, freed memory, live memory."""
-        f_cap, s_cap = opt.extra_s.upper(), opt.saved_bytes.upper()
-        phi = self._form_column(opt.extra_s, f_cap, g.group) if f_cap > 0 else None
-        sigma = self._form_column(opt.saved_bytes, s_cap, g.group) if s_cap > 0 else None
-        for bit, b in zip(oc.bits, oc.b):
-            if phi is not None:  # F/F̄ - c + b <= 1
-                c = self._new_cols(np.array([bit * f_cap]), np.zeros(1), integer=False)
-                self._group.append(g.group)
-                self._add_row(np.array([phi, c, b]), np.array([1.0, -1.0, 1.0]), -np.inf, 1.0)
-            if sigma is not None:  # w <= S/S̄, w <= b
-                w = self._new_cols(np.zeros(1), np.array([-bit * s_cap]), integer=False)
-                self._group.append(g.group)
-                self._add_row(np.array([w, sigma]), np.array([1.0, -1.0]), -np.inf, 0.0)
-                self._add_row(np.array([w, b]), np.array([1.0, -1.0]), -np.inf, 0.0)
+    def _blocks(self, forms: Sequence[LinearForm]) -> list[np.ndarray]:
+        """The one-hot column sets (a node's x, an edge's y, or the x an edge folds onto) that
+        the terms of ``forms`` lie on, each once."""
+        starts: dict[int, np.ndarray] = {}
+        for form in forms:
+            for v, vals in form.nodes:
+                starts.setdefault(self.x_start[v], self.x_start[v] + np.arange(len(vals)))
+            for i_e, _ in form.edges:
+                block = self.y_blocks[i_e]
+                if block is not None:
+                    starts.setdefault(block[0], block[0] + np.arange(len(block[1])))
+                else:
+                    side = self._folded[i_e][0]
+                    k = len(self.problem.nodes[side].cost_s)
+                    starts.setdefault(self.x_start[side], self.x_start[side] + np.arange(k))
+        return list(starts.values())
+
+    def _spread(self, g: RecomputeGroup, opt: RecomputeOption, r: int) -> None:
+        r"""Copies :math:`z_k = r \sum_{j \in k} x_j` per class k of columns of one one-hot set
+        that cost and free the same (exact for binary x and integer r:
+        :math:`\sum_k z_k = r`, :math:`0 \le z_k \le R \sum_{j \in k} x_j`), costing the
+        form's seconds and freeing its bytes."""
+        f_cols, f_vals = self.form_terms(opt.extra_s)
+        s_cols, s_vals = self.form_terms(opt.saved_bytes)
+        extra = dict(zip(f_cols.tolist(), f_vals.tolist()))
+        freed = dict(zip(s_cols.tolist(), s_vals.tolist()))
+        for cols in self._blocks([opt.extra_s, opt.saved_bytes]):
+            cost = np.array([extra.get(int(c), 0.0) for c in cols])
+            mem = -np.array([freed.get(int(c), 0.0) for c in cols])
+            # columns of equal (seconds, bytes) share one z: z_k <= R · (their x's sum)
+            classes, which = np.unique(np.stack([cost, mem], axis=1), axis=0,
+                                       return_inverse=True)
+            which = which.reshape(-1)
+            z = self._new_cols(classes[:, 0], classes[:, 1], integer=False)
+            self._ub[-1][:] = g.copies
+            self._group.append(g.group)
+            zs = z + np.arange(len(classes))
+            self._add_row(np.append(zs, r), np.append(np.ones(len(zs)), -1.0), 0.0, 0.0)
+            for k, zk in enumerate(zs):
+                members = cols[which == k]
+                self._add_row(np.append(zk, members),
+                              np.append(1.0, np.full(len(members), -float(g.copies))), -np.inf,
+                              0.0)
+
+    def _live(self, g: RecomputeGroup, opt: RecomputeOption, q0: int, u: int | None,
+              live_cap: float) -> None:
+        r"""The live layer: :math:`L(x)/\bar L - u - q_0 \le 0` (:math:`q_0`: no copy
+        recomputed)."""
         if u is None or live_cap <= 0 or opt.live_bytes.upper() <= 0:
             return
-        z = self._new_cols(np.zeros(1), np.zeros(1), integer=False)
-        self._group.append(g.group)
-        for b in oc.b:  # z >= b_j: z is 1 once any copy is recomputed; and L/L̄ - u + z <= 1
-            self._add_row(np.array([b, z]), np.array([1.0, -1.0]), -np.inf, 0.0)
-        lam = self._form_column(opt.live_bytes, live_cap, g.group)
-        self._add_row(np.array([lam, u, z]), np.array([1.0, -1.0, 1.0]), -np.inf, 1.0)
+        cols, vals = self.form_terms(opt.live_bytes)
+        self._add_row(np.concatenate([cols, [u, q0]]),
+                      np.concatenate([vals / live_cap, [-1.0, -1.0]]), -np.inf, 0.0)
 
     def recompute_counts(self, x: np.ndarray) -> list[int]:
         """The counts of a solution vector, flattened as in a choice vector."""
-        out = []
-        for cols in getattr(self, "recompute_cols", []):
-            for oc in cols:
-                out.append(int(sum(bit * round(float(x[b])) for bit, b in zip(oc.bits, oc.b))))
-        return out
+        return [int(round(float(x[r]))) for counts in getattr(self, "recompute_cols", [])
+                for r in counts]

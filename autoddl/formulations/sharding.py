@@ -54,7 +54,7 @@ import numpy as np
 
 from autoddl.formulations.milp import INF, MILP
 from autoddl.formulations.recompute import (
-    LinearForm, RecomputeGroup, RecomputeRows, all_count_choices, recompute_terms,
+    LinearForm, RecomputeGroup, RecomputeRows, all_count_choices, fold_fixed, recompute_terms,
 )
 
 #: relative slack allowed when checking a plan's memory against the cap outside a solver: float
@@ -273,6 +273,7 @@ class ShardingModel(RecomputeRows):
         term's disjunction to model (:meth:`overlap`). ``memory_of``: minimize the memory of
         that memory group instead of the step (the leanest plan; no memory rows)."""
         self.memory_of = memory_of
+        problem = fold_fixed(problem)  # forced recomputation: plain costs, no digits
         if memory_of is not None:
             problem = dataclasses.replace(problem, memory_capacity_bytes=INF)
         self.problem = problem
@@ -531,6 +532,7 @@ class ShardingModel(RecomputeRows):
             # recomputation's columns need not be
             continuous_integral=(self.t_step is None and self.x_exposed is None
                                  and not self.problem.recompute),
+            fractional=self._fractional(),
         )
         m.check()
         return m
@@ -558,6 +560,15 @@ class ShardingModel(RecomputeRows):
         total = np.zeros(len(c))
         np.add.at(total, inv, np.nan_to_num(np.concatenate(vals), posinf=0.0, neginf=0.0))
         return c, total
+
+    def _fractional(self) -> np.ndarray:
+        """The continuous columns that may take tiny positive values: T, X and the live
+        layer's memory share (:attr:`MILP.fractional`)."""
+        mask = np.zeros(self.num_cols, bool)
+        for col in (self.t_step, self.x_exposed, *getattr(self, "live_cols", [])):
+            if col is not None:
+                mask[col] = True
+        return mask
 
     def choice(self, x: np.ndarray) -> np.ndarray:
         """The signature index of each node in a solution vector, then the recomputation
