@@ -266,7 +266,7 @@ def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
     p = costed.problem
     need = 0.0
     for g in sorted({n.group for n in p.nodes} | {e.group for e in p.edges}):
-        model = ShardingModel(p, memory_of=g)
+        model = ShardingModel(p, lean_group=g)
         r = solve_or_fall_back(model.milp(), backend, named=backend is not None)
         need = max(need, float(r.objective) if r.has_solution else float("inf"))
     return need

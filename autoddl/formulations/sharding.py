@@ -266,15 +266,15 @@ class ShardingModel(RecomputeRows):
     fold_into_producer = True
 
     def __init__(self, problem: ShardingProblem, cutoff: float = INF,
-                 exposure: str | None = None, memory_of: int | None = None) -> None:
+                 exposure: str | None = None, lean_group: int | None = None) -> None:
         """``cutoff``: an upper bound on the optimum (the cost of a known plan). Costs are
         non-negative, so a signature or an edge pair costing more on its own is in no optimal
         plan: it gets no variable (exact pruning). ``exposure``: which part of the overlap
-        term's disjunction to model (:meth:`overlap`). ``memory_of``: minimize the memory of
+        term's disjunction to model (:meth:`overlap`). ``lean_group``: minimize the memory of
         that memory group instead of the step (the leanest plan; no memory rows)."""
-        self.memory_of = memory_of
+        self.lean_group = lean_group
         problem = fold_fixed(problem)  # forced recomputation: plain costs, no digits
-        if memory_of is not None:
+        if lean_group is not None:
             problem = dataclasses.replace(problem, memory_capacity_bytes=INF)
         self.problem = problem
         self.exposure = exposure
@@ -491,10 +491,10 @@ class ShardingModel(RecomputeRows):
 
     def objective(self) -> np.ndarray:
         """The objective per column: critical costs less their stage share, b·T, X (or the
-        memory of group :attr:`memory_of`)."""
-        if self.memory_of is not None:
+        memory of group :attr:`lean_group`)."""
+        if self.lean_group is not None:
             mem, groups = self._grouped(self._mem)
-            return np.append(np.where(groups == self.memory_of, mem, 0.0),
+            return np.append(np.where(groups == self.lean_group, mem, 0.0),
                              np.zeros(self.num_cols - len(mem)))
         shape = self.problem.shape
         c = np.concatenate(self._c)
