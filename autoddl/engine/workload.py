@@ -121,11 +121,6 @@ class Workload:
         return info
 
 
-def choice_index(costed: CostedGraph, choice: dict[str, Signature]) -> np.ndarray:
-    """Signature indices of ``choice`` (:func:`~autoddl.engine.costs.plain_indices`)."""
-    return plain_indices(costed, choice)
-
-
 def plan_from_choice(work: Workload, costed: CostedGraph, choice: dict[str, Signature],
                      method: str, search_s: float, *, stage: dict[str, int] | None = None,
                      stages: int = 1, pp: MeshAxis | None = None,

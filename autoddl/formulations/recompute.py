@@ -73,11 +73,6 @@ class LinearForm:
             return float(f.min(initial=0.0))
         return sum(low(v) for _, v in self.nodes) + sum(low(v) for _, v in self.edges)
 
-    def scaled(self, k: float) -> "LinearForm":
-        """The form times ``k``."""
-        return LinearForm(tuple((i, v * k) for i, v in self.nodes),
-                          tuple((i, v * k) for i, v in self.edges))
-
     def restricted(self, keep: list[np.ndarray], edge_ix: list[tuple[np.ndarray, np.ndarray]]
                    ) -> "LinearForm":
         """The form on a problem whose node ``i`` kept signatures ``keep[i]`` and edge ``i``
@@ -124,11 +119,6 @@ class RecomputeGroup:
         for counts in itertools.product(range(self.copies + 1), repeat=len(self.options)):
             if sum(counts) <= self.copies:
                 yield counts
-
-
-def count_slots(groups: Sequence[RecomputeGroup]) -> int:
-    """Entries a choice vector holds after its nodes: one count per group option."""
-    return sum(len(g.options) for g in groups)
 
 
 def counts_of(groups: Sequence[RecomputeGroup], choice: Sequence[int], num_nodes: int
