@@ -216,11 +216,12 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microbatches", type=int, default=None,
                    help="micro-batches per step when pipelined (default: the largest divisor "
                         "of the batch up to 16)")
-    p.add_argument("--recompute", default="auto", choices=("auto", "none", "layers"),
-                   help="layers: keep only each repeated layer's input and recompute it in "
-                        "backward (Megatron's full activation recomputation); none: keep all "
-                        "activations; auto (default): the planner solves both and keeps the "
-                        "faster step")
+    p.add_argument("--recompute", default="auto", choices=RECOMPUTE_CHOICES,
+                   help="auto (default): the solver chooses per layer among none, selective "
+                        "and full; forced for every repeated layer: layers (keep only each "
+                        "layer's inputs and recompute it in backward, Megatron's full "
+                        "recomputation), selective (recompute attention's scores, Korthikanti "
+                        "et al. 2022) or none")
     p.add_argument("--precision", default=None, choices=PRECISION_CHOICES,
                    help="bf16: activations, weights as used and gradients in 2 bytes, fp32 "
                         "master weights and optimizer states (16 B per parameter with Adam); "
@@ -233,6 +234,8 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
 #: the values of ``--precision`` (:data:`autoddl.engine.precision.PRECISIONS`; listed here so
 #: that building the parser imports nothing)
 PRECISION_CHOICES = ("fp32", "bf16")
+#: the values of ``--recompute`` (:data:`autoddl.engine.costs.RECOMPUTE`)
+RECOMPUTE_CHOICES = ("auto", "none", "selective", "layers")
 DEMO_MODEL = "gpt:layers=2,hidden=256,heads=8,seq=64,batch=16,vocab=512"
 
 

@@ -164,3 +164,13 @@ def test_show_success(results):
     assert p.returncode == 0, _describe(p)
     assert "Traceback" not in p.stdout + p.stderr
     assert MESH in p.stdout and "optimal" in p.stdout, p.stdout
+
+
+def test_option_choices_match_the_engine():
+    """The parser lists its choices without importing the engine: they must be the engine's."""
+    from autoddl.cli import PRECISION_CHOICES, RECOMPUTE_CHOICES
+    from autoddl.engine.costs import RECOMPUTE
+    from autoddl.engine.precision import PRECISIONS
+
+    assert set(RECOMPUTE_CHOICES) == set(RECOMPUTE)
+    assert set(PRECISION_CHOICES) == set(PRECISIONS)

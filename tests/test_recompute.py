@@ -165,9 +165,10 @@ def test_solver_recomputation_equals_brute_force_over_layers(fraction):
 
 
 def test_screening_bound_holds_with_recomputation():
-    """The Lagrangian tree bound of a problem with recompute groups stays below the exhaustive
-    optimum (memory lowered by the most recomputation can free), and its plan, counts filled
-    in to fit, is a real plan at least as costly as the optimum."""
+    """The Lagrangian tree bound of a problem with recompute groups (the count polytope's
+    vertices for the largest group, per-term weights for the others) stays below the
+    exhaustive optimum, and its plan, counts filled in to fit, is a real plan at least as
+    costly as the optimum."""
     from autoddl.formulations.bounds import TreeBound
 
     rng = np.random.default_rng(21)
@@ -190,3 +191,20 @@ def test_screening_bound_holds_with_recomputation():
             assert cost >= best - 1e-12
             bounded += 1
     assert bounded >= 3
+
+
+def test_hull_steps_by_hand():
+    """The upgrade steps of a group's options: along the lower convex hull of (bytes freed,
+    seconds added) per copy, cheapest seconds per byte first; a dominated option is skipped."""
+    from autoddl.formulations.recompute import _hull_steps
+
+    # selective frees 1 B for 0.1 s, full 4 B for 1.0 s: none -> selective -> full
+    steps = _hull_steps([(4.0, 1.0, 0), (1.0, 0.1, 1)])
+    assert [(a, b) for _, a, b in steps] == [(None, 1), (1, 0)]
+    assert [r for r, _, _ in steps] == pytest.approx([0.1, 0.9 / 3])
+    # full frees 4 B for 0.2 s: cheaper per byte than selective, which leaves the hull
+    steps = _hull_steps([(4.0, 0.2, 0), (1.0, 0.1, 1)])
+    assert [(a, b) for _, a, b in steps] == [(None, 0)]
+    assert steps[0][0] == pytest.approx(0.05)
+    # an option freeing nothing is never a step
+    assert _hull_steps([(0.0, 0.5, 0)]) == []

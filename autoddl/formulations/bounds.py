@@ -29,22 +29,35 @@ below the best plan found so far is dominated and never solved.
 Its minimiser is a complete signature choice: evaluated on the true problem it is a feasible plan
 whenever it fits memory, so each call also yields an upper bound.
 
-**Recomputation** (:mod:`autoddl.formulations.recompute`) only adds seconds, and frees at most,
-term by term, what every copy recomputed by its most freeing option would: the relaxation reads
-memory lowered by that (:func:`~autoddl.formulations.recompute.memory_floor`), and a minimiser
-is evaluated with counts that fit (:func:`~autoddl.formulations.recompute.fill_counts`).
+**Recomputation** (:mod:`autoddl.formulations.recompute`). Forced counts are folded into the
+costs (exact). A free group of :math:`R` copies adds, with counts :math:`r_o \ge 0`,
+:math:`\sum_o r_o \le R`, the seconds :math:`\sum_o r_o F_o(s)` and frees
+:math:`\sum_o r_o S_o(s)` bytes; its live layer (non-negative memory) is dropped. In
+:math:`L(\lambda)` its counts then meet the weight
+:math:`\sum_o r_o\,(F_o(s) - \lambda_g S_o(s)/M_g)`, whose minimum over the counts is
+:math:`R \min(0, \min_o G_o(s))` with :math:`G_o = F_o - \lambda_g S_o / M_g`. Both forms are
+sums of node and pair terms :math:`G_o = \sum_t G_{o,t}`, and
+:math:`\min(0, \min_o \sum_t G_{o,t}) \ge \sum_t \min(0, \min_o G_{o,t})`: each term gets
+:math:`R \min(0, \min_o G_{o,t})` added, which keeps the relaxation a lower bound and its shape
+a tree. At :math:`\lambda = 0` it adds nothing (recomputation only costs time); at large
+:math:`\lambda` it frees memory at its price in seconds. A minimiser is evaluated with the
+counts the same weights pick (every copy of the option of least :math:`G_o`, where negative)
+and with counts that fit (:func:`~autoddl.formulations.recompute.fill_counts`), the faster
+that fits.
 
 This module imports no torch and no solver.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
 
-from autoddl.formulations.recompute import fill_counts, memory_floor
+from autoddl.formulations.recompute import RecomputeGroup, counts_of, fill_counts, fold_fixed
 from autoddl.formulations.sharding import ShardingProblem, within_capacity
 
 INF = float("inf")
@@ -60,30 +73,29 @@ class BoundResult:
     evaluations: int
 
 
-class TreeBound:
-    """The Lagrangian tree relaxation of one problem; see the module docstring."""
+#: count vertices (below) enumerated per relaxation at most: each is one more tree pass per
+#: multiplier
+MAX_VERTICES = 3
 
-    def __init__(self, problem: ShardingProblem) -> None:
-        self.problem = problem  # plans are evaluated on it; the relaxation reads ``problem``
-        # below: with recomputation, memory lowered by the most it can free (a valid bound)
-        problem = memory_floor(problem) if problem.recompute else problem
-        cap = float(problem.memory_capacity_bytes)
-        self.capacity = cap if np.isfinite(cap) and cap > 0 else INF
-        nodes = problem.nodes
-        groups = sorted({n.group for n in nodes} | {e.group for e in problem.edges})
-        self.groups = groups
-        gi = {g: i for i, g in enumerate(groups)}
-        n_g = len(groups)
-        # unary terms, per group of memory: cost, memory (normalized by capacity)
-        self.c_node = [np.array(n.cost_s, float) for n in nodes]
-        self.m_node = [np.zeros((n_g, len(n.cost_s))) for n in nodes]
-        for v, n in enumerate(nodes):
-            self.m_node[v][gi[n.group]] = self._norm(n.memory_bytes)
+Terms = list[tuple[int, int, np.ndarray, np.ndarray]]  # (group, copies, seconds, freed memory)
+
+
+class _Part:
+    """The weighted terms of one (folded) problem: unary and pairwise cost and memory, and the
+    recompute terms of its free groups; memory normalized by ``capacity``."""
+
+    def __init__(self, problem: ShardingProblem, gi: dict[int, int], capacity: float) -> None:
+        self.capacity = capacity
+        n_g = len(gi)
+        self.c_node = [np.array(n.cost_s, float) for n in problem.nodes]
+        self.m_node = [np.zeros((n_g, len(n.cost_s))) for n in problem.nodes]
+        for v, n in enumerate(problem.nodes):
+            self.m_node[v][gi[n.group]] = self.norm(n.memory_bytes)
         # pairwise terms per node pair (u < v): cost (s_u, s_v) and {group: memory (s_u, s_v)}
-        pairs: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
+        self.pairs: dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
         for e in problem.edges:
             c = e.cost_s[e.src_key][:, e.dst_key]
-            m = self._norm(e.memory_bytes[e.src_key][:, e.dst_key])
+            m = self.norm(e.memory_bytes[e.src_key][:, e.dst_key])
             g = gi[e.group]
             if e.src == e.dst:  # a node's edge to itself: exactly a unary term
                 k = np.arange(len(e.src_key))
@@ -93,19 +105,124 @@ class TreeBound:
             u, v = (e.src, e.dst) if e.src < e.dst else (e.dst, e.src)
             if u != e.src:
                 c, m = c.T, m.T
-            acc_c, acc_m = pairs.get((u, v), (0.0, {}))
+            acc_c, acc_m = self.pairs.get((u, v), (0.0, {}))
             if m.any():
                 acc_m = {**acc_m, g: acc_m.get(g, 0.0) + m}
-            pairs[(u, v)] = (acc_c + c, acc_m)
+            self.pairs[(u, v)] = (acc_c + c, acc_m)
+        self.r_node: dict[int, Terms] = {}
+        self.r_pair: dict[tuple[int, int], Terms] = {}
+        for g in problem.recompute:
+            if g.fixed is None and g.options:
+                self._add_group(problem, g, gi[g.group])
+
+    def norm(self, mem: np.ndarray) -> np.ndarray:
+        """Bytes as a share of the capacity (zeros without one)."""
+        return np.asarray(mem, float) / self.capacity if np.isfinite(self.capacity) else \
+            np.zeros_like(np.asarray(mem, float))
+
+    def _add_group(self, problem: ShardingProblem, g: RecomputeGroup, grp: int) -> None:
+        """Per node and node pair, the (memory group, copies, seconds (options, ...),
+        normalized freed bytes (options, ...)) of free group ``g``'s terms there."""
+        nodes: dict[int, list] = {}
+        edges: dict[int, list] = {}
+        for o, opt in enumerate(g.options):
+            for form, slot in ((opt.extra_s, 0), (opt.saved_bytes, 1)):
+                for v, vals in form.nodes:
+                    nodes.setdefault(v, [[None] * len(g.options) for _ in range(2)])
+                    nodes[v][slot][o] = np.asarray(vals, float)
+                for i, vals in form.edges:
+                    edges.setdefault(i, [[None] * len(g.options) for _ in range(2)])
+                    edges[i][slot][o] = np.nan_to_num(np.asarray(vals, float), posinf=0.0)
+        for v, (f, s) in nodes.items():
+            self.r_node.setdefault(v, []).append((grp, g.copies, _stack(f), self.norm(_stack(s))))
+        for i, (f, s) in edges.items():
+            e = problem.edges[i]
+            f_m = _stack(f)[:, e.src_key][:, :, e.dst_key]
+            s_m = self.norm(_stack(s)[:, e.src_key][:, :, e.dst_key])
+            if e.src == e.dst:
+                k = np.arange(len(e.src_key))
+                self.r_node.setdefault(e.src, []).append((grp, g.copies, f_m[:, k, k],
+                                                          s_m[:, k, k]))
+                continue
+            u, v = (e.src, e.dst) if e.src < e.dst else (e.dst, e.src)
+            if u != e.src:
+                f_m, s_m = f_m.transpose(0, 2, 1), s_m.transpose(0, 2, 1)
+            self.r_pair.setdefault((u, v), []).append((grp, g.copies, f_m, s_m))
+
+    @staticmethod
+    def gain(terms: Terms, lam: np.ndarray) -> float | np.ndarray:
+        """The least weight the counts of recomputation can add through these terms at ``lam``
+        (<= 0; module docstring)."""
+        out: float | np.ndarray = 0.0
+        for g, copies, f, s in terms:
+            out = out + copies * np.minimum(0.0, (f - lam[g] * s).min(axis=0))
+        return out
+
+    def pair(self, u: int, v: int, lam: np.ndarray) -> np.ndarray:
+        """The weighted pairwise term of (u, v), u < v, as (s_u, s_v)."""
+        c, mem = self.pairs[(u, v)]
+        for g, m in mem.items():
+            if lam[g]:
+                c = c + lam[g] * m
+        terms = self.r_pair.get((u, v))
+        return c + self.gain(terms, lam) if terms and lam.any() else c
+
+    def unary(self, lam: np.ndarray) -> list[np.ndarray]:
+        """The weighted unary term of every node."""
+        out = [c + lam @ m for c, m in zip(self.c_node, self.m_node)]
+        if lam.any():
+            for v, terms in self.r_node.items():
+                out[v] = out[v] + self.gain(terms, lam)
+        return out
+
+
+def count_vertices(problem: ShardingProblem) -> tuple[list[int], list[tuple[tuple[int, ...],
+                                                                           ...]]]:
+    """(the free recompute groups whose counts are enumerated, the vertices of their count
+    polytopes): groups by most copies first while the vertices number at most
+    :data:`MAX_VERTICES`; a group's vertices are no copy recomputed and every copy by one
+    option. The first vertex recomputes nothing."""
+    free = sorted((k for k, g in enumerate(problem.recompute) if g.fixed is None and g.options),
+                  key=lambda k: -problem.recompute[k].copies)
+    chosen: list[int] = []
+    count = 1
+    for k in free:
+        n = len(problem.recompute[k].options) + 1
+        if count * n > MAX_VERTICES:
+            break
+        chosen.append(k)
+        count *= n
+
+    def corners(g: RecomputeGroup) -> list[tuple[int, ...]]:
+        return [(0,) * len(g.options)] + [
+            tuple(g.copies if j == o else 0 for j in range(len(g.options)))
+            for o in range(len(g.options))]
+
+    return chosen, list(itertools.product(*[corners(problem.recompute[k]) for k in chosen]))
+
+
+class TreeBound:
+    """The Lagrangian tree relaxation of one problem; see the module docstring."""
+
+    def __init__(self, problem: ShardingProblem) -> None:
+        self.problem = problem  # plans are evaluated on it; the relaxation reads ``problem``
+        cap = float(problem.memory_capacity_bytes)
+        self.capacity = cap if np.isfinite(cap) and cap > 0 else INF
+        groups = sorted({n.group for n in problem.nodes} | {e.group for e in problem.edges})
+        self.groups = groups
+        gi = {g: i for i, g in enumerate(groups)}
+        self.enumerated, self.vertices = count_vertices(problem)
+        self.parts = [_Part(fold_fixed(self._at_vertex(vx)) if problem.recompute else problem,
+                            gi, self.capacity) for vx in self.vertices]
+        pairs = self.parts[0].pairs
         graph = nx.Graph()
-        graph.add_nodes_from(range(len(nodes)))
+        graph.add_nodes_from(range(len(problem.nodes)))
         for (u, v), (c, _m) in pairs.items():
             fin = c[np.isfinite(c)]
             spread = float(fin.max() - fin.min()) if fin.size else 0.0
             graph.add_edge(u, v, weight=spread + 1e-12 * (1 + abs(fin.max(initial=0.0))))
         forest = nx.maximum_spanning_tree(graph)
         self.tree_pairs = {(u, v) if u < v else (v, u) for u, v in forest.edges}
-        self.pairs = pairs
         # orientation: roots and a post-order of each tree
         self.order: list[tuple[int, int | None]] = []  # (node, parent), children first
         for comp in nx.connected_components(forest):
@@ -117,26 +234,44 @@ class TreeBound:
             self.order.extend((v, parent[v]) for v in reversed(pre))
         self.evaluations = 0
 
-    def _norm(self, mem: np.ndarray) -> np.ndarray:
-        return np.asarray(mem, float) / self.capacity if np.isfinite(self.capacity) else \
-            np.zeros_like(np.asarray(mem, float))
+    def _at_vertex(self, vertex: tuple[tuple[int, ...], ...]) -> ShardingProblem:
+        """The problem with the enumerated groups' counts forced to ``vertex``."""
+        groups = list(self.problem.recompute)
+        for k, counts in zip(self.enumerated, vertex):
+            groups[k] = dataclasses.replace(groups[k], fixed=counts)
+        return dataclasses.replace(self.problem, recompute=tuple(groups))
 
-    def _pair(self, u: int, v: int, lam: np.ndarray) -> np.ndarray:
-        """The weighted pairwise term of (u, v), u < v, as (s_u, s_v)."""
-        c, mem = self.pairs[(u, v)]
-        for g, m in mem.items():
-            if lam[g]:
-                c = c + lam[g] * m
-        return c
+    @property
+    def pairs(self) -> dict[tuple[int, int], tuple[np.ndarray, dict[int, np.ndarray]]]:
+        """The pairwise terms without recomputation (the first vertex's)."""
+        return self.parts[0].pairs
 
     def solve(self, lam: np.ndarray) -> tuple[float, np.ndarray]:
-        """(L(lam), the minimising choice) of the relaxed problem at multipliers ``lam``."""
+        """(L(lam), the minimising choice) of the relaxed problem at multipliers ``lam``: the
+        least over the count vertices (at lam = 0 the first: recomputation only adds seconds);
+        the choice holds the enumerated groups' counts of that vertex after the signatures
+        (other groups: none)."""
         self.evaluations += 1
-        unary = [c + lam @ m for c, m in zip(self.c_node, self.m_node)]
-        for u, v in self.pairs:
+        best, arg = INF, None
+        for vertex, part in zip(self.vertices, self.parts if lam.any() else self.parts[:1]):
+            value, choice = self._solve_part(part, lam)
+            if arg is None or value < best:
+                best, arg = value, (choice, vertex)
+        assert arg is not None
+        choice, vertex = arg
+        tail: list[int] = []
+        at = dict(zip(self.enumerated, vertex))
+        for k, g in enumerate(self.problem.recompute):
+            tail.extend(at.get(k, g.default_counts()))
+        return best - float(lam.sum()), np.concatenate([choice, np.array(tail, dtype=np.int64)])
+
+    def _solve_part(self, part: _Part, lam: np.ndarray) -> tuple[float, np.ndarray]:
+        """(min, minimiser) of one vertex's relaxed sum by the forest DP."""
+        unary = part.unary(lam)
+        for u, v in part.pairs:
             if (u, v) in self.tree_pairs:
                 continue
-            w = self._pair(u, v, lam)
+            w = part.pair(u, v, lam)
             unary[u] = unary[u] + 0.5 * w.min(axis=1)
             unary[v] = unary[v] + 0.5 * w.min(axis=0)
         belief = list(unary)
@@ -146,14 +281,35 @@ class TreeBound:
             if p is None:
                 total += float(belief[v].min())
                 continue
-            w = self._pair(p, v, lam) if p < v else self._pair(v, p, lam).T  # (s_p, s_v)
+            w = part.pair(p, v, lam) if p < v else part.pair(v, p, lam).T  # (s_p, s_v)
             full = w + belief[v][None, :]
             arg[v] = np.argmin(full, axis=1)
             belief[p] = belief[p] + full[np.arange(len(arg[v])), arg[v]]
-        choice = np.zeros(len(self.c_node), dtype=np.int64)
+        choice = np.zeros(len(unary), dtype=np.int64)
         for v, p in reversed(self.order):
             choice[v] = int(np.argmin(belief[v])) if p is None else int(arg[v][choice[p]])
-        return total - float(lam.sum()), choice
+        return total, choice
+
+    def weighed_counts(self, choice: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        """``choice`` (signatures and counts, :meth:`solve`'s) with the counts of the groups not
+        enumerated that the weights at ``lam`` pick: every copy by the option of least seconds
+        less weighted freed bytes where that is negative."""
+        problem, n = self.problem, len(self.problem.nodes)
+        base = [int(c) for c in choice[:n]]
+        gi = {g: i for i, g in enumerate(self.groups)}
+        norm = self.parts[0].norm
+        tail: list[int] = []
+        for k, (g, counts) in enumerate(zip(problem.recompute,
+                                            counts_of(problem.recompute, choice, n))):
+            counts = list(counts)
+            if g.fixed is None and g.options and k not in self.enumerated:
+                w = [o.extra_s.value(problem, base)
+                     - lam[gi[g.group]] * norm(o.saved_bytes.value(problem, base))
+                     for o in g.options]
+                if min(w) < 0:
+                    counts[int(np.argmin(w))] = g.copies
+            tail.extend(counts)
+        return np.array(base + tail, dtype=int)
 
     def best(self, rounds: int = 12) -> BoundResult:
         """Maximise L over the multipliers (a common one, then per group) and return the best
@@ -166,11 +322,13 @@ class TreeBound:
             lb, choice = self.solve(lam)
             best_lb = max(best_lb, lb)
             if np.isfinite(lb):
-                if self.problem.recompute:  # recomputation that fits, for the plan's step
-                    choice = fill_counts(self.problem, choice, self.problem.memory_capacity_bytes)
-                cost, mem = self.problem.evaluate(choice)
-                if within_capacity(mem, self.problem.memory_capacity_bytes) and cost < best_ub:
-                    best_ub, best_choice = cost, choice
+                cap = self.problem.memory_capacity_bytes
+                tries = [choice] if not self.problem.recompute else [  # counts for the plan
+                    self.weighed_counts(choice, lam), fill_counts(self.problem, choice, cap)]
+                for full in tries:
+                    cost, mem = self.problem.evaluate(full)
+                    if within_capacity(mem, cap) and cost < best_ub:
+                        best_ub, best_choice = cost, full
             return lb
 
         lb0 = probe(np.zeros(n_g))
@@ -213,6 +371,12 @@ class TreeBound:
                         if val > cur:
                             cur, lam = val, trial
         return BoundResult(best_lb, best_ub, best_choice, self.evaluations)
+
+
+def _stack(values: list[np.ndarray | None]) -> np.ndarray:
+    """Per-option arrays stacked on a first axis, zeros for an option without a term here."""
+    like = next(v for v in values if v is not None)
+    return np.stack([np.zeros_like(like) if v is None else v for v in values])
 
 
 def tree_bound(problem: ShardingProblem) -> BoundResult:

@@ -238,8 +238,10 @@ def memory_floor(problem: Any) -> Any:
 def fill_counts(problem: Any, choice: Sequence[int], capacity_bytes: float) -> np.ndarray:
     """A choice vector of ``choice``'s signatures with recomputation counts that fit memory
     where some do (a heuristic for screening's plans, not an optimum): the defaults if they fit;
-    else options taken whole in order of seconds added per byte freed, the last one cut back
-    to the fewest copies that still fit."""
+    else the greedy of the multiple-choice knapsack's LP. Per free group, the options ordered
+    by bytes freed per copy form steps along their lower convex hull of (bytes freed, seconds
+    added) from "none"; steps of every group are taken whole, the least seconds per byte first,
+    until the plan fits, the last one cut back to the fewest copies that still fit."""
     n = len(problem.nodes)
     base = [int(c) for c in choice[:n]]
     groups = problem.recompute
@@ -253,26 +255,52 @@ def fill_counts(problem: Any, choice: Sequence[int], capacity_bytes: float) -> n
 
     if not groups or fits():
         return vec()
-    items = []
+    steps = []  # (seconds per byte, group, from option or None, to option)
     for gi, g in enumerate(groups):
         if g.fixed is None:
-            for oi, o in enumerate(g.options):
-                freed = o.saved_bytes.value(problem, base)
-                if freed > 0:
-                    items.append((o.extra_s.value(problem, base) / freed, gi, oi))
-    for _, gi, oi in sorted(items):
-        room = groups[gi].copies - sum(counts[gi])
-        if room <= 0:
+            points = [(o.saved_bytes.value(problem, base), o.extra_s.value(problem, base), oi)
+                      for oi, o in enumerate(g.options)]
+            steps += [(ratio, gi, a, b) for ratio, a, b in _hull_steps(points)]
+    for _, gi, a, b in sorted(steps, key=lambda t: t[0]):
+        move = groups[gi].copies if a is None else counts[gi][a]
+        if move <= 0:
             continue
-        counts[gi][oi] += room
+
+        def shift(k: int, gi: int = gi, a: int | None = a, b: int = b) -> None:
+            """Move ``k`` copies from option ``a`` (None: not recomputed) to ``b``."""
+            if a is not None:
+                counts[gi][a] -= k
+            counts[gi][b] += k
+
+        shift(move)
         if fits():
-            lo, hi = counts[gi][oi] - room, counts[gi][oi]  # hi fits; find the fewest
+            lo, hi = 0, move  # moving hi copies fits; find the fewest
             while hi - lo > 1:
-                counts[gi][oi] = (lo + hi) // 2
-                lo, hi = (lo, counts[gi][oi]) if fits() else (counts[gi][oi], hi)
-            counts[gi][oi] = hi
+                mid = (lo + hi) // 2
+                shift(mid - hi)
+                lo, hi = (lo, mid) if fits() else (mid, hi)
+                if hi != mid:
+                    shift(hi - mid)
             break
     return vec()
+
+
+def _hull_steps(points: list[tuple[float, float, int]]) -> list[tuple[float, int | None, int]]:
+    """The steps (seconds per byte, from option or None, to option) along the lower convex
+    hull of (bytes freed, seconds added) per copy, from (0, 0) ("none") rightwards."""
+    hull: list[tuple[float, float, int | None]] = [(0.0, 0.0, None)]
+    for freed, extra, oi in sorted(p for p in points if p[0] > 0):
+        if freed <= hull[-1][0]:  # frees no more than a cheaper option
+            continue
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            if (y2 - y1) * (freed - x1) >= (extra - y1) * (x2 - x1):  # hull[-1] above the chord
+                hull.pop()
+            else:
+                break
+        hull.append((freed, extra, oi))
+    return [((y2 - y1) / (x2 - x1), a, b)
+            for (x1, y1, a), (x2, y2, b) in zip(hull, hull[1:]) if x2 > x1]
 
 
 class RecomputeRows:
@@ -298,9 +326,9 @@ class RecomputeRows:
             counts = []
             for o, opt in enumerate(g.options):
                 r, q0 = self._count(g, None if g.fixed is None else g.fixed[o])
-                self._spread(g, opt, r)
                 self._live(g, opt, q0, u_col.get(g.group), live_cap.get(g.group, 0.0))
                 counts.append(r)
+            self._spread(g, counts)
             if g.fixed is None and len(counts) > 1:
                 self._add_row(np.array(counts), np.ones(len(counts)), -np.inf, float(g.copies))
             self.recompute_cols.append(counts)
@@ -341,32 +369,40 @@ class RecomputeRows:
                     starts.setdefault(self.x_start[side], self.x_start[side] + np.arange(k))
         return list(starts.values())
 
-    def _spread(self, g: RecomputeGroup, opt: RecomputeOption, r: int) -> None:
-        r"""Copies :math:`z_k = r \sum_{j \in k} x_j` per class k of columns of one one-hot set
-        that cost and free the same (exact for binary x and integer r:
-        :math:`\sum_k z_k = r`, :math:`0 \le z_k \le R \sum_{j \in k} x_j`), costing the
-        form's seconds and freeing its bytes."""
-        f_cols, f_vals = self.form_terms(opt.extra_s)
-        s_cols, s_vals = self.form_terms(opt.saved_bytes)
-        extra = dict(zip(f_cols.tolist(), f_vals.tolist()))
-        freed = dict(zip(s_cols.tolist(), s_vals.tolist()))
-        for cols in self._blocks([opt.extra_s, opt.saved_bytes]):
-            cost = np.array([extra.get(int(c), 0.0) for c in cols])
-            mem = -np.array([freed.get(int(c), 0.0) for c in cols])
-            # columns of equal (seconds, bytes) share one z: z_k <= R · (their x's sum)
-            classes, which = np.unique(np.stack([cost, mem], axis=1), axis=0,
-                                       return_inverse=True)
+    def _spread(self, g: RecomputeGroup, counts: list[int]) -> None:
+        r"""Copies :math:`z_{o,k} = r_o \sum_{j \in k} x_j` per option o and class k of
+        columns of one one-hot set that cost and free the same under every option (exact for
+        binary x and integer r: :math:`\sum_k z_{o,k} = r_o`,
+        :math:`\sum_o z_{o,k} \le R \sum_{j \in k} x_j`, the copies a sharding hosts),
+        costing the forms' seconds and freeing their bytes. The joint row keeps the LP
+        relaxation from recomputing more copies on a column than it holds."""
+        terms = []
+        for opt in g.options:
+            f_cols, f_vals = self.form_terms(opt.extra_s)
+            s_cols, s_vals = self.form_terms(opt.saved_bytes)
+            terms.append((dict(zip(f_cols.tolist(), f_vals.tolist())),
+                          dict(zip(s_cols.tolist(), s_vals.tolist()))))
+        forms = [f for opt in g.options for f in (opt.extra_s, opt.saved_bytes)]
+        for cols in self._blocks(forms):
+            # per column: (seconds, -bytes) of every option; equal rows share one class
+            vals = np.array([[d.get(int(c), 0.0) * sign for extra, freed in terms
+                              for d, sign in ((extra, 1.0), (freed, -1.0))] for c in cols])
+            classes, which = np.unique(vals, axis=0, return_inverse=True)
             which = which.reshape(-1)
-            z = self._new_cols(classes[:, 0], classes[:, 1], integer=False)
-            self._ub[-1][:] = g.copies
-            self._group.append(g.group)
-            zs = z + np.arange(len(classes))
-            self._add_row(np.append(zs, r), np.append(np.ones(len(zs)), -1.0), 0.0, 0.0)
-            for k, zk in enumerate(zs):
+            zs = []
+            for o, r in enumerate(counts):
+                z = self._new_cols(classes[:, 2 * o], classes[:, 2 * o + 1], integer=False)
+                self._ub[-1][:] = g.copies
+                self._group.append(g.group)
+                z_o = z + np.arange(len(classes))
+                self._add_row(np.append(z_o, r), np.append(np.ones(len(z_o)), -1.0), 0.0, 0.0)
+                zs.append(z_o)
+            for k in range(len(classes)):
                 members = cols[which == k]
-                self._add_row(np.append(zk, members),
-                              np.append(1.0, np.full(len(members), -float(g.copies))), -np.inf,
-                              0.0)
+                self._add_row(np.concatenate([[z_o[k] for z_o in zs], members]),
+                              np.concatenate([np.ones(len(zs)),
+                                              np.full(len(members), -float(g.copies))]),
+                              -np.inf, 0.0)
 
     def _live(self, g: RecomputeGroup, opt: RecomputeOption, q0: int, u: int | None,
               live_cap: float) -> None:
