@@ -57,6 +57,9 @@ def _workload(a: argparse.Namespace):
         raise UserError(f"--gap must be in [0, 1), got {a.gap}")
     if getattr(a, "workers", None) is not None and a.workers < 1:
         raise UserError(f"--workers must be at least 1, got {a.workers}")
+    from autoddl.engine.objectives import DEFAULT_OBJECTIVE, check_objective
+
+    a.objective = check_objective(getattr(a, "objective", None) or DEFAULT_OBJECTIVE)
     return load_workload(a.model, cluster, optimizer=a.optimizer, recompute=a.recompute,
                          microbatches=a.microbatches, stages=a.stages,
                          balance_eps=a.balance_eps, precision=a.precision)
@@ -99,7 +102,7 @@ def _solve(a: argparse.Namespace, work, log: Progress):
                       stages=a.stages, balance_eps=a.balance_eps, schedule=a.schedule,
                       layers=work.layers, mip_rel_gap=a.gap, workers=a.workers,
                       strict_rules=getattr(a, "strict_rules", False),
-                      interleave=getattr(a, "interleave", None))
+                      interleave=getattr(a, "interleave", None), objective=a.objective)
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -151,11 +154,13 @@ def _compare(a: argparse.Namespace) -> int:
         pyplot()  # a missing matplotlib fails before the search, not after
     work = _workload(a)
     log = (lambda msg: print(f"  {msg}", file=sys.stderr)) if a.verbose else None
-    rows, _ = compare(work, a.backend, a.time_limit, log)
+    rows, _ = compare(work, a.backend, a.time_limit, log, a.objective)
     title = f"{work.spec_text} on {work.cluster.spec or work.cluster.name}"
+    minimized = ("; the ILP rows minimize the bytes each device sends"
+                 if a.objective == "bytes" else "")
     print(f"{title} ({work.cluster.num_devices} devices, {work.config.precision}); cost = "
           "predicted step time (compute, critical and exposed communication, pipeline "
-          "bubble), under one cost model\n")
+          f"bubble), under one cost model{minimized}\n")
     print(table(rows))
     if a.json:
         write_text_atomic(a.json, to_json(rows, {"model": work.spec_text,
@@ -226,6 +231,10 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
                    help="bf16: activations, weights as used and gradients in 2 bytes, fp32 "
                         "master weights and optimizer states (16 B per parameter with Adam); "
                         "default: bf16 on a cuda cluster, fp32 on cpu")
+    p.add_argument("--objective", default=None,
+                   help="what the ILP minimizes: step (default), the predicted step time; "
+                        "bytes, the bytes each device sends per step (AutoDDL's bandwidth "
+                        "cost; a pipeline's busiest stage), every operator's work divided")
     p.add_argument("--balance-eps", type=float, default=0.1,
                    help="each stage's FLOPs at most (1+eps) x the mean")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from autoddl.engine.baselines import ZERO_METHODS, Outcome, data_parallel, fit_note, fits
 from autoddl.engine.baselines import megatron_tp_dp, ptdp_grid
+from autoddl.engine.objectives import DEFAULT_OBJECTIVE
 from autoddl.engine.plan import Plan, format_bytes, format_seconds
 from autoddl.engine.search import alpa, coordinate_descent, greedy
 from autoddl.engine.workload import Workload
@@ -72,10 +73,11 @@ def row_of(o: Outcome) -> Row:
                c.get("compute_s"), c.get("exposed_comm_s"))
 
 
-def ilp_outcomes(work: Workload, backend: str | None, time_limit_s: float | None
-                 ) -> tuple[Outcome, Outcome]:
+def ilp_outcomes(work: Workload, backend: str | None, time_limit_s: float | None,
+                 objective: str = DEFAULT_OBJECTIVE) -> tuple[Outcome, Outcome]:
     """(the ILP's plan over every candidate, its best unpipelined plan): the second is Alpa's
-    K = 1, the intra-op ILP alone."""
+    K = 1, the intra-op ILP alone; both minimize ``objective``
+    (:mod:`autoddl.engine.objectives`)."""
     from autoddl.engine.planner import plan_graph
 
     def solve(stages: int | None) -> Outcome:
@@ -85,7 +87,8 @@ def ilp_outcomes(work: Workload, backend: str | None, time_limit_s: float | None
                               backend=backend, time_limit_s=time_limit_s, config=work.config,
                               microbatch_graph=work.microbatch_graph if stages != 1 else None,
                               microbatches=work.microbatches, stages=stages,
-                              balance_eps=work.balance_eps, layers=work.layers)
+                              balance_eps=work.balance_eps, layers=work.layers,
+                              objective=objective)
         except InfeasibleError as exc:  # no plan fits: the baselines still get their rows
             return Outcome(ILP, "", None, time.perf_counter() - t0, f"does not fit: {exc}")
         return Outcome(ILP, plan_label(plan), plan, time.perf_counter() - t0)
@@ -106,9 +109,11 @@ METHODS: dict[str, Callable[[Workload], Outcome]] = {
 
 
 def compare(work: Workload, backend: str | None = None, time_limit_s: float | None = None,
-            log: Callable[[str], None] | None = None) -> tuple[list[Row], dict[str, Outcome]]:
-    """Every method's row (the ILP's first) and outcome, by method name."""
-    best, flat = ilp_outcomes(work, backend, time_limit_s)
+            log: Callable[[str], None] | None = None, objective: str = DEFAULT_OBJECTIVE
+            ) -> tuple[list[Row], dict[str, Outcome]]:
+    """Every method's row (the ILP's first, minimizing ``objective``) and outcome, by method
+    name."""
+    best, flat = ilp_outcomes(work, backend, time_limit_s, objective)
     if log:
         log(f"{ILP}: {best.config}, {best.search_s:.2f} s")
     outcomes = {ILP: best}

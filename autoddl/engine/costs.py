@@ -149,6 +149,9 @@ class CostedGraph:
     problem: ShardingProblem
     index: dict[str, int] = field(default_factory=dict)
     mult: "Multiplicity | None" = None
+    #: what the problem's costs price: "step" (seconds of the step) or "bytes" (bytes each
+    #: device sends, no compute, nothing hidden: :mod:`autoddl.engine.objectives`)
+    objective: str = "step"
 
 
 def _keys(items: list) -> tuple[np.ndarray, list]:
@@ -517,26 +520,30 @@ def _signatures(n, graph: OpGraph, mesh_shape: tuple[int, ...]) -> list[Signatur
 def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
                   config: TrainingConfig = TrainingConfig(),
                   mult: Multiplicity | None = None,
-                  sigs: dict[str, list[Signature]] | None = None) -> CostedGraph:
+                  sigs: dict[str, list[Signature]] | None = None,
+                  objective: str = "step") -> CostedGraph:
     """Signatures and costs of every node and edge of ``graph`` on ``mesh`` (times ``mult``);
-    ``sigs`` restricts the signatures (default: every legal one)."""
+    ``sigs`` restricts the signatures (default: every legal one). ``objective`` "bytes": no
+    compute and nothing hidden, so that on a mesh whose steps take one second per byte
+    (:func:`autoddl.engine.objectives.bytes_mesh`) every cost is bytes sent per device."""
     mult = mult or Multiplicity()
     if sigs is None:
         sigs = {n.name: _signatures(n, graph, mesh.shape) for n in graph.nodes}
     index = {n.name: i for i, n in enumerate(graph.nodes)}
-    nodes = [_node_choices(graph, n, sigs[n.name], mesh, cluster, config, mult, node_cache)
-             for node_cache in [{}] for n in graph.nodes]
+    compute = objective != "bytes"
+    nodes = [_node_choices(graph, n, sigs[n.name], mesh, cluster, config, mult, node_cache,
+                           compute) for node_cache in [{}] for n in graph.nodes]
     coster = _EdgeCoster(mesh, config.precision)
     edges = [coster.choices(graph, sigs, index, src, dst, i, k,
                             mult.edge_memory(src, dst, i, k), 1,
                             mult.grad_copies.get((src, dst, i), -1.0))
              for src, dst, i, k in mult.all_edges(graph)]
-    if cluster.compute.overlap:
+    if cluster.compute.overlap and compute:
         edges = [hide_weight_traffic(e) if graph.nodes[e.src].kind == "param" else e
                  for e in edges]
     problem = ShardingProblem(tuple(nodes), tuple(edges), float(cluster.memory_per_device_bytes),
                               StepShape())
-    return CostedGraph(graph, mesh, cluster, config, sigs, problem, index, mult)
+    return CostedGraph(graph, mesh, cluster, config, sigs, problem, index, mult, objective)
 
 
 def edge_units(costed: CostedGraph) -> "Callable[[str, str, int], tuple[np.ndarray, np.ndarray]]":
@@ -554,9 +561,11 @@ def hide_weight_traffic(e: EdgeChoices) -> EdgeChoices:
 
 
 def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: Cluster,
-                  config: TrainingConfig, mult: Multiplicity, cache: dict) -> NodeChoices:
+                  config: TrainingConfig, mult: Multiplicity, cache: dict,
+                  compute: bool = True) -> NodeChoices:
     """A node's costs: an op's compute (critical) and its backward (the window that hides
-    weight traffic), the loss made whole; a weight's ZeRO start-ups (hidden)."""
+    weight traffic), the loss made whole; a weight's ZeRO start-ups (hidden). Without
+    ``compute``, only the collectives (and nothing hidden)."""
     if not ss:
         raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
     k_pass = 3.0  # recomputation is priced by the recompute groups
@@ -564,7 +573,7 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
            n.name == graph.loss, tuple(graph[i].out for i in n.inputs), config)
     if key not in cache:
         fwd = np.array([node_forward_s(graph, n, s, mesh, cluster, config.precision)
-                        for s in ss])
+                        if compute else 0.0 for s in ss])
         cost = k_pass * fwd
         if n.name == graph.loss:  # the loss value is made whole on every device
             cost = cost + [steps_seconds(loss_steps(graph, s.out, mesh, config.precision), mesh)
@@ -573,7 +582,7 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
         cost = cost + [steps_seconds(op_steps(graph, n, s, mesh), mesh) for s in ss]
         hidden = (np.array([zero_latency_s(s, mesh, n.out.nbytes) for s in ss])
                   if n.kind == "param" else None)
-        if hidden is not None and not cluster.compute.overlap:
+        if hidden is not None and not (cluster.compute.overlap and compute):
             cost, hidden = cost + hidden, None
         cache[key] = (cost, (k_pass - 1.0) * fwd, hidden,
                       np.array([node_memory_bytes(n, s, mesh, config)

@@ -271,6 +271,19 @@ def _link_text(axis: dict) -> str:
     return f"{axis['bandwidth_gbps']:g} GB/s"
 
 
+def _step_tag(solver: dict) -> str:
+    """" (objective)" where the solver minimized the step time."""
+    return "" if solver.get("objective_kind") == "bytes" else " (objective)"
+
+
+def _objective_text(solver: dict) -> str:
+    """The solver's objective with its unit: seconds of the step, or bytes per device (a
+    plan's ``solver.objective_kind``; plans written before it minimized the step)."""
+    if solver.get("objective_kind") == "bytes":
+        return f"{format_bytes(solver['objective'])} per device (bytes)"
+    return format_seconds(solver["objective"])
+
+
 def summary(plan: Plan) -> str:
     """A short human-readable table of a plan: mesh, cost by axis and kind, memory, solver."""
     c, m, s = plan.cost, plan.memory, plan.solver
@@ -297,12 +310,12 @@ def summary(plan: Plan) -> str:
         f"cluster  {plan.cluster.get('spec') or plan.cluster['name']}  "
         f"({plan.num_devices} devices)",
         f"mesh     {axes}" + (" (each stage)" if plan.pipeline else "") + pipe,
-        f"solver   {s['backend']}: {s['status']}, objective {format_seconds(s['objective'])}, "
+        f"solver   {s['backend']}: {s['status']}, objective {_objective_text(s)}, "
         f"gap {gap}, {searched}{len(plan.candidates)} candidate(s)",
         *repeat_line(plan), *proof_lines(plan),
         "",
         f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
-        f"{'  step time (objective)':<28}{format_seconds(c['total_s']):>14}",
+        f"{'  step time' + _step_tag(s):<28}{format_seconds(c['total_s']):>14}",
     ]
     for key, label in (("compute_s", "  compute"), ("redundant_compute_s", "    of it redundant"),
                        ("hidden_comm_s", "  communication hidden"),
@@ -311,6 +324,9 @@ def summary(plan: Plan) -> str:
             lines.append(f"{label:<28}{format_seconds(c[key]):>14}")
     lines.append(f"{'  communication (all)':<28}{format_seconds(c['bandwidth_s']):>14}"
                  f"{format_bytes(c['bytes_per_device']):>16}")
+    if "stage_bytes_per_device" in c:
+        lines.append(f"{'    busiest stage, per device':<28}{'':>14}"
+                     f"{format_bytes(c['stage_bytes_per_device']):>16}")
     if "bubble_s" in c:
         lines.append(f"{'  pipeline bubble':<28}{format_seconds(c['bubble_s']):>14}")
     for name, v in c["per_axis"].items():

@@ -155,6 +155,8 @@ def _check_numbers(data: Mapping[str, Any]) -> None:
     cost = _mapping(data, "cost", "plan")
     for key in _COST_NUMBERS:
         _number(cost.get(key), f"cost.{key}")
+    if "stage_bytes_per_device" in cost:  # pipelines of repeated layers (since objectives)
+        _number(cost["stage_bytes_per_device"], "cost.stage_bytes_per_device")
     for table in ("per_axis", "per_kind"):
         rows = cost.get(table)
         if not isinstance(rows, dict):
@@ -173,6 +175,11 @@ def _check_numbers(data: Mapping[str, Any]) -> None:
         if not isinstance(solver.get(key), str):
             raise _bad(f"solver.{key}", "is not a string")
     _number(solver.get("objective"), "solver.objective")
+    from autoddl.engine.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+
+    kind = solver.get("objective_kind", DEFAULT_OBJECTIVE)
+    if kind not in OBJECTIVES:
+        raise _bad("solver.objective_kind", f"is {kind!r}, not one of {', '.join(OBJECTIVES)}")
     for key in ("gap", "bound", "time_s"):
         if solver.get(key) is not None:
             _number(solver[key], f"solver.{key}", nonnegative=key != "bound")

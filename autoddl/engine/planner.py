@@ -21,6 +21,10 @@ from autoddl.engine.costs import (
 )
 from autoddl.engine.candidates import Job, Prepared, search
 from autoddl.engine.graph import OpGraph
+from autoddl.engine.objectives import (
+    DEFAULT_OBJECTIVE, bytes_axis, bytes_build, bytes_mesh, check_objective, reported,
+    stage_bytes,
+)
 from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes, split_timings
 from autoddl.engine.rules import Signature, check_rules
@@ -282,8 +286,8 @@ def min_pipeline_memory_bytes(problem: PipelineProblem, backend: str | None = No
 def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[dict],
             total_time_s: float, schedule: str, proof: dict | None = None) -> Plan:
     """Turn a solved candidate into a :class:`Plan`; ``proof``: entries for the solver record
-    (``proof_capacity_bytes``, ``fallback``). Timings go to :attr:`Plan.timings`, not the
-    records."""
+    (``proof_capacity_bytes``, ``fallback``, ``objective_kind``: what ``objective`` is, step
+    seconds or bytes per device). Timings go to :attr:`Plan.timings`, not the records."""
     costed, r = c.costed, c.result
     names = costed.mesh.names
     assert c.choice is not None and c.stage is not None
@@ -308,6 +312,8 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
         assert c.pp is not None and c.problem is not None
         cost = program_breakdown(c.program, costed, c.problem, c.choice, c.pp, c.bubble_s,
                                  c.counts)
+        cost["stage_bytes_per_device"] = stage_bytes(c.program, costed, c.problem, c.choice,
+                                                     c.counts, c.pp)
         idx = np.append(plain_indices(costed, c.choice), c.counts)
         recompute = recompute_record(costed.config.recompute, plan_counts(costed, idx),
                                      program_layer_order(c.program))
@@ -343,7 +349,8 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                schedule: str = "1F1B", log: Callable[[str], None] | None = None,
                layers: int | None = None, reduce: bool = True, lp_first: bool = True,
                screen: bool = True, workers: int | None = None,
-               strict_rules: bool = False, interleave: int | None = None) -> Plan:
+               strict_rules: bool = False, interleave: int | None = None,
+               objective: str = DEFAULT_OBJECTIVE) -> Plan:
     """The minimum-cost plan of ``graph`` on ``cluster`` over all candidates.
 
     ``microbatch_graph`` (the graph of one of ``microbatches`` micro-batches) enables pipelined
@@ -356,8 +363,11 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     (``model["fallback_ops"]``); ``strict_rules`` makes them an error instead. Pipelines of
     repeated layers may run interleaved (v model chunks per device) where v is legal
     (:func:`~autoddl.engine.programs.interleave_options`); ``interleave`` forces one v.
+    ``objective``: what is minimized, the step time or the bytes per device
+    (:mod:`autoddl.engine.objectives`); the plan reports both.
     """
     t0 = time.perf_counter()
+    check_objective(objective)
     preload()  # solver libraries imported now, before screening forks or any thread starts
     _check_options(schedule, balance_eps, stages, interleave)
     if schedule != "1F1B":  # interleaving is a 1F1B schedule
@@ -374,7 +384,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     # recomputation is chosen per layer by each candidate's MILP ("auto") or forced
     jobs = _variant_jobs(graph, cluster, config, blocks, layers, backend, meshes, mip_rel_gap,
                          microbatch_graph, microbatches, stages, balance_eps, lp_first, "",
-                         interleave)
+                         interleave, objective)
     reduced = reduce_graph(graph, blocks, layers) if blocks else None
     if not jobs and interleave is not None and interleave > 1:
         raise UserError(f"no pipeline can run {interleave} model chunks per device: it needs "
@@ -382,6 +392,11 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                         f"the micro-batches ({microbatches}), and {interleave} dividing the "
                         "layers per stage; choose another --interleave, --stages or "
                         "--microbatches")
+    if not jobs and objective == "bytes":
+        raise UserError(f"no candidate with {stages} pipeline stages under --objective bytes: "
+                        "it prices pipelines of repeated layers (four or more) only, with a "
+                        "stage count dividing the devices, the micro-batches and the layers; "
+                        "choose another --stages or the step objective")
     if not jobs:
         n_layers = reduced.layers if reduced else 0
         layers_too = (f" and, with repeated layers, divide the {n_layers} layers"
@@ -406,7 +421,8 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     if reduced is not None:
         info["repeat"] = {"layers": reduced.layers, "container": reduced.container,
                           "block_size": reduced.block_size}
-    return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule, proof)
+    return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule,
+                   {**proof, "objective_kind": objective})
 
 
 def _check_options(schedule: str, balance_eps: float, stages: int | None,
@@ -428,44 +444,61 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                   layers: int | None, backend: str | None, meshes: list[Mesh] | None,
                   mip_rel_gap: float, microbatch_graph: OpGraph | None, microbatches: int,
                   stages: int | None, balance_eps: float, lp_first: bool, suffix: str,
-                  interleave: int | None = None) -> list[Job]:
+                  interleave: int | None = None, objective: str = DEFAULT_OBJECTIVE
+                  ) -> list[Job]:
     """The candidates of one recomputation variant: every unpipelined mesh, and every pipeline
-    degree and stage mesh (programs of repeated layers, or the joint stage problem)."""
+    degree and stage mesh (programs of repeated layers, or the joint stage problem; not under
+    the bytes objective, whose pipelines are programs: :mod:`autoddl.engine.objectives`).
+    Each is solved on the costs of ``objective`` and reported on the step's."""
     reduced: Reduced | None = reduce_graph(graph, blocks, layers) if blocks else None
+    by_bytes = objective == "bytes"
 
     def sharding_job(g: OpGraph, mesh: Mesh, mult) -> Prepared:
         t1 = time.perf_counter()
-        costed = with_recompute(build_problem(g, mesh, cluster, config, mult),
-                                sharding_layers(g, mult, reduced is not None)[0],
+        layer_list = sharding_layers(g, mult, reduced is not None)[0]
+        costed = with_recompute(build_problem(g, mesh, cluster, config, mult), layer_list,
                                 config.recompute)
+        priced = (with_recompute(bytes_build(g, mesh, cluster, config, mult), layer_list,
+                                 config.recompute) if by_bytes else costed)
         return Prepared(
-            str(mesh), 1, costed, costed.problem, 0.0, time.perf_counter() - t1,
-            solve=lambda cut, tl: solve_sharding(without_dominated(costed), backend, tl,
-                                                 mip_rel_gap, cut, lp_first),
-            make=lambda idx, r: Candidate(costed, 1, None, 1, r, decode(costed, idx),
-                                          {n.name: 0 for n in costed.graph.nodes}, 0, 0.0,
-                                          counts=tail(costed.problem, idx)))
+            str(mesh), 1, priced, priced.problem, 0.0, time.perf_counter() - t1,
+            solve=lambda cut, tl: reported(solve_sharding(without_dominated(priced), backend,
+                                                          tl, mip_rel_gap, cut, lp_first),
+                                           costed),
+            make=lambda idx, r: reported(Candidate(
+                priced, 1, None, 1, r, decode(priced, idx),
+                {n.name: 0 for n in g.nodes}, 0, 0.0, counts=tail(priced.problem, idx)), costed))
 
     programs = _Programs()
 
     def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks, v: int) -> Prepared:
         t1 = time.perf_counter()
-        plain, base = programs.get(k, smesh, lambda: build_program(
-            microbatch_graph, mb_blocks, n_layers, k, microbatches), cluster, config)
+
+        def build() -> Program:
+            return build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches)
+
+        plain, base = programs.get(k, smesh, build, cluster, config)
         prog = interleaved(plain, v)
         costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config, base)
+        priced, priced_problem = costed, problem
+        if by_bytes:  # the bubble is time: no offset
+            _, base_b = programs.get(k, smesh, build, cluster, config, objective)
+            priced, priced_problem, bubble = prepare_program(
+                prog, bytes_mesh(smesh), bytes_axis(pp), cluster, config, base_b)
 
         def solve(cut: float, tl: float | None) -> Candidate:
-            lean = without_dominated(dataclasses.replace(costed, problem=problem))
-            return solve_program(prog, smesh, pp, cluster, config, backend, tl, mip_rel_gap,
-                                 cut, lp_first, (lean, lean.problem, bubble))
+            lean = without_dominated(dataclasses.replace(priced, problem=priced_problem))
+            return reported(solve_program(prog, smesh, pp, cluster, config, backend, tl,
+                                          mip_rel_gap, cut, lp_first,
+                                          (lean, lean.problem, bubble)), costed, problem)
 
         return Prepared(
-            _program_label(k, v, smesh), k, costed, problem, bubble, time.perf_counter() - t1,
-            solve=solve,
-            make=lambda idx, r: Candidate(costed, k, pp, microbatches, r, decode(costed, idx),
-                                          program_stages(prog, problem), 0, 0.0, prog, problem,
-                                          bubble, tail(problem, idx)))
+            _program_label(k, v, smesh), k, priced, priced_problem, bubble,
+            time.perf_counter() - t1, solve=solve,
+            make=lambda idx, r: reported(Candidate(
+                priced, k, pp, microbatches, r, decode(priced, idx),
+                program_stages(prog, priced_problem), 0, 0.0, prog, priced_problem, bubble,
+                tail(priced_problem, idx)), costed, problem))
 
     def joint_job(k: int, pp: MeshAxis, smesh: Mesh) -> Prepared:
         t1 = time.perf_counter()
@@ -497,7 +530,7 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                                              lambda v, k=k, pp=pp, smesh=smesh: program_job(
                                                  k, pp, smesh, mb_blocks, v))
                 continue
-            if not forced:
+            if not forced and not by_bytes:
                 jobs.append(Job(label, k, smesh.shape,
                                 lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
     return jobs
@@ -511,15 +544,19 @@ class _Programs:
         self._built: dict[tuple, tuple[Program, CostedGraph]] = {}
 
     def get(self, k: int, smesh: Mesh, build: Callable[[], Program], cluster: Cluster,
-            config: TrainingConfig) -> tuple[Program, CostedGraph]:
-        """(program, its :func:`~autoddl.engine.costs.build_problem` on ``smesh``)."""
-        key = (k, smesh.shape)
+            config: TrainingConfig, objective: str = DEFAULT_OBJECTIVE
+            ) -> tuple[Program, CostedGraph]:
+        """(program, its :func:`~autoddl.engine.costs.build_problem` on ``smesh``, or its
+        :func:`~autoddl.engine.objectives.bytes_build` for the bytes objective)."""
+        key = (k, smesh.shape, objective)
         if key not in self._built:
             if len(self._built) >= 32:
                 del self._built[next(iter(self._built))]
-            prog = build()
-            self._built[key] = (prog, build_problem(prog.graph, smesh, cluster, config,
-                                                    mult=prog.cost_mult))
+            prog = next((p for (kk, shape, _), (p, _) in self._built.items()
+                         if (kk, shape) == key[:2]), None) or build()
+            make = bytes_build if objective == "bytes" else build_problem
+            self._built[key] = (prog, make(prog.graph, smesh, cluster, config,
+                                           mult=prog.cost_mult))
         return self._built[key]
 
 

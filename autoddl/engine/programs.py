@@ -363,6 +363,19 @@ def step_shape(prog: Program) -> tuple[float, StepShape]:
     return kappa, shape
 
 
+def bytes_step_shape(prog: Program) -> tuple[float, StepShape]:
+    r"""(κ, shape) of the bytes objective: the bytes one device of the busiest stage sends per
+    step, :math:`\max_g C_g / c_g` for a group ``g`` of ``c_g`` stages summing :math:`C_g` (every
+    micro-batch counted; never a sum over stages, which run in parallel). The costs are scaled by
+    κ = 1/K (their sum: the mean stage's bytes, a lower bound of the max), σ_g = K / c_g and
+    ρ_g = 1: the objective is the max term alone."""
+    k = prog.stages
+    copies = (1, max(k - 2, 0), 1)
+    return 1.0 / k, StepShape(max_weight=1.0,
+                              stage_scale=tuple(k / c if c else 0.0 for c in copies),
+                              stage_share=tuple(1.0 if c else 0.0 for c in copies))
+
+
 def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
                  config: TrainingConfig, base: CostedGraph | None = None
                  ) -> tuple[CostedGraph, ShardingProblem]:
@@ -370,9 +383,12 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
     group (activations x micro-batches in flight), boundary transfers over the pipeline axis
     (those of all ``v·K`` chunks, :func:`interleaved`), the step's shape (:func:`step_shape`).
     ``base``: the program's :func:`~autoddl.engine.costs.build_problem` on ``mesh``, if built
-    already (it does not depend on the chunks per device)."""
+    already (it does not depend on the chunks per device); a ``base`` pricing bytes
+    (:mod:`autoddl.engine.objectives`) gives the bytes objective's shape
+    (:func:`bytes_step_shape`)."""
     costed = base or build_problem(prog.graph, mesh, cluster, config, mult=prog.cost_mult)
-    kappa, shape = step_shape(prog)
+    kappa, shape = (bytes_step_shape(prog) if costed.objective == "bytes"
+                    else step_shape(prog))
     g = prog.graph
     beta = pp.bandwidth_gbps * 1e9
     nodes = []

@@ -109,13 +109,15 @@ def sharding_layers(graph: OpGraph, mult: Multiplicity | None, reduced: bool
 
 
 def _node_terms(costed: CostedGraph, ops: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per op and signature: forward seconds (with its own collectives), output bytes, stash."""
+    """Per op and signature: forward seconds (with its own collectives; those alone when the
+    costs price bytes), output bytes, stash."""
     g, mesh, cl, prec = costed.graph, costed.mesh, costed.cluster, costed.config.precision
     out = {}
     for name in ops:
         n = g[name]
         ss = costed.sigs[name]
-        out[name] = np.array([[node_forward_s(g, n, s, mesh, cl, prec)
+        out[name] = np.array([[(node_forward_s(g, n, s, mesh, cl, prec)
+                                if costed.objective != "bytes" else 0.0)
                                + steps_seconds(op_steps(g, n, s, mesh), mesh),
                                node_memory_bytes(n, s, mesh, costed.config),
                                stash_bytes(g, n, s, mesh, cl, prec)] for s in ss])
