@@ -746,10 +746,10 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature], counts: Sequenc
              + stash_bytes(graph, n, choice[n.name], mesh, costed.cluster,
                            costed.config.precision)) * mult.node_memory(n.name)
         mem["weights_bytes" if n.kind == "param" else "activations_bytes"] += b
-    if costed.problem.recompute:  # what recomputation frees, and the layer it keeps live
+    if costed.problem.recompute:  # what recomputation frees, less the layer it keeps live
         full = np.append(np.zeros(len(graph.nodes), dtype=int), np.asarray(counts, int))
-        mem["activations_bytes"] += sum(recompute_terms(own_problem(costed, choice),
-                                                        full)[1].values())
+        mem["recompute_bytes"] = sum(recompute_terms(own_problem(costed, choice),
+                                                     full)[1].values())
     for src, dst, i, copies in mult.all_edges(graph):
         pin = choice[dst].ins[i]
         if keeps_converted(graph, choice[src], dst, pin):

@@ -346,7 +346,9 @@ def summary(plan: Plan) -> str:
         f"memory per device  {format_bytes(m['per_device_bytes'])} of "
         f"{format_bytes(m['capacity_bytes'])}  (weights+grads+optimizer "
         f"{format_bytes(m['weights_bytes'])}, activations {format_bytes(m['activations_bytes'])}, "
-        f"converted inputs {format_bytes(m['converted_inputs_bytes'])})",
+        f"converted inputs {format_bytes(m['converted_inputs_bytes'])}"
+        + (f", less {format_bytes(-m['recompute_bytes'])} not kept: recomputed"
+           if m.get("recompute_bytes", 0.0) < 0 else "") + ")",
     ]
     return "\n".join(lines)
 
