@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from autoddl import __version__
 from autoddl.errors import Terminated, UserError, raise_on_sigterm
 
 
@@ -41,15 +42,17 @@ class Progress:
             self.shown = False
 
 
-def _workload(a: argparse.Namespace):
-    """The model and cluster of ``--model``/``--cluster`` and the training options, captured."""
-    from autoddl.engine.cluster import parse_cluster
-    from autoddl.engine.models import parse_model_spec
-    from autoddl.engine.workload import load_workload
+def _check_planning(a: argparse.Namespace) -> None:
+    """Every planning option checked before anything slow is imported (torch alone takes
+    seconds on a loaded machine): a typo in ``--model``, ``--cluster`` or a number is
+    reported at once. Sets ``a.objective`` to its checked value."""
+    from autoddl.engine.cluster_files import parse_cluster
     from autoddl.formulations.backends import get_backend
+    from autoddl.model_specs import parse_model_spec
+    from autoddl.specs import DEFAULT_OBJECTIVE, check_objective
 
-    parse_model_spec(a.model)  # spec errors before anything slow
-    cluster = parse_cluster(a.cluster)
+    parse_model_spec(a.model)
+    parse_cluster(a.cluster)
     get_backend(a.backend)
     if a.time_limit is not None and a.time_limit <= 0:
         raise UserError(f"--time-limit must be positive, got {a.time_limit}")
@@ -57,11 +60,21 @@ def _workload(a: argparse.Namespace):
         raise UserError(f"--gap must be in [0, 1), got {a.gap}")
     if getattr(a, "workers", None) is not None and a.workers < 1:
         raise UserError(f"--workers must be at least 1, got {a.workers}")
-    from autoddl.engine.objectives import DEFAULT_OBJECTIVE, check_objective
-
+    for option in ("stages", "microbatches", "interleave"):
+        value = getattr(a, option, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{option} must be at least 1, got {value}")
     a.objective = check_objective(getattr(a, "objective", None) or DEFAULT_OBJECTIVE)
-    return load_workload(a.model, cluster, optimizer=a.optimizer, recompute=a.recompute,
-                         microbatches=a.microbatches, stages=a.stages,
+
+
+def _workload(a: argparse.Namespace):
+    """The model and cluster of ``--model``/``--cluster`` and the training options, captured
+    (the options checked before: :func:`_check_planning`)."""
+    from autoddl.engine.cluster_files import parse_cluster
+    from autoddl.engine.workload import load_workload
+
+    return load_workload(a.model, parse_cluster(a.cluster), optimizer=a.optimizer,
+                         recompute=a.recompute, microbatches=a.microbatches, stages=a.stages,
                          balance_eps=a.balance_eps, precision=a.precision)
 
 
@@ -71,11 +84,14 @@ def _inputs(a: argparse.Namespace) -> list[str]:
 
 
 def _plan(a: argparse.Namespace) -> int:
-    from autoddl.engine.plan import save_plan, summary
-    from autoddl.files import check_output
+    from autoddl.files import check_output, replaced_note
 
     t0 = time.perf_counter()
+    _check_planning(a)
     a.output = str(check_output(a.output, "-o", _inputs(a)))  # before the work, not after
+    note = replaced_note(a.output)
+    from autoddl.engine.plan import save_plan, summary
+
     progress = Progress(a.verbose)
     progress(f"capturing {a.model}")
     try:
@@ -88,7 +104,7 @@ def _plan(a: argparse.Namespace) -> int:
     save_plan(plan, a.output)
     print(summary(plan))
     print(f"\ncapture {capture_s:.2f} s, total {time.perf_counter() - t0:.2f} s; "
-          f"plan written to {a.output}")
+          f"plan written to {a.output}{note}")
     return 0
 
 
@@ -122,33 +138,37 @@ def _calibrate(a: argparse.Namespace) -> int:
 def _show(a: argparse.Namespace) -> int:
     from autoddl.engine.plan import load_plan, summary
     from autoddl.engine.show import layer_table, plot_plan
-
-    from autoddl.files import check_output
+    from autoddl.files import check_output, replaced_note
 
     if a.plot is not None:
         a.plot = str(check_output(a.plot, "--plot", [a.plan]))
+        note = replaced_note(a.plot)
     plan = load_plan(a.plan)
     print(summary(plan))
     print()
     print(layer_table(plan, params=a.all))
     if a.plot:
         plot_plan(plan, a.plot)
-        print(f"\nplot written to {a.plot}")
+        print(f"\nplot written to {a.plot}{note}")
     return 0
 
 
 def _compare(a: argparse.Namespace) -> int:
-    from autoddl.engine.compare import compare, plot, table, to_json
+    from autoddl.files import check_output, replaced_note, write_text_atomic
 
     t0 = time.perf_counter()
-    from autoddl.files import check_output, write_text_atomic
-
+    _check_planning(a)
+    notes = {}
     if a.json is not None:
         a.json = str(check_output(a.json, "--json", _inputs(a)))
+        notes["json"] = replaced_note(a.json)
     if a.plot is not None:
         a.plot = str(check_output(a.plot, "--plot", _inputs(a)))
+        notes["plot"] = replaced_note(a.plot)
         if a.plot == a.json:
             raise UserError(f"--plot and --json both name {a.plot!r}; give two files")
+    from autoddl.engine.compare import compare, plot, table, to_json
+
     if a.plot:
         from autoddl.engine.compare import pyplot
         pyplot()  # a missing matplotlib fails before the search, not after
@@ -165,10 +185,10 @@ def _compare(a: argparse.Namespace) -> int:
     if a.json:
         write_text_atomic(a.json, to_json(rows, {"model": work.spec_text,
                                                  "cluster": work.cluster.spec}) + "\n")
-        print(f"\nrows written to {a.json}")
+        print(f"\nrows written to {a.json}{notes['json']}")
     if a.plot:
         plot(rows, a.plot, title)
-        print(f"plot written to {a.plot}")
+        print(f"plot written to {a.plot}{notes['plot']}")
     print(f"total {time.perf_counter() - t0:.2f} s")
     return 0
 
@@ -188,12 +208,17 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 def _backends(a: argparse.Namespace) -> int:
-    from autoddl.formulations.backends import BACKENDS, default_backend
+    """List the solver backends, whether each is installed, and what runs without --backend."""
+    import textwrap
 
-    default = default_backend()
+    from autoddl.formulations.backends import BACKENDS, default_backend, default_search
+
+    last = default_backend()
     for name, b in BACKENDS.items():
-        mark = " (default)" if name == default else ""
+        mark = " (the default search's MILP solver)" if name == last else ""
         print(f"{name:<16}{'available' if b.available() else 'not installed'}{mark}")
+    print()
+    print(textwrap.fill(default_search() + ".", width=96))
     return 0
 
 
@@ -206,9 +231,11 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
                    help="fail on an operator without a sharding rule instead of running it "
                         "replicated (listed in the plan)")
     p.add_argument("--backend", default=None,
-                   help="MILP solver backend (see `autoddl backends`); default: autoddl's "
-                        "LP branch and bound on HiGHS, then ortools-cbc (highs above 5,000 "
-                        "variables) where it gives up; a named backend solves every MILP itself")
+                   help="MILP solver backend (see `autoddl backends`); default: each ILP's "
+                        "LP relaxation on highs, then autoddl's LP branch and bound on highs, "
+                        "then ortools-cbc (highs above 5,000 variables or with step-time rows) "
+                        "where it gives up; a named backend solves every ILP itself, after "
+                        "the LP relaxation")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds for the whole search; the best plan found is returned with "
                         "its proven gap")
@@ -237,7 +264,8 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
                         "cost; a pipeline's busiest stage), every operator's work divided")
     p.add_argument("--balance-eps", type=float, default=0.1,
                    help="each stage's FLOPs at most (1+eps) x the mean")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print each progress message on its own line (stderr)")
 
 
 #: the values of ``--precision`` (:data:`autoddl.engine.precision.PRECISIONS`; listed here so
@@ -245,17 +273,23 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
 PRECISION_CHOICES = ("fp32", "bf16")
 #: the values of ``--recompute`` (:data:`autoddl.engine.costs.RECOMPUTE`)
 RECOMPUTE_CHOICES = ("auto", "none", "selective", "layers")
+#: the help of ``-o`` where it writes a plan
+OUTPUT_HELP = ("plan file to write (default: plan.json in the current folder); an existing "
+               "file is replaced, and the output says so")
 DEMO_MODEL = "gpt:layers=2,hidden=256,heads=8,seq=64,batch=16,vocab=512"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``autoddl`` command."""
     ap = argparse.ArgumentParser(prog="autoddl", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"autoddl {__version__}",
+                    help="print autoddl's version and exit")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="solve the optimal plan of a model on a cluster")
     _planning_options(p)
-    p.add_argument("-o", "--output", default="plan.json")
+    p.add_argument("-o", "--output", default="plan.json", metavar="FILE.json",
+                   help=OUTPUT_HELP)
     p.add_argument("--stages", type=int, default=None,
                    help="pipeline stages (default: the best of all; 1: no pipelining)")
     p.add_argument("--schedule", default="1F1B", help="pipeline schedule: 1F1B or GPipe")
@@ -272,15 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=_compare, stages=None)
 
     r = sub.add_parser("run", help="run a plan with torchrun (gloo on CPU, NCCL on GPUs)")
-    r.add_argument("plan")
+    r.add_argument("plan", help="the plan file (written by `autoddl plan`)")
     r.add_argument("--nproc", type=int, default=None, help="processes (default: the plan's)")
-    r.add_argument("--steps", type=int, default=1)
+    r.add_argument("--steps", type=int, default=1,
+                   help="training steps to run (default 1); with --resume, steps more")
     r.add_argument("--check", action="store_true",
                    help="compare loss and gradients with a single-process run")
     r.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: the saved one with --resume, else 1e-3)")
+                   help="learning rate of the plan's optimizer (default: the saved one with --resume, else 1e-3)")
     r.add_argument("--tol", type=float, default=None,
-                   help="relative error --check accepts (default: 1e-5 in fp32, "
+                   help="the largest relative error of loss, gradients and weights --check "
+                        "accepts (default: 1e-5 in fp32, "
                         "5e-2 in bf16, see autoddl.runtime.worker.BF16_TOL)")
     r.add_argument("--precision", default=None, choices=PRECISION_CHOICES,
                    help="must be the plan's (default: the plan's, fp32 for an older plan "
@@ -299,7 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "with torchrun; write a cluster file for --cluster")
     k.add_argument("--nproc", type=int, default=2,
                    help="processes (devices) on this node (default 2)")
-    k.add_argument("-o", "--output", required=True, metavar="FILE.toml")
+    k.add_argument("-o", "--output", required=True, metavar="FILE.toml",
+                   help="cluster file to write (required; its timings go beside it in "
+                        "FILE.calibration.csv); an existing file is replaced, and the output "
+                        "says so")
     k.add_argument("--min-bytes", type=int, default=DEFAULT_MIN_BYTES,
                    help=f"smallest message per device (default {DEFAULT_MIN_BYTES})")
     k.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
@@ -312,17 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(fn=_calibrate)
 
     s = sub.add_parser("show", help="print a plan file")
-    s.add_argument("plan")
+    s.add_argument("plan", help="the plan file (written by `autoddl plan`)")
     s.add_argument("--all", action="store_true", help="include parameters and inputs")
     s.add_argument("--plot", default=None, metavar="FILE.png",
                    help="plot stages and per-operator communication")
     s.set_defaults(fn=_show)
 
     d = sub.add_parser("demo", help="plan the built-in GPT on 4 CPU devices and run it checked")
-    d.add_argument("--model", default=DEMO_MODEL)
-    d.add_argument("--cluster", default="cpu:devices=4")
-    d.add_argument("-o", "--output", default="plan.json")
-    d.add_argument("--steps", type=int, default=3)
+    d.add_argument("--model", default=DEMO_MODEL, help=f"model to plan (default {DEMO_MODEL})")
+    d.add_argument("--cluster", default="cpu:devices=4",
+                   help="cluster to plan for (default cpu:devices=4, run as 4 gloo processes)")
+    d.add_argument("-o", "--output", default="plan.json", metavar="FILE.json", help=OUTPUT_HELP)
+    d.add_argument("--steps", type=int, default=3, help="checked training steps (default 3)")
     d.set_defaults(fn=_demo)
 
     b = sub.add_parser("backends", help="list solver backends")

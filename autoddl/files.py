@@ -68,6 +68,12 @@ def check_output(path: str | os.PathLike | None, option: str,
     return target
 
 
+def replaced_note(path: str | os.PathLike) -> str:
+    """What a command adds to "written to PATH" when PATH names an existing file (checked
+    before the command writes it): ``" (replaced the file that was there)"``, else ``""``."""
+    return " (replaced the file that was there)" if Path(path).is_file() else ""
+
+
 def _probe_writable(folder: Path, option: str) -> None:
     """Raise :class:`UserError` unless a new file can be created in ``folder`` (tried, since
     permission bits do not tell for root or read-only file systems)."""

@@ -77,3 +77,16 @@ def as_float(
         raise UserError(f"{what}: {key}={raw!r} is above the plausible maximum {bounds[1]:g}; "
                         "check the value and its unit")
     return value
+
+
+#: the values of ``--objective``: the predicted step time (default) or the bytes each device sends
+OBJECTIVES = ("step", "bytes")
+DEFAULT_OBJECTIVE = OBJECTIVES[0]
+
+
+def check_objective(name: str) -> str:
+    """``name`` if it is an objective, else :class:`UserError` with the choices."""
+    if name not in OBJECTIVES:
+        raise UserError(f"unknown objective {name!r}; choose step (the step time, default) or "
+                        "bytes (bytes each device sends per step)")
+    return name

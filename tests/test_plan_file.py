@@ -141,7 +141,10 @@ def test_file_fields(any_plan, tmp_path):
     s = d["solver"]
     for key in ("backend", "status", "objective", "bound", "gap"):
         assert key in s, f"solver.{key} missing"
-    assert s["backend"].split()[0] in (default_backend(), "highs", "tree")
+    assert s["backend"].split()[0] in (default_backend(), "highs", "screening")
+    # what proved the bound: the ILPs solved, by solver, and the candidates screening ruled out
+    assert s["ilps_solved"] == sum(s["ilp_solvers"].values())
+    assert 0 <= s["candidates_bounded"] <= len(d["candidates"])
     assert s["status"] == "optimal"
     assert _number(s["objective"]) and _number(s["bound"])
     assert s["gap"] is None or 0 <= s["gap"] <= 1e-6

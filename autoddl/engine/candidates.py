@@ -122,6 +122,10 @@ class Job:
                 "build_s": None, "lower_bound": None, "heuristic": None}
 
 
+#: what found a plan that the screening's rounding of a candidate's tree relaxation gave (a
+#: plan's ``solver.backend`` where no ILP found a better one)
+SCREENING_FINDER = "screening (rounded tree relaxation)"
+
 #: the jobs of the search in progress, read by forked screening workers (set before forking)
 _JOBS: list[Job] = []
 
@@ -339,7 +343,7 @@ def _from_screening(jobs: list[Job], screened: Screened, prepared: Callable[[int
     if heur is None:
         return preps, None, INF
     i, choice, rec = heur
-    r = SolveResult("tree relaxation (heuristic)", SolveStatus.FEASIBLE, None, best_obj,
+    r = SolveResult(SCREENING_FINDER, SolveStatus.FEASIBLE, None, best_obj,
                     rec["lower_bound"], relative_gap(best_obj, rec["lower_bound"]),
                     rec["bound_s"])
     return preps, prepared(i).make(choice, r), best_obj

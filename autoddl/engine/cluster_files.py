@@ -384,7 +384,7 @@ def write_cluster_file(cluster: Cluster, path: str | os.PathLike[str]) -> None:
         f"nodes = {int(c.nodes)}",
         f"devices_per_node = {int(c.devices_per_node)}",
         f"memory_per_device_bytes = {int(c.memory_per_device_bytes)}"
-        f"  # {c.memory_per_device_bytes / GB:g} GB",
+        f"  # {c.memory_per_device_bytes / 2**30:.2f} GiB",
         f"peak_flops = {_toml_float(c.peak_flops)}  # {c.peak_flops / 1e12:g} TFLOP/s",
         f"device_type = {_toml_str(c.device_type)}",
         f"source = {_toml_str(c.source)}",

@@ -9,19 +9,18 @@ device, ``meta`` included) and the example inputs of one global batch. Library m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoddl.errors import UserError
-from autoddl.engine.zoo import ZOO, build_from_file, build_zoo, is_file_spec
-from autoddl.specs import as_int, check_keys, parse_spec
+from autoddl.engine.zoo import ZOO, build_from_file, build_zoo
+from autoddl.model_specs import (BUILTIN_DEFAULTS, FILE_MODEL, GPT_PRESETS, ModelSpec,
+                                 parse_model_spec, with_layers)
 
-#: the ModelSpec name of ``path/to/file.py:factory`` models
-FILE_MODEL = "file"
+__all__ = ["FILE_MODEL", "GPT_PRESETS", "MODELS", "ModelSpec", "ZOO", "build_model",
+           "parse_model_spec", "with_layers"]
 
 
 class MLP(nn.Module):
@@ -117,19 +116,6 @@ class VGG(nn.Module):
         return F.cross_entropy(self.classifier(self.features(x).flatten(1)), target)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed ``--model`` spec: the name, its integer parameters, and the original text."""
-
-    name: str
-    params: tuple[tuple[str, int], ...]
-    text: str
-
-    def get(self, key: str) -> int:
-        """The value of parameter ``key``."""
-        return dict(self.params)[key]
-
-
 Builder = Callable[[dict[str, int], torch.device, torch.Generator | None], tuple[nn.Module, tuple]]
 
 
@@ -142,8 +128,6 @@ def _build_mlp(p: dict[str, int], device: torch.device, gen: torch.Generator | N
 
 
 def _build_gpt(p: dict[str, int], device: torch.device, gen: torch.Generator | None):
-    if p["hidden"] % p["heads"]:
-        raise UserError(f"--model gpt: hidden={p['hidden']} is not divisible by heads={p['heads']}")
     with torch.device(device):
         model = GPT(p["vocab"], p["seq"], p["hidden"], p["heads"], p["layers"])
     shape = (p["batch"], p["seq"])
@@ -153,11 +137,6 @@ def _build_gpt(p: dict[str, int], device: torch.device, gen: torch.Generator | N
 
 
 def _build_vgg(p: dict[str, int], device: torch.device, gen: torch.Generator | None):
-    if p["depth"] not in VGG_CONFIGS:
-        raise UserError(f"--model vgg: depth={p['depth']}; choose one of "
-                        f"{', '.join(map(str, VGG_CONFIGS))}")
-    if p["image"] % 32:
-        raise UserError(f"--model vgg: image={p['image']} must be a multiple of 32 (five poolings)")
     with torch.device(device):
         model = VGG(p["depth"], p["width"], p["image"], p["fc"], p["classes"])
     x = _randn((p["batch"], 3, p["image"], p["image"]), device, gen)
@@ -179,68 +158,21 @@ def _randint(high: int, shape: tuple[int, ...], device: torch.device, gen):
 
 MODELS: dict[str, tuple[dict[str, int], Builder, str]] = {
     "mlp": (
-        dict(batch=64, dim_in=64, hidden=256, layers=2, dim_out=64),
+        BUILTIN_DEFAULTS["mlp"],
         _build_mlp,
         "Linear+GELU stack with MSE loss",
     ),
     "gpt": (
-        dict(layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=256),
+        BUILTIN_DEFAULTS["gpt"],
         _build_gpt,
         "GPT decoder: embeddings, pre-norm attention+MLP blocks, LM head, cross-entropy",
     ),
     "vgg": (
-        dict(depth=16, batch=32, image=224, width=64, fc=4096, classes=1000),
+        BUILTIN_DEFAULTS["vgg"],
         _build_vgg,
         "VGG-11/13/16/19 (depth=): 3x3 conv+ReLU stages with max pooling, 3 FC layers, CE loss",
     ),
 }
-
-
-#: GPT configurations of the Megatron-LM SC'21 table (heads, hidden, layers, global batch;
-#: sequence 2048, vocabulary 51200), and GPT-3 175B. Each is ``gpt`` with these defaults.
-GPT_PRESETS: dict[str, dict[str, int]] = {
-    name: dict(heads=h, hidden=d, layers=L, batch=b, seq=2048, vocab=51200)
-    for name, h, d, L, b in [
-        ("gpt-1.7b", 24, 2304, 24, 512), ("gpt-3.6b", 32, 3072, 30, 512),
-        ("gpt-7.5b", 32, 4096, 36, 512), ("gpt-18.4b", 48, 6144, 40, 1024),
-        ("gpt-39.1b", 64, 8192, 48, 1536), ("gpt-76.1b", 80, 10240, 60, 1792),
-        ("gpt-145.6b", 96, 12288, 80, 2304), ("gpt-310.1b", 128, 16384, 96, 2160),
-        ("gpt-529.6b", 128, 20480, 105, 2520), ("gpt-1t", 160, 25600, 128, 3072),
-        ("gpt3-175b", 96, 12288, 96, 1536),
-    ]
-}
-
-
-def parse_model_spec(text: str) -> ModelSpec:
-    """Parse ``--model NAME[:key=value,...]`` against the built-in models' parameters, or
-    ``path/to/file.py:factory``."""
-    if isinstance(text, str) and is_file_spec(text.strip()):
-        return ModelSpec(FILE_MODEL, (), text.strip())
-    name, raw = parse_spec(text, "--model")
-    if name in GPT_PRESETS:
-        defaults = GPT_PRESETS[name]
-        check_keys(raw, defaults, f"--model {name}")
-        params = {k: as_int(raw, k, v, f"--model {name}") for k, v in defaults.items()}
-        if params["hidden"] % params["heads"]:
-            raise UserError(f"--model {name}: hidden={params['hidden']} is not divisible by "
-                            f"heads={params['heads']}")
-        return ModelSpec("gpt", tuple(sorted(params.items())), text)
-    if name not in MODELS and name not in ZOO:
-        known = ", ".join([*MODELS, *GPT_PRESETS, *ZOO])
-        raise UserError(f"--model: unknown model {name!r}; built-in models: {known}; "
-                        "or path/to/file.py:factory")
-    defaults = MODELS[name][0] if name in MODELS else ZOO[name][0]
-    check_keys(raw, defaults, f"--model {name}")
-    params = {k: as_int(raw, k, v, f"--model {name}") for k, v in defaults.items()}
-    return ModelSpec(name, tuple(sorted(params.items())), text)
-
-
-def with_layers(spec: ModelSpec, layers: int) -> ModelSpec:
-    """The same model with ``layers`` layers (to capture a repeated-layer model fast)."""
-    params = dict(spec.params)
-    assert "layers" in params
-    params["layers"] = layers
-    return ModelSpec(spec.name, tuple(sorted(params.items())), spec.text)
 
 
 def build_model(

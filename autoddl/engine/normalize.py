@@ -55,6 +55,38 @@ def _random(fx: torch.fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded in tags
 
 
+def _draw_rate(fx: torch.fx.Node) -> float | None:
+    """The probability an op drops (dropout, attention's ``dropout_p``), 1.0 for another random
+    draw (``randn``, ``bernoulli``), None for an op that draws nothing."""
+    name = _aten_name(fx)
+    if "dropout" in name and name != "scaled_dot_product_attention":
+        p = fx.args[1] if len(fx.args) > 1 else fx.kwargs.get("p", 0.5)
+        return float(p) if isinstance(p, (int, float)) else 1.0
+    if "scaled_dot_product" in name:
+        p = fx.args[3] if len(fx.args) > 3 else fx.kwargs.get("dropout_p", 0.0)
+        return float(p) if isinstance(p, (int, float)) else 1.0
+    return 1.0 if _random(fx) else None
+
+
+def random_draws_line(ep: torch.export.ExportedProgram) -> str:
+    """One line saying that the model draws random numbers (dropout > 0 and the like), so a
+    distributed run and its one-process reference differ (``run --check``); "" if it draws
+    none."""
+    rates: dict[str, float] = {}
+    for fx in ep.graph.nodes:
+        rate = _draw_rate(fx) if fx.op == "call_function" else None
+        if rate:
+            name = _aten_name(fx) or str(fx.target)
+            rates[name] = max(rates.get(name, 0.0), rate)
+    if not rates:
+        return ""
+    what = ", ".join(f"{n} (p={r:g})" if "dropout" in n or "scaled_dot" in n else n
+                     for n, r in sorted(rates.items()))
+    return (f"note: the model draws random numbers ({what}): the run and its one-process "
+            "reference draw different ones, so --check will report differences; build the "
+            "model with dropout 0 to check it")
+
+
 def constant_nodes(ep: torch.export.ExportedProgram) -> set[str]:
     """Names of the FX nodes that depend on no user input, no parameter and no random draw."""
     variable = _user_sources(ep)

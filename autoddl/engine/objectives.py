@@ -46,7 +46,7 @@ from autoddl.engine.costs import (
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.programs import Program, cost_program
 from autoddl.engine.rules import Signature
-from autoddl.errors import UserError
+from autoddl.specs import DEFAULT_OBJECTIVE, OBJECTIVES, check_objective  # noqa: F401
 from autoddl.formulations.backends import solve_or_fall_back
 from autoddl.formulations.recompute import RecomputeGroup, counts_of, restrict_groups
 from autoddl.formulations.sharding import ShardingModel, ShardingProblem
@@ -54,19 +54,8 @@ from autoddl.formulations.sharding import ShardingModel, ShardingProblem
 if TYPE_CHECKING:
     from autoddl.engine.planner import Candidate
 
-#: the objectives ``--objective`` accepts, the default first
-OBJECTIVES = ("step", "bytes")
-DEFAULT_OBJECTIVE = OBJECTIVES[0]
 #: the unit of each objective's value (a plan's ``solver.objective``)
 OBJECTIVE_UNITS = {"step": "seconds", "bytes": "bytes per device"}
-
-
-def check_objective(name: str) -> str:
-    """``name`` if it is an objective, else :class:`UserError` with the choices."""
-    if name not in OBJECTIVES:
-        raise UserError(f"unknown objective {name!r}; choose step (the step time, default) or "
-                        "bytes (bytes each device sends per step)")
-    return name
 
 
 def bytes_axis(axis: MeshAxis) -> MeshAxis:

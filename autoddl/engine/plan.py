@@ -261,6 +261,29 @@ def proof_lines(plan: Plan) -> list[str]:
     return out
 
 
+def _finder_text(solver: dict) -> str:
+    """The solver's name before its status, for a plan file older than
+    :func:`provenance_lines` (which says what ran), else nothing."""
+    return "" if "ilps_solved" in solver else f"{solver['backend']}: "
+
+
+def provenance_lines(solver: dict) -> list[str]:
+    """What found the plan and what proved its gap, in words: the screening's bounds that ruled
+    candidates out without an ILP and the ILPs solved, by solver (none for a plan file written
+    before autoddl recorded them)."""
+    if "ilps_solved" not in solver:
+        return []
+    proof = []
+    if solver["ilps_solved"]:
+        by = ", ".join(f"{n} by {name}" for name, n in (solver.get("ilp_solvers") or {}).items())
+        proof.append(f"{solver['ilps_solved']} ILP(s) ({by})")
+    if solver.get("candidates_bounded"):
+        proof.append(f"the screening bounds of {solver['candidates_bounded']} candidate(s) "
+                     "(no ILP needed)")
+    return [f"         plan found by {solver['backend']}",
+            f"         bound proven by {' and '.join(proof) or 'the plan alone'}"]
+
+
 def _link_text(axis: dict) -> str:
     """An axis's link: its bandwidth, and where it spans nodes with several ranks of a group on
     each (two-level collectives) those ranks and the intra-node bandwidth."""
@@ -301,18 +324,16 @@ def summary(plan: Plan) -> str:
                   ) if v > 1 else ""
         pipe = (f"\npipeline {plan.num_stages} stages × {plan.num_microbatches} micro-batches "
                 f"({plan.pipeline['schedule']}{chunks}) over {ax['name']} "
-                f"({ax['bandwidth_gbps']:g} GB/s); ops per {'chunk' if v > 1 else 'stage'}: "
-                + ", ".join(str(len([o for o in plan.ops if o.stage == k and o.target not in
-                                     ("param", "input")])) for k in range(plan.num_chunks)))
+                f"({ax['bandwidth_gbps']:g} GB/s); {_ops_per_stage(plan)}")
     lines = [
         f"model    {plan.model['spec']}  ({plan.model['num_params']:,} parameters, "
         f"{plan.model['num_ops']} ops)" + fallback_line(plan),
         f"cluster  {plan.cluster.get('spec') or plan.cluster['name']}  "
         f"({plan.num_devices} devices)",
         f"mesh     {axes}" + (" (each stage)" if plan.pipeline else "") + pipe,
-        f"solver   {s['backend']}: {s['status']}, objective {_objective_text(s)}, "
+        f"solver   {_finder_text(s)}{s['status']}, objective {_objective_text(s)}, "
         f"gap {gap}, {searched}{len(plan.candidates)} candidate(s)",
-        *repeat_line(plan), *proof_lines(plan),
+        *provenance_lines(s), *repeat_line(plan), *proof_lines(plan),
         "",
         f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
         f"{'  step time' + _step_tag(s):<28}{format_seconds(c['total_s']):>14}",
@@ -340,6 +361,7 @@ def summary(plan: Plan) -> str:
         "(critical compute and communication, exposed weight traffic"
         + ((", slowest stage × interleaved 1F1B)" if plan.interleave > 1
             else ", slowest stage × 1F1B)") if plan.pipeline else ")"),
+        *_below_objective(plan),
         "",
         f"precision {plan.training.get('precision', 'fp32')} ({_precision_words(plan)}), "
         f"optimizer {plan.training.get('optimizer')}",
@@ -351,6 +373,30 @@ def summary(plan: Plan) -> str:
            if m.get("recompute_bytes", 0.0) < 0 else "") + ")",
     ]
     return "\n".join(lines)
+
+
+def _ops_per_stage(plan: Plan) -> str:
+    """Operators per pipeline stage (chunk, interleaved) in words. A plan of repeated layers
+    places the ops of the program it solved, where one middle stage stands for all of them:
+    the others show no op of their own, and the words say so."""
+    kind = "chunk" if plan.interleave > 1 else "stage"
+    counts = [sum(1 for o in plan.ops if o.stage == k and o.target not in ("param", "input"))
+              for k in range(plan.num_chunks)]
+    last = len(counts) - 1
+    if last > 2 and counts[1] and not any(counts[2:last]):
+        return (f"ops per {kind} of the solved program: {counts[0]}, {counts[1]} (each of "
+                f"{kind}s 1..{last - 1}: they share one strategy), {counts[last]}")
+    return f"ops per {kind}: " + ", ".join(map(str, counts))
+
+
+def _below_objective(plan: Plan) -> list[str]:
+    """Why a pipelined plan's estimated step time is below its objective (none otherwise)."""
+    c = plan.cost
+    if not plan.pipeline or c["step_time_s"] >= c["total_s"] * (1 - 1e-9):
+        return []
+    return [f"{'':<28}{'':>14}   (below the objective: the solver's linear model adds every "
+            "stage-to-stage transfer and the bubble in full; the estimate times the slowest "
+            "stage under the schedule, where stages compute and transfer at once)"]
 
 
 def _precision_words(plan: Plan) -> str:

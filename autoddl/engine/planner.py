@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,7 +42,7 @@ from autoddl.engine.stages import (
 )
 from autoddl.errors import InfeasibleError, SolverError, UserError
 from autoddl.formulations.backends import (  # availability checks that import nothing
-    BACKENDS, default_backend, preload, solve_or_fall_back,
+    BACKENDS, LARGE_MILP_COLS, default_backend, preload, solve_or_fall_back,
 )
 from autoddl.formulations.dominance import prune_dominated
 from autoddl.formulations.milp import SolveResult, SolveStatus, relative_gap
@@ -107,12 +108,6 @@ def best_counts(costed: CostedGraph, choice: dict[str, Signature]) -> tuple[int,
     model = ShardingModel(own)
     r = solve_or_fall_back(model.milp(), None, named=False)
     return tail(own, model.choice(r.x)) if r.has_solution else ()
-
-
-#: above this many variables the default backend is HiGHS: CBC proves small sharding ILPs
-#: fastest (results/backends.md) but took 212 s against HiGHS's 58 s on the 21,624-variable
-#: GPT-3 175B problem of the 128x8 mesh (results/solve_scaling.md)
-LARGE_MILP_COLS = 5000
 
 
 def size_backend(milp, step_rows: bool = False) -> str:
@@ -589,7 +584,8 @@ def _proof(found, time_limit_s: float | None) -> dict:
     """Warn on stderr where the proof stopped short of the requested gap (naming the time limit
     only when one was given and hit) and return what limits it, for the plan's solver record:
     the memory per device a tightened solve's bound covers, the solver that stood in for a
-    crashed one."""
+    crashed one; how many ILPs were solved, by which solvers, and how many candidates their
+    screening bound alone ruled out."""
     r = found.best.result
     if r.status is SolveStatus.FEASIBLE:
         within = f"the plan is within {100 * (r.gap if r.gap is not None else 1):.3g} % of optimal"
@@ -610,6 +606,9 @@ def _proof(found, time_limit_s: float | None) -> dict:
         proof["proof_capacity_bytes"] = min(caps)
     if r.extra.get("fallback"):
         proof["fallback"] = r.extra["fallback"]
+    proof["ilps_solved"] = len(found.solved)
+    proof["ilp_solvers"] = dict(sorted(Counter(c.result.backend for c in found.solved).items()))
+    proof["candidates_bounded"] = sum(rec.get("status") == "pruned" for rec in found.records)
     return proof
 
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoddl.errors import UserError
+from autoddl.model_specs import ZOO_DEFAULTS
 
 _TORCHVISION_OPS: torch.library.Library | None = None
 
@@ -126,27 +127,20 @@ def _tv_vgg16(p: dict[str, int]) -> nn.Module:
 
 def _timm_vit(p: dict[str, int]) -> nn.Module:
     vit = _library("timm.models.vision_transformer")
-    if p["image"] % p["patch"]:
-        raise UserError(f"--model timm-vit: image={p['image']} is not a multiple of "
-                        f"patch={p['patch']}")
     return ClassLoss(vit.VisionTransformer(
         img_size=p["image"], patch_size=p["patch"], embed_dim=p["hidden"], depth=p["layers"],
         num_heads=p["heads"], num_classes=p["classes"]))
 
 
-_TEXT = dict(layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=256)
-_IMAGE = dict(batch=8, image=64, classes=10)
-
 #: name -> (defaults, model builder, kind of inputs, description)
 ZOO: dict[str, tuple[dict[str, int], Callable[[dict[str, int]], nn.Module], str, str]] = {
-    "hf-gpt2": (_TEXT, _hf_gpt2, "tokens", "Hugging Face GPT2LMHeadModel"),
-    "hf-bert": (_TEXT, _hf_bert, "tokens", "Hugging Face BertForMaskedLM"),
-    "hf-llama": (dict(_TEXT, kv_heads=2, ffn=176), _hf_llama, "tokens",
+    "hf-gpt2": (ZOO_DEFAULTS["hf-gpt2"], _hf_gpt2, "tokens", "Hugging Face GPT2LMHeadModel"),
+    "hf-bert": (ZOO_DEFAULTS["hf-bert"], _hf_bert, "tokens", "Hugging Face BertForMaskedLM"),
+    "hf-llama": (ZOO_DEFAULTS["hf-llama"], _hf_llama, "tokens",
                  "Hugging Face LlamaForCausalLM (grouped-query attention: kv_heads)"),
-    "tv-resnet50": (_IMAGE, _tv_resnet50, "images", "torchvision ResNet-50"),
-    "tv-vgg16": (dict(_IMAGE, image=32), _tv_vgg16, "images", "torchvision VGG-16"),
-    "timm-vit": (dict(batch=8, image=32, patch=8, hidden=64, heads=4, layers=2, classes=10),
-                 _timm_vit, "images", "timm VisionTransformer"),
+    "tv-resnet50": (ZOO_DEFAULTS["tv-resnet50"], _tv_resnet50, "images", "torchvision ResNet-50"),
+    "tv-vgg16": (ZOO_DEFAULTS["tv-vgg16"], _tv_vgg16, "images", "torchvision VGG-16"),
+    "timm-vit": (ZOO_DEFAULTS["timm-vit"], _timm_vit, "images", "timm VisionTransformer"),
 }
 
 
@@ -188,12 +182,6 @@ def build_zoo(name: str, p: dict[str, int], device: torch.device,
         return model, inputs
 
     return _construct(make, device)
-
-
-def is_file_spec(text: str) -> bool:
-    """Whether a ``--model`` spec names ``path/to/file.py:factory``."""
-    head, sep, tail = text.partition(":")
-    return head.endswith(".py") and bool(sep)
 
 
 def build_from_file(text: str, device: torch.device) -> tuple[nn.Module, tuple]:

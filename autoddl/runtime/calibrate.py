@@ -72,7 +72,8 @@ import numpy as np
 from autoddl.engine.cluster import Cluster, Link, parse_cluster, write_cluster_file
 from autoddl.engine.placements import COLLECTIVES, collective_cost
 from autoddl.errors import UserError
-from autoddl.files import check_output, write_atomic
+from autoddl.engine.plan import format_bytes
+from autoddl.files import check_output, replaced_note, write_atomic
 from autoddl.runtime.rank import exit_rank, run_rank
 
 if TYPE_CHECKING:
@@ -318,6 +319,14 @@ def write_results(output: str, cluster: Cluster, samples: Sequence[Sample],
     return table
 
 
+#: what the summary's residual column means, printed under it
+RESIDUAL_WORDS = (
+    "residual: root-mean-square relative difference between the measured times and the fitted "
+    "line latency + bytes / bandwidth (0 %: every timing on the line; a few % is a clean "
+    "link; tens of % means noisy timings, e.g. a loaded machine: the fit still gives the "
+    "typical cost, and a rerun on an idle machine or with more --reps tightens it)")
+
+
 def summary(cluster: Cluster, fits: dict[str, LinkFit], sizes: dict[str, int]) -> str:
     """A short table of the fitted links, then compute rate and memory per device."""
     lines = [f"{'axis':<8}{'size':>5}{'bandwidth GB/s':>16}{'latency µs':>12}{'residual':>10}"
@@ -327,9 +336,11 @@ def summary(cluster: Cluster, fits: dict[str, LinkFit], sizes: dict[str, int]) -
                      f"{fit.latency_s * 1e6:>12.2f}{fit.residual:>9.1%}{fit.samples:>9}")
     if not fits:
         lines.append("(no axis of size > 1: links nominal, see the file's source)")
+    else:
+        lines.append(RESIDUAL_WORDS)
     lines.append(f"compute {cluster.peak_flops / 1e9:.1f} GFLOP/s per device "
                  f"({'bf16' if cluster.device_type == 'cuda' else 'float32'} matmul), "
-                 f"memory {cluster.memory_per_device_bytes / 1e9:.2f} GB per device")
+                 f"memory {format_bytes(cluster.memory_per_device_bytes)} per device")
     return "\n".join(lines)
 
 
@@ -343,6 +354,7 @@ def calibrate_rank(output: str, min_bytes: int, max_bytes: int, points: int, rep
     t_start = time.perf_counter()
     first = os.environ.get("RANK", "0") == "0"  # only rank 0 writes: only it checks the path
     check_options(output if first else None, 1, min_bytes, max_bytes, points, reps)
+    note = replaced_note(output) if first else ""
     backend, device = pick_device()
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=group_timeout_s()))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -381,7 +393,7 @@ def calibrate_rank(output: str, min_bytes: int, max_bytes: int, points: int, rep
     print(f"calibrated {procs}, {backend} on {device.type}, measured in "
           f"{time.perf_counter() - t_start:.1f} s", flush=True)
     print(summary(cluster, fits, {n: p for n, (p, _) in axes.items()}))
-    print(f"cluster file written to {output}; timings and fit in {table}", flush=True)
+    print(f"cluster file written to {output}{note}; timings and fit in {table}", flush=True)
     return 0
 
 

@@ -48,6 +48,7 @@ from autoddl.engine.repeat import match_plan
 from autoddl.engine.costs import OPTIMIZER_STATES
 from autoddl.engine.guard import user_code
 from autoddl.engine.models import FILE_MODEL, build_model, parse_model_spec
+from autoddl.engine.normalize import random_draws_line
 from autoddl.engine.plan import Plan, load_plan
 from autoddl.engine.precision import plan_precision
 from autoddl.errors import CHECK_FAILED, UserError
@@ -488,6 +489,8 @@ def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float | None
     if rank == 0:
         _announce(plan, backend, device)
     model, inputs, ep, graph, plan = _capture(plan, device)
+    if check and rank == 0 and random_draws_line(ep):
+        print(random_draws_line(ep), flush=True)
     if plan.pipeline:
         trainer: Any = _Piped(ep, graph, plan, mesh, model, inputs, device)
     else:
@@ -526,7 +529,8 @@ def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float | None
         if rank == 0:
             print(f"check {'PASSED' if ok else 'FAILED'}: {steps} step(s), worst relative error "
                   f"{worst:.2e} over loss and gradients (tolerance {tol:.0e}); weights after the "
-                  f"last update differ by {weights:.2e}{byte_note}", flush=True)
+                  f"last update differ by {weights:.2e} (reported, not held to the tolerance: "
+                  f"Adam magnifies rounding differences){byte_note}", flush=True)
     dist.barrier()  # every rank is done; the process then ends without tearing gloo down (see
     # __main__: a peer closing first made gloo abort a rank at times)
     return 0 if ok else CHECK_FAILED

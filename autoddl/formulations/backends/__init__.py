@@ -78,7 +78,7 @@ from autoddl.formulations.backends._pulp import PulpBackend
 from autoddl.formulations.milp import MILP, SolveResult
 
 __all__ = ["BACKENDS", "CRASH_FALLBACK", "DEFAULT_BACKEND", "Backend", "available_backends",
-           "default_backend", "get_backend", "preload", "solve", "solve_or_fall_back"]
+           "default_backend", "default_search", "get_backend", "preload", "solve", "solve_or_fall_back"]
 
 #: The backend that proved optimality fastest on the sharding ILPs of
 #: experiments/backend_speed.py (results/backends.md: e.g. 0.32 s vs 1.5-2.9 s for the HiGHS
@@ -101,6 +101,12 @@ BACKENDS: dict[str, Backend] = {
         PulpBackend("pulp-highs", "highs"),
     )
 }
+
+
+#: above this many variables the default backend is HiGHS: CBC proves small sharding ILPs
+#: fastest (results/backends.md) but took 212 s against HiGHS's 58 s on the 21,624-variable
+#: GPT-3 175B problem of the 128x8 mesh (results/solve_scaling.md)
+LARGE_MILP_COLS = 5000
 
 
 #: in-process backends that solve again what a crashed (isolated) backend could not, in order
@@ -127,6 +133,21 @@ def default_backend() -> str:
         if BACKENDS[name].available():
             return name
     raise UserError("no solver backend is installed: `pip install ortools` (or highspy, pulp)")
+
+
+def default_search() -> str:
+    """What solves each ILP when the user names no backend, in words (``autoddl backends``;
+    :func:`autoddl.formulations.solving.solve_lp_first`, ``autoddl.engine.planner.size_backend``)."""
+    last = default_backend()
+    if not BACKENDS["highs"].available():
+        return f"without --backend every ILP is solved by {last}"
+    large = ("" if last == "highs" else
+             f" ({last} for ILPs of at most {LARGE_MILP_COLS:,} variables without step-time "
+             "rows, else highs)")
+    return ("without --backend each ILP's LP relaxation is solved by highs and kept where it "
+            "is integral; otherwise autoddl's LP branch and bound (on highs) searches, and "
+            f"where it gives up the ILP goes to a MILP solver{large}. With --backend NAME the "
+            "LP relaxation still comes first, then NAME solves every ILP itself")
 
 
 def get_backend(name: str | None) -> Backend:

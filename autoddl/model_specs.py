@@ -1,0 +1,119 @@
+"""``--model`` specs parsed and checked without importing torch, so that a typo in a spec is
+reported at once (importing torch alone takes seconds on a loaded machine).
+
+The model builders live in :mod:`autoddl.engine.models` (built-in models) and
+:mod:`autoddl.engine.zoo` (library models, ``path/to/file.py:factory``); the names and default
+parameters of every model are here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoddl.errors import UserError
+from autoddl.specs import as_int, check_keys, parse_spec
+
+#: the ModelSpec name of ``path/to/file.py:factory`` models
+FILE_MODEL = "file"
+
+#: the built-in models' default parameters
+BUILTIN_DEFAULTS: dict[str, dict[str, int]] = {
+    "mlp": dict(batch=64, dim_in=64, hidden=256, layers=2, dim_out=64),
+    "gpt": dict(layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=256),
+    "vgg": dict(depth=16, batch=32, image=224, width=64, fc=4096, classes=1000),
+}
+
+_TEXT = dict(layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=256)
+_IMAGE = dict(batch=8, image=64, classes=10)
+
+#: the library models' default parameters (:data:`autoddl.engine.zoo.ZOO` builds them)
+ZOO_DEFAULTS: dict[str, dict[str, int]] = {
+    "hf-gpt2": _TEXT,
+    "hf-bert": _TEXT,
+    "hf-llama": dict(_TEXT, kv_heads=2, ffn=176),
+    "tv-resnet50": _IMAGE,
+    "tv-vgg16": dict(_IMAGE, image=32),
+    "timm-vit": dict(batch=8, image=32, patch=8, hidden=64, heads=4, layers=2, classes=10),
+}
+
+#: GPT configurations of the Megatron-LM SC'21 table (heads, hidden, layers, global batch;
+#: sequence 2048, vocabulary 51200), and GPT-3 175B. Each is ``gpt`` with these defaults.
+GPT_PRESETS: dict[str, dict[str, int]] = {
+    name: dict(heads=h, hidden=d, layers=L, batch=b, seq=2048, vocab=51200)
+    for name, h, d, L, b in [
+        ("gpt-1.7b", 24, 2304, 24, 512), ("gpt-3.6b", 32, 3072, 30, 512),
+        ("gpt-7.5b", 32, 4096, 36, 512), ("gpt-18.4b", 48, 6144, 40, 1024),
+        ("gpt-39.1b", 64, 8192, 48, 1536), ("gpt-76.1b", 80, 10240, 60, 1792),
+        ("gpt-145.6b", 96, 12288, 80, 2304), ("gpt-310.1b", 128, 16384, 96, 2160),
+        ("gpt-529.6b", 128, 20480, 105, 2520), ("gpt-1t", 160, 25600, 128, 3072),
+        ("gpt3-175b", 96, 12288, 96, 1536),
+    ]
+}
+
+#: the depths of VGG (:data:`autoddl.engine.models.VGG_CONFIGS`)
+VGG_DEPTHS = (11, 13, 16, 19)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``--model`` spec: the name, its integer parameters, and the original text."""
+
+    name: str
+    params: tuple[tuple[str, int], ...]
+    text: str
+
+    def get(self, key: str) -> int:
+        """The value of parameter ``key``."""
+        return dict(self.params)[key]
+
+
+def is_file_spec(text: str) -> bool:
+    """Whether a ``--model`` spec names ``path/to/file.py:factory``."""
+    head, sep, tail = text.partition(":")
+    return head.endswith(".py") and bool(sep)
+
+
+def _check_values(name: str, p: dict[str, int]) -> None:
+    """The checks between a model's parameters (:class:`UserError` on the first that fails)."""
+    what = f"--model {name}"
+    if "heads" in p and p["hidden"] % p["heads"]:
+        raise UserError(f"{what}: hidden={p['hidden']} is not divisible by heads={p['heads']}")
+    if "patch" in p and p["image"] % p["patch"]:
+        raise UserError(f"{what}: image={p['image']} is not a multiple of patch={p['patch']}")
+    if name == "vgg" and p["depth"] not in VGG_DEPTHS:
+        raise UserError(f"{what}: depth={p['depth']}; choose one of "
+                        f"{', '.join(map(str, VGG_DEPTHS))}")
+    if name == "vgg" and p["image"] % 32:
+        raise UserError(f"{what}: image={p['image']} must be a multiple of 32 (five poolings)")
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """Parse ``--model NAME[:key=value,...]`` against the built-in models' parameters, or
+    ``path/to/file.py:factory`` (its file must exist); :class:`UserError` on a mistake."""
+    if isinstance(text, str) and is_file_spec(text.strip()):
+        path = text.strip().partition(":")[0]
+        if not Path(path).is_file():
+            raise UserError(f"--model {text.strip()}: file {path!r} not found")
+        return ModelSpec(FILE_MODEL, (), text.strip())
+    name, raw = parse_spec(text, "--model")
+    if name in GPT_PRESETS:
+        defaults, built = GPT_PRESETS[name], "gpt"
+    elif name in BUILTIN_DEFAULTS or name in ZOO_DEFAULTS:
+        defaults, built = BUILTIN_DEFAULTS.get(name) or ZOO_DEFAULTS[name], name
+    else:
+        known = ", ".join([*BUILTIN_DEFAULTS, *GPT_PRESETS, *ZOO_DEFAULTS])
+        raise UserError(f"--model: unknown model {name!r}; built-in models: {known}; "
+                        "or path/to/file.py:factory")
+    check_keys(raw, defaults, f"--model {name}")
+    params = {k: as_int(raw, k, v, f"--model {name}") for k, v in defaults.items()}
+    _check_values(name, params)
+    return ModelSpec(built, tuple(sorted(params.items())), text)
+
+
+def with_layers(spec: ModelSpec, layers: int) -> ModelSpec:
+    """The same model with ``layers`` layers (to capture a repeated-layer model fast)."""
+    params = dict(spec.params)
+    assert "layers" in params
+    params["layers"] = layers
+    return ModelSpec(spec.name, tuple(sorted(params.items())), spec.text)

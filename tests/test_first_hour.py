@@ -1,0 +1,155 @@
+"""What a new user meets first (issue 18): every option explained, ``--version``, spec typos
+reported before torch is imported, outputs that say when they replaced a file, a solver line
+that says what found the plan and what proved it, one unit for bytes, random draws named before
+``run --check``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autoddl import __version__
+from autoddl.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "mlp:batch=8,dim_in=4,hidden=8,layers=1,dim_out=4"
+
+
+def _actions(parser: argparse.ArgumentParser, where: str = "autoddl"):
+    """(command, action) of every option and positional of ``parser`` and its subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{where} {name}")
+        else:
+            yield where, action
+
+
+def test_every_option_has_help():
+    missing = [f"{where} {'/'.join(a.option_strings) or a.dest}"
+               for where, a in _actions(build_parser())
+               if not a.help or a.help == argparse.SUPPRESS]
+    assert not missing, f"options without help text: {missing}"
+
+
+def test_output_help_states_the_default():
+    for where, a in _actions(build_parser()):
+        if "-o" in a.option_strings and a.default is not None:
+            assert str(a.default) in a.help and "replaced" in a.help, (where, a.help)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"autoddl {__version__}"
+
+
+# a wrapper that runs the command line, then says whether torch was imported
+_PROBE = ("import sys; from autoddl.cli import main; rc = main(sys.argv[1:]); "
+          "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)")
+
+
+@pytest.mark.parametrize("model,cluster,fragment", [
+    ("gpt:layerz=2", "cpu:devices=4", "'layerz'"),
+    ("gtp", "cpu:devices=4", "unknown model 'gtp'"),
+    ("gpt", "cpu:device=4", "'device'"),
+    ("vgg:depth=12", "cpu:devices=4", "depth=12"),
+    ("missing_file.py:make", "cpu:devices=4", "not found"),
+])
+def test_spec_errors_come_before_torch(tmp_path, model, cluster, fragment):
+    """A typo in a spec is reported without importing torch (which takes seconds)."""
+    for command in ("plan", "compare"):
+        p = subprocess.run([sys.executable, "-c", _PROBE, command, "--model", model,
+                            "--cluster", cluster], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.startswith("autoddl: error: ") and fragment in p.stderr, p.stderr
+        assert len(p.stderr.splitlines()) == 1, p.stderr
+        assert p.stdout.strip() == "NO-TORCH", f"{command}: torch imported before the error"
+
+
+def test_plan_says_it_replaced_the_default_file(tmp_path, monkeypatch, capsys):
+    """Without -o the plan goes to ./plan.json; a file there is replaced, and the output says
+    so (and says nothing of the kind when the file is new)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["plan", "--model", TINY, "--cluster", "cpu:devices=2", "--workers", "1"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "plan written to " in first and "(replaced" not in first, first
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert f"plan written to {tmp_path / 'plan.json'} (replaced the file that was there)" \
+        in second, second
+    solver = json.loads((tmp_path / "plan.json").read_text())["solver"]
+    # the solver line says what found the plan and what proved its bound
+    assert "plan found by " + solver["backend"] in second
+    assert "bound proven by " in second
+    assert solver["ilps_solved"] == sum(solver["ilp_solvers"].values())
+    assert " GB " not in second, "memory in GiB, not GB"
+
+
+def test_backends_describes_the_default_search(capsys):
+    from autoddl.formulations.backends import default_backend
+
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "(default)" not in out
+    assert f"{default_backend()}" in out and "branch and bound" in out, out
+    assert "without --backend" in out
+
+
+def test_calibrate_summary_explains_the_residual_and_uses_gib():
+    from autoddl.engine.cluster import parse_cluster
+    from autoddl.runtime.calibrate import LinkFit, summary
+
+    cluster = parse_cluster("cpu:devices=2,memory_gb=12.64")
+    text = summary(cluster, {"intra": LinkFit(3.0, 2e-5, 0.542, 40)}, {"intra": 2})
+    assert "54.2%" in text and "residual: root-mean-square relative difference" in text
+    assert "11.77 GiB" in text or "11.8 GiB" in text, text
+    assert " GB per device" not in text
+
+
+def test_random_draws_are_named():
+    """A model with dropout > 0 is named before `run --check`; dropout 0 is not."""
+    import torch
+
+    from autoddl.engine.capture import export
+    from autoddl.engine.normalize import random_draws_line
+
+    class Net(torch.nn.Module):
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.drop = torch.nn.Dropout(p)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.fc(x)).sum()
+
+    x = torch.randn(2, 4)
+    line = random_draws_line(export(Net(0.1), (x,)))
+    assert line.startswith("note: the model draws random numbers") and "p=0.1" in line, line
+    assert random_draws_line(export(Net(0.0), (x,))) == ""
+
+
+def test_ops_per_stage_names_the_shared_middle_stages():
+    """A 4-stage plan of repeated layers shows the program it solved: stage 1 stands for the
+    middle stages, and the line says so instead of printing a bare 0."""
+    from types import SimpleNamespace
+
+    from autoddl.engine.plan import _ops_per_stage
+
+    ops = [SimpleNamespace(stage=k, target="aten.mm.default")
+           for k, n in enumerate((3, 2, 0, 4)) for _ in range(n)]
+    text = _ops_per_stage(SimpleNamespace(interleave=1, num_chunks=4, ops=ops))
+    assert text == ("ops per stage of the solved program: 3, 2 (each of stages 1..2: they "
+                    "share one strategy), 4"), text
+    flat = _ops_per_stage(SimpleNamespace(interleave=1, num_chunks=2, ops=ops[:5]))
+    assert flat == "ops per stage: 3, 2"
