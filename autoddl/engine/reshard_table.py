@@ -22,7 +22,9 @@ all-to-alls, then all-reduces, then all-gathers; each kind by axis size, then in
 :func:`reshard_steps` uses, so that costs and the runtime's collectives agree (tested). The pairs
 where a dim moves from one axis to another (split on one in the producer's placement, on another in
 the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim: they
-are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`)."""
+are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`). The pairs
+whose producer or consumer placement nests a split (one dim split on several axes) are priced one
+by one from :func:`reshard_steps` itself (:func:`_nested_seconds`, cached)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ from typing import Sequence
 import numpy as np
 
 from autoddl.engine.cluster import Mesh
-from autoddl.engine.placements import B, P, STEP_ORDER, Placement, grad_target, split_dim
+from autoddl.engine.placements import (
+    B, P, STEP_ORDER, Placement, grad_target, reshard_steps, split_dim,
+)
 
 _NONE, _SLICE, _RS, _A2A, _AG, _AR, _BAD = range(7)
 _CODE = {"slice": _SLICE, "reduce_scatter": _RS, "all_to_all": _A2A, "all_gather": _AG,
@@ -152,13 +156,54 @@ def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndar
             ratio = (np.where(pairs.src_split[a], float(p), 1.0)
                      * np.where(pairs.dst_split[a], 1.0 / p, 1.0))
             held = np.where(live, held * ratio, held)
-    if pairs.moves.any():
-        rows = np.nonzero(pairs.moves)
+    nested = _nested_mask(pairs.src, sizes) | _nested_mask(pairs.dst, sizes)
+    nested = np.broadcast_to(nested, shape) & ~pairs.bad
+    moves = pairs.moves & ~nested
+    if moves.any():
+        rows = np.nonzero(moves)
         src = np.broadcast_to(pairs.src, shape + pairs.src.shape[-1:])[rows]
         dst = np.broadcast_to(pairs.dst, shape + pairs.dst.shape[-1:])[rows]
         per_byte[rows], latency[rows] = _moves_seconds(src.T.copy(), dst.T.copy(), mesh)
+    if nested.any():
+        rows = np.nonzero(nested)
+        src = np.broadcast_to(pairs.src, shape + pairs.src.shape[-1:])[rows]
+        dst = np.broadcast_to(pairs.dst, shape + pairs.dst.shape[-1:])[rows]
+        got = [_nested_seconds(tuple(a), tuple(b), mesh) for a, b in zip(src.tolist(),
+                                                                            dst.tolist())]
+        per_byte[rows] = [g[0] for g in got]
+        latency[rows] = [g[1] for g in got]
     bad = pairs.bad
     return np.where(bad, np.inf, per_byte), np.where(bad, 0.0, latency), bad
+
+
+def _nested_mask(codes: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Per placement (codes, last axis the mesh axes): some dim split on two axes of size > 1."""
+    out = np.zeros(codes.shape[:-1], bool)
+    live = [a for a, p in enumerate(sizes) if p > 1]
+    for i, a in enumerate(live):
+        for b in live[i + 1:]:
+            out |= (codes[..., a] > 0) & (codes[..., a] == codes[..., b])
+    return out
+
+
+def _placement(codes: Sequence[int]) -> Placement:
+    """Inverse of :func:`_codes` for one placement (no -2 entries)."""
+    return tuple(B if c == -1 else P if c == 0 else f"S({c - 1})" for c in codes)
+
+
+@functools.lru_cache(maxsize=65536)
+def _nested_seconds(src: tuple[int, ...], dst: tuple[int, ...], mesh: Mesh) -> tuple[float, float]:
+    """(seconds per byte, latency seconds) of one conversion whose source or target nests a
+    split: priced step by step from :func:`~autoddl.engine.placements.reshard_steps` (these
+    pairs are few: the loop is not vectorized)."""
+    if min(src) < -1 or min(dst) < -1:
+        return 0.0, 0.0
+    steps = reshard_steps(_placement(src), _placement(dst), 1.0, [ax.size for ax in mesh.axes])
+    assert steps is not None, (src, dst)
+    inv_bw, alpha = _rates(mesh)
+    per_byte = sum(st.bytes_per_device * inv_bw[st.axis, _CODE[st.kind]] for st in steps)
+    latency = sum(st.latency_steps * alpha[st.axis, _CODE[st.kind]] for st in steps)
+    return float(per_byte), float(latency)
 
 
 #: STEP_ORDER by kind code (NONE and BAD never run)
