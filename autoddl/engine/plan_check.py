@@ -208,8 +208,9 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
 def check_against_graph(plan: Any, graph: Any) -> None:
     """Raise :class:`UserError` unless ``plan`` (written out for every node) places each node of
     ``graph``, every placement splits dims the tensor has into pieces the product of the sizes
-    of the axes splitting each dim divides (nested splits allowed), and every operator reads and writes by one of its legal signatures (a hand-edited
-    plan could otherwise run and compute something else)."""
+    of the axes splitting each dim divides (nested splits allowed), and every operator reads
+    and writes by one of its legal signatures (a hand-edited plan could otherwise run and
+    compute something else)."""
     from autoddl.engine.placements import is_valid, parse_placement
 
     axes, mesh = plan.axis_names, plan.mesh_shape
