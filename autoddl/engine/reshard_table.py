@@ -24,7 +24,7 @@ where a dim moves from one axis to another (split on one in the producer's place
 the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim: they
 are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`). The pairs
 whose producer or consumer placement nests a split (one dim split on several axes) are priced one
-by one from :func:`reshard_steps` itself (:func:`_nested_seconds`, cached)."""
+by one from :func:`reshard_steps` itself, once per distinct pair (:func:`_nested_seconds`)."""
 
 from __future__ import annotations
 
@@ -168,10 +168,7 @@ def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndar
         rows = np.nonzero(nested)
         src = np.broadcast_to(pairs.src, shape + pairs.src.shape[-1:])[rows]
         dst = np.broadcast_to(pairs.dst, shape + pairs.dst.shape[-1:])[rows]
-        got = [_nested_seconds(tuple(a), tuple(b), mesh) for a, b in zip(src.tolist(),
-                                                                            dst.tolist())]
-        per_byte[rows] = [g[0] for g in got]
-        latency[rows] = [g[1] for g in got]
+        per_byte[rows], latency[rows] = _nested_seconds(src, dst, mesh)
     bad = pairs.bad
     return np.where(bad, np.inf, per_byte), np.where(bad, 0.0, latency), bad
 
@@ -191,19 +188,34 @@ def _placement(codes: Sequence[int]) -> Placement:
     return tuple(B if c == -1 else P if c == 0 else f"S({c - 1})" for c in codes)
 
 
-@functools.lru_cache(maxsize=65536)
-def _nested_seconds(src: tuple[int, ...], dst: tuple[int, ...], mesh: Mesh) -> tuple[float, float]:
-    """(seconds per byte, latency seconds) of one conversion whose source or target nests a
-    split: priced step by step from :func:`~autoddl.engine.placements.reshard_steps` (these
-    pairs are few: the loop is not vectorized)."""
-    if min(src) < -1 or min(dst) < -1:
-        return 0.0, 0.0
-    steps = reshard_steps(_placement(src), _placement(dst), 1.0, [ax.size for ax in mesh.axes])
+@functools.lru_cache(maxsize=1 << 17)
+def _nested_terms(src: tuple[int, ...], dst: tuple[int, ...],
+                  sizes: tuple[int, ...]) -> tuple[tuple[int, int, float, int], ...]:
+    """(axis, kind code, bytes per byte of tensor, latency steps) of each step converting codes
+    ``src`` to ``dst``, from :func:`~autoddl.engine.placements.reshard_steps`."""
+    steps = reshard_steps(_placement(src), _placement(dst), 1.0, sizes)
     assert steps is not None, (src, dst)
+    return tuple((st.axis, _CODE[st.kind], st.bytes_per_device, st.latency_steps)
+                 for st in steps if st.kind in _CODE)
+
+
+def _nested_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.ndarray, ...]:
+    """(seconds per byte, latency seconds) of K conversions (codes ``src``, ``dst``: (K, axes))
+    whose source or target nests a split: priced step by step from :func:`reshard_steps`, once
+    per distinct pair (these pairs are not vectorized)."""
+    sizes = tuple(ax.size for ax in mesh.axes)
     inv_bw, alpha = _rates(mesh)
-    per_byte = sum(st.bytes_per_device * inv_bw[st.axis, _CODE[st.kind]] for st in steps)
-    latency = sum(st.latency_steps * alpha[st.axis, _CODE[st.kind]] for st in steps)
-    return float(per_byte), float(latency)
+    n = src.shape[1]
+    pairs, inverse = np.unique(np.concatenate([src, dst], axis=1), axis=0, return_inverse=True)
+    per_byte, latency = np.zeros(len(pairs)), np.zeros(len(pairs))
+    for i, row in enumerate(pairs.tolist()):
+        if min(row) < -1:  # no placement: nothing to convert
+            continue
+        for axis, code, nbytes, steps in _nested_terms(tuple(row[:n]), tuple(row[n:]), sizes):
+            per_byte[i] += nbytes * inv_bw[axis, code]
+            latency[i] += steps * alpha[axis, code]
+    inverse = inverse.reshape(-1)
+    return per_byte[inverse], latency[inverse]
 
 
 #: STEP_ORDER by kind code (NONE and BAD never run)
