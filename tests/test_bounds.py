@@ -82,7 +82,9 @@ def test_screened_search_finds_the_optimum_of_solving_every_candidate(spec, devi
     full = plan_graph(g, c, screen=False, **kw)
     assert fast.solver["status"] == full.solver["status"] == "optimal"
     assert fast.solver["objective"] == pytest.approx(full.solver["objective"], rel=1e-6)
-    assert any(r["status"] == "pruned" for r in fast.candidates)
+    # pruned by its bound, or solved with the incumbent as cutoff and found no better (with
+    # nested sharding every multi-axis mesh can run data parallel, so bounds are closer)
+    assert any(r["status"] in ("pruned", "dominated") for r in fast.candidates)
 
 
 def test_screening_in_worker_processes_gives_the_same_records():
@@ -102,8 +104,10 @@ def test_screening_in_worker_processes_gives_the_same_records():
             (b["mesh"], b["lower_bound"], b["heuristic"])
 
 
-def test_meshes_with_equal_symmetry_keys_have_equal_optima():
-    """The planner solves one mesh per symmetry class: check the class members' optima agree."""
+def test_axis_order_matters_with_nested_sharding():
+    """Nested splits are ordered by axis position (lower axis outer), so meshes that permute
+    axes of different sizes are distinct candidates: here (2, 2, 4), (2, 4, 2) and (4, 2, 2)
+    do not all reach the same optimum, and the planner solves each of them."""
     from autoddl.engine.costs import build_problem
     from autoddl.engine.planner import solve_sharding
 
@@ -111,13 +115,10 @@ def test_meshes_with_equal_symmetry_keys_have_equal_optima():
     model, inputs = build_model(s, "meta")
     g = capture(model, inputs)
     c = cluster(devices=16, nodes=16, gbps=10, latency_s=1e-6, peak_flops=1e11, overlap=False)
-    classes: dict = {}
-    for m in c.meshes():
-        classes.setdefault(m.symmetry_key(), []).append(m)
-    group = max(classes.values(), key=len)
-    assert len(group) == 3 and len(c.distinct_meshes()) < len(c.meshes())
+    assert len(c.distinct_meshes()) == len(c.meshes())
+    group = [c.mesh(shape) for shape in [(2, 2, 4), (2, 4, 2), (4, 2, 2)]]
     objs = [solve_sharding(build_problem(g, m, c), "highs").result.objective for m in group]
-    assert objs == pytest.approx([objs[0]] * len(objs), rel=1e-9)
+    assert max(objs) > min(objs) * (1 + 1e-6), objs
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -188,3 +188,19 @@ def test_data_parallel_signatures_are_offered(mesh_shape):
             if s.ins[0] == all_zero and s.ins[1] == all_zero]
     assert loss and all(a.scale for a in loss[0].axes)
     assert all(a == b for a, b in itertools.pairwise(loss[0].out)) and loss[0].out[0] == P
+
+
+def test_signature_cache_tells_meshes_apart_by_nested_divisibility():
+    """A dim of 6 splits on both axes of (2, 3) (6 pieces) but not of (2, 2) (4 pieces), though
+    each axis size divides 6 on both meshes: the planner's signature cache must not share them."""
+    from autoddl.engine.costs import _signatures
+
+    f = "float32"
+    graph = OpGraph((
+        OpNode("x", "input", "input", TensorMeta((6, 6), f)),
+        OpNode("y", "op", "aten.relu.default", TensorMeta((6, 6), f), ("x",), (TensorArg(0),)),
+    ), "y")
+    for shape in [(2, 3), (2, 2)]:
+        got = {s.out for s in _signatures(graph["y"], graph, shape)}
+        assert got == {s.out for s in signatures(graph["y"], graph, shape)}
+        assert ((S(0), S(0)) in got) == (shape == (2, 3))

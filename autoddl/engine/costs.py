@@ -46,6 +46,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -450,10 +451,14 @@ _SIGNATURES_MAX = 20000
 def _signatures(n, graph: OpGraph, mesh_shape: tuple[int, ...]) -> list[Signature]:
     """:func:`~autoddl.engine.rules.signatures`, cached. Identical nodes (those of repeated
     layers) share one list, and so do meshes that agree on which axes have size > 1 and on
-    which tensor dims each axis size divides: that is all the legality of a placement reads."""
+    which tensor dims the product of the sizes of each set of axes divides (a dim may be split
+    on several axes: nested): that is all the legality of a placement reads."""
     tensors = (n.out,) + tuple(graph[i].out for i in n.inputs)
-    pattern = tuple((size > 1, tuple(tuple(d % size == 0 for d in t.shape) for t in tensors))
-                    for size in mesh_shape)
+    subsets = itertools.chain.from_iterable(
+        itertools.combinations(range(len(mesh_shape)), r) for r in range(1, len(mesh_shape) + 1))
+    pattern = (tuple(size > 1 for size in mesh_shape),
+               tuple(tuple(tuple(d % math.prod(mesh_shape[a] for a in sub) == 0 for d in t.shape)
+                           for t in tensors) for sub in subsets))
     key = (n.kind, n.target, n.requires_grad, tensors,
            tuple(graph[i].requires_grad for i in n.inputs), n.args, n.kwargs, pattern)
     got = _SIGNATURES.get(key)
