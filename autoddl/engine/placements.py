@@ -174,7 +174,8 @@ def step_kind(src: str, dst: str) -> str | None:
 #: the order steps run in, by kind: the free slices first, then the steps that shrink what a
 #: device holds, then all-reduces (before all-gathers grow the piece they would move); steps of
 #: one kind run in order of axis size, then axis index. This order depends on no axis position
-#: but through equal sizes, so meshes that permute axes of equal size and link cost the same.
+#: but through equal sizes; nested splits, ordered by axis position, make meshes that permute
+#: axes of different sizes distinct (:meth:`~autoddl.engine.cluster.Mesh.symmetry_key`).
 STEP_ORDER = {"slice": 0, "reduce_scatter": 1, "all_to_all": 1, "all_reduce": 2, "all_gather": 3}
 COLLECTIVES = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce")
 
