@@ -98,7 +98,8 @@ def _solve(a: argparse.Namespace, work, log: Progress):
                       microbatch_graph=work.microbatch_graph, microbatches=work.microbatches,
                       stages=a.stages, balance_eps=a.balance_eps, schedule=a.schedule,
                       layers=work.layers, mip_rel_gap=a.gap, workers=a.workers,
-                      strict_rules=getattr(a, "strict_rules", False))
+                      strict_rules=getattr(a, "strict_rules", False),
+                      interleave=getattr(a, "interleave", None))
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=None,
                    help="pipeline stages (default: the best of all; 1: no pipelining)")
     p.add_argument("--schedule", default="1F1B", help="pipeline schedule: 1F1B or GPipe")
+    p.add_argument("--interleave", type=int, default=None, metavar="V",
+                   help="force V model chunks per pipeline device (interleaved 1F1B; 1: none; "
+                        "default: the planner chooses)")
     p.set_defaults(fn=_plan)
 
     c = sub.add_parser("compare", help="the optimal plan beside data parallel, ZeRO, Megatron, "

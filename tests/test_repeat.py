@@ -64,18 +64,23 @@ def test_pipeline_program_is_no_slower_than_the_unreduced_joint_plan(layers, sta
     assert reduced.cost["step_time_s"] <= full.solver["objective"] * (1 + 1e-9)
 
 
-def test_expanded_plan_covers_every_node_with_its_stage():
+@pytest.mark.parametrize("v", [1, 2])
+def test_expanded_plan_covers_every_node_with_its_stage(v):
     spec = "gpt:layers=8,hidden=32,heads=2,seq=8,batch=8,vocab=64"
     s, g = _graph(spec)
     _, mb = _graph(spec, 4)
     c = cluster(devices=4, latency_s=1e-6, peak_flops=1e10)
     plan = plan_graph(g, c, model_spec=s.text, microbatch_graph=mb, microbatches=4, stages=4,
-                      balance_eps=0.3)
+                      balance_eps=0.3, interleave=v)
+    assert plan.interleave == v and plan.num_chunks == 4 * v
     full = expand_plan(plan, mb)
     assert [o.name for o in full.ops] == [n.name for n in mb.nodes]
     blocks = find_blocks(mb)
-    for i, members in enumerate(blocks.members):  # two layers per stage, in order
-        assert {full.op(n).stage for n in members if mb[n].kind == "op"} == {i // 2}
+    for i, members in enumerate(blocks.members):  # 8 / (4 v) layers per chunk, in order
+        assert {full.op(n).stage for n in members if mb[n].kind == "op"} == {i // (2 // v)}
+    # the loss in the last chunk, the embedding in the first
+    assert full.op(mb.loss).stage == 4 * v - 1
+    assert min(o.stage for o in full.ops) == 0
     prog = build_program(mb, blocks, 8, 4, 4)
     assert prog.graph.digest() == plan.model["graph_hash"]
 

@@ -99,16 +99,26 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class Job:
-    """A candidate not built yet: its label, pipeline degree, mesh shape and how to build it."""
+    """A candidate not built yet: its label, pipeline degree, mesh shape and how to build it.
+
+    A *derived* candidate names its ``parent`` (an index into the same job list) and a
+    ``bound_scale`` r with :math:`z \\ge r\\,\\ell` for every lower bound :math:`\\ell` of the
+    parent's plans (interleaved pipelines: their v = 1 candidate,
+    :func:`autoddl.engine.programs.interleave_bound_scale`): it is screened after every other
+    candidate, and not even built when :math:`r\\,\\ell` already reaches the best plan found."""
 
     label: str
     stages: int
     shape: tuple[int, ...]
     build: Callable[[], Prepared]
+    interleave: int = 1
+    parent: int | None = None
+    bound_scale: float = 1.0
 
     def record(self) -> dict:
         """The start of this candidate's record in the plan file."""
         return {"mesh": self.label, "stages": self.stages, "shape": list(self.shape),
+                **({"interleave": self.interleave} if self.interleave > 1 else {}),
                 "build_s": None, "lower_bound": None, "heuristic": None}
 
 
@@ -122,11 +132,13 @@ def _screen(task: tuple[int, float]) -> tuple[int, dict, np.ndarray | None]:
     return _bound(i, _JOBS[i].build(), prune_at)
 
 
-def _bound(i: int, prep: Prepared, prune_at: float = INF) -> tuple[int, dict, np.ndarray | None]:
-    """Bound built candidate ``i``: (i, its record, the heuristic plan's choice). A candidate
-    whose relaxation without memory (one tree pass) is already ``>= prune_at`` (a known plan's
-    cost, less the gap) stops there, with that bound and no plan of its own."""
-    rec = {**_JOBS[i].record(), "build_s": prep.build_s}
+def _bound(i: int, prep: Prepared, prune_at: float = INF, job: Job | None = None
+           ) -> tuple[int, dict, np.ndarray | None]:
+    """Bound built candidate ``i`` (``job``, default the ``i``-th of the screening): (i, its
+    record, the heuristic plan's choice). A candidate whose relaxation without memory (one tree
+    pass) is already ``>= prune_at`` (a known plan's cost, less the gap) stops there, with that
+    bound and no plan of its own."""
+    rec = {**(job or _JOBS[i]).record(), "build_s": prep.build_s}
     if prep.problem is None:
         return i, rec, None
     t1 = time.perf_counter()
@@ -162,6 +174,15 @@ def seed_jobs(jobs: list[Job]) -> list[int]:
 Screened = list[tuple[dict, np.ndarray | None] | None]
 
 
+def _from_parent(job: Job, out: Screened) -> tuple[dict, None]:
+    """A derived candidate's record, unbuilt: its parent's screening bound, scaled."""
+    assert job.parent is not None
+    got = out[job.parent]
+    lb = None if got is None or got[0]["lower_bound"] is None \
+        else job.bound_scale * got[0]["lower_bound"]
+    return {**job.record(), "lower_bound": lb, "bound_s": 0.0, "bound_from": "parent"}, None
+
+
 def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
                 log: Callable[[str], None] | None = None,
                 built: dict[int, Prepared] | None = None,
@@ -172,8 +193,10 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
     Two phases: the :func:`seed_jobs` are bounded fully; the cheapest plan they give, less the
     gap, then prunes each other candidate whose relaxation without memory reaches it (one tree
     pass instead of a search over multipliers). ``meanwhile(seed results, prune_at)`` runs in
-    this process while the workers screen the rest. ``log`` hears "screening k/N" about ten
-    times. Screened in this process, the built candidates are kept in ``built``."""
+    this process while the workers screen the rest. Derived candidates (:class:`Job`) are not
+    built: they get their parent's bound, scaled (:func:`search` bounds them when it must).
+    ``log`` hears "screening k/N" about ten times. Screened in this process, the built
+    candidates are kept in ``built``."""
     global _JOBS
     out: Screened = [None] * len(jobs)
     _JOBS = jobs
@@ -185,8 +208,9 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
             log(f"screening {done}/{len(jobs)} candidates")
 
     seeds = seed_jobs(jobs)
-    rest = sorted(set(range(len(jobs))) - set(seeds))
-    phases = [seeds, rest] if seeds else [rest]
+    derived = [i for i, j in enumerate(jobs) if j.parent is not None]
+    rest = sorted(set(range(len(jobs))) - set(seeds) - set(derived))
+    phases = [p for p in (seeds, rest) if p]
 
     def prune_at() -> float:
         if not seeds:
@@ -223,11 +247,42 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
                 report()
                 if time.perf_counter() > deadline:
                     return out
+        for i in derived:
+            out[i] = _from_parent(jobs[i], out)
+            done += 1
+        report()
     finally:
         if pool is not None:
             pool.terminate()
         _JOBS = []
     return out
+
+
+def _solve_order(jobs: list[Job], preps: list[tuple[int, float, dict]]) -> list[int]:
+    """Best bound first; derived candidates last, under the best plan of the others and their
+    parent's proof."""
+    return sorted(range(len(preps)), key=lambda j: (jobs[preps[j][0]].parent is not None,
+                                                    preps[j][1]))
+
+
+def _bound_derived(job: Job, i: int, prepared: Callable[[int], Prepared], lb: float, rec: dict,
+                   proven: dict[int, float], prune_at: float, build: bool) -> float:
+    """The bound of derived candidate ``i`` (screening bound ``lb``, record ``rec``, updated):
+    its parent's proven bound, scaled; if that is below ``prune_at`` and ``build``, the larger
+    of it and the candidate's own screening (:func:`_bound`, built now)."""
+    if job.parent in proven and job.bound_scale * proven[job.parent] > lb:
+        lb = job.bound_scale * proven[job.parent]
+        rec.update(lower_bound=lb, bound_from="parent")
+    if not build or lb >= prune_at or rec.get("bound_from") != "parent":
+        return lb
+    _, own, _ = _bound(i, prepared(i), prune_at, job)
+    if own["lower_bound"] is not None and own["lower_bound"] > lb:
+        lb = own["lower_bound"]
+        own["bound_from"] = "screening"
+    else:
+        own.update(lower_bound=lb, bound_from="parent")
+    rec.update(own)
+    return lb
 
 
 def _outcome(r: SolveResult, lb: float, cut: float) -> tuple[str, float]:
@@ -295,8 +350,9 @@ def _screen_phase(jobs: list[Job], workers: int, deadline: float, mip_rel_gap: f
                   prepared: Callable[[int], Prepared], presolved: dict[int, object]
                   ) -> tuple[list[tuple[int, float, dict]], object | None, float, int]:
     """Screen every candidate (:func:`_screen_all`), solving meanwhile the ILP of the seed with
-    the least bound into ``presolved``: (index, bound, record) per candidate, the best
-    heuristic plan and its cost, and how many candidates the deadline left unscreened."""
+    the least bound into ``presolved``: (index, bound, record) per candidate, the best plan
+    (heuristic, or that seed's) and its cost, and how many candidates the deadline left
+    unscreened."""
     t0 = time.perf_counter()
 
     def solve_a_seed(seen: Screened, cut: float) -> None:
@@ -314,10 +370,13 @@ def _screen_phase(jobs: list[Job], workers: int, deadline: float, mip_rel_gap: f
     screened = _screen_all(jobs, workers, deadline, mip_rel_gap, log, built, solve_a_seed)
     unscreened = sum(g is None for g in screened)
     preps, best, best_obj = _from_screening(jobs, screened, prepared)
+    for c, _ in presolved.values():  # the seed solved meanwhile: the incumbent from the start
+        if c.choice is not None and c.result.objective < best_obj:
+            best, best_obj = c, c.result.objective
     if log:
         log(f"screened {len(jobs) - unscreened} of {len(jobs)} candidates in "
             f"{time.perf_counter() - t0:.2f} s"
-            + (f"; best heuristic plan {best_obj:.6g} s" if best is not None else ""))
+            + (f"; best plan so far {best_obj:.6g} s" if best is not None else ""))
     return preps, best, best_obj, unscreened
 
 
@@ -345,13 +404,18 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
     else:
         preps, unscreened = [(i, -INF, jobs[i].record()) for i in range(len(jobs))], 0
     records, solved, bounds = [], [], []
-    order = sorted(range(len(preps)), key=lambda i: preps[i][1]) if screen \
-        else list(range(len(preps)))
+    order = _solve_order(jobs, preps) if screen else list(range(len(preps)))
     timed_out = unscreened > 0
+    proven: dict[int, float] = {}  # candidate -> the lower bound its outcome proved
     for n, j in enumerate(order):
         i, lb, rec = preps[j]
         records.append(rec)
-        if best is not None and lb >= best_obj * (1 - mip_rel_gap):
+        if jobs[i].parent is not None:
+            lb = _bound_derived(jobs[i], i, prepared, lb, rec, proven,
+                                best_obj * (1 - mip_rel_gap) if best is not None else INF,
+                                screen and time.perf_counter() < deadline)
+        proven[i] = lb
+        if best is not None and lb >= best_obj * (1 - mip_rel_gap) and i not in presolved:
             rec.update(status="pruned", objective=None, gap=None, time_s=0.0, variables=None)
             bounds.append(lb)
             continue
@@ -375,6 +439,7 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
         r = c.result
         status, bound = _outcome(r, lb, cut)
         bounds.append(bound)
+        proven[i] = bound
         timed_out = timed_out or (time_limit_s is not None and status in (
             SolveStatus.FEASIBLE.value, SolveStatus.NO_SOLUTION.value))
         rec.update(status=status, objective=r.objective, gap=r.gap, time_s=r.time_s,

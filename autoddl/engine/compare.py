@@ -54,9 +54,11 @@ class Row:
 
 
 def plan_label(plan: Plan) -> str:
-    """A plan's mesh as in the planner's candidate list: "x4·y2" or "pp2 × x8"."""
+    """A plan's mesh as in the planner's candidate list: "x4·y2", "pp2 × x8" or, interleaved,
+    "pp2·v3 × x8"."""
     mesh = "·".join(f"{a['name']}{a['size']}" for a in plan.mesh["axes"])
-    return f"pp{plan.num_stages} × {mesh}" if plan.pipeline else mesh
+    v = f"·v{plan.interleave}" if plan.interleave > 1 else ""
+    return f"pp{plan.num_stages}{v} × {mesh}" if plan.pipeline else mesh
 
 
 def row_of(o: Outcome) -> Row:

@@ -10,7 +10,8 @@
   25 MiB, :data:`BUCKET_BYTES`), one latency chain per bucket: the backward steps of a trained
   weight's edge (and ZeRO-1/2's extra start-up) pay their latency × the gradient piece's bytes /
   BUCKET_BYTES (:func:`grad_sync_share`), in the ILP and in :func:`breakdown` alike.
-* **Node**: an op's compute on one device, ``passes × forward`` (3 passes, 4 when recomputed),
+* **Node**: an op's compute on one device, ``passes × forward`` (3 passes; recomputation's
+  fourth is priced by :mod:`autoddl.engine.recompute`),
   with the forward priced by the roofline of :mod:`autoddl.engine.compute` on the work the
   signature leaves to one device (FLOPs divided over the axes that split it, local pieces read
   and written). Replicated work is therefore paid at its real rate, small kernels included.
@@ -20,7 +21,7 @@
   and are *hidden* behind the backward compute (the ``window``: all passes but the forward), so
   only what exceeds it is exposed: step = critical + max(0, hidden − window).
 * **Memory per device**: each weight's piece × (weight + gradient + optimizer states); each op's
-  output piece (kept for backward); and a consumer that saves its inputs (matmuls, attention)
+  output piece (kept for backward); unfused attention's score stash (:func:`stash_bytes`); and a consumer that saves its inputs (matmuls, attention)
   keeps its own copy of an input that had to be converted.
 * **Accumulated weight gradients** (pipelined steps of ``m`` micro-batches): the backward
   conversion of a trained weight's edge (its gradient's all-reduce, reduce-scatter, all-gather,
@@ -50,7 +51,7 @@ import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -64,10 +65,11 @@ from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures, vocab_parallel_steps,
 )
 from autoddl.errors import UserError
+from autoddl.formulations.recompute import recompute_terms, restrict_groups
 from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingProblem, StepShape
 
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
-RECOMPUTE = ("none", "layers", "auto")
+RECOMPUTE = ("none", "layers", "selective", "auto")
 
 SAVES_INPUTS = {
     "aten.linear.default", "aten.mm.default", "aten.bmm.default", "aten.matmul.default",
@@ -80,9 +82,10 @@ class TrainingConfig:
     """What a training step keeps in memory besides activations."""
 
     optimizer: str = "adam"
-    #: "none", "layers": repeated layers keep only their inputs and are recomputed in
-    #: backward (Megatron-LM's full activation recomputation), or "auto": the planner solves
-    #: both and keeps the faster step
+    #: "auto": the MILP chooses per repeated layer (:mod:`autoddl.engine.recompute`) none,
+    #: selective (attention's score stash recomputed, Korthikanti et al. 2022) or full (the
+    #: layer keeps only its inputs, Megatron-LM's full recomputation); "none", "selective",
+    #: "layers" (full) force one choice for every layer
     recompute: str = "none"
     #: "fp32", or "bf16": float tensors computed and sent in 2 bytes, fp32 master weights and
     #: optimizer states (:mod:`autoddl.engine.precision`; callers resolve the cluster's default)
@@ -91,7 +94,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         check_precision(self.precision)
         if self.recompute not in RECOMPUTE:
-            raise UserError(f"unknown recompute {self.recompute!r}; choose none, layers or auto")
+            raise UserError(f"unknown recompute {self.recompute!r}; choose auto, none, "
+                            "selective or layers")
         if self.optimizer not in OPTIMIZER_STATES:
             raise UserError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}"
@@ -203,8 +207,24 @@ def _fully_divided_s(graph: OpGraph, n, mesh: Mesh, cluster: Cluster, precision:
 
 def passes(name: str, mult: "Multiplicity") -> float:
     """Forward passes' worth of work per training pass: 3 (forward, and a backward of twice the
-    forward), 4 when the forward is recomputed in backward."""
-    return 4.0 if name in mult.recomputed else 3.0
+    forward), plus the share of copies whose forward is recomputed in backward."""
+    return 3.0 + mult.recompute_share(name)
+
+
+def stash_bytes(graph: OpGraph, n, sig: Signature, mesh: Mesh, cluster: Cluster,
+                precision: str) -> float:
+    """Per-device bytes unfused attention keeps for backward besides its output (Korthikanti
+    et al. 2022): the softmax output and, with dropout, its mask (1 byte) and output, per score
+    element; 0 where attention is fused (``attention_score_passes`` 0, flash attention)."""
+    if cluster.compute.attention_score_passes <= 0:
+        return 0.0
+    score = _score_bytes(graph, n, precision)
+    if not score:
+        return 0.0
+    elems = score / (2.0 if precision == "bf16" else 4.0)
+    dropout = float(n.arg(3, "dropout_p", 0.0) or 0.0) > 0
+    per_elem = (2 * score / elems + 1) if dropout else score / elems
+    return elems * per_elem * local_fraction(sig.out, mesh.shape)
 
 
 def _replicated_axes(sig: Signature, mesh_shape: Sequence[int]) -> list[int]:
@@ -255,11 +275,13 @@ def node_memory_bytes(node, sig: Signature, mesh: Mesh, config: TrainingConfig) 
     return 0.0
 
 
-def forward_times(src: Signature, dst: str, mult: "Multiplicity") -> int:
-    """How often an edge's forward conversion runs per pass: twice when its consumer is
-    recomputed or its producer is a ZeRO-3 parameter gathered again in backward (both at once
-    is still twice: the recomputation's gather is the one backward uses)."""
-    return 2 if src.zero == ZERO_REGATHER or dst in mult.recomputed else 1
+def forward_times(src: Signature, src_name: str, dst: str, mult: "Multiplicity") -> float:
+    """How often an edge's forward conversion runs per pass: twice when its producer is a
+    ZeRO-3 parameter gathered again in backward, 1 + the recomputed share of copies when both
+    ends are in one recomputed layer (a ZeRO-3 gather inside one is the one backward uses)."""
+    if src.zero == ZERO_REGATHER:
+        return 2.0
+    return 1.0 + mult.edge_recompute_share(src_name, dst)
 
 
 def keeps_converted(graph: OpGraph, src: Signature, dst: str, pin: Placement) -> bool:
@@ -340,9 +362,10 @@ class Multiplicity:
     #: only layer inputs, and one layer's activations while it is recomputed)
     node_mem: dict[str, float] = field(default_factory=dict)
     edge_mem: dict[tuple[str, str, int], float] = field(default_factory=dict)
-    #: ops whose forward runs twice (recomputed in backward): 4 passes of FLOPs instead of 3,
-    #: forward conversions of their inputs twice
-    recomputed: frozenset[str] = frozenset()
+    #: a plan's recomputation, for its reports (the MILP prices it in recompute groups,
+    #: :mod:`autoddl.engine.recompute`): op -> (layer, share of its copies recomputed); their
+    #: forward runs again, and so do the conversions between ops of one layer
+    recomputed: dict[str, tuple[str, float]] = field(default_factory=dict)
     #: copies per step of the backward conversion of an edge whose gradient accumulates over
     #: the micro-batches (:func:`accumulates_grad`; its other conversions count ``edges``)
     grad_copies: dict[tuple[str, str, int], int] = field(default_factory=dict)
@@ -350,6 +373,15 @@ class Multiplicity:
     def node(self, name: str) -> int:
         """Copies of node ``name``."""
         return self.nodes.get(name, 1)
+
+    def recompute_share(self, name: str) -> float:
+        """Share of node ``name``'s copies whose forward is recomputed."""
+        return self.recomputed.get(name, ("", 0.0))[1]
+
+    def edge_recompute_share(self, src: str, dst: str) -> float:
+        """Share of an edge's copies converted again: both ends in one recomputed layer."""
+        a, b = self.recomputed.get(src), self.recomputed.get(dst)
+        return b[1] if a is not None and b is not None and a[0] == b[0] else 0.0
 
     def node_memory(self, name: str) -> float:
         """Memory copies of node ``name``."""
@@ -400,6 +432,29 @@ class _EdgeCoster:
             self.keys[key] = _keys([(s.ins[i], s.grads[i]) for s in ss])
         return self.keys[key]
 
+    def _matrices(self, src_vals: list, dst_vals: list) -> tuple[np.ndarray, ...]:
+        """Per-byte conversion matrices of these producer and consumer keys (cached)."""
+        mkey = (tuple(src_vals), tuple(dst_vals))
+        mats = self.matrices.get(mkey)
+        if mats is None:
+            mats = unit_matrices([v[0] for v in src_vals], dst_vals, self.mesh)
+            self.matrices[mkey] = mats
+        return mats
+
+    def forward_units(self, graph: OpGraph, sigs: dict[str, list[Signature]], src: str,
+                      dst: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(seconds of one forward conversion, bytes of one saved converted copy) of an edge
+        whose gradient is not accumulated, per (producer key, consumer key) as
+        :meth:`choices` keys it; a ZeRO-3 gather (already run twice) adds nothing."""
+        _, src_vals = self._src_keys(sigs[src], False)
+        _, dst_vals = self._dst_keys(sigs[dst], i)
+        nbytes = tensor_bytes(graph[src].out, self.precision)
+        fb, fl, _, _, frac = self._matrices(src_vals, dst_vals)
+        kept = 1.0 - np.array([[float(v[1])] for v in src_vals])
+        mem = (frac * nbytes * kept if graph[dst].target in SAVES_INPUTS
+               else np.zeros(fb.shape))
+        return (fb * nbytes + fl) * kept, mem
+
     def choices(self, graph: OpGraph, sigs: dict[str, list[Signature]], index: dict[str, int],
                 src: str, dst: str, i: int, copies: int, mem_copies: float = -1.0,
                 fwd_times: int = 1, grad_copies: float = -1.0) -> EdgeChoices:
@@ -412,12 +467,7 @@ class _EdgeCoster:
         dst_key, dst_vals = self._dst_keys(sigs[dst], i)
         nbytes = tensor_bytes(graph[src].out, self.precision)
         saves = graph[dst].target in SAVES_INPUTS
-        mkey = (tuple(src_vals), tuple(dst_vals))
-        mats = self.matrices.get(mkey)
-        if mats is None:
-            mats = unit_matrices([v[0] for v in src_vals], dst_vals, self.mesh)
-            self.matrices[mkey] = mats
-        fb, fl, bb, bl, frac = mats
+        fb, fl, bb, bl, frac = self._matrices(src_vals, dst_vals)
         regather = np.array([[float(v[1])] for v in src_vals])
         times = np.maximum(fwd_times, 1 + regather)  # per producer key
         bwd_copies: float | np.ndarray = copies
@@ -483,7 +533,7 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
              for node_cache in [{}] for n in graph.nodes]
     coster = _EdgeCoster(mesh, config.precision)
     edges = [coster.choices(graph, sigs, index, src, dst, i, k,
-                            mult.edge_memory(src, dst, i, k), 2 if dst in mult.recomputed else 1,
+                            mult.edge_memory(src, dst, i, k), 1,
                             mult.grad_copies.get((src, dst, i), -1.0))
              for src, dst, i, k in mult.all_edges(graph)]
     if cluster.compute.overlap:
@@ -492,6 +542,12 @@ def build_problem(graph: OpGraph, mesh: Mesh, cluster: Cluster,
     problem = ShardingProblem(tuple(nodes), tuple(edges), float(cluster.memory_per_device_bytes),
                               StepShape())
     return CostedGraph(graph, mesh, cluster, config, sigs, problem, index, mult)
+
+
+def edge_units(costed: CostedGraph) -> "Callable[[str, str, int], tuple[np.ndarray, np.ndarray]]":
+    """(src, dst, index) -> :meth:`_EdgeCoster.forward_units` of that edge of ``costed``."""
+    coster = _EdgeCoster(costed.mesh, costed.config.precision)
+    return lambda src, dst, i: coster.forward_units(costed.graph, costed.sigs, src, dst, i)
 
 
 def hide_weight_traffic(e: EdgeChoices) -> EdgeChoices:
@@ -508,8 +564,8 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
     weight traffic), the loss made whole; a weight's ZeRO start-ups (hidden)."""
     if not ss:
         raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
-    k_pass = passes(n.name, mult)
-    key = (id(ss), n.kind, n.target, n.flops, k_pass, n.out, n.requires_grad,
+    k_pass = 3.0  # recomputation is priced by the recompute groups
+    key = (id(ss), n.kind, n.target, n.flops, n.args, n.out, n.requires_grad,
            n.name == graph.loss, tuple(graph[i].out for i in n.inputs), config)
     if key not in cache:
         fwd = np.array([node_forward_s(graph, n, s, mesh, cluster, config.precision)
@@ -518,15 +574,16 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
         if n.name == graph.loss:  # the loss value is made whole on every device
             cost = cost + [steps_seconds(loss_steps(graph, s.out, mesh, config.precision), mesh)
                            for s in ss]
-        # the operator's own collectives, forward only (twice when it is recomputed)
-        cost = cost + [(2 if n.name in mult.recomputed else 1)
-                       * steps_seconds(op_steps(graph, n, s, mesh), mesh) for s in ss]
+        # the operator's own collectives, forward only
+        cost = cost + [steps_seconds(op_steps(graph, n, s, mesh), mesh) for s in ss]
         hidden = (np.array([zero_latency_s(s, mesh, n.out.nbytes) for s in ss])
                   if n.kind == "param" else None)
         if hidden is not None and not cluster.compute.overlap:
             cost, hidden = cost + hidden, None
         cache[key] = (cost, (k_pass - 1.0) * fwd, hidden,
-                      np.array([node_memory_bytes(n, s, mesh, config) for s in ss]))
+                      np.array([node_memory_bytes(n, s, mesh, config)
+                                + stash_bytes(graph, n, s, mesh, cluster, config.precision)
+                                for s in ss]))
     cost, window, hidden, mem = cache[key]
     k = mult.node(n.name)
     return NodeChoices(n.name, cost * k, mem * mult.node_memory(n.name), 0,
@@ -546,7 +603,13 @@ class Collective:
     kind: str
     bytes_per_device: float
     seconds: float
-    copies: int = 1  # repeated layers: how many real copies of this edge
+    copies: int | float = 1  # repeated layers: how many real copies of this edge (run again:
+    # recomputed ones count twice)
+
+
+def _whole(copies: float) -> int | float:
+    """A count of copies as an int (recomputed shares are whole copies of a layer's)."""
+    return int(round(copies)) if abs(copies - round(copies)) < 1e-9 else copies
 
 
 def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> list[Collective]:
@@ -569,13 +632,13 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
             for st in steps:
                 if st.kind in ("slice", "none"):
                     continue
-                n = (copies * forward_times(choice[src], dst, mult) if direction == "forward"
-                     else bwd_copies)
+                n = (_whole(copies * forward_times(choice[src], src, dst, mult))
+                     if direction == "forward" else bwd_copies)
                 secs = step_seconds(st, mesh, 1.0 if direction == "forward" else share)
                 out.append(Collective(src, dst, i, direction, mesh.axes[st.axis].name,
                                       st.kind, st.bytes_per_device, secs, n))
     for n in costed.graph.ops:  # an operator's own collectives (vocabulary-parallel loss)
-        times = mult.node(n.name) * (2 if n.name in mult.recomputed else 1)
+        times = _whole(mult.node(n.name) * (1.0 + mult.recompute_share(n.name)))
         out += [Collective(n.name, n.name, -1, "forward", mesh.axes[st.axis].name, st.kind,
                            st.bytes_per_device, step_seconds(st, mesh), times)
                 for st in op_steps(costed.graph, n, choice[n.name], mesh)]
@@ -588,28 +651,58 @@ def predicted_collectives(costed: CostedGraph, choice: dict[str, Signature]) -> 
     return out
 
 
+def plain_indices(costed: CostedGraph, choice: dict[str, Signature]) -> np.ndarray:
+    """Signature indices of ``choice`` in ``costed``'s lists, a weight's ZeRO-1 variant (built
+    only by the baselines) read as its plain signature: same edges, same node cost."""
+    out = []
+    for n in costed.graph.nodes:
+        s, sigs = choice[n.name], costed.sigs[n.name]
+        out.append(sigs.index(s if s in sigs else dataclasses.replace(s, zero=0)))
+    return np.array(out, dtype=int)
+
+
 def choice_indices(costed: CostedGraph, choice: dict[str, Signature]) -> np.ndarray:
     """Each node's signature as its index in ``costed``'s lists (ValueError if not there)."""
     return np.array([costed.sigs[n.name].index(choice[n.name]) for n in costed.graph.nodes])
 
 
-def step_time_s(costed: CostedGraph, choice: dict[str, Signature]) -> float:
-    """The step time of one signature per node, as the solver prices it (a choice outside the
-    solver's lists, such as a baseline's, is costed on its own)."""
+def step_time_s(costed: CostedGraph, choice: dict[str, Signature],
+                counts: Sequence[int] = ()) -> float:
+    """The step time of one signature per node (and recomputation ``counts``, the problem's
+    defaults if none), as the solver prices it (a choice outside the solver's lists, such as a
+    baseline's, is costed on its own)."""
     graph = costed.graph
     if all(choice[n.name] in costed.sigs[n.name] for n in graph.nodes):
-        return costed.problem.evaluate(choice_indices(costed, choice))[0]
+        return costed.problem.evaluate(np.append(choice_indices(costed, choice),
+                                                 np.asarray(counts, int)))[0]
+    return own_problem(costed, choice).evaluate(
+        np.append(np.zeros(len(graph.nodes), dtype=int), np.asarray(counts, int)))[0]
+
+
+def own_problem(costed: CostedGraph, choice: dict[str, Signature]) -> ShardingProblem:
+    """The problem of ``choice`` alone (one signature per node, such as a baseline's ZeRO-1
+    weights outside the solver's lists), with ``costed``'s step shape and recomputation (whose
+    forms read only operators and activations: a weight's ZeRO variant reads as its plain
+    signature)."""
+    graph = costed.graph
     own = build_problem(graph, costed.mesh, costed.cluster, costed.config, costed.mult,
                         sigs={n.name: [choice[n.name]] for n in graph.nodes}).problem
-    own = dataclasses.replace(own, shape=costed.problem.shape)
-    return own.evaluate(np.zeros(len(graph.nodes), dtype=int))[0]
+    groups = ()
+    if costed.problem.recompute:
+        groups = restrict_groups(costed.problem, plain_indices(costed, choice))
+    return dataclasses.replace(own, shape=costed.problem.shape, recompute=groups)
 
 
-def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
+def breakdown(costed: CostedGraph, choice: dict[str, Signature], counts: Sequence[int] = (),
+              mult: Multiplicity | None = None) -> dict:
     """Cost and memory of a plan: totals, per mesh axis, per collective kind, per (axis, kind)
     (``per_axis_kind[axis][kind]``: bytes sent per device, seconds, count in one training step),
-    per operator, memory parts."""
+    per operator, memory parts. ``counts``: the plan's recomputation (the problem's recompute
+    groups), ``mult`` the multiplicities that report it
+    (:func:`autoddl.engine.recompute.realized`)."""
     mesh, graph = costed.mesh, costed.graph
+    if mult is not None:
+        costed = dataclasses.replace(costed, mult=mult)
     colls = predicted_collectives(costed, choice)
     per_axis: dict[str, dict[str, float]] = {
         a.name: {"bytes": 0.0, "seconds": 0.0, "count": 0} for a in mesh.axes}
@@ -642,11 +735,17 @@ def breakdown(costed: CostedGraph, choice: dict[str, Signature]) -> dict:
         prec = costed.config.precision
         compute_s += k * node_forward_s(graph, n, choice[n.name], mesh, costed.cluster, prec)
         divided_s += k * _fully_divided_s(graph, n, mesh, costed.cluster, prec)
-    step_s = step_time_s(costed, choice)
+    step_s = step_time_s(costed, choice, counts)
     mem = {"weights_bytes": 0.0, "activations_bytes": 0.0, "converted_inputs_bytes": 0.0}
     for n in graph.nodes:
-        b = node_memory_bytes(n, choice[n.name], mesh, costed.config) * mult.node_memory(n.name)
+        b = (node_memory_bytes(n, choice[n.name], mesh, costed.config)
+             + stash_bytes(graph, n, choice[n.name], mesh, costed.cluster,
+                           costed.config.precision)) * mult.node_memory(n.name)
         mem["weights_bytes" if n.kind == "param" else "activations_bytes"] += b
+    if costed.problem.recompute:  # what recomputation frees, and the layer it keeps live
+        full = np.append(np.zeros(len(graph.nodes), dtype=int), np.asarray(counts, int))
+        mem["activations_bytes"] += sum(recompute_terms(own_problem(costed, choice),
+                                                        full)[1].values())
     for src, dst, i, copies in mult.all_edges(graph):
         pin = choice[dst].ins[i]
         if keeps_converted(graph, choice[src], dst, pin):

@@ -93,6 +93,17 @@ class Plan:
         return int(self.pipeline["stages"]) if self.pipeline else 1
 
     @property
+    def interleave(self) -> int:
+        """Model chunks per device of the pipeline (Megatron's interleaved 1F1B: v; 1: none)."""
+        return int(self.pipeline.get("interleave", 1)) if self.pipeline else 1
+
+    @property
+    def num_chunks(self) -> int:
+        """Model chunks of the pipeline, v·K (an op's ``stage`` is its chunk; chunk c runs on
+        pipeline rank c mod K)."""
+        return self.num_stages * self.interleave
+
+    @property
     def num_microbatches(self) -> int:
         """Micro-batches per step (1: not pipelined)."""
         return int(self.pipeline["microbatches"]) if self.pipeline else 1
@@ -270,11 +281,16 @@ def summary(plan: Plan) -> str:
     pipe = ""
     if plan.pipeline:
         ax = plan.pipeline["axis"]
+        v = plan.interleave
+        per = int(plan.pipeline.get("layers_per_stage", 0)) // v
+        chunks = (f", interleaved: {v} model chunks per device ({plan.num_chunks} chunks"
+                  + (f" of {per} layer{'s' if per > 1 else ''}" if per else "") + ")"
+                  ) if v > 1 else ""
         pipe = (f"\npipeline {plan.num_stages} stages × {plan.num_microbatches} micro-batches "
-                f"({plan.pipeline['schedule']}) over {ax['name']} ({ax['bandwidth_gbps']:g} GB/s); "
-                f"ops per stage: "
+                f"({plan.pipeline['schedule']}{chunks}) over {ax['name']} "
+                f"({ax['bandwidth_gbps']:g} GB/s); ops per {'chunk' if v > 1 else 'stage'}: "
                 + ", ".join(str(len([o for o in plan.ops if o.stage == k and o.target not in
-                                     ("param", "input")])) for k in range(plan.num_stages)))
+                                     ("param", "input")])) for k in range(plan.num_chunks)))
     lines = [
         f"model    {plan.model['spec']}  ({plan.model['num_params']:,} parameters, "
         f"{plan.model['num_ops']} ops)" + fallback_line(plan),
@@ -306,7 +322,8 @@ def summary(plan: Plan) -> str:
     lines += [
         f"{'estimated step time':<28}{format_seconds(c['step_time_s']):>14}   "
         "(critical compute and communication, exposed weight traffic"
-        + (", slowest stage × 1F1B)" if plan.pipeline else ")"),
+        + ((", slowest stage × interleaved 1F1B)" if plan.interleave > 1
+            else ", slowest stage × 1F1B)") if plan.pipeline else ")"),
         "",
         f"precision {plan.training.get('precision', 'fp32')} ({_precision_words(plan)}), "
         f"optimizer {plan.training.get('optimizer')}",

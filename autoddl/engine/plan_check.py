@@ -99,15 +99,22 @@ def _check_mesh(data: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def _check_pipeline(data: Mapping[str, Any], axes: list[str]) -> int:
-    """Pipeline stages (1 without a pipeline)."""
+def _check_pipeline(data: Mapping[str, Any], axes: list[str]) -> tuple[int, int]:
+    """(pipeline stages, model chunks: stages × interleave); (1, 1) without a pipeline."""
     pipe = data.get("pipeline")
     if pipe is None:
-        return 1
+        return 1, 1
     if not isinstance(pipe, dict):
         raise _bad("pipeline", "is not an object or null")
     stages = _count(pipe.get("stages"), "pipeline.stages", 1)
-    _count(pipe.get("microbatches"), "pipeline.microbatches", 1)
+    microbatches = _count(pipe.get("microbatches"), "pipeline.microbatches", 1)
+    v = _count(pipe.get("interleave", 1), "pipeline.interleave", 1)
+    if v > 1 and pipe.get("schedule", "1F1B") != "1F1B":
+        raise _bad("pipeline.interleave", f"is {v} under {pipe.get('schedule')}: interleaving "
+                                          "runs under 1F1B only")
+    if v > 1 and microbatches % stages:
+        raise _bad("pipeline.interleave", f"is {v} with {microbatches} micro-batches, not a "
+                                          f"multiple of the {stages} stages")
     if not isinstance(pipe.get("schedule", "1F1B"), str) or pipe.get("schedule", "1F1B") \
             not in SCHEDULES:
         raise _bad("pipeline.schedule", f"is {pipe.get('schedule')!r}; use one of {SCHEDULES}")
@@ -117,7 +124,7 @@ def _check_pipeline(data: Mapping[str, Any], axes: list[str]) -> int:
     if axis["name"] in axes:
         raise _bad("pipeline.axis", f"repeats the mesh axis {axis['name']!r}")
     _number(axis.get("bandwidth_gbps"), "pipeline.axis.bandwidth_gbps")
-    return stages
+    return stages, stages * v
 
 
 def _check_op(o: Any, i: int, axes: list[str], stages: int) -> None:
@@ -139,7 +146,8 @@ def _check_op(o: Any, i: int, axes: list[str], stages: int) -> None:
             _check_axes_map(p, axes, f"{where} grad[{j}]")
     stage = _count(o.get("stage", 0), f"{where} stage")
     if stage >= stages:
-        raise _bad(f"{where} stage", f"is {stage}; the plan has {stages} stage(s)")
+        raise _bad(f"{where} stage", f"is {stage}; the plan has {stages} stage(s) (model "
+                                     "chunks when interleaved)")
     _count(o.get("zero", 0), f"{where} zero")
 
 
@@ -173,7 +181,8 @@ def _check_numbers(data: Mapping[str, Any]) -> None:
 def check_plan_data(data: Mapping[str, Any]) -> None:
     """Raise :class:`UserError` naming the first malformed field of a plan file's data."""
     from autoddl.engine.cluster import MAX_DEVICES
-    from autoddl.engine.costs import OPTIMIZER_STATES
+    from autoddl.engine.costs import OPTIMIZER_STATES, RECOMPUTE
+    from autoddl.engine.recompute import LAYER_MODES
 
     for key, kind in _TOP.items():
         if not isinstance(data.get(key), kind):
@@ -187,7 +196,7 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
     for key in ("num_params", "num_ops"):
         _count(model.get(key), f"model.{key}")
     axes = _check_mesh(data)
-    stages = _check_pipeline(data, axes)
+    stages, chunks = _check_pipeline(data, axes)
     devices = stages * math.prod(int(a["size"]) for a in data["mesh"]["axes"])
     if devices > MAX_DEVICES:
         raise _bad("mesh", f"spans {devices:,} devices, more than {MAX_DEVICES:,}")
@@ -195,13 +204,18 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
     if not isinstance(optimizer, str) or optimizer not in OPTIMIZER_STATES:
         raise _bad("training.optimizer", f"is {optimizer!r}; autoddl trains with one of "
                                          f"{', '.join(OPTIMIZER_STATES)}")
-    if data["training"].get("recompute", "none") not in ("none", "layers", None):
-        raise _bad("training.recompute", "is not 'none' or 'layers'")
+    if data["training"].get("recompute", "none") not in RECOMPUTE + (None,):
+        raise _bad("training.recompute", f"is not one of {', '.join(RECOMPUTE)}")
+    per_layer = data["training"].get("recompute_layers")
+    if per_layer is not None and (not isinstance(per_layer, list) or any(
+            m not in LAYER_MODES for m in per_layer)):
+        raise _bad("training.recompute_layers", "is not a list of 'none', 'selective' or "
+                                                "'full' (one per repeated layer)")
     if data["training"].get("precision", "fp32") not in ("fp32", "bf16"):
         raise _bad("training.precision", "is not 'fp32' or 'bf16' (a file without it was "
                                          "costed in fp32)")
     for i, o in enumerate(data["ops"]):
-        _check_op(o, i, axes, stages)
+        _check_op(o, i, axes, chunks)
     _check_numbers(data)
 
 

@@ -16,13 +16,21 @@ from typing import Callable
 import numpy as np
 
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis
-from autoddl.engine.costs import CostedGraph, TrainingConfig, breakdown, build_problem
+from autoddl.engine.costs import (
+    CostedGraph, TrainingConfig, breakdown, build_problem, own_problem, plain_indices,
+)
 from autoddl.engine.candidates import Job, Prepared, search
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes, split_timings
 from autoddl.engine.rules import Signature, check_rules
-from autoddl.engine.programs import Program, build_program, cost_program, program_breakdown
+from autoddl.engine.programs import (
+    Program, build_program, cost_program, interleave_bound_scale, interleave_options, interleaved,
+    program_breakdown, program_layer_order,
+)
+from autoddl.engine.recompute import (
+    plan_counts, realized, recompute_record, sharding_layers, with_recompute,
+)
 from autoddl.engine.repeat import Reduced, find_blocks, reduce_graph
 from autoddl.engine.stages import (
     build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
@@ -38,7 +46,7 @@ from autoddl.formulations.solving import (  # noqa: F401 - NEAR_CUTOFF, solve_lp
 )
 from autoddl.formulations.overlap import solve_overlap
 from autoddl.formulations.pipeline import PipelineModel, PipelineProblem
-from autoddl.formulations.sharding import EdgeChoices, NodeChoices, ShardingModel, ShardingProblem
+from autoddl.formulations.sharding import ShardingModel, ShardingProblem
 
 SCHEDULES = ("1F1B", "GPipe")
 
@@ -59,11 +67,17 @@ class Candidate:
     program: Program | None = None
     problem: ShardingProblem | None = None
     bubble_s: float = 0.0
+    #: recomputation: copies per group option, after the signatures in a choice vector
+    #: (:mod:`autoddl.formulations.recompute`; empty: the problem's defaults)
+    counts: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
-        """e.g. "x2·y2" or "pp2 × x2"."""
-        return str(self.costed.mesh) if self.stages == 1 else f"pp{self.stages} × {self.costed.mesh}"
+        """e.g. "x2·y2", "pp2 × x2" or, interleaved, "pp2·v2 × x2"."""
+        if self.stages == 1:
+            return str(self.costed.mesh)
+        v = self.program.interleave if self.program is not None else 1
+        return f"pp{self.stages}{f'·v{v}' if v > 1 else ''} × {self.costed.mesh}"
 
 
 def decode(costed: CostedGraph, idx: np.ndarray) -> dict[str, Signature]:
@@ -73,6 +87,22 @@ def decode(costed: CostedGraph, idx: np.ndarray) -> dict[str, Signature]:
 
 def _decode(costed: CostedGraph, model: ShardingModel, x: np.ndarray) -> dict[str, Signature]:
     return decode(costed, model.choice(x))
+
+
+def tail(problem: ShardingProblem, idx: np.ndarray) -> tuple[int, ...]:
+    """The recomputation counts a choice vector holds after its signatures."""
+    return tuple(int(c) for c in idx[len(problem.nodes):])
+
+
+def best_counts(costed: CostedGraph, choice: dict[str, Signature]) -> tuple[int, ...]:
+    """The fastest recomputation for a fixed sharding (a baseline's), within memory: its own
+    problem's MILP; the problem's defaults when nothing is free to choose or nothing fits."""
+    own = own_problem(costed, choice)
+    if not own.recompute or all(g.fixed is not None for g in own.recompute):
+        return ()
+    model = ShardingModel(own)
+    r = solve_or_fall_back(model.milp(), None, named=False)
+    return tail(own, model.choice(r.x)) if r.has_solution else ()
 
 
 #: above this many variables the default backend is HiGHS: CBC proves small sharding ILPs
@@ -141,13 +171,16 @@ def solve_sharding(costed: CostedGraph, backend: str | None = None,
     model, r, build_s = _solve_problem(costed.problem, backend, time_limit_s, mip_rel_gap,
                                        lp_first, cutoff)
     choice = stage = None
+    counts: tuple[int, ...] = ()
     if r.has_solution:
         choice = _decode(costed, model, r.x)
         stage = {n: 0 for n in choice}
+        counts = tail(costed.problem, model.choice(r.x))
         cost, _ = costed.problem.evaluate(model.choice(r.x))
         assert abs(cost - r.objective) <= 1e-6 * max(1.0, abs(cost)) + 1e-12, \
             f"decoded plan costs {cost}, solver said {r.objective}"
-    return Candidate(costed, 1, None, 1, r, choice, stage, model.num_cols, build_s)
+    return Candidate(costed, 1, None, 1, r, choice, stage, model.num_cols, build_s,
+                     counts=counts)
 
 
 def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: MeshAxis,
@@ -177,10 +210,11 @@ def solve_pipeline(costed: CostedGraph, stages: int, microbatches: int, pp: Mesh
 
 
 def prepare_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
-                    config: TrainingConfig) -> tuple[CostedGraph, ShardingProblem, float]:
+                    config: TrainingConfig, base: CostedGraph | None = None
+                    ) -> tuple[CostedGraph, ShardingProblem, float]:
     """(costed, sharding problem, extra seconds: none, the bubble is in the problem's step
-    shape) of a pipelined program on a stage mesh."""
-    costed, problem = cost_program(prog, smesh, pp, cluster, config)
+    shape) of a pipelined program on a stage mesh (``base``: see :func:`cost_program`)."""
+    costed, problem = cost_program(prog, smesh, pp, cluster, config, base)
     return costed, problem, 0.0  # the 1F1B bubble is in the problem's step shape
 
 
@@ -195,8 +229,9 @@ def without_dominated(costed: CostedGraph) -> CostedGraph:
 
 
 def program_stages(prog: Program, problem: ShardingProblem) -> dict[str, int]:
-    """The real stage of each node of a program's problem (middle stages shown as stage 1)."""
-    real = (0, 1, prog.stages - 1)
+    """The real stage (model chunk when interleaved) of each node of a program's problem: the
+    first, the last, and the middle ones shown as 1."""
+    real = (0, 1, prog.stages * prog.interleave - 1)
     return {n.name: real[n.group] for n in problem.nodes}
 
 
@@ -215,26 +250,23 @@ def solve_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     r = dataclasses.replace(r, objective=None if r.objective is None else r.objective + bubble,
                             bound=None if r.bound is None else r.bound + bubble)
     choice = stage = None
+    counts: tuple[int, ...] = ()
     if r.has_solution:
         choice = _decode(costed, model, r.x)
         stage = program_stages(prog, problem)
+        counts = tail(problem, model.choice(r.x))
     return Candidate(costed, prog.stages, pp, prog.microbatches, r, choice, stage,
-                     model.num_cols, prep_s + build_s, prog, problem, bubble)
+                     model.num_cols, prep_s + build_s, prog, problem, bubble, counts)
 
 
 def min_memory_bytes(costed: CostedGraph, backend: str | None = None) -> float:
-    """The least memory per device any plan of this (sharding) problem needs; with memory
-    groups (pipeline stages), the largest of each group's least (a lower bound)."""
+    """The least memory per device any plan of this (sharding) problem needs, recomputation
+    included; with memory groups (pipeline stages), the largest of each group's least (a lower
+    bound)."""
     p = costed.problem
     need = 0.0
     for g in sorted({n.group for n in p.nodes} | {e.group for e in p.edges}):
-        nodes = tuple(NodeChoices(n.name, n.memory_bytes * (n.group == g), n.memory_bytes)
-                      for n in p.nodes)
-        edges = tuple(EdgeChoices(e.src, e.dst, e.src_key, e.dst_key,
-                                  np.where(np.isfinite(e.cost_s),
-                                           e.memory_bytes * (e.group == g), np.inf),
-                                  e.memory_bytes) for e in p.edges)
-        model = ShardingModel(ShardingProblem(nodes, edges, float("inf")))
+        model = ShardingModel(p, lean_group=g)
         r = solve_or_fall_back(model.milp(), backend, named=backend is not None)
         need = max(need, float(r.objective) if r.has_solution else float("inf"))
     return need
@@ -264,14 +296,24 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
             tuple(None if g is None else format_placement(g, names) for g in s.grads),
             c.stage[n.name], zero=s.zero,
         ))
+    recompute = {"recompute": costed.config.recompute}
     if c.stages == 1:
-        cost = breakdown(costed, c.choice)
+        layers, order = sharding_layers(costed.graph, costed.mult,
+                                        any(n.name.startswith("mid/") for n in costed.graph.ops))
+        counts = plan_counts(costed, np.append(plain_indices(costed, c.choice), c.counts))
+        cost = breakdown(costed, c.choice, c.counts, realized(costed, layers, counts))
+        recompute = recompute_record(costed.config.recompute, counts, order)
         pipeline = None
     elif c.program is not None:
         assert c.pp is not None and c.problem is not None
-        cost = program_breakdown(c.program, costed, c.problem, c.choice, c.pp, c.bubble_s)
+        cost = program_breakdown(c.program, costed, c.problem, c.choice, c.pp, c.bubble_s,
+                                 c.counts)
+        idx = np.append(plain_indices(costed, c.choice), c.counts)
+        recompute = recompute_record(costed.config.recompute, plan_counts(costed, idx),
+                                     program_layer_order(c.program))
         pipeline = {"stages": c.stages, "microbatches": c.microbatches, "schedule": schedule,
-                    "axis": c.pp.to_dict(), "layers_per_stage": c.program.layers // c.stages}
+                    "axis": c.pp.to_dict(), "layers_per_stage": c.program.layers // c.stages,
+                    "interleave": c.program.interleave}
     else:
         assert c.pp is not None
         cost = pipeline_breakdown(costed, c.choice, c.stage, c.stages, c.microbatches, c.pp)
@@ -287,8 +329,7 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
                "candidates": [t for _, t in records]}
     return Plan(model=model_info, cluster={**cluster.to_dict(), "spec": cluster.spec},
                 mesh=costed.mesh.to_dict(),
-                training={"optimizer": costed.config.optimizer,
-                          "recompute": costed.config.recompute,
+                training={"optimizer": costed.config.optimizer, **recompute,
                           "precision": costed.config.precision},
                 ops=tuple(ops), cost=cost, memory=memory, solver=solver,
                 candidates=tuple(rec for rec, _ in records), pipeline=pipeline, timings=timings)
@@ -302,7 +343,7 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
                schedule: str = "1F1B", log: Callable[[str], None] | None = None,
                layers: int | None = None, reduce: bool = True, lp_first: bool = True,
                screen: bool = True, workers: int | None = None,
-               strict_rules: bool = False) -> Plan:
+               strict_rules: bool = False, interleave: int | None = None) -> Plan:
     """The minimum-cost plan of ``graph`` on ``cluster`` over all candidates.
 
     ``microbatch_graph`` (the graph of one of ``microbatches`` micro-batches) enables pipelined
@@ -312,14 +353,15 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     ``time_limit_s`` bounds the whole search (the plan then reports its gap); ``screen``: see
     :func:`autoddl.engine.candidates.search`, as is ``workers`` (screening processes).
     Operators without a sharding rule run replicated and are listed in the plan
-    (``model["fallback_ops"]``); ``strict_rules`` makes them an error instead.
+    (``model["fallback_ops"]``); ``strict_rules`` makes them an error instead. Pipelines of
+    repeated layers may run interleaved (v model chunks per device) where v is legal
+    (:func:`~autoddl.engine.programs.interleave_options`); ``interleave`` forces one v.
     """
     t0 = time.perf_counter()
     preload()  # solver libraries imported now, before screening forks or any thread starts
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if not 0 <= balance_eps:
-        raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
+    _check_options(schedule, balance_eps, stages, interleave)
+    if schedule != "1F1B":  # interleaving is a 1F1B schedule
+        interleave = 1
     fallback = check_rules(graph, strict_rules)
     blocks = find_blocks(graph) if reduce else None
     if blocks is not None and (layers or blocks.count) < 4 and layers is None:
@@ -329,17 +371,17 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     if config.recompute == "layers" and blocks is None:
         raise UserError("--recompute layers needs repeated layers (a ModuleList of identical "
                         "blocks, four or more)")
-    # "auto": both variants are candidates, the faster step wins (recomputation is the choice
-    # of all repeated layers at once)
-    variants = (["none", "layers"] if config.recompute == "auto" and blocks is not None
-                else ["none" if config.recompute == "auto" else config.recompute])
-    jobs: list[Job] = []
-    for variant in variants:
-        jobs += _variant_jobs(graph, cluster, dataclasses.replace(config, recompute=variant),
-                              blocks, layers, backend, meshes, mip_rel_gap, microbatch_graph,
-                              microbatches, stages, balance_eps, lp_first,
-                              " (recompute)" if len(variants) > 1 and variant == "layers" else "")
-    reduced = reduce_graph(graph, blocks, layers, False) if blocks else None
+    # recomputation is chosen per layer by each candidate's MILP ("auto") or forced
+    jobs = _variant_jobs(graph, cluster, config, blocks, layers, backend, meshes, mip_rel_gap,
+                         microbatch_graph, microbatches, stages, balance_eps, lp_first, "",
+                         interleave)
+    reduced = reduce_graph(graph, blocks, layers) if blocks else None
+    if not jobs and interleave is not None and interleave > 1:
+        raise UserError(f"no pipeline can run {interleave} model chunks per device: it needs "
+                        "repeated layers (four or more), a stage count dividing the devices and "
+                        f"the micro-batches ({microbatches}), and {interleave} dividing the "
+                        "layers per stage; choose another --interleave, --stages or "
+                        "--microbatches")
     if not jobs:
         n_layers = reduced.layers if reduced else 0
         layers_too = (f" and, with repeated layers, divide the {n_layers} layers"
@@ -367,30 +409,51 @@ def plan_graph(graph: OpGraph, cluster: Cluster, *, model_spec: str,
     return to_plan(best, info, cluster, candidates, time.perf_counter() - t0, schedule, proof)
 
 
+def _check_options(schedule: str, balance_eps: float, stages: int | None,
+                   interleave: int | None) -> None:
+    """Raise :class:`UserError` on a planning option out of range."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not 0 <= balance_eps:
+        raise UserError(f"balance epsilon must be >= 0, got {balance_eps}")
+    if interleave is not None and interleave < 1:
+        raise UserError(f"--interleave must be at least 1, got {interleave}")
+    if interleave is not None and interleave > 1 and stages == 1:
+        raise UserError("--interleave needs a pipeline; drop --stages 1")
+    if interleave is not None and interleave > 1 and schedule != "1F1B":
+        raise UserError(f"--interleave runs under 1F1B only, not {schedule}; drop --schedule")
+
+
 def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, blocks,
                   layers: int | None, backend: str | None, meshes: list[Mesh] | None,
                   mip_rel_gap: float, microbatch_graph: OpGraph | None, microbatches: int,
-                  stages: int | None, balance_eps: float, lp_first: bool, suffix: str
-                  ) -> list[Job]:
+                  stages: int | None, balance_eps: float, lp_first: bool, suffix: str,
+                  interleave: int | None = None) -> list[Job]:
     """The candidates of one recomputation variant: every unpipelined mesh, and every pipeline
     degree and stage mesh (programs of repeated layers, or the joint stage problem)."""
-    recompute = config.recompute == "layers"
-    reduced: Reduced | None = reduce_graph(graph, blocks, layers, recompute) if blocks else None
+    reduced: Reduced | None = reduce_graph(graph, blocks, layers) if blocks else None
 
     def sharding_job(g: OpGraph, mesh: Mesh, mult) -> Prepared:
         t1 = time.perf_counter()
-        costed = build_problem(g, mesh, cluster, config, mult)
+        costed = with_recompute(build_problem(g, mesh, cluster, config, mult),
+                                sharding_layers(g, mult, reduced is not None)[0],
+                                config.recompute)
         return Prepared(
             str(mesh), 1, costed, costed.problem, 0.0, time.perf_counter() - t1,
             solve=lambda cut, tl: solve_sharding(without_dominated(costed), backend, tl,
                                                  mip_rel_gap, cut, lp_first),
             make=lambda idx, r: Candidate(costed, 1, None, 1, r, decode(costed, idx),
-                                          {n.name: 0 for n in costed.graph.nodes}, 0, 0.0))
+                                          {n.name: 0 for n in costed.graph.nodes}, 0, 0.0,
+                                          counts=tail(costed.problem, idx)))
 
-    def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks) -> Prepared:
+    programs = _Programs()
+
+    def program_job(k: int, pp: MeshAxis, smesh: Mesh, mb_blocks, v: int) -> Prepared:
         t1 = time.perf_counter()
-        prog = build_program(microbatch_graph, mb_blocks, n_layers, k, microbatches, recompute)
-        costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config)
+        plain, base = programs.get(k, smesh, lambda: build_program(
+            microbatch_graph, mb_blocks, n_layers, k, microbatches), cluster, config)
+        prog = interleaved(plain, v)
+        costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config, base)
 
         def solve(cut: float, tl: float | None) -> Candidate:
             lean = without_dominated(dataclasses.replace(costed, problem=problem))
@@ -398,10 +461,11 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                                  cut, lp_first, (lean, lean.problem, bubble))
 
         return Prepared(
-            f"pp{k} × {smesh}", k, costed, problem, bubble, time.perf_counter() - t1, solve=solve,
+            _program_label(k, v, smesh), k, costed, problem, bubble, time.perf_counter() - t1,
+            solve=solve,
             make=lambda idx, r: Candidate(costed, k, pp, microbatches, r, decode(costed, idx),
                                           program_stages(prog, problem), 0, 0.0, prog, problem,
-                                          bubble))
+                                          bubble, tail(problem, idx)))
 
     def joint_job(k: int, pp: MeshAxis, smesh: Mesh) -> Prepared:
         t1 = time.perf_counter()
@@ -413,7 +477,8 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             make=lambda idx, r: None, uses_cutoff=False)
 
     jobs: list[Job] = []
-    if stages in (None, 1):
+    forced = interleave is not None and interleave > 1  # pipelines of repeated layers only
+    if stages in (None, 1) and not forced:
         g, mult = (reduced.graph, reduced.mult) if reduced else (graph, None)
         for mesh in (meshes if meshes is not None else cluster.distinct_meshes()):
             jobs.append(Job(f"{mesh}{suffix}", 1, mesh.shape,
@@ -427,12 +492,59 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
             label = f"pp{k} × {smesh}{suffix}"
             if mb_blocks is not None:
                 if n_layers % k == 0:  # stages hold whole, equal runs of layers
-                    jobs.append(Job(label, k, smesh.shape,
-                                    lambda k=k, pp=pp, smesh=smesh: program_job(k, pp, smesh,
-                                                                                mb_blocks)))
+                    jobs += _interleave_jobs(k, smesh, microbatches, n_layers, interleave, suffix,
+                                             len(jobs),
+                                             lambda v, k=k, pp=pp, smesh=smesh: program_job(
+                                                 k, pp, smesh, mb_blocks, v))
                 continue
-            jobs.append(Job(label, k, smesh.shape,
-                            lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
+            if not forced:
+                jobs.append(Job(label, k, smesh.shape,
+                                lambda k=k, pp=pp, smesh=smesh: joint_job(k, pp, smesh)))
+    return jobs
+
+
+class _Programs:
+    """The v = 1 program of each (K, stage mesh) and its base costs, shared by the candidates
+    of every v (a few MB each: the newest 32 are kept)."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple, tuple[Program, CostedGraph]] = {}
+
+    def get(self, k: int, smesh: Mesh, build: Callable[[], Program], cluster: Cluster,
+            config: TrainingConfig) -> tuple[Program, CostedGraph]:
+        """(program, its :func:`~autoddl.engine.costs.build_problem` on ``smesh``)."""
+        key = (k, smesh.shape)
+        if key not in self._built:
+            if len(self._built) >= 32:
+                del self._built[next(iter(self._built))]
+            prog = build()
+            self._built[key] = (prog, build_problem(prog.graph, smesh, cluster, config,
+                                                    mult=prog.cost_mult))
+        return self._built[key]
+
+
+def _program_label(k: int, v: int, smesh: Mesh) -> str:
+    """A program candidate's label: "pp4 × x8", interleaved "pp4·v2 × x8"."""
+    return f"pp{k}{f'·v{v}' if v > 1 else ''} × {smesh}"
+
+
+def _interleave_jobs(k: int, smesh: Mesh, microbatches: int, layers: int,
+                     interleave: int | None, suffix: str, first: int,
+                     build: Callable[[int], Prepared]) -> list[Job]:
+    """The jobs of one (K, stage mesh) of repeated layers, one per legal chunk count v
+    (:func:`~autoddl.engine.programs.interleave_options`; ``interleave`` forces one): v = 1
+    first, at index ``first`` of the job list, and the others derived from it
+    (:func:`~autoddl.engine.programs.interleave_bound_scale`); v = 1 alone when forced."""
+    options = interleave_options(layers, k, microbatches)
+    if interleave is not None:
+        options = [v for v in options if v == interleave]
+    jobs = []
+    for v in options:
+        derive = v > 1 and interleave is None
+        jobs.append(Job(_program_label(k, v, smesh) + suffix, k, smesh.shape,
+                        lambda v=v: build(v), interleave=v,
+                        parent=first if derive else None,
+                        bound_scale=interleave_bound_scale(k, microbatches, v) if derive else 1.0))
     return jobs
 
 

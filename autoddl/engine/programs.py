@@ -29,7 +29,10 @@ from autoddl.engine.costs import (
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import local_fraction
 from autoddl.engine.precision import tensor_bytes
+from autoddl.engine.recompute import Layer, layers_by_prefix, plan_counts, realized, \
+    with_recompute
 from autoddl.engine.repeat import Blocks, _canonical, block_outputs
+from autoddl.formulations.recompute import recompute_terms
 from autoddl.formulations.sharding import ShardingProblem, StepShape
 
 
@@ -55,7 +58,6 @@ class Program:
     stages: int
     microbatches: int
     layers: int
-    recompute: bool = False
     outputs: frozenset[int] = frozenset()  # block positions whose outputs leave the block
     interleave: int = 1  # model chunks per device (Megatron's interleaved 1F1B: v)
 
@@ -66,7 +68,7 @@ def _stage_blocks(n: int) -> list[tuple[str, int]]:
 
 
 def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
-                  microbatches: int, recompute: bool = False) -> Program:
+                  microbatches: int) -> Program:
     """The reduced graph of ``layers`` blocks over ``stages`` stages (``stages`` divides it)."""
     K, m = stages, microbatches
     assert layers % K == 0 and K >= 2
@@ -224,20 +226,51 @@ def build_program(graph: OpGraph, blocks: Blocks, layers: int, stages: int,
             del crossing[key]
         else:
             seen2.add((key[0], node_group[key[1]]))
-    recomputed = frozenset(nd.name for nd in reduced.nodes if nd.kind == "op"
-                           and nd.name.split("/")[0] in inst_of) if recompute else frozenset()
     # a weight's accumulated gradient is converted once per step: per copy, not per micro-batch
     grads = {key: edge_mult[key] // m for key in accumulated_edges(reduced)}
-    mult = Multiplicity(node_mult, edge_mult, tuple(extra), recomputed=recomputed,
-                        grad_copies=grads)
+    mult = Multiplicity(node_mult, edge_mult, tuple(extra), grad_copies=grads)
     return Program(reduced, mult, node_group, node_mem, inflight, crossing, K, m, layers,
-                   recompute, frozenset(block_outputs(graph, blocks)))
+                   frozenset(block_outputs(graph, blocks)))
+
+
+#: the most model chunks per device the planner offers (Megatron's published rows use 2 and 3)
+MAX_INTERLEAVE = 4
+
+
+def interleave_options(layers: int, stages: int, microbatches: int,
+                       cap: int = MAX_INTERLEAVE) -> list[int]:
+    """The legal chunk counts ``v`` per device of ``layers`` on ``stages`` stages, 1 first:
+    ``v`` divides the layers per stage, at most ``cap``, and ``v >= 2`` needs the micro-batches
+    divisible by the stages (Megatron's interleaved schedule)."""
+    if stages < 2 or layers % stages:
+        return [1]
+    per = layers // stages
+    more = [v for v in range(2, min(cap, per) + 1) if per % v == 0] \
+        if microbatches % stages == 0 else []
+    return [1] + more
+
+
+def interleave_bound_scale(stages: int, microbatches: int, v: int) -> float:
+    r"""r with :math:`z_v \ge r\,z_1` for the optimum :math:`z_v` of a program run with ``v``
+    chunks per device and any lower bound :math:`z_1` of the same program's plans at v = 1
+    (memory relaxed or not): :math:`r = (m + (K-1)/v) / (m + K - 1)`.
+
+    Why: for one plan with stage times :math:`t_k` (sum S, max M, S ≤ K·M), exposed traffic E,
+    the v-step :math:`S/v + (m - 1/v) M + E` is at least r times the 1-step
+    :math:`S + (m-1) M + E` (linear in S; equal at S = K·M, larger at S = M, and r ≤ 1); with
+    v its transfers only grow and more micro-batches are in flight (its plans are a subset)."""
+    k, m = stages, microbatches
+    return (m + (k - 1) / v) / (m + k - 1)
 
 
 def interleaved(prog: Program, v: int) -> Program:
     """``prog`` run with ``v`` model chunks per device (Megatron's interleaved 1F1B: device k
-    holds chunks k, k+K, ...): ``v`` times the transfers, bubble / v, and more micro-batches in
-    flight (Megatron's warm-up, 2(K−r−1) + (v−1)K chunks on rank r, plus the one running)."""
+    holds chunks k, k+K, ...): bubble / v, more micro-batches in flight (Megatron's warm-up,
+    2(K−r−1) + (v−1)K chunks on rank r, plus the one running) and the transfers of v·K chunks:
+    v·K − 1 boundaries instead of K − 1. The boundaries of the layer chain count v times, plus
+    v − 1 wrap-arounds from the last device to the first (charged to the edge leaving stage 0,
+    which carries the same tensors); a prefix tensor relayed over f boundaries to its farthest
+    reader is relayed over (v − 1)·K + f (its readers in the last round of chunks)."""
     if v == 1:
         return prog
     k, m = prog.stages, prog.microbatches
@@ -248,34 +281,58 @@ def interleaved(prog: Program, v: int) -> Program:
     def flight(rank: int) -> int:
         return min(m, -(-(2 * (k - rank - 1) + (v - 1) * k + 1) // v))
 
-    return dataclasses.replace(prog, interleave=v, inflight=(flight(0), flight(1), flight(k - 1)))
-
-
-def _transient(name: str) -> bool:
-    """The block instance that stands for the layer being recomputed in its stage."""
-    tag = name.split("/")[0].split(".")[-1]
-    return tag in ("mid", "b0")
+    crossing = {}
+    for key, copies in prog.crossing.items():
+        src = key[0]
+        if src.startswith("pre/"):  # a relay over copies / m boundaries
+            crossing[key] = ((v - 1) * k + copies // m) * m
+        else:
+            wrap = (v - 1) * m if prog.node_group[src] == 0 else 0
+            crossing[key] = copies * v + wrap
+    return dataclasses.replace(prog, interleave=v, crossing=crossing,
+                               inflight=(flight(0), flight(1), flight(k - 1)))
 
 
 def _mem_factor(prog: Program, nd) -> float:
     """Memory copies of a node: weights once per represented layer; activations per layer and
-    micro-batch in flight, or, recomputed, only the layers' outputs plus one layer live."""
+    micro-batch in flight (recomputation frees some: :mod:`autoddl.engine.recompute`)."""
     copies = prog.node_mem_copies.get(nd.name, 1)
     if nd.kind != "op":
         return copies
-    flight = prog.inflight[prog.node_group[nd.name]]
-    if nd.name not in prog.cost_mult.recomputed:
-        return copies * flight
-    j = int(nd.name.split("/")[1])
-    return (copies * flight if j in prog.outputs else 0) + (1 if _transient(nd.name) else 0)
+    return copies * prog.inflight[prog.node_group[nd.name]]
 
 
-def _edge_mem_factor(prog: Program, dst, src: str) -> float:
+def _edge_mem_factor(prog: Program, dst) -> float:
     """Memory copies of a consumer's saved converted input."""
-    if dst.name in prog.cost_mult.recomputed:
-        same = src.split("/")[0] == dst.name.split("/")[0]
-        return 1.0 if _transient(dst.name) and same else 0.0
     return prog.node_mem_copies.get(dst.name, 1) * prog.inflight[prog.node_group[dst.name]]
+
+
+def program_layers(prog: Program, kappa: float) -> list[Layer]:
+    """The recompute groups of a program: each stage group's block instances (a middle block
+    standing for its copies), its seconds counted per stage copy and micro-batch (× κ), its
+    freed bytes per micro-batch in flight."""
+    prefixes = list(dict.fromkeys(n.name.split("/")[0] for n in prog.graph.ops
+                                  if "." in n.name.split("/")[0]))
+    out = []
+    for layer in layers_by_prefix(prog.graph, prog.cost_mult, prefixes):
+        op = layer.ops[0]
+        copies = prog.node_mem_copies.get(op, 1)
+        group = prog.node_group[op]
+        out.append(dataclasses.replace(layer, copies=copies, group=group,
+                                       cost_scale=kappa * prog.cost_mult.node(op) / copies,
+                                       memory_scale=float(prog.inflight[group])))
+    return out
+
+
+def program_layer_order(prog: Program) -> list[tuple[str, tuple[int, str]]]:
+    """Per real layer in model order, (recompute group, slot): the group is its block instance
+    (:func:`stage_of_real_block`), the slot that instance on its device (middle stages share a
+    group, each has its own copies)."""
+    order = []
+    for i in range(prog.layers):
+        chunk, prefix = stage_of_real_block(i, prog.layers, prog.stages, prog.interleave)
+        order.append((prefix, (chunk % prog.stages, prefix)))
+    return order
 
 
 def _params_first(nodes: list) -> list:
@@ -307,11 +364,14 @@ def step_shape(prog: Program) -> tuple[float, StepShape]:
 
 
 def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
-                 config: TrainingConfig) -> tuple[CostedGraph, ShardingProblem]:
+                 config: TrainingConfig, base: CostedGraph | None = None
+                 ) -> tuple[CostedGraph, ShardingProblem]:
     """The sharding problem of a program on a stage mesh: costs x copies, memory per stage
     group (activations x micro-batches in flight), boundary transfers over the pipeline axis
-    (``v`` times with ``v`` chunks per device), the step's shape (:func:`step_shape`)."""
-    costed = build_problem(prog.graph, mesh, cluster, config, mult=prog.cost_mult)
+    (those of all ``v·K`` chunks, :func:`interleaved`), the step's shape (:func:`step_shape`).
+    ``base``: the program's :func:`~autoddl.engine.costs.build_problem` on ``mesh``, if built
+    already (it does not depend on the chunks per device)."""
+    costed = base or build_problem(prog.graph, mesh, cluster, config, mult=prog.cost_mult)
     kappa, shape = step_shape(prog)
     g = prog.graph
     beta = pp.bandwidth_gbps * 1e9
@@ -327,9 +387,9 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
     for (src, dst, k, copies), ec in zip(all_edges, costed.problem.edges):
         grp = prog.node_group[dst]
         mem_copies = prog.cost_mult.edge_memory(src, dst, k, copies)
-        mem = ec.memory_bytes / max(mem_copies, 1) * _edge_mem_factor(prog, g[dst], src)
+        mem = ec.memory_bytes / max(mem_copies, 1) * _edge_mem_factor(prog, g[dst])
         cost = ec.cost_s
-        cross = prog.crossing.get((src, dst, k), 0) * prog.interleave
+        cross = prog.crossing.get((src, dst, k), 0)
         if cross:
             sends = 1 + int(g[src].requires_grad)
             sigs = costed.sigs[src]
@@ -342,15 +402,23 @@ def cost_program(prog: Program, mesh: Mesh, pp: MeshAxis, cluster,
         edges.append(dataclasses.replace(ec, cost_s=kappa * cost, memory_bytes=mem, group=grp))
     problem = ShardingProblem(tuple(nodes), tuple(edges), costed.problem.memory_capacity_bytes,
                               shape)
-    return dataclasses.replace(costed, problem=problem), problem
+    costed = with_recompute(dataclasses.replace(costed, problem=problem),
+                            program_layers(prog, kappa), config.recompute)
+    return costed, costed.problem
 
 
 def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProblem,
-                      choice: dict, pp: MeshAxis, bubble_s: float) -> dict:
-    """Cost and memory of a pipelined program plan, per training step."""
+                      choice: dict, pp: MeshAxis, bubble_s: float, counts: tuple = ()) -> dict:
+    """Cost and memory of a pipelined program plan (recomputation ``counts``), per step."""
     from autoddl.engine.costs import breakdown  # the per-axis/kind totals, copies included
 
-    out = breakdown(costed, choice)
+    layers = program_layers(prog, step_shape(prog)[0])
+    idx_full = np.append([costed.sigs[n.name].index(choice[n.name]) for n in prog.graph.nodes],
+                         np.asarray(counts, int))
+    mult = realized(costed, layers, plan_counts(costed, idx_full))
+    out = breakdown(costed, choice, counts, mult)
+    extra_crit, extra_mem = (recompute_terms(problem, idx_full) if problem.recompute
+                             else ({}, {}))
     mem_parts = out.pop("memory")
     g, mesh = prog.graph, costed.mesh
     p2p = {"bytes": 0.0, "seconds": 0.0, "count": 0}
@@ -374,6 +442,8 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
         a, b = e.src_key[sig_index[src]], e.dst_key[sig_index[dst]]
         per_group[e.group] = per_group.get(e.group, 0.0) + float(e.memory_bytes[a, b])
     del idx
+    for grp, v in extra_mem.items():
+        per_group[grp] = per_group.get(grp, 0.0) + v
     # the step (what the solver minimized) holds the transfers and the bubble: (K-1)/v passes
     # of the slowest stage, T = max_g σ_g C_g of the shape
     crit: dict[int, float] = {}
@@ -383,6 +453,8 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
         a = e.src_key[sig_index[g.nodes[e.src].name]]
         b = e.dst_key[sig_index[g.nodes[e.dst].name]]
         crit[e.group] = crit.get(e.group, 0.0) + float(e.cost_s[a, b])
+    for grp, v in extra_crit.items():
+        crit[grp] = crit.get(grp, 0.0) + v
     slowest = max(problem.shape.sigma(grp) * c for grp, c in crit.items())
     out.pop("exposed_comm_s", None)
     out.update({
@@ -408,9 +480,18 @@ def program_breakdown(prog: Program, costed: CostedGraph, problem: ShardingProbl
     return out
 
 
-def stage_of_real_block(i: int, layers: int, stages: int) -> tuple[int, str]:
-    """(stage, canonical instance prefix) of real block ``i``."""
+def stage_of_real_block(i: int, layers: int, stages: int, interleave: int = 1
+                        ) -> tuple[int, str]:
+    """(stage, canonical instance prefix) of real block ``i``; interleaved, (model chunk, the
+    prefix of its place among its device's layers in execution order: chunk k's, then k+K's,
+    ...). Block ``i`` runs in chunk i // (layers / (v·K)), on device chunk mod K."""
     n = layers // stages
+    if interleave > 1:
+        per_chunk = n // interleave
+        chunk, within = divmod(i, per_chunk)
+        k, rnd = chunk % stages, chunk // stages
+        _, prefix = stage_of_real_block(k * n + rnd * per_chunk + within, layers, stages)
+        return chunk, prefix
     k, r = divmod(i, n)
     st = "s0" if k == 0 else ("sl" if k == stages - 1 else "sm")
     tags = [t for t, _ in _stage_blocks(n)]

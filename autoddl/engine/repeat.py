@@ -150,8 +150,7 @@ def block_outputs(graph: OpGraph, blocks: Blocks) -> set[int]:
     return out
 
 
-def reduce_graph(graph: OpGraph, blocks: Blocks, layers: int | None = None,
-                 recompute: bool = False) -> Reduced:
+def reduce_graph(graph: OpGraph, blocks: Blocks, layers: int | None = None) -> Reduced:
     """Keep prefix, first, one mid, last block and suffix; multiplicities for ``layers`` blocks.
 
     ``layers`` is the real block count when ``graph`` was captured with fewer (a preset built
@@ -194,29 +193,13 @@ def reduce_graph(graph: OpGraph, blocks: Blocks, layers: int | None = None,
                     extra.append((f"mid/{j_src}", f"mid/{j_dst}", i, L - 3))
     per_block = sum(graph[nm].out.numel for nm in blocks.members[1] if graph[nm].kind == "param")
     params = graph.param_count + (L - blocks.count) * per_block
-    node_mem: dict[str, float] = {}
-    edge_mem: dict[tuple[str, str, int], float] = {}
-    recomputed: frozenset[str] = frozenset()
-    if recompute:  # keep each layer's outputs (the next one's input); one layer's activations
-        outs = block_outputs(graph, blocks)  # live again while it is recomputed: the mid block's
-        ops = [n for n in reduced.nodes if n.kind == "op" and n.name.split("/")[0] in
-               ("first", "mid", "last")]
-        recomputed = frozenset(n.name for n in ops)
-        for n in ops:
-            tag, j = n.name.split("/")
-            stored = (mid if tag == "mid" else 1) if int(j) in outs else 0
-            node_mem[n.name] = stored + (1 if tag == "mid" else 0)
-            for i, src in enumerate(n.inputs):
-                edge_mem[(src, n.name, i)] = 1.0 if tag == "mid" else 0.0
-        for src, dst, i, _ in extra:
-            edge_mem[(src, dst, i)] = 0.0
-    mult = Multiplicity(node_mult, edge_mult, tuple(extra), node_mem, edge_mem, recomputed)
+    mult = Multiplicity(node_mult, edge_mult, tuple(extra))
     return Reduced(reduced, mult, L, len(blocks.members[0]), blocks.container, params)
 
 
 def expand_plan(plan: Plan, graph: OpGraph) -> Plan:
     """The plan of a reduced graph (or pipelined program), written out for every node of the
-    full ``graph``, each with its real stage."""
+    full ``graph``, each with its real stage (model chunk when interleaved)."""
     from autoddl.engine.programs import stage_of_real_block
 
     blocks = find_blocks(graph)
@@ -230,13 +213,14 @@ def expand_plan(plan: Plan, graph: OpGraph) -> Plan:
         if n.name in pos:
             b, j = pos[n.name]
             if program:
-                stage, inst = stage_of_real_block(b, blocks.count, plan.num_stages)
+                stage, inst = stage_of_real_block(b, blocks.count, plan.num_stages,
+                                                  plan.interleave)
                 canon = f"{inst}/{j}"
             else:
                 stage, tag = 0, ("first" if b == 0 else "last" if b == blocks.count - 1 else "mid")
                 canon = f"{tag}/{j}"
         elif n.name in post:
-            stage, canon = plan.num_stages - 1, f"post/{post.index(n.name)}"
+            stage, canon = plan.num_chunks - 1, f"post/{post.index(n.name)}"
         else:
             stage, canon = 0, f"pre/{n.name}"
         src: OpPlacement = plan.op(canon)

@@ -32,10 +32,10 @@ import numpy as np
 from autoddl.engine.baselines import (
     NotApplicable, Outcome, best_of, batch_inputs, divides, fit_note, greedy_assign, leaf,
 )
-from autoddl.engine.costs import CostedGraph
+from autoddl.engine.costs import CostedGraph, plain_indices
 from autoddl.engine.rules import Signature
 from autoddl.engine.stages import build_pipeline_problem
-from autoddl.engine.workload import Workload, choice_index, plan_from_choice
+from autoddl.engine.workload import Workload, plan_from_choice
 from autoddl.formulations.sharding import MEMORY_RTOL, ShardingProblem
 
 
@@ -116,12 +116,12 @@ def descend(problem: ShardingProblem, start: np.ndarray, max_sweeps: int = 50) -
 def _starts(costed: CostedGraph) -> list[np.ndarray]:
     """Where the descent starts: data parallelism over the mesh's first axis (AutoDDL's
     start; replicated on the others) when the batch divides, and the greedy plan."""
-    out = [choice_index(costed, greedy_assign(costed, {}))]
+    out = [plain_indices(costed, greedy_assign(costed, {}))]
     try:
         fixed = batch_inputs(costed, 0)
         for p in costed.graph.params:
             fixed[p.name] = leaf(costed, p.name, ("B",) * costed.mesh.ndim)
-        out.insert(0, choice_index(costed, greedy_assign(costed, fixed, None, divides(0))))
+        out.insert(0, plain_indices(costed, greedy_assign(costed, fixed, None, divides(0))))
     except NotApplicable:
         pass
     return out

@@ -38,6 +38,10 @@ def group_title(plan: Plan, group: str) -> str:
              "sm": f"stages 1–{k - 2} (one shown, {k - 2} alike)"}.get(stage, stage)
     what = {"first": "first layer", "last": "last layer",
             "mid": f"middle layers (one shown, {n - 2} alike)"}.get(tag, f"layer {tag[1:]}")
+    v = plan.interleave
+    if v > 1:  # a pipeline rank's layers, its v chunks k, k+K, ... in execution order
+        where = where.replace("stages", "pipeline ranks").replace("stage", "pipeline rank")
+        return f"{where}, {what} of {n} per rank ({v} chunks of {n // v}, interleaved)"
     return f"{where}, {what} of {n} per stage"
 
 
@@ -81,8 +85,8 @@ def layer_table(plan: Plan, params: bool = False) -> str:
 
 
 def plot_plan(plan: Plan, path: str | Path) -> None:
-    """Per-operator communication per step (bars coloured by pipeline stage; repeated-layer
-    groups marked), with the plan's cost by collective kind in the title."""
+    """Per-operator communication per step (bars coloured by pipeline stage, or model chunk when
+    interleaved; repeated-layer groups marked), with the plan's cost by collective kind in the title."""
     from autoddl.engine.compare import pyplot, save_figure
 
     plt = pyplot()
@@ -103,7 +107,9 @@ def plot_plan(plan: Plan, path: str | Path) -> None:
     ax.set_xlabel("operator (graph order)")
     ax.set_ylabel("communication per step (ms)")
     kinds = ", ".join(f"{k} {v['seconds'] * 1e3:.3g} ms" for k, v in plan.cost["per_kind"].items())
-    stages = f", {plan.num_stages} stages (colours)" if plan.pipeline else ""
+    stages = (f", {plan.num_stages} stages" + (f" × {plan.interleave} chunks"
+                                               if plan.interleave > 1 else "") + " (colours)"
+              ) if plan.pipeline else ""
     mesh = " × ".join(f"{a['name']}={a['size']}" for a in plan.mesh["axes"])
     ax.set_title(f"{plan.model['spec']} on {plan.cluster.get('spec') or plan.cluster['name']}: "
                  f"mesh {mesh}{stages}\n{kinds or 'no collectives'}", fontsize=9)

@@ -102,7 +102,7 @@ def accumulated_share(costed: CostedGraph, microbatches: int) -> ShardingProblem
         if (src, dst, i) in acc:
             edges[j] = coster.choices(g, costed.sigs, costed.index, src, dst, i, k,
                                       mult.edge_memory(src, dst, i, k),
-                                      2 if dst in mult.recomputed else 1, k / m)
+                                      1, k / m)
     return dataclasses.replace(costed.problem, edges=tuple(edges))
 
 
@@ -145,7 +145,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
         for i, src in enumerate(n.inputs):
             fwd, bwd = edge_steps(nbytes(src), choice[src].out, choice[n.name].ins[i],
                                   choice[n.name].grads[i], mesh)
-            stage_comm[k] += (forward_times(choice[src], n.name, Multiplicity())
+            stage_comm[k] += (forward_times(choice[src], src, n.name, Multiplicity())
                               * steps_seconds(fwd or [], mesh))
             once = (src, n.name, i) in step_mult.grad_copies and accumulates_grad(
                 grad_fraction(choice[src], mesh.shape), choice[n.name].grads[i], mesh.shape)

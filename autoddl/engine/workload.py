@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis
-from autoddl.engine.costs import CostedGraph, TrainingConfig, build_problem
+from autoddl.engine.costs import CostedGraph, TrainingConfig, build_problem, plain_indices
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.plan import Plan
 from autoddl.engine.precision import resolve_precision
 from autoddl.engine.programs import interleaved, Program, build_program
+from autoddl.engine.recompute import sharding_layers, with_recompute
 from autoddl.engine.repeat import Blocks, Reduced, find_blocks, reduce_graph
 from autoddl.engine.rules import Signature, check_rules
 from autoddl.engine.stages import pipeline_candidates
@@ -51,8 +52,7 @@ class Workload:
         if blocks is not None and self.layers is None and blocks.count < 4:
             blocks = None  # three layers or fewer: planned whole, as plan_graph does
         if blocks is not None:
-            self.reduced = reduce_graph(self.graph, blocks, self.layers,
-                                        self.config.recompute == "layers")
+            self.reduced = reduce_graph(self.graph, blocks, self.layers)
 
     @property
     def sharding_graph(self) -> OpGraph:
@@ -69,8 +69,9 @@ class Workload:
         key = mesh.shape
         if key not in self._costed:
             mult = self.reduced.mult if self.reduced else None
-            self._costed[key] = build_problem(self.sharding_graph, mesh, self.cluster,
-                                              self.config, mult)
+            costed = build_problem(self.sharding_graph, mesh, self.cluster, self.config, mult)
+            layers, _ = sharding_layers(self.sharding_graph, mult, self.reduced is not None)
+            self._costed[key] = with_recompute(costed, layers, self.config.recompute)
         return self._costed[key]
 
     def mesh(self, shape: tuple[int, ...]) -> Mesh:
@@ -101,7 +102,7 @@ class Workload:
         if blocks is None or self.num_layers % stages:
             return None
         prog = build_program(self.microbatch_graph, blocks, self.num_layers, stages,
-                             self.microbatches, self.config.recompute == "layers")
+                             self.microbatches)
         prog = interleaved(prog, interleave)
         if not crossings:
             prog = dataclasses.replace(prog, crossing={})
@@ -120,19 +121,6 @@ class Workload:
         return info
 
 
-def choice_index(costed: CostedGraph, choice: dict[str, Signature]) -> np.ndarray:
-    """Signature indices of ``choice`` in ``costed``'s lists (ZeRO-1 variants, built only by
-    the baselines, map to their weight's plain signature: same edges, same node cost)."""
-    out = []
-    for n in costed.graph.nodes:
-        s = choice[n.name]
-        sigs = costed.sigs[n.name]
-        if s not in sigs:
-            s = dataclasses.replace(s, zero=0)
-        out.append(sigs.index(s))
-    return np.array(out)
-
-
 def plan_from_choice(work: Workload, costed: CostedGraph, choice: dict[str, Signature],
                      method: str, search_s: float, *, stage: dict[str, int] | None = None,
                      stages: int = 1, pp: MeshAxis | None = None,
@@ -140,14 +128,17 @@ def plan_from_choice(work: Workload, costed: CostedGraph, choice: dict[str, Sign
                      bubble_s: float = 0.0, schedule: str = "1F1B") -> Plan:
     """An ordinary plan of a baseline's choice, costed by the planner's own functions (a
     program's stages are its memory groups')."""
-    from autoddl.engine.planner import Candidate, program_stages, to_plan
+    from autoddl.engine.planner import Candidate, best_counts, program_stages, to_plan
 
     if program is not None and problem is not None:
         stage = program_stages(program, problem)
 
     result = SolveResult(method, SolveStatus.FEASIBLE, None, None, None, None, search_s)
+    if program is not None and problem is not None:
+        costed = dataclasses.replace(costed, problem=problem)
     cand = Candidate(costed, stages, pp, work.microbatches if stages > 1 else 1, result, choice,
-                     stage or {n: 0 for n in choice}, 0, 0.0, program, problem, bubble_s)
+                     stage or {n: 0 for n in choice}, 0, 0.0, program, problem, bubble_s,
+                     best_counts(costed, choice))
     plan = to_plan(cand, work.model_info(costed.graph), work.cluster, [], search_s, schedule)
     solver = {**plan.solver, "objective": plan.cost["total_s"], "status": "heuristic"}
     ops = tuple(dataclasses.replace(o, zero=choice[o.name].zero) for o in plan.ops)

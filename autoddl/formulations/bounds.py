@@ -29,6 +29,11 @@ below the best plan found so far is dominated and never solved.
 Its minimiser is a complete signature choice: evaluated on the true problem it is a feasible plan
 whenever it fits memory, so each call also yields an upper bound.
 
+**Recomputation** (:mod:`autoddl.formulations.recompute`) only adds seconds, and frees at most,
+term by term, what every copy recomputed by its most freeing option would: the relaxation reads
+memory lowered by that (:func:`~autoddl.formulations.recompute.memory_floor`), and a minimiser
+is evaluated with counts that fit (:func:`~autoddl.formulations.recompute.fill_counts`).
+
 This module imports no torch and no solver.
 """
 
@@ -39,6 +44,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from autoddl.formulations.recompute import fill_counts, memory_floor
 from autoddl.formulations.sharding import ShardingProblem, within_capacity
 
 INF = float("inf")
@@ -58,7 +64,9 @@ class TreeBound:
     """The Lagrangian tree relaxation of one problem; see the module docstring."""
 
     def __init__(self, problem: ShardingProblem) -> None:
-        self.problem = problem
+        self.problem = problem  # plans are evaluated on it; the relaxation reads ``problem``
+        # below: with recomputation, memory lowered by the most it can free (a valid bound)
+        problem = memory_floor(problem) if problem.recompute else problem
         cap = float(problem.memory_capacity_bytes)
         self.capacity = cap if np.isfinite(cap) and cap > 0 else INF
         nodes = problem.nodes
@@ -158,14 +166,16 @@ class TreeBound:
             lb, choice = self.solve(lam)
             best_lb = max(best_lb, lb)
             if np.isfinite(lb):
+                if self.problem.recompute:  # recomputation that fits, for the plan's step
+                    choice = fill_counts(self.problem, choice, self.problem.memory_capacity_bytes)
                 cost, mem = self.problem.evaluate(choice)
                 if within_capacity(mem, self.problem.memory_capacity_bytes) and cost < best_ub:
                     best_ub, best_choice = cost, choice
             return lb
 
         lb0 = probe(np.zeros(n_g))
-        exact_memory = not any(mem for pair, (_, mem) in self.pairs.items()
-                               if pair not in self.tree_pairs)
+        exact_memory = not self.problem.recompute and not any(
+            mem for pair, (_, mem) in self.pairs.items() if pair not in self.tree_pairs)
         if not np.isfinite(self.capacity) or (best_choice is not None and exact_memory):
             # the relaxation's minimiser at lam = 0 fits memory, and the relaxation counts its
             # memory exactly (no memory on the pairs bounded by half-minima): the subgradient

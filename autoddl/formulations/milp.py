@@ -42,6 +42,10 @@ class MILP:
     #: MILP's LP bound: the solver mostly has to prove that nothing better exists, so primal
     #: heuristics may be skipped
     incumbent_near: bool = False
+    #: continuous columns whose smallest positive value in a solution may be tiny (the step's
+    #: T and X, a share of memory): reduced-cost fixing, which needs a nonzero column to be at
+    #: least 1, must leave them free (None: none such)
+    fractional: np.ndarray | None = None
 
     @property
     def num_cols(self) -> int:
@@ -99,7 +103,8 @@ def restrict_columns(milp: MILP, keep: np.ndarray) -> MILP:
         milp, c=milp.c[keep], a_rows=new_row[rows], a_cols=new_col[milp.a_cols[sel]],
         a_vals=milp.a_vals[sel], row_lower=milp.row_lower[used], row_upper=milp.row_upper[used],
         col_lower=milp.col_lower[keep], col_upper=milp.col_upper[keep],
-        integrality=milp.integrality[keep])
+        integrality=milp.integrality[keep],
+        fractional=None if milp.fractional is None else milp.fractional[keep])
 
 
 class SolveStatus(enum.Enum):

@@ -46,12 +46,16 @@ This module imports no torch and no solver: it builds a :class:`~autoddl.formula
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
 from autoddl.formulations.milp import INF, MILP
+from autoddl.formulations.recompute import (
+    LinearForm, RecomputeGroup, RecomputeRows, all_count_choices, fold_fixed, recompute_terms,
+)
 
 #: relative slack allowed when checking a plan's memory against the cap outside a solver: float
 #: rounding of a sum of terms (a few ulps of 1e-16 each) only, never a solver's tolerance (1e-7:
@@ -158,10 +162,13 @@ class ShardingProblem:
     edges: tuple[EdgeChoices, ...]
     memory_capacity_bytes: float
     shape: StepShape = StepShape()
+    #: layers whose activations may be recomputed (:mod:`autoddl.formulations.recompute`); a
+    #: choice vector then holds, after one signature per node, one count per group option
+    recompute: tuple[RecomputeGroup, ...] = ()
 
     def evaluate(self, choice: np.ndarray) -> tuple[float, float]:
         """(step time in seconds, memory per device in bytes, the worst group's) of one
-        signature per node."""
+        signature per node (and the recomputation counts after them; defaults if absent)."""
         crit: dict[int, float] = {}
         hid: dict[int, float] = {}
         win: dict[int, float] = {}
@@ -183,16 +190,25 @@ class ShardingProblem:
             add(mem, e.group, float(e.memory_bytes[a, b]))
             if e.hidden_s is not None:
                 add(hid, e.group, float(e.hidden_s[a, b]))
+        if self.recompute:
+            extra_crit, extra_mem = recompute_terms(self, choice)
+            for g, v in extra_crit.items():
+                add(crit, g, v)
+            for g, v in extra_mem.items():
+                add(mem, g, v)
         return self.shape.combine(crit, hid, win), max(mem.values(), default=0.0)
 
     def brute_force(self) -> tuple[float, np.ndarray | None]:
-        """Exhaustive optimum (for tests on tiny problems): (cost, choice) or (inf, None)."""
+        """Exhaustive optimum (for tests on tiny problems): (cost, choice) or (inf, None);
+        the choice holds the recomputation counts after the signatures."""
         best, arg = INF, None
+        tails = list(all_count_choices(self.recompute))
         for combo in itertools.product(*[range(len(n.cost_s)) for n in self.nodes]):
-            choice = np.array(combo)
-            cost, mem = self.evaluate(choice)
-            if cost < best and within_capacity(mem, self.memory_capacity_bytes):
-                best, arg = cost, choice
+            for tail in tails:
+                choice = np.array(combo + tail, dtype=int)
+                cost, mem = self.evaluate(choice)
+                if cost < best and within_capacity(mem, self.memory_capacity_bytes):
+                    best, arg = cost, choice
         return best, arg
 
 
@@ -242,7 +258,7 @@ def _finite_abs_max(a: np.ndarray) -> float:
     return float(np.abs(a[np.isfinite(a)]).max(initial=0.0))
 
 
-class ShardingModel:
+class ShardingModel(RecomputeRows):
     """Builds the MILP of a :class:`ShardingProblem` and reads assignments back."""
 
     #: fold an edge whose consumer side has one key onto the producer's x (no y variables);
@@ -250,11 +266,16 @@ class ShardingModel:
     fold_into_producer = True
 
     def __init__(self, problem: ShardingProblem, cutoff: float = INF,
-                 exposure: str | None = None) -> None:
+                 exposure: str | None = None, lean_group: int | None = None) -> None:
         """``cutoff``: an upper bound on the optimum (the cost of a known plan). Costs are
         non-negative, so a signature or an edge pair costing more on its own is in no optimal
         plan: it gets no variable (exact pruning). ``exposure``: which part of the overlap
-        term's disjunction to model (:meth:`overlap`)."""
+        term's disjunction to model (:meth:`overlap`). ``lean_group``: minimize the memory of
+        that memory group instead of the step (the leanest plan; no memory rows)."""
+        self.lean_group = lean_group
+        problem = fold_fixed(problem)  # forced recomputation: plain costs, no digits
+        if lean_group is not None:
+            problem = dataclasses.replace(problem, memory_capacity_bytes=INF)
         self.problem = problem
         self.exposure = exposure
         self.cutoff = cutoff
@@ -280,6 +301,8 @@ class ShardingModel:
         #: the memory rows (memory / capacity <= 1), one per memory group that can bind
         self.memory_rows: list[int] = []
         self.y_blocks: list[tuple[int, np.ndarray, np.ndarray] | None] = []
+        #: edges without y: the side (node index) and key their values were folded onto
+        self._folded: dict[int, tuple[int, np.ndarray, bool]] = {}
         #: the step's continuous columns: T (slowest stage) and X (exposed communication)
         self.t_step: int | None = None
         self.x_exposed: int | None = None
@@ -287,6 +310,7 @@ class ShardingModel:
         self.step_unit_s = self._step_unit_s()
         self.one_hot()
         self.edge_marginals()
+        self.recompute()
         self.memory()
         self.stage_max()
         self.overlap()
@@ -323,7 +347,7 @@ class ShardingModel:
         """Whether the model holds the step's rows (slowest stage T, exposed communication X,
         or the covered part's exposure rows): harder for branch and bound than a plain sum."""
         return (self.t_step is not None or self.x_exposed is not None
-                or self.exposure == "covered")
+                or self.exposure == "covered" or bool(self.problem.recompute))
 
     def _add_row(self, cols: np.ndarray, vals: np.ndarray, lo: float, hi: float) -> None:
         r = len(self._rlo)
@@ -366,6 +390,7 @@ class ShardingModel:
                             and foldable_src):  # no y: fold onto x
                 self.y_blocks.append(None)
                 side, key = (e.dst, e.dst_key) if onto_dst else (e.src, e.src_key)
+                self._folded[i_e] = (side, key, onto_dst)
                 row = cost[0, :] if onto_dst else cost[:, 0]
                 mrow = mem[0, :] if onto_dst else mem[:, 0]
                 hrow = hid[0, :] if onto_dst else hid[:, 0]
@@ -405,7 +430,7 @@ class ShardingModel:
         mem = np.concatenate(blocks)
         for g in np.unique(groups):
             nz = np.nonzero((groups == g) & (mem != 0))[0]
-            if len(nz) and mem[nz].sum() > cap:  # a row that cannot bind is left out
+            if len(nz) and mem[nz].clip(min=0).sum() > cap:  # a row that cannot bind: left out
                 self.memory_rows.append(len(self._rlo))
                 self._add_row(nz, mem[nz] / cap, -INF, 1.0)
 
@@ -465,7 +490,12 @@ class ShardingModel:
             self._add_row(np.append(nz, self.x_exposed), np.append(vals, -1.0), -INF, 0.0)
 
     def objective(self) -> np.ndarray:
-        """The objective per column: critical costs less their stage share, b·T, X."""
+        """The objective per column: critical costs less their stage share, b·T, X (or the
+        memory of group :attr:`lean_group`)."""
+        if self.lean_group is not None:
+            mem, groups = self._grouped(self._mem)
+            return np.append(np.where(groups == self.lean_group, mem, 0.0),
+                             np.zeros(self.num_cols - len(mem)))
         shape = self.problem.shape
         c = np.concatenate(self._c)
         n_grouped = sum(len(b) for b in self._c[: len(self._group)])
@@ -498,15 +528,52 @@ class ShardingModel:
             col_lower=np.zeros(self.num_cols),
             col_upper=np.concatenate(self._ub),
             integrality=np.concatenate(self._int).astype(bool),
-            # flow variables y are integral once x is; T and X (the step's) need not be
-            continuous_integral=self.t_step is None and self.x_exposed is None,
+            # flow variables y are integral once x is; T and X (the step's) and the
+            # recomputation's columns need not be
+            continuous_integral=(self.t_step is None and self.x_exposed is None
+                                 and not self.problem.recompute),
+            fractional=self._fractional(),
         )
         m.check()
         return m
 
+    def form_terms(self, form: LinearForm) -> tuple[np.ndarray, np.ndarray]:
+        """(columns, values) of a linear form of the choice on this model's x and y."""
+        cols: list[np.ndarray] = []
+        vals: list[np.ndarray] = []
+        for v, values in form.nodes:
+            cols.append(self.x_start[v] + np.arange(len(values)))
+            vals.append(values)
+        for i_e, values in form.edges:
+            block = self.y_blocks[i_e]
+            if block is not None:
+                start, pa, pb = block
+                cols.append(start + np.arange(len(pa)))
+                vals.append(values[pa, pb])
+                continue
+            side, key, onto_dst = self._folded[i_e]
+            cols.append(self.x_start[side] + np.arange(len(key)))
+            vals.append(values[0, key] if onto_dst else values[key, 0])
+        if not cols:
+            return np.zeros(0, int), np.zeros(0)
+        c, inv = np.unique(np.concatenate(cols), return_inverse=True)
+        total = np.zeros(len(c))
+        np.add.at(total, inv, np.nan_to_num(np.concatenate(vals), posinf=0.0, neginf=0.0))
+        return c, total
+
+    def _fractional(self) -> np.ndarray:
+        """The continuous columns that may take tiny positive values: T, X and the live
+        layer's memory share (:attr:`MILP.fractional`)."""
+        mask = np.zeros(self.num_cols, bool)
+        for col in (self.t_step, self.x_exposed, *getattr(self, "live_cols", [])):
+            if col is not None:
+                mask[col] = True
+        return mask
+
     def choice(self, x: np.ndarray) -> np.ndarray:
-        """The signature index of each node in a solution vector."""
+        """The signature index of each node in a solution vector, then the recomputation
+        counts (:func:`~autoddl.formulations.recompute.counts_of` reads them)."""
         return np.array([
             int(np.argmax(x[s:s + len(n.cost_s)]))
             for s, n in zip(self.x_start, self.problem.nodes)
-        ])
+        ] + self.recompute_counts(x), dtype=int)

@@ -95,6 +95,8 @@ def solve_lp_first(milp: MILP, backend: str, time_limit_s: float | None,
     if lp.status is SolveStatus.OPTIMAL and dual is not None and np.isfinite(cutoff):
         slack = cutoff - lp.objective + FIXING_RTOL * abs(cutoff)
         keep = ~((lp.x <= 1e-9) & (dual > slack)) & (milp.col_upper > 0.0)
+        if milp.fractional is not None:  # a tiny positive value costs only d_j times it
+            keep |= milp.fractional
         # the fixed columns leave the model: solvers' presolve would spend seconds on them
         milp = dataclasses.replace(restrict_columns(milp, keep),
                                    incumbent_near=lp.objective >= cutoff * (1 - NEAR_CUTOFF))

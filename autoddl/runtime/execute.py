@@ -19,8 +19,10 @@ Arguments that carry global sizes (view, reshape, expand) get the local sizes.
 ZeRO-3 parameters (signature ``zero`` = ``ZERO_REGATHER``): the consumer runs, together with the
 gathering of such parameters, under activation checkpointing, so the gathered weight is not kept
 for backward; backward gathers it again (the forward steps run twice, as the cost model charges)
-and then reduce-scatters its gradient. Inside a recomputed layer the layer's own recomputation
-is that second gather. ZeRO-1/2 weights run as data parallel ones (the all-reduce moves their
+and then reduces its gradient. Inside a recomputed layer the layer's own recomputation is that
+second gather. Recomputed layers (``training.recompute_layers``) run under activation
+checkpointing: a full one as one region, a selective one its attention op; a region's inputs are
+converted before it and kept, the conversions inside it run again in backward. ZeRO-1/2 weights run as data parallel ones (the all-reduce moves their
 reduce-scatter + all-gather's bytes); the optimizer here keeps their states whole.
 
 Mixed precision (a plan costed in ``bf16``, :mod:`autoddl.engine.precision`): the parameters stay
@@ -47,6 +49,8 @@ from autoddl.engine.placements import (
 )
 from autoddl.engine.plan import Plan
 from autoddl.engine.precision import plan_precision
+from autoddl.engine.recompute import ATTENTION
+from autoddl.engine.repeat import find_blocks
 from autoddl.engine.rules import (
     ZERO_GRADS, ZERO_NONE, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
 )
@@ -231,41 +235,101 @@ class ShardedExecutor:
 
     def run_ops(self, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run this executor's operators in graph order on local pieces, adding their outputs to
-        ``env`` (which must hold the local piece of every tensor they read). With a plan that
-        recomputes layers, each repeated layer runs under activation checkpointing: only its
-        inputs are kept, and its forward (planned collectives included) runs again in backward."""
-        recompute = self.plan.training.get("recompute", "none") == "layers"
-        for scope, group in self._groups(recompute):
-            if not scope:
+        ``env`` (which must hold the local piece of every tensor they read). Layers the plan
+        recomputes run under activation checkpointing (:meth:`_run_checkpointed`): a full
+        layer as one region, a selective one its attention alone."""
+        for region, group in self._regions():
+            if region is None:
                 for n in group:
                     self._run_node(n, env)
-                continue
-            names = {n.name for n in group}
-            ext = list(dict.fromkeys(i for n in group for i in n.inputs if i not in names))
-            used_after = {i for n in self.graph.nodes if n.name not in names for i in n.inputs}
-            outs = [n.name for n in group if n.name in used_after or n.name == self.graph.loss]
-
-            def block(*tensors, group=group, ext=ext, outs=outs):
-                local_env = dict(zip(ext, tensors))
-                for n in group:
-                    self._run_node(n, local_env, recomputed=True)
-                return tuple(local_env[o] for o in outs)
-
-            # the whole layer runs again in backward, as the cost model counts it (torch would
-            # otherwise stop once the saved tensors are back, skipping trailing collectives)
-            with torch.utils.checkpoint.set_checkpoint_early_stop(False):
-                results = torch.utils.checkpoint.checkpoint(block, *[env[e] for e in ext],
-                                                            use_reentrant=False)
-            env.update(zip(outs, results))
+            else:
+                self._run_checkpointed(group, env)
         return env
 
-    def _run_node(self, n, env: dict[str, torch.Tensor], recomputed: bool = False) -> None:
+    def _layer_modes(self) -> dict[str, str]:
+        """Op name -> its layer's recomputation ("full", "selective"), for recomputed layers:
+        ``training.recompute_layers`` per repeated block (plans before it: "layers" = full)."""
+        training = self.plan.training
+        per_layer = training.get("recompute_layers")
+        blocks = find_blocks(self.graph)
+        if blocks is None:
+            return {}
+        if per_layer is None:
+            per_layer = ["full" if training.get("recompute") == "layers" else "none"] * \
+                blocks.count
+        assert len(per_layer) == blocks.count, "plan checked against the graph"
+        return {name: mode for mode, members in zip(per_layer, blocks.members)
+                for name in members if mode != "none"}
+
+    def _regions(self) -> list[tuple[tuple | None, list]]:
+        """This executor's ops in runs: (None, ops run plainly) or (region key, ops of one
+        checkpointed region: a fully recomputed layer, or one attention op)."""
+        modes = self._layer_modes()
+        blocks = find_blocks(self.graph) if modes else None
+        layer = ({nm: b for b, members in enumerate(blocks.members) for nm in members}
+                 if blocks else {})
+        regions: list[tuple[tuple | None, list]] = []
+        for n in self.ops:
+            mode = modes.get(n.name)
+            key: tuple | None = None
+            if mode == "full":
+                key = ("full", layer[n.name])
+            elif mode == "selective" and n.target == ATTENTION:
+                key = ("selective", n.name)
+            if regions and regions[-1][0] == key:
+                regions[-1][1].append(n)
+            else:
+                regions.append((key, [n]))
+        return regions
+
+    def _run_checkpointed(self, group: list, env: dict[str, torch.Tensor]) -> None:
+        """Run ``group`` under activation checkpointing: its inputs from outside are converted
+        once, before it (ZeRO-3 weights excepted: their gather is redone, as backward needs), and
+        kept; its forward, the conversions between its ops included, runs again in backward
+        (:mod:`autoddl.engine.recompute` prices exactly this)."""
+        names = {n.name for n in group}
+        pre_keys: list[tuple[str, int]] = []
+        pre_vals: list[torch.Tensor] = []
+        raw: list[str] = []
+        for n in group:
+            for i, src in enumerate(n.inputs):
+                if src in names:
+                    continue
+                if self.sigs[src].zero == ZERO_REGATHER:
+                    if src not in raw:
+                        raw.append(src)
+                    continue
+                pre_keys.append((n.name, i))
+                pre_vals.append(self._edge(src, n.name, i, env[src]))
+        used_after = {i for n in self.graph.nodes if n.name not in names for i in n.inputs}
+        outs = [n.name for n in group if n.name in used_after or n.name == self.graph.loss]
+
+        def block(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            pre = dict(zip(pre_keys, tensors))
+            local_env = dict(zip(raw, tensors[len(pre_keys):]))
+            for n in group:
+                self._run_node(n, local_env, recomputed=True,
+                               pre={i: pre[(n.name, i)] for i in range(len(n.inputs))
+                                    if (n.name, i) in pre})
+            return tuple(local_env[o] for o in outs)
+
+        # the whole region runs again in backward, as the cost model counts it (torch would
+        # otherwise stop once the saved tensors are back, skipping trailing collectives)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            results = torch.utils.checkpoint.checkpoint(
+                block, *pre_vals, *[env[r] for r in raw], use_reentrant=False)
+        env.update(zip(outs, results))
+
+    def _run_node(self, n, env: dict[str, torch.Tensor], recomputed: bool = False,
+                  pre: dict[int, torch.Tensor] | None = None) -> None:
+        pre = pre or {}
         again = [] if recomputed else [
             i for i, src in enumerate(n.inputs)
             if self.sigs[src].zero == ZERO_REGATHER
             and self.sigs[src].out != self.sigs[n.name].ins[i] and env[src].requires_grad]
         if not again:
-            locals_ = [self._edge(src, n.name, i, env[src]) for i, src in enumerate(n.inputs)]
+            locals_ = [pre[i] if i in pre else self._edge(src, n.name, i, env[src])
+                       for i, src in enumerate(n.inputs)]
             env[n.name] = self._run_op(n, self._fx[n.name], locals_)
             return
         # ZeRO-3: gather the weight and run the op without keeping the gathered copy; backward
@@ -282,18 +346,6 @@ class ShardedExecutor:
         with torch.utils.checkpoint.set_checkpoint_early_stop(False):
             env[n.name] = torch.utils.checkpoint.checkpoint(
                 gather_and_run, *[env[n.inputs[i]] for i in again], use_reentrant=False)
-
-    def _groups(self, recompute: bool) -> list[tuple[str, list]]:
-        """Consecutive ops grouped by repeated layer (scope) when recomputing, else one group."""
-        if not recompute:
-            return [("", list(self.ops))]
-        groups: list[tuple[str, list]] = []
-        for n in self.ops:
-            if groups and groups[-1][0] == n.scope:
-                groups[-1][1].append(n)
-            else:
-                groups.append((n.scope, [n]))
-        return groups
 
     def loss_value(self, local: torch.Tensor) -> torch.Tensor:
         """The loss made whole on every device from its local piece (planned collectives)."""

@@ -1,5 +1,11 @@
 """Run a pipelined plan: one stage per rank group, scheduled by ``torch.distributed.pipelining``.
 
+An interleaved plan (``pipeline.interleave`` = v > 1, Megatron's virtual stages) cuts the model
+into C = v·K chunks (an op's ``stage`` is its chunk) and rank ``k`` of the pipeline runs chunks
+k, k+K, k+2K, ... under ``ScheduleInterleaved1F1B`` (1F1B only); below,
+"stage" then reads "chunk": boundaries, relays and accumulated weight gradients are per chunk,
+each chunk with its own executor, the rank's chunks sharing one log.
+
 The device mesh is ``(pp=K, *stage mesh)``. Rank ``r`` belongs to stage ``k`` (its ``pp``
 coordinate) and runs that stage's nodes op by op on the stage sub-mesh with the same planned
 resharding as the unpipelined runtime (:class:`~autoddl.runtime.execute.ShardedExecutor`,
@@ -48,7 +54,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+)
 
 from autoddl.engine.costs import accumulated_edges, accumulates_grad, grad_fraction
 from autoddl.engine.graph import OpGraph, TensorMeta
@@ -56,7 +64,8 @@ from autoddl.engine.placements import grad_target, local_shape, reshard_steps
 from autoddl.engine.plan import Plan
 from autoddl.engine.precision import plan_precision, tensor_bytes
 from autoddl.errors import UserError
-from autoddl.runtime.execute import CommLog, ShardedExecutor, to_dtensor_placements
+from autoddl.runtime.commlog import CommLog
+from autoddl.runtime.execute import ShardedExecutor, to_dtensor_placements
 
 P2P = "p2p"
 SCHEDULES = {"1F1B": Schedule1F1B, "GPIPE": ScheduleGPipe}
@@ -69,7 +78,7 @@ def stage_of(plan: Plan) -> dict[str, int]:
 
 def check_stages(graph: OpGraph, plan: Plan) -> None:
     """The stage rules the runtime relies on (raises :class:`UserError` when one fails)."""
-    k_of, k_max = stage_of(plan), plan.num_stages - 1
+    k_of, k_max = stage_of(plan), plan.num_chunks - 1
     bad: list[str] = []
     for n in graph.nodes:
         k = k_of[n.name]
@@ -92,8 +101,9 @@ def check_stages(graph: OpGraph, plan: Plan) -> None:
 
 
 def boundary_tensors(graph: OpGraph, plan: Plan) -> list[list[str]]:
-    """For each boundary ``k -> k+1`` (k = 0..K-2), the tensors crossing it, in graph order:
-    made in a stage ``<= k`` and read in a stage ``> k``."""
+    """For each boundary ``k -> k+1`` (k = 0..C-2 over the C = v·K model chunks; chunks are the
+    stages when v = 1), the tensors crossing it, in graph order: made in a chunk ``<= k`` and
+    read in a chunk ``> k``."""
     k_of = stage_of(plan)
     last_reader: dict[str, int] = {}
     for n in graph.nodes:
@@ -101,7 +111,7 @@ def boundary_tensors(graph: OpGraph, plan: Plan) -> list[list[str]]:
             last_reader[src] = max(last_reader.get(src, -1), k_of[n.name])
     return [[n.name for n in graph.nodes
              if k_of[n.name] <= k < last_reader.get(n.name, -1)]
-            for k in range(plan.num_stages - 1)]
+            for k in range(plan.num_chunks - 1)]
 
 
 def piece_bytes(meta: TensorMeta, placement, mesh_shape, precision: str = "fp32") -> int:
@@ -175,8 +185,10 @@ class StageExecutor(ShardedExecutor):
     """A stage's executor that accumulates weight gradients over the step's micro-batches and
     converts them once (:meth:`apply_accumulated`), as the cost model counts them."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, log: CommLog | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if log is not None:  # one log for the chunks of a rank
+            self.log = self.conv.log = log
         shape, members = self.mesh_shape, set(self.nodes)
         #: edges (graph order) whose gradient is summed, with their backward steps
         self.accumulating: dict[tuple[str, str, int], list] = {}
@@ -235,7 +247,7 @@ class StageModule(torch.nn.Module):
         self.constants = constants or {}  # stage 0: const leaves, whole (not micro-batched)
         self.ex, self.graph, self.plan = ex, ex.graph, plan
         self.stage, self.inputs, self.outputs = stage, inputs, outputs
-        self.is_first, self.is_last = stage == 0, stage == plan.num_stages - 1
+        self.is_first, self.is_last = stage == 0, stage == plan.num_chunks - 1
         self.axis = plan.pipeline["axis"]["name"]
         # registered so that the schedule's scale_grads and the optimizer see them
         self.stage_params = torch.nn.ParameterList(ex.params.values())
@@ -304,7 +316,8 @@ def _stage_loss(output: torch.Tensor, target: Any) -> torch.Tensor:
 
 
 class PipelineRunner:
-    """This rank's stage, its ``PipelineStage`` and the schedule over m micro-batches."""
+    """This rank's model chunks (one per rank, or v interleaved: chunks k, k+K, ...), their
+    ``PipelineStage`` objects and the schedule over m micro-batches."""
 
     def __init__(self, ep: torch.export.ExportedProgram, graph: OpGraph, plan: Plan,
                  mesh: DeviceMesh, params: dict[str, torch.Tensor], device: torch.device,
@@ -312,48 +325,46 @@ class PipelineRunner:
         if not plan.pipeline:
             raise ValueError("plan is not pipelined")
         check_stages(graph, plan)
-        K, m = plan.num_stages, plan.num_microbatches
-        kind = str(plan.pipeline.get("schedule", "1F1B")).upper()
-        if kind not in SCHEDULES:
-            raise UserError(f"plan's pipeline schedule {plan.pipeline.get('schedule')!r} is not "
-                            f"one of {', '.join(SCHEDULES)}")
-        if kind == "1F1B" and m < K:
-            raise UserError(f"1F1B needs at least as many micro-batches as stages "
-                            f"({m} < {K}); use GPipe or more micro-batches")
+        m = plan.num_microbatches
         pp = plan.pipeline["axis"]["name"]
+        kind = _schedule_kind(plan)
         self.plan, self.graph, self.device = plan, graph, device
         self.precision = plan_precision(plan.training)
         self.stage_index = int(mesh.get_local_rank(pp))
         self.stage_mesh = mesh[tuple(plan.axis_names)]
         self.group = mesh.get_group(pp)
-        k_of = stage_of(plan)
-        self.executor = StageExecutor(ep, graph, plan, self.stage_mesh, params,
-                                      nodes=[n.name for n in graph.nodes
-                                             if k_of[n.name] == self.stage_index])
-        bounds = boundary_tensors(graph, plan)
-        k = self.stage_index
+        self.comm = CommLog()  # every chunk's collectives and sends on this rank
+        K, C = plan.num_stages, plan.num_chunks
+        self.chunks = list(range(self.stage_index, C, K))  # Megatron's placement
+        self.executors: list[StageExecutor] = []
+        self.stages: list[_CountingStage] = []
+        k_of, bounds = stage_of(plan), boundary_tensors(graph, plan)
         user = [n.name for n in graph.user_inputs]
-        ins = user if k == 0 else bounds[k - 1]
-        outs = [] if k == K - 1 else bounds[k]
-        self.module = StageModule(self.executor, plan, k, ins, outs,
-                                  constants if k == 0 else None)
-        if k == 0:
-            in_args = tuple(example_inputs)
+        for c in self.chunks:
+            ex = StageExecutor(ep, graph, plan, self.stage_mesh, params, log=self.comm,
+                               nodes=[n.name for n in graph.nodes if k_of[n.name] == c])
+            ins = user if c == 0 else bounds[c - 1]
+            outs = [] if c == C - 1 else bounds[c]
+            module = StageModule(ex, plan, c, ins, outs, constants if c == 0 else None)
+            in_args = tuple(example_inputs) if c == 0 else tuple(self._example(n) for n in ins)
+            if c == C - 1:
+                loss = graph[graph.loss].out
+                out_args: tuple = (torch.empty((), dtype=_torch_dtype(loss, self.precision),
+                                               device=device, requires_grad=True),)
+            else:
+                out_args = tuple(self._example(n) for n in outs)
+            self.executors.append(ex)
+            self.stages.append(_CountingStage(module, c, C, device, input_args=in_args,
+                                              output_args=out_args, group=self.group))
+        if len(self.stages) == 1:
+            self.schedule = SCHEDULES[kind](self.stages[0], n_microbatches=m,
+                                            loss_fn=_stage_loss, scale_grads=True)
         else:
-            in_args = tuple(self._example(n) for n in ins)
-        if k == K - 1:
-            loss = graph[graph.loss].out
-            out_args: tuple = (torch.empty((), dtype=_torch_dtype(loss, self.precision),
-                                           device=device,
-                                           requires_grad=True),)
-        else:
-            out_args = tuple(self._example(n) for n in outs)
-        self.stage = _CountingStage(self.module, k, K, device, input_args=in_args,
-                                    output_args=out_args, group=self.group)
-        self.schedule = SCHEDULES[kind](self.stage, n_microbatches=m, loss_fn=_stage_loss,
-                                        scale_grads=True)
-        self._target = torch.zeros(m, device=device)  # the schedule splits it; _stage_loss
-        self.params = self.executor.params             # ignores it
+            self.schedule = ScheduleInterleaved1F1B(self.stages, n_microbatches=m,
+                                                    loss_fn=_stage_loss, scale_grads=True)
+        # the schedule splits the target among the micro-batches; _stage_loss ignores it
+        self._target = torch.zeros(m, device=device)
+        self.params = {k: p for ex in self.executors for k, p in ex.params.items()}
 
     def _example(self, name: str) -> torch.Tensor:
         meta = self.graph[name].out
@@ -363,44 +374,68 @@ class PipelineRunner:
 
     @property
     def log(self) -> CommLog:
-        """Collectives and sends this rank's stage ran (the executor's log)."""
-        return self.executor.log
+        """Collectives and sends this rank's chunks ran."""
+        return self.comm
 
     def torch_sends(self) -> Counter:
         """Sends the pipelining library issued (count, bytes) since the last reset."""
         c: Counter = Counter()
-        for n, b in self.stage.sent.values():
-            c["count"] += int(n)
-            c["bytes"] += b
+        for stage in self.stages:
+            for n, b in stage.sent.values():
+                c["count"] += int(n)
+                c["bytes"] += b
         return c
 
     def reset_logs(self) -> None:
         """Forget the logged collectives and sends."""
-        self.executor.log.entries.clear()
-        self.stage.sent.clear()
+        self.comm.entries.clear()
+        for stage in self.stages:
+            stage.sent.clear()
 
     def step(self, inputs: tuple) -> torch.Tensor | None:
         """One training step's forward and backward over m micro-batches of the whole-batch
-        ``inputs`` (split along dim 0 by the schedule). Gradients accumulate into the stage's
+        ``inputs`` (split along dim 0 by the schedule). Gradients accumulate into the chunks'
         parameters already divided by m (the accumulated weight gradients converted once, after
-        the schedule). Returns the mean micro-batch loss on the last stage, ``None`` elsewhere."""
+        the schedule). Returns the mean micro-batch loss on the last chunk's rank, else None."""
         losses: list[torch.Tensor] = []
-        first, last = self.stage.is_first, self.stage.is_last
+        first = any(st.is_first for st in self.stages)
+        last = any(st.is_last for st in self.stages)
         self.schedule.step(*(inputs if first else ()),
                            target=self._target if last else None,
                            losses=losses if last else None, return_outputs=False)
-        self.executor.apply_accumulated(self.plan.num_microbatches)
+        for ex in self.executors:  # the same chunk order on every rank of the stage mesh
+            ex.apply_accumulated(self.plan.num_microbatches)
         if not last:
             return None
         return torch.stack([x.detach() for x in losses]).mean()
 
     def full_grads(self) -> dict[str, torch.Tensor]:
-        """This stage's parameter gradients gathered whole on the stage mesh (collective)."""
-        return self.executor.full_grads()
+        """This rank's parameter gradients gathered whole on the stage mesh (collective)."""
+        return {k: g for ex in self.executors for k, g in ex.full_grads().items()}
 
     def full_params(self) -> dict[str, torch.Tensor]:
-        """This stage's parameters gathered whole on the stage mesh (collective)."""
-        return self.executor.full_params()
+        """This rank's parameters gathered whole on the stage mesh (collective)."""
+        return {k: p for ex in self.executors for k, p in ex.full_params().items()}
+
+
+def _schedule_kind(plan: Plan) -> str:
+    """The plan's schedule name, upper case, checked against the stage and micro-batch counts
+    (raises :class:`UserError`)."""
+    K, m, v = plan.num_stages, plan.num_microbatches, plan.interleave
+    kind = str(plan.pipeline.get("schedule", "1F1B")).upper()
+    if kind not in SCHEDULES:
+        raise UserError(f"plan's pipeline schedule {plan.pipeline.get('schedule')!r} is not "
+                        f"one of {', '.join(SCHEDULES)}")
+    if kind == "1F1B" and m < K:
+        raise UserError(f"1F1B needs at least as many micro-batches as stages "
+                        f"({m} < {K}); use GPipe or more micro-batches")
+    if v > 1 and kind != "1F1B":
+        raise UserError(f"plan interleaves {v} chunks per stage under {kind}; interleaving runs "
+                        "under 1F1B only: re-plan without --schedule GPipe")
+    if v > 1 and m % K:
+        raise UserError(f"interleaved 1F1B needs the micro-batches ({m}) to be a multiple of "
+                        f"the {K} stages; re-plan with --microbatches a multiple of {K}")
+    return kind
 
 
 def loss_everywhere(value: torch.Tensor | None, plan: Plan, device: torch.device) -> float:

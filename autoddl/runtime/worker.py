@@ -459,8 +459,10 @@ def _announce(plan: Plan, backend: str, device) -> None:
     """Rank 0's first line: ranks, backend, mesh, pipeline, torch version."""
     pipe = ""
     if plan.pipeline:
+        v = plan.interleave
         pipe = (f", {plan.num_stages} stages × {plan.num_microbatches} micro-batches "
-                f"({plan.pipeline.get('schedule', '1F1B')})")
+                f"({'interleaved ' if v > 1 else ''}{plan.pipeline.get('schedule', '1F1B')}"
+                + (f", {v} chunks per stage" if v > 1 else "") + ")")
     print(f"{dist.get_world_size()} rank(s), backend {backend} on {device.type}, mesh "
           f"{dict(zip(plan.device_mesh_names, plan.device_mesh_shape))}{pipe}, "
           f"precision {plan_precision(plan.training)}, "
