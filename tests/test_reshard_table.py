@@ -38,7 +38,7 @@ def _scalar(pa, pin, pg, mesh):
 @pytest.mark.parametrize("shape,ndim,nested", [
     ((4,), 2, False), ((2, 4), 2, False), ((2, 1, 4), 2, False), ((2, 3, 2), 2, False),
     ((2, 2, 2), 3, False), ((2, 4), 2, True), ((2, 1, 4), 2, True), ((2, 3, 2), 2, True),
-    ((2, 2, 2), 2, True)])
+    ((2, 2, 2), 2, True), ((2, 2, 2, 2), 1, True)])
 def test_table_matches_scalar_steps(shape, ndim, nested):
     """Every pair, including dims moving between axes (chains, and on 3 axes cycles of 3) and,
     with ``nested``, placements splitting one dim on several axes (a size-1 axis nests

@@ -140,6 +140,29 @@ def is_valid(placement: Placement, shape: Sequence[int], mesh_shape: Sequence[in
     return all(s % k == 0 for s, k in zip(shape, f))
 
 
+def split_dims(placements: Sequence[str]) -> tuple[int | None, ...]:
+    """The dim each one-axis placement splits (None: B or P)."""
+    return tuple(split_dim(p) if is_split(p) else None for p in placements)
+
+
+def valid_splits(dims: Sequence[Sequence[int | None]], shapes: Sequence[Sequence[int]],
+                 mesh_shape: Sequence[int]) -> bool:
+    """:func:`is_valid` of several tensors at once, from ``dims[axis][t]`` (:func:`split_dims`
+    of the placements on each axis, tensor ``t`` of shape ``shapes[t]``): without parsing."""
+    for t, shape in enumerate(shapes):
+        f: dict[int, int] = {}
+        for axis, n in enumerate(mesh_shape):
+            d = dims[axis][t]
+            if d is None:
+                continue
+            if not 0 <= d < len(shape):
+                return False
+            f[d] = f.get(d, 1) * n
+        if any(shape[d] % k for d, k in f.items()):
+            return False
+    return True
+
+
 def is_nested(placement: Sequence[str], mesh_shape: Sequence[int]) -> bool:
     """Whether some tensor dim is split on two or more axes of size > 1."""
     dims = [split_dim(p) for p, n in zip(placement, mesh_shape) if is_split(p) and n > 1]

@@ -39,7 +39,8 @@ from autoddl.errors import InfeasibleError, SolverError, UserError
 from autoddl.formulations.backends import (  # availability checks that import nothing
     BACKENDS, default_backend, preload, solve_or_fall_back,
 )
-from autoddl.formulations.dominance import prune_dominated
+from autoddl.formulations.bounds import bound_fixing
+from autoddl.formulations.dominance import prune_dominated, restrict
 from autoddl.formulations.milp import SolveResult, SolveStatus, relative_gap
 from autoddl.formulations.solving import (  # noqa: F401 - NEAR_CUTOFF, solve_lp_first: API
     NEAR_CUTOFF, solve_lp_first, solve_within_capacity,
@@ -218,13 +219,16 @@ def prepare_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     return costed, problem, 0.0  # the 1F1B bubble is in the problem's step shape
 
 
-def without_dominated(costed: CostedGraph) -> CostedGraph:
+def without_dominated(costed: CostedGraph, cutoff: float = float("inf")) -> CostedGraph:
     """``costed`` with its problem's dominated signatures removed (exact; see
-    :mod:`autoddl.formulations.dominance`), its signature lists to match. Done only for the
-    candidates whose ILP is solved: the screening's bound does not change with it."""
-    problem, keep = prune_dominated(costed.problem)
-    sigs = {n.name: [costed.sigs[n.name][int(k)] for k in kept]
-            for n, kept in zip(costed.graph.nodes, keep)}
+    :mod:`autoddl.formulations.dominance`), its signature lists to match; with a finite
+    ``cutoff``, first those that no plan costing at most ``cutoff`` uses
+    (:func:`~autoddl.formulations.bounds.bound_fixing`: the solve looks for plans under it).
+    Done only for the candidates whose ILP is solved: the screening's bound does not change."""
+    fixed = bound_fixing(costed.problem, cutoff)
+    problem, keep = prune_dominated(restrict(costed.problem, fixed))
+    sigs = {n.name: [costed.sigs[n.name][int(k)] for k in f[kept]]
+            for n, f, kept in zip(costed.graph.nodes, fixed, keep)}
     return dataclasses.replace(costed, problem=problem, sigs=sigs)
 
 
@@ -440,7 +444,7 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                                 config.recompute)
         return Prepared(
             str(mesh), 1, costed, costed.problem, 0.0, time.perf_counter() - t1,
-            solve=lambda cut, tl: solve_sharding(without_dominated(costed), backend, tl,
+            solve=lambda cut, tl: solve_sharding(without_dominated(costed, cut), backend, tl,
                                                  mip_rel_gap, cut, lp_first),
             make=lambda idx, r: Candidate(costed, 1, None, 1, r, decode(costed, idx),
                                           {n.name: 0 for n in costed.graph.nodes}, 0, 0.0,
@@ -456,7 +460,8 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
         costed, problem, bubble = prepare_program(prog, smesh, pp, cluster, config, base)
 
         def solve(cut: float, tl: float | None) -> Candidate:
-            lean = without_dominated(dataclasses.replace(costed, problem=problem))
+            lean = without_dominated(dataclasses.replace(costed, problem=problem),
+                                     cut - bubble)
             return solve_program(prog, smesh, pp, cluster, config, backend, tl, mip_rel_gap,
                                  cut, lp_first, (lean, lean.problem, bubble))
 

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
 from autoddl.engine.placements import (
     B, P, S, Placement, Step, collective_cost, input_grad, is_nested, is_valid, local_shape,
+    split_dims, valid_splits,
 )
 from autoddl.errors import NoRuleError
 
@@ -561,13 +562,13 @@ def signatures(node: OpNode, graph: OpGraph, mesh_shape: Sequence[int]) -> list[
     needs_grad = [graph[i].requires_grad for i in node.inputs]
     trivial = _replicated(len(ins))
     seen: dict[tuple, Signature] = {}
+    shapes = [tuple(node.out.shape)] + [tuple(t.shape) for t in ins]
+    dims = {id(a): split_dims((a.out, *a.ins)) for a in one_axis + [trivial]}
     for combo in itertools.product(*[one_axis if n > 1 else [trivial] for n in mesh_shape]):
+        if not valid_splits([dims[id(a)] for a in combo], shapes, mesh_shape):
+            continue
         in_pl = tuple(tuple(a.ins[i] for a in combo) for i in range(len(ins)))
         out_pl = tuple(a.out for a in combo)
-        if not is_valid(out_pl, node.out.shape, mesh_shape):
-            continue
-        if not all(is_valid(p, t.shape, mesh_shape) for p, t in zip(in_pl, ins)):
-            continue
         if _bad_nesting(combo, (out_pl, *in_pl), mesh_shape):
             continue
         grads = tuple(
