@@ -175,10 +175,17 @@ def test_hf_gpt2_runs_checked_with_bytes_equal_to_the_plan(tmp_path, monkeypatch
     parallel plan: losses, gradients and the bytes per (axis, kind) match the plan. Planned
     without nested splits (else plain data parallelism over both axes wins at this size)."""
     from autoddl.engine import costs, rules
-    from autoddl.engine.placements import is_nested, is_valid
+    from autoddl.engine.placements import is_nested, is_valid, valid_splits
+
+    def flat(dims, shapes, mesh) -> bool:  # rules.signatures' check, no dim on two axes
+        live = [a for a, n in enumerate(mesh) if n > 1]
+        return valid_splits(dims, shapes, mesh) and all(
+            len(ds) == len(set(ds)) for t in range(len(shapes))
+            for ds in [[dims[a][t] for a in live if dims[a][t] is not None]])
 
     monkeypatch.setattr(rules, "is_valid",
                         lambda p, shape, mesh: is_valid(p, shape, mesh) and not is_nested(p, mesh))
+    monkeypatch.setattr(rules, "valid_splits", flat)
     monkeypatch.setattr(costs, "_SIGNATURES", {})  # nothing cached under the patch leaks out
     spec = parse_model_spec("hf-gpt2:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=256")
     graph = capture(*build_model(spec, "meta"))
