@@ -80,7 +80,9 @@ def gradients(mesh, full) -> list[dict]:
     equal to the piece of the whole gradient (here 2 * the whole input)."""
     rows = []
     for src, dst in [(("S(1)", "B"), ("B", "S(1)")), (("B", "S(0)"), ("S(0)", "B")),
-                     (("S(0)", "S(1)"), ("S(1)", "S(0)")), (("B", "S(1)"), ("S(1)", "S(0)"))]:
+                     (("S(0)", "S(1)"), ("S(1)", "S(0)")), (("B", "S(1)"), ("S(1)", "S(0)")),
+                     (("S(0)", "S(0)"), ("B", "S(0)")), (("S(1)", "S(0)"), ("S(0)", "S(0)")),
+                     (("S(0)", "S(0)"), ("S(1)", "S(1)")), (("S(1)", "B"), ("S(0)", "S(0)"))]:
         x = _local(full, mesh, src).requires_grad_()
         fwd = reshard_steps(src, dst, NBYTES, MESH)
         gsrc = tuple(grad_target(p) for p in src)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from autoddl.engine.placements import B, P, S, input_grad, is_valid, reshard_steps
+from autoddl.engine.placements import B, P, S, input_grad, is_nested, is_valid, reshard_steps
 from autoddl.engine.rules import view_groups
 
 T = 1024.0  # bytes of the whole tensor
@@ -80,9 +80,11 @@ def test_a_cycle_of_moves_is_broken_by_one_gather(src, dst):
 
 
 def test_no_step_nests_two_splits_of_one_dim():
+    """Between placements that nest nothing, no step nests either."""
     import itertools
     one = [B, P, S(0), S(1), S(2)]
-    pls = [p for p in itertools.product(one, repeat=3) if is_valid(p, (8, 8, 8), (2, 2, 2))]
+    pls = [p for p in itertools.product(one, repeat=3) if is_valid(p, (8, 8, 8), (2, 2, 2))
+           and not is_nested(p, (2, 2, 2))]
     for src, dst in itertools.product(pls, pls):
         steps = reshard_steps(src, dst, T, (2, 2, 2))
         if steps is not None:
@@ -99,7 +101,10 @@ def test_gradient_placement_rule():
 
 def test_validity():
     assert is_valid((S(0), S(1)), (4, 4), (2, 2))
-    assert not is_valid((S(0), S(0)), (4, 4), (2, 2))  # no nested sharding
+    assert is_valid((S(0), S(0)), (4, 4), (2, 2))  # nested: dim 0 in 2 x 2 pieces
+    assert not is_valid((S(0), S(0)), (2, 4), (2, 2))  # 2 rows do not make 4 pieces
+    assert not is_valid((S(0), S(0), S(0)), (18, 4), (2, 3, 2))  # 18 % 12
+    assert is_valid((S(0), S(0)), (2, 4), (2, 1))  # a size-1 axis splits nothing
     assert not is_valid((S(0),), (3, 4), (2,))  # not divisible
     assert not is_valid((S(2),), (4, 4), (2,))
 
@@ -124,3 +129,62 @@ def test_capture_records_shapes_flops_weights_and_edges():
     e = next(e for e in g.edges if e.dst == fc1.name and e.index == 0)
     assert g.edge_bytes(e) == 4 * 8 * 32 * 4  # float32 activations (b, s, h)
     assert g.param_count == sum(p.numel() for p in build_model(spec, "meta")[0].parameters())
+
+
+def _split_lists(pl, mesh):
+    """Per dim, the axes (size > 1) that split it, outer first: DTensor's nesting order."""
+    out: dict[int, list[int]] = {}
+    for a, p in enumerate(pl):
+        if p.startswith("S(") and mesh[a] > 1:
+            out.setdefault(int(p[2:-1]), []).append(a)
+    return out
+
+
+@pytest.mark.parametrize("mesh", [(2, 2), (2, 3, 2), (2, 1, 2)])
+def test_nested_conversions_only_gather_innermost_and_split_outer_to_inner(mesh):
+    """Every conversion between placements that may nest splits, replayed on each dim's list
+    of splitting axes: a gather (or the source of an all-to-all) removes the innermost (last)
+    axis of its dim, a split appends an axis after every axis already splitting the dim, so
+    each intermediate is a valid left-to-right nesting, and the end is ``dst``'s nesting."""
+    import itertools
+    one = [B, P, S(0), S(1)]
+    pls = [p for p in itertools.product(one, repeat=len(mesh))
+           if is_valid(p, (12, 12), mesh)]
+    assert any(is_nested(p, mesh) for p in pls)
+    for src, dst in itertools.product(pls, pls):
+        steps = reshard_steps(src, dst, T, mesh)
+        if steps is None:
+            assert any(q == P and p != P for p, q in zip(src, dst))
+            continue
+        lists = _split_lists(src, mesh)
+        for st in steps:
+            if st.src.startswith("S("):
+                d = int(st.src[2:-1])
+                assert lists[d][-1] == st.axis, (src, dst, st)
+                lists[d].pop()
+            if st.dst.startswith("S("):
+                d = int(st.dst[2:-1])
+                assert all(a < st.axis for a in lists.get(d, [])), (src, dst, st)
+                lists.setdefault(d, []).append(st.axis)
+        assert {d: v for d, v in lists.items() if v} == _split_lists(dst, mesh), (src, dst)
+
+
+def test_nested_conversion_bytes_by_hand():
+    """T bytes on a 2 x 4 mesh. (S(0), S(0)) holds T/8 per device."""
+    mesh = (2, 4)
+    # the inner split gathered: one all-gather on axis 1 of the T/8 piece, 3 · T/8
+    steps = reshard_steps((S(0), S(0)), (S(0), B), T, mesh)
+    assert [(s.axis, s.kind, s.bytes_per_device) for s in steps] == [
+        (1, "all_gather", 3 * T / 8)]
+    # the outer split gathered: DTensor's order, the inner gathered (3 · T/8), the outer
+    # gathered (1 · T/2), the inner sliced again
+    steps = reshard_steps((S(0), S(0)), (B, S(0)), T, mesh)
+    assert [(s.axis, s.kind, s.bytes_per_device) for s in steps] == [
+        (1, "all_gather", 3 * T / 8), (0, "all_gather", T / 2), (1, "slice", 0.0)]
+    # two-level data-parallel gradients: reduce-scatter nothing, all-reduce T on each axis
+    steps = reshard_steps((P, P), (B, B), T, mesh)
+    assert sorted((s.axis, s.bytes_per_device) for s in steps) == [(0, T), (1, 2 * 3 / 4 * T)]
+    # a partial sum reduce-scattered into a nested split: outer axis first (T/2), then inner
+    steps = reshard_steps((P, P), (S(0), S(0)), T, mesh)
+    assert [(s.axis, s.kind, s.bytes_per_device) for s in steps] == [
+        (0, "reduce_scatter", T / 2), (1, "reduce_scatter", 3 / 4 * T / 2)]

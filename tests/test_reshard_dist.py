@@ -64,3 +64,16 @@ def test_log_holds_collectives_dtensor_adds_and_the_byte_check_fails(ranks):
     pred = {"a": {}, "b": {"all_gather": {"count": 1, "bytes": 16.0}}}
     (row,) = byte_check(pred, measured)
     assert row.status == "MISMATCH" and row.executed_count == 2
+
+
+def test_nested_conversions_on_a_2x2x2_mesh(tmp_path):
+    """8 gloo ranks: a sample of conversions from or to placements nesting a split on two or
+    three axes gives DTensor's pieces, and the log holds exactly the predicted collectives."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8",
+         "--standalone", "-m", "tests.reshard_ranks3", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["ran"] > 80 and r["bad"] == [], r["bad"][:3]

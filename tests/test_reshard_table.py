@@ -13,10 +13,11 @@ from autoddl.engine.reshard_table import unit_matrices
 from tests.helpers import cluster
 
 
-def _placements(axes: int, ndim: int):
+def _placements(axes: int, ndim: int, nested: bool = False):
     one = ["B", "P"] + [f"S({d})" for d in range(ndim)]
     return [p for p in itertools.product(one, repeat=axes)
-            if len({x for x in p if x.startswith("S(")}) == sum(x.startswith("S(") for x in p)]
+            if nested
+            or len({x for x in p if x.startswith("S(")}) == sum(x.startswith("S(") for x in p)]
 
 
 def _scalar(pa, pin, pg, mesh):
@@ -34,16 +35,20 @@ def _scalar(pa, pin, pg, mesh):
     return (*split(fwd), *split(bwd), frac)
 
 
-@pytest.mark.parametrize("shape,ndim", [((4,), 2), ((2, 4), 2), ((2, 1, 4), 2), ((2, 3, 2), 2),
-                                        ((2, 2, 2), 3)])
-def test_table_matches_scalar_steps(shape, ndim):
-    """Every pair, including dims moving between axes (chains, and on 3 axes cycles of 3)."""
+@pytest.mark.parametrize("shape,ndim,nested", [
+    ((4,), 2, False), ((2, 4), 2, False), ((2, 1, 4), 2, False), ((2, 3, 2), 2, False),
+    ((2, 2, 2), 3, False), ((2, 4), 2, True), ((2, 1, 4), 2, True), ((2, 3, 2), 2, True),
+    ((2, 2, 2), 2, True), ((2, 2, 2, 2), 1, True)])
+def test_table_matches_scalar_steps(shape, ndim, nested):
+    """Every pair, including dims moving between axes (chains, and on 3 axes cycles of 3) and,
+    with ``nested``, placements splitting one dim on several axes (a size-1 axis nests
+    nothing)."""
     import math
     c = cluster(devices=math.prod(shape), nodes=2 if math.prod(shape) % 2 == 0 else 1,
                 gbps=100, inter_gbps=7, latency_s=3e-6)
     mesh = c.mesh(shape)
-    src = _placements(len(shape), ndim)
-    ins = _placements(len(shape), ndim)
+    src = _placements(len(shape), ndim, nested)
+    ins = _placements(len(shape), ndim, nested)
     rng = np.random.default_rng(0)
     dst = [(p, tuple(input_grad(x, "S(0)") for x in p)) for p in ins]
     dst += [(ins[i], None) for i in rng.choice(len(ins), 5)]

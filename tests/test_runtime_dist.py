@@ -118,3 +118,17 @@ def test_check_fails_when_predicted_bytes_are_off(tmp_path):
     plain = run()
     assert plain.returncode == 0, plain.stdout + plain.stderr[-2000:]
     assert f"byte check MISMATCH (not enforced without --check): {axis}/{kind}" in plain.stdout
+
+
+def test_mlp_data_parallel_over_both_axes_of_2x2_is_nested_and_runs_checked(tmp_path):
+    """Plain data parallelism over all 4 ranks of a 2×2 mesh: the batch dim split on both axes
+    (``(S(0), S(0))``, nested sharding) and the weights' gradients all-reduced on each axis (the
+    two-level all-reduce). The solver picks it; ``--check`` runs it on 4 gloo ranks: loss and
+    gradients equal the one-process run, bytes executed equal the plan's."""
+    path = tmp_path / "plan.json"
+    graph, plan = _plan("mlp:batch=2048,dim_in=32,hidden=64,layers=2,dim_out=32", (2, 2), path)
+    lin = [n for n in graph.ops if n.target == "aten.linear.default"]
+    both = {a: S(0) for a in plan.axis_names}
+    assert all(plan.op(n.name).out == both for n in lin), [plan.op(n.name).out for n in lin]
+    out = _run_checked(path, steps=2)
+    assert re.search(r"^\S+\s+all_reduce\s", out, re.M), out

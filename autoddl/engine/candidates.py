@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -128,6 +129,14 @@ SCREENING_FINDER = "screening (rounded tree relaxation)"
 
 #: the jobs of the search in progress, read by forked screening workers (set before forking)
 _JOBS: list[Job] = []
+
+
+def _default_sigterm() -> None:
+    """A screening worker dies of SIGTERM at once (``Pool.terminate``). The handler it would
+    inherit (:func:`~autoddl.errors.raise_on_sigterm`) runs only between bytecodes: a signal
+    landing just before the worker blocks on the task queue's lock was seen and then never
+    acted on, and ``terminate`` waited for that worker forever (seen once while timing plans)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _screen(task: tuple[int, float]) -> tuple[int, dict, np.ndarray | None]:
@@ -235,7 +244,8 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
 
     parallel = (workers > 1 and len(jobs) >= 8 and "fork" in mp.get_all_start_methods()
                 and threading.active_count() == 1)  # fork only without other Python threads
-    pool = mp.get_context("fork").Pool(workers) if parallel else None
+    pool = (mp.get_context("fork").Pool(workers, initializer=_default_sigterm) if parallel
+            else None)
     if log:
         log(f"screening {len(jobs)} candidates in {workers if pool else 1} process(es)")
     try:

@@ -257,18 +257,14 @@ class Mesh:
         return len(self.axes)
 
     def symmetry_key(self) -> tuple:
-        """Meshes with equal keys have equal optima: the same axes (size, link) in another
-        order. The cost model reads no axis position (conversion steps are ordered by kind and
-        axis size, :data:`~autoddl.engine.placements.STEP_ORDER`) except to break ties between
-        axes of one size, so where axes of one size differ in link the key is the mesh itself.
-        """
-        axes = [(a.size, a.bandwidth_gbps, a.latency_s, a.spans_nodes, a.ranks_per_node,
-                 a.intra_bandwidth_gbps, a.intra_latency_s) for a in self.axes]
-        links = {}
-        for size, *link in axes:
-            if links.setdefault(size, link) != link:
-                return ("exact",) + tuple(axes)
-        return ("sorted",) + tuple(sorted(axes))
+        """Meshes with equal keys have equal optima: the same axes (size, link) in the same
+        order. Axis order matters through nested sharding: a dim split on two axes is nested
+        left to right (the lower axis outer), and which conversions are one clean step depends
+        on it (:mod:`~autoddl.engine.placements`), so ``(2, 2, 4)`` and ``(4, 2, 2)`` can differ.
+        Swapping two identical axes gives the same mesh."""
+        return ("exact",) + tuple((a.size, a.bandwidth_gbps, a.latency_s, a.spans_nodes,
+                                   a.ranks_per_node, a.intra_bandwidth_gbps, a.intra_latency_s)
+                                  for a in self.axes)
 
     def axis(self, name: str) -> MeshAxis:
         for a in self.axes:

@@ -47,6 +47,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -404,6 +406,22 @@ class Multiplicity:
         return out + [e for e in self.extra_edges if e[3] > 0]
 
 
+#: per-byte conversion matrices by mesh (:meth:`_EdgeCoster._matrices`), shared by the costers
+#: of one mesh: a problem's and its recomputation's (:func:`edge_units`); the last
+#: _MATRIX_MESHES meshes are kept
+_MATRICES: dict[Mesh, dict[tuple, tuple[np.ndarray, ...]]] = {}
+_MATRIX_MESHES = 2
+
+
+def _mesh_matrices(mesh: Mesh) -> dict[tuple, tuple[np.ndarray, ...]]:
+    """The shared matrix cache of ``mesh``, made the most recent one."""
+    got = _MATRICES.pop(mesh, None)
+    _MATRICES[mesh] = got = {} if got is None else got
+    while len(_MATRICES) > _MATRIX_MESHES:
+        del _MATRICES[next(iter(_MATRICES))]
+    return got
+
+
 class _EdgeCoster:
     """Edge cost and memory matrices. Time is linear in the tensor's bytes plus latency, so each
     edge matrix is costed per unit byte (:func:`~autoddl.engine.reshard_table.unit_matrices`)
@@ -413,7 +431,7 @@ class _EdgeCoster:
     def __init__(self, mesh: Mesh, precision: str = "fp32") -> None:
         self.mesh = mesh
         self.precision = precision  # the bytes of a tensor (:func:`tensor_bytes`)
-        self.matrices: dict[tuple, tuple[np.ndarray, ...]] = {}
+        self.matrices = _mesh_matrices(mesh)  # per byte: shared by the costers of one mesh
         self.keys: dict[tuple, tuple[np.ndarray, list]] = {}  # by signature list (and side)
 
     def _src_keys(self, ss: list[Signature], accumulates: bool) -> tuple[np.ndarray, list]:
@@ -500,13 +518,24 @@ _SIGNATURES: dict[tuple, list[Signature]] = {}
 _SIGNATURES_MAX = 20000
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def _divisibility(shapes: tuple[tuple[int, ...], ...], mesh_shape: tuple[int, ...]) -> tuple:
+    """Which axes have size > 1, and per set of axes and tensor dim whether the product of
+    the set's sizes divides the dim: all a placement's legality reads of the mesh."""
+    subsets = itertools.chain.from_iterable(
+        itertools.combinations(range(len(mesh_shape)), r) for r in range(1, len(mesh_shape) + 1))
+    products = [math.prod(mesh_shape[a] for a in sub) for sub in subsets]
+    return (tuple(size > 1 for size in mesh_shape),
+            tuple(tuple(tuple(d % q == 0 for d in shape) for shape in shapes) for q in products))
+
+
 def _signatures(n, graph: OpGraph, mesh_shape: tuple[int, ...]) -> list[Signature]:
     """:func:`~autoddl.engine.rules.signatures`, cached. Identical nodes (those of repeated
     layers) share one list, and so do meshes that agree on which axes have size > 1 and on
-    which tensor dims each axis size divides: that is all the legality of a placement reads."""
+    which tensor dims the product of the sizes of each set of axes divides (a dim may be split
+    on several axes: nested): that is all the legality of a placement reads."""
     tensors = (n.out,) + tuple(graph[i].out for i in n.inputs)
-    pattern = tuple((size > 1, tuple(tuple(d % size == 0 for d in t.shape) for t in tensors))
-                    for size in mesh_shape)
+    pattern = _divisibility(tuple(tuple(t.shape) for t in tensors), tuple(mesh_shape))
     key = (n.kind, n.target, n.requires_grad, tensors,
            tuple(graph[i].requires_grad for i in n.inputs), n.args, n.kwargs, pattern)
     got = _SIGNATURES.get(key)

@@ -228,9 +228,10 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
 
 def check_against_graph(plan: Any, graph: Any) -> None:
     """Raise :class:`UserError` unless ``plan`` (written out for every node) places each node of
-    ``graph``, every placement splits a dim the tensor has, once, into pieces its axis size
-    divides, and every operator reads and writes by one of its legal signatures (a hand-edited
-    plan could otherwise run and compute something else)."""
+    ``graph``, every placement splits dims the tensor has into pieces the product of the sizes
+    of the axes splitting each dim divides (nested splits allowed), and every operator reads
+    and writes by one of its legal signatures (a hand-edited plan could otherwise run and
+    compute something else)."""
     from autoddl.engine.placements import is_valid, parse_placement
 
     axes, mesh = plan.axis_names, plan.mesh_shape
@@ -251,7 +252,7 @@ def check_against_graph(plan: Any, graph: Any) -> None:
             if not is_valid(parse_placement(placement, axes), shape, mesh):
                 raise _bad(f"op {o.name!r} {where}", f"places a tensor of shape {list(shape)} "
                            f"as {placement} on mesh {dict(zip(axes, mesh))}: a split dim is "
-                           "missing, split twice or not divisible")
+                           "missing or not divisible by the product of its axes' sizes")
         if node.kind == "op":
             _check_signature(o, node, graph, axes, mesh, legal)
 

@@ -44,7 +44,8 @@ from autoddl.errors import InfeasibleError, SolverError, UserError
 from autoddl.formulations.backends import (  # availability checks that import nothing
     BACKENDS, LARGE_MILP_COLS, default_backend, preload, solve_or_fall_back,
 )
-from autoddl.formulations.dominance import prune_dominated
+from autoddl.formulations.bounds import bound_fixing
+from autoddl.formulations.dominance import prune_dominated, restrict
 from autoddl.formulations.milp import SolveResult, SolveStatus, relative_gap
 from autoddl.formulations.solving import (  # noqa: F401 - NEAR_CUTOFF, solve_lp_first: API
     NEAR_CUTOFF, solve_lp_first, solve_within_capacity,
@@ -217,13 +218,16 @@ def prepare_program(prog: Program, smesh: Mesh, pp: MeshAxis, cluster: Cluster,
     return costed, problem, 0.0  # the 1F1B bubble is in the problem's step shape
 
 
-def without_dominated(costed: CostedGraph) -> CostedGraph:
+def without_dominated(costed: CostedGraph, cutoff: float = float("inf")) -> CostedGraph:
     """``costed`` with its problem's dominated signatures removed (exact; see
-    :mod:`autoddl.formulations.dominance`), its signature lists to match. Done only for the
-    candidates whose ILP is solved: the screening's bound does not change with it."""
-    problem, keep = prune_dominated(costed.problem)
-    sigs = {n.name: [costed.sigs[n.name][int(k)] for k in kept]
-            for n, kept in zip(costed.graph.nodes, keep)}
+    :mod:`autoddl.formulations.dominance`), its signature lists to match; with a finite
+    ``cutoff``, first those that no plan costing at most ``cutoff`` uses
+    (:func:`~autoddl.formulations.bounds.bound_fixing`: the solve looks for plans under it).
+    Done only for the candidates whose ILP is solved: the screening's bound does not change."""
+    fixed = bound_fixing(costed.problem, cutoff)
+    problem, keep = prune_dominated(restrict(costed.problem, fixed))
+    sigs = {n.name: [costed.sigs[n.name][int(k)] for k in f[kept]]
+            for n, f, kept in zip(costed.graph.nodes, fixed, keep)}
     return dataclasses.replace(costed, problem=problem, sigs=sigs)
 
 
@@ -457,7 +461,7 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                                  config.recompute) if by_bytes else costed)
         return Prepared(
             str(mesh), 1, priced, priced.problem, 0.0, time.perf_counter() - t1,
-            solve=lambda cut, tl: reported(solve_sharding(without_dominated(priced), backend,
+            solve=lambda cut, tl: reported(solve_sharding(without_dominated(priced, cut), backend,
                                                           tl, mip_rel_gap, cut, lp_first),
                                            costed),
             make=lambda idx, r: reported(Candidate(
@@ -482,7 +486,8 @@ def _variant_jobs(graph: OpGraph, cluster: Cluster, config: TrainingConfig, bloc
                 prog, bytes_mesh(smesh), bytes_axis(pp), cluster, config, base_b)
 
         def solve(cut: float, tl: float | None) -> Candidate:
-            lean = without_dominated(dataclasses.replace(priced, problem=priced_problem))
+            lean = without_dominated(dataclasses.replace(priced, problem=priced_problem),
+                                     cut - bubble)
             return reported(solve_program(prog, smesh, pp, cluster, config, backend, tl,
                                           mip_rel_gap, cut, lp_first,
                                           (lean, lean.problem, bubble)), costed, problem)

@@ -113,14 +113,20 @@ def _node_terms(costed: CostedGraph, ops: Sequence[str]) -> dict[str, np.ndarray
     costs price bytes), output bytes, stash."""
     g, mesh, cl, prec = costed.graph, costed.mesh, costed.cluster, costed.config.precision
     out = {}
+    seen: dict[tuple, np.ndarray] = {}  # identical ops (repeated layers') share one list
     for name in ops:
         n = g[name]
         ss = costed.sigs[name]
-        out[name] = np.array([[(node_forward_s(g, n, s, mesh, cl, prec)
-                                if costed.objective != "bytes" else 0.0)
-                               + steps_seconds(op_steps(g, n, s, mesh), mesh),
-                               node_memory_bytes(n, s, mesh, costed.config),
-                               stash_bytes(g, n, s, mesh, cl, prec)] for s in ss])
+        key = (id(ss), n.kind, n.target, n.flops, n.args, n.kwargs, n.out, n.requires_grad,
+               tuple(g[i].out for i in n.inputs))
+        if key not in seen:
+            seen[key] = np.array([[(node_forward_s(g, n, s, mesh, cl, prec)
+                                    if costed.objective != "bytes" else 0.0)
+                                   + steps_seconds(op_steps(g, n, s, mesh), mesh),
+                                   node_memory_bytes(n, s, mesh, costed.config),
+                                   stash_bytes(g, n, s, mesh, cl, prec)] for s in ss])
+            seen[key].setflags(write=False)  # shared: never changed in place
+        out[name] = seen[key]
     return out
 
 

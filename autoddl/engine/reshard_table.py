@@ -22,7 +22,9 @@ all-to-alls, then all-reduces, then all-gathers; each kind by axis size, then in
 :func:`reshard_steps` uses, so that costs and the runtime's collectives agree (tested). The pairs
 where a dim moves from one axis to another (split on one in the producer's placement, on another in
 the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim: they
-are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`)."""
+are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`). The pairs
+whose producer or consumer placement nests a split (one dim split on several axes) are replayed
+the same way with :func:`reshard_steps`' clean-step rule for nesting (:func:`_nested_seconds`)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ from typing import Sequence
 import numpy as np
 
 from autoddl.engine.cluster import Mesh
-from autoddl.engine.placements import B, P, STEP_ORDER, Placement, grad_target, split_dim
+from autoddl.engine.placements import (
+    B, P, STEP_ORDER, Placement, grad_target, split_dim,
+)
 
 _NONE, _SLICE, _RS, _A2A, _AG, _AR, _BAD = range(7)
 _CODE = {"slice": _SLICE, "reduce_scatter": _RS, "all_to_all": _A2A, "all_gather": _AG,
@@ -55,7 +59,16 @@ def _codes(placements: Sequence[Placement | None], axes: int) -> np.ndarray:
 
 
 def _kind(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """The step kind converting code ``s`` to code ``t`` (broadcast)."""
+    """The step kind converting code ``s`` to code ``t`` (broadcast), read from
+    :data:`_KIND_TABLE` (:func:`_kind_rule` where a code is past it)."""
+    s, t = np.asarray(s), np.asarray(t)
+    if max(s.max(initial=0), t.max(initial=0)) >= _TABLE_CODES - 2:
+        return _kind_rule(s, t)
+    return _KIND_TABLE[s + 2, t + 2]
+
+
+def _kind_rule(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The step kind converting code ``s`` to code ``t`` (broadcast): the rule."""
     k = np.full(np.broadcast(s, t).shape, _NONE)
     diff = s != t
     k = np.where(diff & (t == 0), _BAD, k)
@@ -65,6 +78,12 @@ def _kind(s: np.ndarray, t: np.ndarray) -> np.ndarray:
     k = np.where(diff & (s > 0) & (t == -1), _AG, k)
     k = np.where(diff & (s > 0) & (t > 0), _A2A, k)
     return k
+
+
+#: :func:`_kind_rule` of every pair of codes -2 .. _TABLE_CODES - 3 (dims up to 13), by code + 2
+_TABLE_CODES = 16
+_KIND_TABLE = _kind_rule(np.arange(-2, _TABLE_CODES - 2)[:, None],
+                         np.arange(-2, _TABLE_CODES - 2)[None, :])
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,13 +171,123 @@ def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndar
             ratio = (np.where(pairs.src_split[a], float(p), 1.0)
                      * np.where(pairs.dst_split[a], 1.0 / p, 1.0))
             held = np.where(live, held * ratio, held)
-    if pairs.moves.any():
-        rows = np.nonzero(pairs.moves)
+    nested = _nested_mask(pairs.src, sizes) | _nested_mask(pairs.dst, sizes)
+    nested = np.broadcast_to(nested, shape) & ~pairs.bad
+    moves = pairs.moves & ~nested
+    if moves.any():
+        rows = np.nonzero(moves)
         src = np.broadcast_to(pairs.src, shape + pairs.src.shape[-1:])[rows]
         dst = np.broadcast_to(pairs.dst, shape + pairs.dst.shape[-1:])[rows]
         per_byte[rows], latency[rows] = _moves_seconds(src.T.copy(), dst.T.copy(), mesh)
+    if nested.any():
+        rows = np.nonzero(nested)
+        src = np.broadcast_to(pairs.src, shape + pairs.src.shape[-1:])[rows]
+        dst = np.broadcast_to(pairs.dst, shape + pairs.dst.shape[-1:])[rows]
+        per_byte[rows], latency[rows] = _nested_seconds(src, dst, mesh)
     bad = pairs.bad
     return np.where(bad, np.inf, per_byte), np.where(bad, 0.0, latency), bad
+
+
+def _nested_mask(codes: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Per placement (codes, last axis the mesh axes): some dim split on two axes of size > 1."""
+    out = np.zeros(codes.shape[:-1], bool)
+    live = [a for a, p in enumerate(sizes) if p > 1]
+    for i, a in enumerate(live):
+        for b in live[i + 1:]:
+            out |= (codes[..., a] > 0) & (codes[..., a] == codes[..., b])
+    return out
+
+
+def _step_tables(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per axis (rows) and step kind (columns, by code): the bytes factor (bytes sent per byte
+    held) and the latency steps of :func:`~autoddl.engine.placements.collective_cost`."""
+    p = sizes.astype(float)
+    factor = np.zeros((len(sizes), _BAD + 1))
+    steps = np.zeros((len(sizes), _BAD + 1))
+    factor[:, [_A2A, _RS, _AG, _AR]] = np.stack([(p - 1) / p, (p - 1) / p, p - 1,
+                                                 2 * (p - 1) / p], axis=1)
+    steps[:, [_A2A, _RS, _AG, _AR]] = np.stack([p, p, p, 2 * (p - 1) + 1], axis=1)
+    return factor, steps
+
+
+def _run_step(cur: np.ndarray, ax: np.ndarray, to: np.ndarray, active: np.ndarray,
+              held: np.ndarray, sums: tuple[np.ndarray, np.ndarray],
+              tables: tuple[np.ndarray, ...]) -> np.ndarray:
+    """One step of each column of codes ``cur`` (axes, K) where ``active``: axis ``ax[k]``
+    goes to code ``to[k]``. Adds its (seconds per byte, latency seconds) to ``sums`` and
+    changes ``cur`` in place; returns the bytes held after it (per byte of tensor).
+    ``tables``: (:func:`_step_tables`' factor and steps, :func:`_rates`' per byte and alpha)."""
+    factor, steps, inv_bw, alpha = tables
+    cols = np.arange(cur.shape[1])
+    frm = cur[ax, cols]
+    kind = _kind(frm, to)
+    sums[0][:] += np.where(active, factor[ax, kind] * held * inv_bw[ax, kind], 0.0)
+    sums[1][:] += np.where(active, steps[ax, kind] * alpha[ax, kind], 0.0)
+    p = steps[ax, _A2A]  # an all-to-all's latency steps: the axis size
+    ratio = np.where(frm > 0, p, 1.0) * np.where(to > 0, 1.0 / p, 1.0)
+    cur[ax, cols] = np.where(active, to, frm)
+    return np.where(active, held * ratio, held)
+
+
+def _nest_blocks(cur: np.ndarray, dst: np.ndarray,
+                 live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Why each pending step ``cur[m] -> dst[m]`` is not clean, for codes (axes, K), as
+    :func:`~autoddl.engine.placements._blockers`: ``inner`` (axes, axes, K), axis b > m (live)
+    splits a dim the step gathers or splits; ``wait`` (axes, K), an axis b < m must first split
+    the dim the step splits, or give it up."""
+    n = cur.shape[0]
+    inner = np.zeros((n, n) + cur.shape[1:], bool)
+    wait = np.zeros(cur.shape, bool)
+    for m in range(n):
+        for b in range(n):
+            if b == m or not live[b]:
+                continue
+            if b > m:
+                inner[m, b] = (((cur[m] > 0) & (cur[b] == cur[m]))
+                               | ((dst[m] > 0) & (cur[b] == dst[m])))
+            else:
+                wait[m] |= (dst[m] > 0) & ((dst[b] == dst[m]) != (cur[b] == dst[m]))
+    return inner, wait
+
+
+def _nested_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.ndarray, ...]:
+    """(seconds per byte, latency seconds) of K conversions (codes ``src``, ``dst``: (K, axes))
+    whose source or target nests a split, replayed step by step as
+    :func:`~autoddl.engine.placements._nested_steps` runs them, vectorized over the K pairs:
+    the clean ready step first in STEP_ORDER (by axis size, then index); where none is ready,
+    the innermost split blocking the first pending step is gathered to B. A row with no
+    placement (code -2) converts nothing."""
+    cur, dst = src.T.copy(), dst.T
+    n, k = cur.shape
+    sizes = np.array([ax.size for ax in mesh.axes])
+    inv_bw, alpha = _rates(mesh)
+    factor, steps = _step_tables(sizes)
+    pos = np.empty(n, np.int64)
+    pos[sorted(range(n), key=lambda a: (sizes[a], a))] = np.arange(n)
+    p = sizes.astype(float)
+    held = np.prod(np.where(cur > 0, 1.0 / p[:, None], 1.0), axis=0)
+    per_byte, latency = np.zeros(k), np.zeros(k)
+    cols = np.arange(k)
+    empty = (cur < -1).any(axis=0) | (dst < -1).any(axis=0)
+    big = np.iinfo(np.int64).max
+    for _ in range(4 * n * n + 4):
+        pending = (cur != dst) & (sizes[:, None] > 1) & ~empty
+        active = pending.any(axis=0)
+        if not active.any():
+            break
+        inner, wait = _nest_blocks(cur, dst, sizes > 1)
+        blocked = inner.any(axis=1)
+        ready = pending & ~blocked & ~wait
+        any_ready = ready.any(axis=0)
+        key = _RANK[_kind(cur, dst)] * n + pos[:, None]
+        first = np.argmin(np.where(pending & blocked, key, big), axis=0)
+        innermost = n - 1 - np.argmax(inner[first, ::-1, cols].T, axis=0)
+        ax = np.where(any_ready, np.argmin(np.where(ready, key, big), axis=0), innermost)
+        to = np.where(any_ready, dst[ax, cols], -1)  # -1: B, an inner split gathered first
+        held = _run_step(cur, ax, to, active, held, (per_byte, latency),
+                         (factor, steps, inv_bw, alpha))
+    assert not ((cur != dst) & (sizes[:, None] > 1) & ~empty).any(), "no clean conversion"
+    return per_byte, latency
 
 
 #: STEP_ORDER by kind code (NONE and BAD never run)
@@ -177,11 +306,7 @@ def _moves_seconds(cur: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.nda
     pos = np.empty(n, np.int64)
     pos[sorted(range(n), key=lambda a: (sizes[a], a))] = np.arange(n)
     p = sizes.astype(float)
-    factor = np.zeros((n, _BAD + 1))
-    steps = np.zeros((n, _BAD + 1))
-    factor[:, [_A2A, _RS, _AG, _AR]] = np.stack([(p - 1) / p, (p - 1) / p, p - 1,
-                                                 2 * (p - 1) / p], axis=1)
-    steps[:, [_A2A, _RS, _AG, _AR]] = np.stack([p, p, p, 2 * (p - 1) + 1], axis=1)
+    factor, steps = _step_tables(sizes)
     held = np.prod(np.where(cur > 0, 1.0 / p[:, None], 1.0), axis=0)
     per_byte, latency = np.zeros(k), np.zeros(k)
     cols = np.arange(k)
@@ -203,14 +328,10 @@ def _moves_seconds(cur: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.nda
         ready = live & ~(has_pred & (np.take_along_axis(cur, pred, axis=0) == dst))
         any_ready = ready.any(axis=0)
         ax = np.argmin(np.where(np.where(any_ready, ready, live), key, big), axis=0)
-        frm, want = cur[ax, cols], dst[ax, cols]
+        want = dst[ax, cols]
         to = np.where(any_ready, want, -1)  # -1: B, where a cycle of moves is broken
-        kind = _kind(frm, to)
-        per_byte += np.where(active, factor[ax, kind] * held * inv_bw[ax, kind], 0.0)
-        latency += np.where(active, steps[ax, kind] * alpha[ax, kind], 0.0)
-        ratio = np.where(frm > 0, p[ax], 1.0) * np.where(to > 0, 1.0 / p[ax], 1.0)
-        held = np.where(active, held * ratio, held)
-        cur[ax, cols] = np.where(active, to, frm)
+        held = _run_step(cur, ax, to, active, held, (per_byte, latency),
+                         (factor, steps, inv_bw, alpha))
         live[ax, cols] &= ~(active & (to == want))
         key[ax, cols] = np.where(active & (to == -1), _RANK[_SLICE] * n + pos[ax],
                                  key[ax, cols])
@@ -219,10 +340,18 @@ def _moves_seconds(cur: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.nda
 
 @dataclass(frozen=True, eq=False)
 class _EdgePairs:
-    """The mesh-independent part of :func:`unit_matrices` for one pair of placement lists."""
+    """The mesh-independent part of :func:`unit_matrices` for one pair of placement lists.
+    Conversions are priced once per distinct pair of placements: ``fwd`` between the distinct
+    producer outputs (rows) and consumer inputs (columns), ``bwd`` between the distinct
+    gradient targets (rows) and returned gradients (columns); ``*_rows``, ``*_cols`` map the
+    edge's keys onto them."""
 
     fwd: _Pairs
     bwd: _Pairs
+    fwd_rows: np.ndarray  # (A,) distinct producer output of each producer key
+    fwd_cols: np.ndarray  # (B,) distinct consumer input of each consumer key
+    bwd_rows: np.ndarray  # (A,) distinct gradient target of each producer key
+    bwd_cols: np.ndarray  # (B,) distinct returned gradient of each consumer key
     has_grad: np.ndarray  # (1, B)
     ins_split: np.ndarray  # (1, B, axes): the consumer's input split on each axis
     same: np.ndarray  # (A, B): no conversion
@@ -234,21 +363,32 @@ _EDGE_PAIRS: dict[tuple, _EdgePairs] = {}
 _EDGE_PAIRS_MAX = 5000
 
 
+def _distinct(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct rows of ``codes``, the index of each row among them)."""
+    rows, inverse = np.unique(codes, axis=0, return_inverse=True)
+    return rows, inverse.reshape(-1)
+
+
 def _edge_pairs(src_vals: Sequence[Placement],
                 dst_vals: Sequence[tuple[Placement, Placement | None]], n_axes: int) -> _EdgePairs:
     key = (tuple(src_vals), tuple(dst_vals), n_axes)
     got = _EDGE_PAIRS.get(key)
     if got is None:
-        out = _codes(src_vals, n_axes)[:, None, :]
-        ins = _codes([d[0] for d in dst_vals], n_axes)[None, :, :]
-        grads = _codes([d[1] for d in dst_vals], n_axes)[None, :, :]
-        target = _codes([tuple(grad_target(p) for p in s) for s in src_vals], n_axes)[:, None, :]
+        out = _codes(src_vals, n_axes)
+        ins = _codes([d[0] for d in dst_vals], n_axes)
+        has_grad = np.array([d[1] is not None for d in dst_vals])
+        # no gradient: priced as B (a step out of B is never forbidden), then zeroed
+        grads = np.where(has_grad[:, None], _codes([d[1] for d in dst_vals], n_axes), -1)
+        target = _codes([tuple(grad_target(p) for p in s) for s in src_vals], n_axes)
+        (out_u, out_i), (ins_u, ins_i) = _distinct(out), _distinct(ins)
+        (tgt_u, tgt_i), (grad_u, grad_i) = _distinct(target), _distinct(grads)
         if len(_EDGE_PAIRS) >= _EDGE_PAIRS_MAX:
             _EDGE_PAIRS.clear()
         got = _EDGE_PAIRS[key] = _EdgePairs(
-            _pairs(out, ins), _pairs(np.where(grads == -2, target, grads), target),
-            np.array([d[1] is not None for d in dst_vals])[None, :], ins > 0,
-            np.all(out == ins, axis=-1))
+            _pairs(out_u[:, None, :], ins_u[None, :, :]),
+            _pairs(grad_u[None, :, :], tgt_u[:, None, :]),
+            out_i, ins_i, tgt_i, grad_i, has_grad[None, :], ins[None, :, :] > 0,
+            np.all(out[:, None, :] == ins[None, :, :], axis=-1))
     return got
 
 
@@ -259,8 +399,10 @@ def unit_matrices(src_vals: Sequence[Placement],
     producer output placement and consumer (input placement, gradient placement); forward
     inf where the conversion is forbidden, backward 0 where there is no gradient."""
     pairs = _edge_pairs(src_vals, dst_vals, len(mesh.axes))
-    fb, fl, bad = _seconds(pairs.fwd, mesh)
-    bb, bl, bbad = _seconds(pairs.bwd, mesh)
+    fwd = np.ix_(pairs.fwd_rows, pairs.fwd_cols)
+    bwd = np.ix_(pairs.bwd_rows, pairs.bwd_cols)
+    fb, fl, bad = (m[fwd] for m in _seconds(pairs.fwd, mesh))
+    bb, bl, bbad = (m[bwd] for m in _seconds(pairs.bwd, mesh))
     keep = pairs.has_grad & ~bad & ~bbad  # a forbidden backward conversion is costed as none
     bb, bl = np.where(keep, bb, 0.0), np.where(keep, bl, 0.0)
     sizes = np.array([ax.size for ax in mesh.axes], float)

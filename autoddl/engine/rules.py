@@ -3,8 +3,10 @@
 A rule looks at one node (its tensor inputs' and output's shapes, its arguments) and lists the
 legal *one-axis* signatures: a placement for each tensor input and the output that make running
 the operator on local shards correct. Signatures on an n-axis mesh are every combination of
-one-axis signatures, one per axis, that keeps each tensor valid (no dim split twice, split dims
-divisible by the axis size): :func:`signatures`.
+one-axis signatures, one per axis, that keeps each tensor valid (split dims divisible by the
+product of the sizes of the axes splitting them): :func:`signatures`. Two axes may split one dim
+(nested sharding, the lower-indexed axis outer) wherever local execution stays exact: every rule
+but the row-split embedding and the vocabulary-parallel loss (:func:`_bad_nesting`).
 
 Example, ``Y = X @ W`` on one axis: ``(S(0), B) -> S(0)`` data parallel, ``(B, S(1)) -> S(1)``
 column parallel, ``(S(1), S(0)) -> P`` row parallel, ``(P, B) -> P`` and ``(B, P) -> P`` since the
@@ -30,7 +32,8 @@ from typing import Callable, Sequence
 
 from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
 from autoddl.engine.placements import (
-    B, P, S, Placement, Step, collective_cost, input_grad, is_valid, local_shape,
+    B, P, S, Placement, Step, collective_cost, input_grad, is_nested, is_valid, local_shape,
+    split_dims, valid_splits,
 )
 from autoddl.errors import NoRuleError
 
@@ -538,6 +541,18 @@ def axis_signatures(node: OpNode, graph: OpGraph) -> list[AxisSig]:
     return fn(node, [graph[i].out for i in node.inputs])
 
 
+def _bad_nesting(combo: Sequence[AxisSig], placements: Sequence[Placement],
+                 mesh_shape: Sequence[int]) -> bool:
+    """Whether a combination nests a split (one tensor dim split on several axes) where local
+    execution would be wrong: a row-split embedding or a vocabulary-parallel loss finds its
+    owned rows from one axis's coordinate. Every other one-axis rule maps a split input dim
+    to a split output dim (or a partial sum) the same way on each axis, so the nested pieces
+    line up (input chunk ``i·p1 + j`` makes output chunk ``i·p1 + j``); means over a dim
+    split on several axes are scaled by each axis's size, so by their product."""
+    flagged = any((a.vocab or a.vocab_parallel) and n > 1 for a, n in zip(combo, mesh_shape))
+    return flagged and any(is_nested(p, mesh_shape) for p in placements)
+
+
 def signatures(node: OpNode, graph: OpGraph, mesh_shape: Sequence[int]) -> list[Signature]:
     """Every legal n-axis signature of ``node`` on a mesh of ``mesh_shape``."""
     if node.kind != "op":
@@ -547,12 +562,14 @@ def signatures(node: OpNode, graph: OpGraph, mesh_shape: Sequence[int]) -> list[
     needs_grad = [graph[i].requires_grad for i in node.inputs]
     trivial = _replicated(len(ins))
     seen: dict[tuple, Signature] = {}
+    shapes = [tuple(node.out.shape)] + [tuple(t.shape) for t in ins]
+    dims = {id(a): split_dims((a.out, *a.ins)) for a in one_axis + [trivial]}
     for combo in itertools.product(*[one_axis if n > 1 else [trivial] for n in mesh_shape]):
+        if not valid_splits([dims[id(a)] for a in combo], shapes, mesh_shape):
+            continue
         in_pl = tuple(tuple(a.ins[i] for a in combo) for i in range(len(ins)))
         out_pl = tuple(a.out for a in combo)
-        if not is_valid(out_pl, node.out.shape, mesh_shape):
-            continue
-        if not all(is_valid(p, t.shape, mesh_shape) for p, t in zip(in_pl, ins)):
+        if _bad_nesting(combo, (out_pl, *in_pl), mesh_shape):
             continue
         grads = tuple(
             tuple(input_grad(a, o) for a, o in zip(pl, out_pl)) if g else None

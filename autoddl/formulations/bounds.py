@@ -71,6 +71,8 @@ class BoundResult:
     upper_bound: float  # inf when no evaluated choice fitted memory
     choice: np.ndarray | None
     evaluations: int
+    #: the multipliers of the lower bound (None: no probe gave a finite one)
+    lam: np.ndarray | None = None
 
 
 #: count vertices (below) enumerated per relaxation at most: each is one more tree pass per
@@ -265,8 +267,9 @@ class TreeBound:
             tail.extend(at.get(k, g.default_counts()))
         return best - float(lam.sum()), np.concatenate([choice, np.array(tail, dtype=np.int64)])
 
-    def _solve_part(self, part: _Part, lam: np.ndarray) -> tuple[float, np.ndarray]:
-        """(min, minimiser) of one vertex's relaxed sum by the forest DP."""
+    def _unary(self, part: _Part, lam: np.ndarray) -> list[np.ndarray]:
+        """Per node, one vertex's weighted unary term at ``lam`` with the half-minima of the
+        pairs off the forest folded in."""
         unary = part.unary(lam)
         for u, v in part.pairs:
             if (u, v) in self.tree_pairs:
@@ -274,21 +277,64 @@ class TreeBound:
             w = part.pair(u, v, lam)
             unary[u] = unary[u] + 0.5 * w.min(axis=1)
             unary[v] = unary[v] + 0.5 * w.min(axis=0)
-        belief = list(unary)
+        return unary
+
+    @staticmethod
+    def _oriented(part: _Part, p: int, v: int, lam: np.ndarray) -> np.ndarray:
+        """One vertex's weighted pairwise term of a forest edge as (s_p, s_v)."""
+        return part.pair(p, v, lam) if p < v else part.pair(v, p, lam).T
+
+    def _solve_part(self, part: _Part, lam: np.ndarray) -> tuple[float, np.ndarray]:
+        """(min, minimiser) of one vertex's relaxed sum by the forest DP."""
+        belief = self._unary(part, lam)
         arg: dict[int, np.ndarray] = {}
         total = 0.0
         for v, p in self.order:
             if p is None:
                 total += float(belief[v].min())
                 continue
-            w = part.pair(p, v, lam) if p < v else part.pair(v, p, lam).T  # (s_p, s_v)
-            full = w + belief[v][None, :]
+            full = self._oriented(part, p, v, lam) + belief[v][None, :]
             arg[v] = np.argmin(full, axis=1)
             belief[p] = belief[p] + full[np.arange(len(arg[v])), arg[v]]
-        choice = np.zeros(len(unary), dtype=np.int64)
+        choice = np.zeros(len(belief), dtype=np.int64)
         for v, p in reversed(self.order):
             choice[v] = int(np.argmin(belief[v])) if p is None else int(arg[v][choice[p]])
         return total, choice
+
+    def min_marginals(self, lam: np.ndarray) -> list[np.ndarray]:
+        """Per node and signature s, the relaxed minimum at ``lam`` over the choices that give
+        the node s: per count vertex, min-sum messages leaves to root, then root to leaves;
+        the least over the vertices. The relaxation bounds each plan's cost from below, so no
+        plan using s costs less: a signature whose min-marginal exceeds a known plan's cost
+        is in no better plan."""
+        out: list[np.ndarray] | None = None
+        for part in (self.parts if lam.any() else self.parts[:1]):
+            m = self._part_marginals(part, lam)
+            out = m if out is None else [np.minimum(a, b) for a, b in zip(out, m)]
+        assert out is not None
+        return out
+
+    def _part_marginals(self, part: _Part, lam: np.ndarray) -> list[np.ndarray]:
+        """:meth:`min_marginals` of one count vertex."""
+        belief = self._unary(part, lam)
+        up: dict[int, np.ndarray] = {}  # each node's message to its parent
+        for v, p in self.order:
+            if p is not None:
+                up[v] = (self._oriented(part, p, v, lam) + belief[v][None, :]).min(axis=1)
+                belief[p] = belief[p] + up[v]
+        full: list[np.ndarray] = list(belief)
+        root: dict[int, int] = {}
+        for v, p in reversed(self.order):  # parents first
+            root[v] = v if p is None else root[p]
+            if p is not None:  # p's min-marginal without v's subtree (inf stays inf)
+                fin = np.isfinite(up[v])
+                rest = np.full(len(up[v]), INF)
+                rest[fin] = full[p][fin] - up[v][fin]
+                full[v] = belief[v] + (self._oriented(part, p, v, lam)
+                                       + rest[:, None]).min(axis=0)
+        best = {r: float(full[r].min()) for r in set(root.values())}
+        total = sum(best.values()) - float(lam.sum())
+        return [full[v] + (total - best[root[v]]) for v in range(len(full))]
 
     def weighed_counts(self, choice: np.ndarray, lam: np.ndarray) -> np.ndarray:
         """``choice`` (signatures and counts, :meth:`solve`'s) with the counts of the groups not
@@ -315,12 +361,13 @@ class TreeBound:
         """Maximise L over the multipliers (a common one, then per group) and return the best
         bound with the best feasible choice met on the way."""
         n_g = len(self.groups)
-        best_lb, best_ub, best_choice = -INF, INF, None
+        best_lb, best_ub, best_choice, best_lam = -INF, INF, None, None
 
         def probe(lam: np.ndarray) -> float:
-            nonlocal best_lb, best_ub, best_choice
+            nonlocal best_lb, best_ub, best_choice, best_lam
             lb, choice = self.solve(lam)
-            best_lb = max(best_lb, lb)
+            if lb > best_lb:
+                best_lb, best_lam = lb, lam
             if np.isfinite(lb):
                 cap = self.problem.memory_capacity_bytes
                 tries = [choice] if not self.problem.recompute else [  # counts for the plan
@@ -338,7 +385,7 @@ class TreeBound:
             # the relaxation's minimiser at lam = 0 fits memory, and the relaxation counts its
             # memory exactly (no memory on the pairs bounded by half-minima): the subgradient
             # at 0 is <= 0, so L is largest at lam = 0
-            return BoundResult(best_lb, best_ub, best_choice, self.evaluations)
+            return BoundResult(best_lb, best_ub, best_choice, self.evaluations, best_lam)
         scale = max(abs(lb0), 1e-9)
         # golden-section search on a log scale of a common multiplier
         lo, hi = np.log(scale * 1e-4), np.log(scale * 1e4)
@@ -370,13 +417,34 @@ class TreeBound:
                         val = probe(trial)
                         if val > cur:
                             cur, lam = val, trial
-        return BoundResult(best_lb, best_ub, best_choice, self.evaluations)
+        return BoundResult(best_lb, best_ub, best_choice, self.evaluations, best_lam)
 
 
 def _stack(values: list[np.ndarray | None]) -> np.ndarray:
     """Per-option arrays stacked on a first axis, zeros for an option without a term here."""
     like = next(v for v in values if v is not None)
     return np.stack([np.zeros_like(like) if v is None else v for v in values])
+
+
+def bound_fixing(problem: ShardingProblem, cutoff: float,
+                 relaxation: TreeBound | None = None) -> list[np.ndarray]:
+    """Per node, the indices of the signatures some plan costing at most ``cutoff`` may use:
+    those whose min-marginal (:meth:`TreeBound.min_marginals`, at the multipliers of the best
+    bound) does not exceed it. Exact: every plan using a dropped signature costs more than
+    ``cutoff`` (reduced-cost fixing with the Lagrangian tree relaxation), so a search for plans
+    under the cutoff loses none. Nothing is dropped without a finite cutoff."""
+    keep_all = [np.arange(len(n.cost_s)) for n in problem.nodes]
+    if not np.isfinite(cutoff):
+        return keep_all
+    relaxation = relaxation or TreeBound(problem)
+    lam = relaxation.best().lam
+    if lam is None:
+        return keep_all
+    tol = 1e-9 * abs(cutoff)  # relative: costs are seconds of any magnitude
+    # a node left with none (no plan under the cutoff at all) keeps its best: the model
+    # stays well formed and proves it
+    return [np.nonzero(~(m > cutoff + tol))[0] if not (m > cutoff + tol).all()
+            else np.array([int(np.argmin(m))]) for m in relaxation.min_marginals(lam)]
 
 
 def tree_bound(problem: ShardingProblem) -> BoundResult:

@@ -90,6 +90,12 @@ def undominated(features: np.ndarray) -> np.ndarray:
 def prune_dominated(problem: ShardingProblem) -> tuple[ShardingProblem, list[np.ndarray]]:
     """The problem without dominated signatures, and per node the kept signature indices."""
     keep = [np.nonzero(undominated(f))[0] for f in _features(problem)]
+    return restrict(problem, keep), keep
+
+
+def restrict(problem: ShardingProblem, keep: list[np.ndarray]) -> ShardingProblem:
+    """The problem with only the signatures ``keep`` (per node, indices in order), its edges'
+    keys and recomputation forms to match."""
     nodes = tuple(NodeChoices(n.name, n.cost_s[k], n.memory_bytes[k], n.group,
                               None if n.hidden_s is None else n.hidden_s[k],
                               None if n.window_s is None else n.window_s[k])
@@ -111,4 +117,4 @@ def prune_dominated(problem: ShardingProblem) -> tuple[ShardingProblem, list[np.
         live_bytes=o.live_bytes.restricted(keep, used)) for o in g.options))
         for g in problem.recompute)
     return ShardingProblem(nodes, tuple(edges), problem.memory_capacity_bytes,
-                           problem.shape, groups), keep
+                           problem.shape, groups)

@@ -119,8 +119,11 @@ class Converter:
         """S(src_dim) -> S(dst_dim) on one axis with one all-to-all: device k of the axis sends
         its piece's k-th chunk along ``dst_dim`` to device k and joins what it receives along
         ``src_dim``. (DTensor's own redistribute falls back to an all-gather on gloo, which
-        moves p times the bytes.) Correct because no other axis splits ``src_dim`` or
-        ``dst_dim`` (:func:`~autoddl.engine.placements.reshard_steps` never nests splits)."""
+        moves p times the bytes.) Correct for the clean steps
+        :func:`~autoddl.engine.placements.reshard_steps` makes: no axis after ``axis`` splits
+        ``src_dim`` or ``dst_dim`` (axes before it may: nested splits), so the devices of the
+        axis share one outer piece, hold consecutive sub-chunks of it along ``src_dim`` and the
+        same extent along ``dst_dim``."""
         p = self.shape[axis]
         chunks = [c.contiguous() for c in local.chunk(p, dim=dst_dim)]
         send = torch.cat([c.reshape(-1) for c in chunks])
