@@ -153,3 +153,28 @@ def test_ops_per_stage_names_the_shared_middle_stages():
                     "share one strategy), 4"), text
     flat = _ops_per_stage(SimpleNamespace(interleave=1, num_chunks=2, ops=ops[:5]))
     assert flat == "ops per stage: 3, 2"
+
+
+def test_plan_file_and_show_carry_module_paths(tmp_path, capsys):
+    """Every op of a `gpt:` plan names the module it was called in (parameters their qualified
+    name), in the file and in `show`; a file without the field (older autoddl) still loads."""
+    from autoddl.engine.plan import load_plan
+
+    path = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt:layers=2,hidden=32,heads=2,seq=8,batch=4,vocab=64",
+                 "--cluster", "cpu:devices=2", "--workers", "1", "-o", str(path)]) == 0
+    capsys.readouterr()
+    data = json.loads(path.read_text())
+    modules = {o["name"]: o.get("module", "") for o in data["ops"]}
+    assert "blocks.0.qkv" in modules.values() and "blocks.1.fc2" in modules.values(), modules
+    assert "blocks.0.qkv.weight" in modules.values(), "parameters carry their qualified name"
+    assert main(["show", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "module" in shown and "blocks.0.qkv" in shown and "blocks.1.fc1" in shown, shown
+    for o in data["ops"]:
+        o.pop("module", None)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    assert all(o.module == "" for o in load_plan(old).ops)
+    assert main(["show", str(old)]) == 0
+    assert "blocks.0.qkv " not in capsys.readouterr().out

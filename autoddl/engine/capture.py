@@ -67,6 +67,13 @@ def _scope_of_module_stack(fx: torch.fx.Node) -> str:
     return ""
 
 
+def module_of(fx: torch.fx.Node) -> str:
+    """The innermost module an op was called in (``blocks.3.mlp.fc1``), or "" at the top."""
+    paths = [entry[0] if isinstance(entry, tuple) else str(entry)
+             for entry in (fx.meta.get("nn_module_stack") or {}).values()]
+    return paths[-1] if paths else ""
+
+
 def _scope_of_fqn(fqn: str) -> str:
     """The outermost numbered submodule in a parameter's qualified name."""
     parts = fqn.split(".")
@@ -123,7 +130,7 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
             rg = is_param and meta.is_float
             requires_grad[fx.name] = rg
             nodes.append(OpNode(fx.name, kind, kind, meta, requires_grad=rg, fqn=fqn,
-                                scope=_scope_of_fqn(fqn) if is_param else ""))
+                                scope=_scope_of_fqn(fqn) if is_param else "", module=fqn))
         elif fx.op == "call_function":
             nodes.append(_op_node(fx, requires_grad))
         elif fx.op == "output":
@@ -176,6 +183,7 @@ def _op_node(fx: torch.fx.Node, requires_grad: dict[str, bool]) -> OpNode:
         flops=_flops(target, in_metas, meta),
         requires_grad=rg,
         scope=_scope_of_module_stack(fx),
+        module=module_of(fx),
     )
 
 

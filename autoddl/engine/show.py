@@ -68,10 +68,10 @@ def layer_table(plan: Plan, params: bool = False) -> str:
         target = o.target.removeprefix("aten.").removesuffix(".default")
         ins = ", ".join(_pl(i) for i in o.ins)
         zero = f" ZeRO-{o.zero}" if o.zero else ""
-        rows.append([str(o.stage) if plan.pipeline else "", o.name, target,
+        rows.append([str(o.stage) if plan.pipeline else "", o.name, o.module or "—", target,
                      f"({ins}) -> {_pl(o.out)}{zero}",
                      format_bytes(comm["bytes"]) if comm else ""])
-    head = ["stage" if plan.pipeline else "", "node", "op", "placements (in) -> out",
+    head = ["stage" if plan.pipeline else "", "node", "module", "op", "placements (in) -> out",
             "comm./device"]
     body = [head] + [r for r in rows if len(r) > 1]
     widths = [max(len(r[i]) for r in body) for i in range(len(head))]
