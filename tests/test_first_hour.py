@@ -178,3 +178,69 @@ def test_plan_file_and_show_carry_module_paths(tmp_path, capsys):
     assert all(o.module == "" for o in load_plan(old).ops)
     assert main(["show", str(old)]) == 0
     assert "blocks.0.qkv " not in capsys.readouterr().out
+
+
+def _bar_rows(png) -> list[tuple[int, int]]:
+    """The runs of pixel rows of a stage plot holding a wide stretch of bar colour."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    from autoddl.engine.show import _PLACED
+
+    img = np.asarray(png)[..., :3].astype(float)
+    mask = np.zeros(img.shape[:2], dtype=bool)
+    for colour in _PLACED.values():
+        mask |= np.abs(img - np.array(to_rgb(colour))).max(axis=-1) < 0.02
+    wide = mask.sum(axis=1) >= 60  # legend patches are narrower than that
+    runs, start = [], None
+    for y, on in enumerate(list(wide) + [False]):
+        if on and start is None:
+            start = y
+        elif not on and start is not None:
+            runs.append((start, y))
+            start = None
+    return runs
+
+
+def test_plot_of_a_pipelined_plan_draws_every_stage(tmp_path, capsys, monkeypatch):
+    """`show --plot` of a 4-stage plan draws bars in each stage's band (stages 1 and 2 share
+    the middle strategy of a plan of repeated layers) and says nothing of tight layout; a flat
+    plan's plot names its operators."""
+    import warnings
+
+    import matplotlib.image
+
+    from autoddl.engine.plan import load_plan
+    from autoddl.engine.show import plot_plan
+
+    path = tmp_path / "pp.json"
+    assert main(["plan", "--model", "gpt:layers=4,hidden=32,heads=2,seq=8,batch=8,vocab=64",
+                 "--cluster", "cpu:devices=4", "--stages", "4", "--workers", "1",
+                 "-o", str(path)]) == 0
+    plan = load_plan(path)
+    assert plan.num_stages == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_plan(plan, tmp_path / "pp.png")
+    runs = _bar_rows(matplotlib.image.imread(tmp_path / "pp.png"))
+    assert len(runs) == 4, f"bands of bars at pixel rows {runs}, not one per stage"
+    assert all(b - a >= 10 for a, b in runs), runs
+
+    flat = tmp_path / "flat.json"
+    assert main(["plan", "--model", TINY, "--cluster", "cpu:devices=2", "--workers", "1",
+                 "-o", str(flat)]) == 0
+    capsys.readouterr()
+    import matplotlib.pyplot as plt
+
+    from autoddl.engine import show
+
+    labels: list[str] = []
+    real = plt.Axes.set_xticks
+
+    def spy(ax, ticks, names=None, **kw):
+        labels.extend(names or [])
+        return real(ax, ticks, names, **kw)
+
+    monkeypatch.setattr(plt.Axes, "set_xticks", spy)
+    show.plot_plan(load_plan(flat), tmp_path / "flat.png")
+    assert any("linear" in t for t in labels), labels
