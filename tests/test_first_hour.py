@@ -244,3 +244,38 @@ def test_plot_of_a_pipelined_plan_draws_every_stage(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(plt.Axes, "set_xticks", spy)
     show.plot_plan(load_plan(flat), tmp_path / "flat.png")
     assert any("linear" in t for t in labels), labels
+
+
+_KEYWORD_MODEL = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, labels=None, scale=None):
+        return ((self.fc(input_ids) * scale - labels) ** 2).mean()
+
+
+def as_dict():
+    return Net(), {"input_ids": torch.randn(4, 8), "labels": torch.randn(4, 8),
+                   "scale": torch.ones(8)}
+
+
+def as_triple():
+    return Net(), (torch.randn(4, 8),), {"labels": torch.randn(4, 8), "scale": torch.ones(8)}
+'''
+
+
+@pytest.mark.parametrize("factory", ["as_dict", "as_triple"])
+def test_file_model_with_keyword_inputs(tmp_path, capsys, factory):
+    """A file model's factory may return (model, kwargs) or (model, args, kwargs)."""
+    (tmp_path / "kw.py").write_text(_KEYWORD_MODEL)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", f"{tmp_path / 'kw.py'}:{factory}", "--cluster",
+                 "cpu:devices=2", "--workers", "1", "-o", str(out)]) == 0
+    assert "plan written to" in capsys.readouterr().out
+    modules = {o.get("module") for o in json.loads(out.read_text())["ops"]}
+    assert any(m and m.endswith("fc") for m in modules), modules
