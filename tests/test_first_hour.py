@@ -279,3 +279,35 @@ def test_file_model_with_keyword_inputs(tmp_path, capsys, factory):
     assert "plan written to" in capsys.readouterr().out
     modules = {o.get("module") for o in json.loads(out.read_text())["ops"]}
     assert any(m and m.endswith("fc") for m in modules), modules
+
+
+_ENCODER_MODEL = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, 2)
+
+    def forward(self, x):
+        return self.enc(x).pow(2).mean()
+
+
+def make():
+    return Net(), (torch.randn(2, 4, 16),)
+'''
+
+
+def test_transformer_encoder_plans_without_the_fake_tensor_warning(tmp_path, capsys):
+    import warnings
+
+    (tmp_path / "enc.py").write_text(_ENCODER_MODEL)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["plan", "--model", f"{tmp_path / 'enc.py'}:make", "--cluster",
+                     "cpu:devices=2", "--workers", "1", "-o", str(tmp_path / "p.json")]) == 0
+    assert not [w for w in seen if "data pointer of FakeTensor" in str(w.message)], \
+        [str(w.message) for w in seen]
+    assert "FakeTensor" not in capsys.readouterr().err

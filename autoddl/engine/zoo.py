@@ -156,8 +156,10 @@ def _construct(make: Callable[[torch.device], tuple[nn.Module, tuple]],
     if device.type != "meta":
         return make(device)
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from autoddl.engine.capture import quiet_fake_tensors
     try:
-        with FakeTensorMode():
+        with FakeTensorMode(), quiet_fake_tensors():
             return make(torch.device("cpu"))
     except DataDependentOutputException:
         with torch.device("meta"):
