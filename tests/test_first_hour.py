@@ -153,3 +153,161 @@ def test_ops_per_stage_names_the_shared_middle_stages():
                     "share one strategy), 4"), text
     flat = _ops_per_stage(SimpleNamespace(interleave=1, num_chunks=2, ops=ops[:5]))
     assert flat == "ops per stage: 3, 2"
+
+
+def test_plan_file_and_show_carry_module_paths(tmp_path, capsys):
+    """Every op of a `gpt:` plan names the module it was called in (parameters their qualified
+    name), in the file and in `show`; a file without the field (older autoddl) still loads."""
+    from autoddl.engine.plan import load_plan
+
+    path = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt:layers=2,hidden=32,heads=2,seq=8,batch=4,vocab=64",
+                 "--cluster", "cpu:devices=2", "--workers", "1", "-o", str(path)]) == 0
+    capsys.readouterr()
+    data = json.loads(path.read_text())
+    modules = {o["name"]: o.get("module", "") for o in data["ops"]}
+    assert "blocks.0.qkv" in modules.values() and "blocks.1.fc2" in modules.values(), modules
+    assert "blocks.0.qkv.weight" in modules.values(), "parameters carry their qualified name"
+    assert main(["show", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "module" in shown and "blocks.0.qkv" in shown and "blocks.1.fc1" in shown, shown
+    for o in data["ops"]:
+        o.pop("module", None)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    assert all(o.module == "" for o in load_plan(old).ops)
+    assert main(["show", str(old)]) == 0
+    assert "blocks.0.qkv " not in capsys.readouterr().out
+
+
+def _bar_rows(png) -> list[tuple[int, int]]:
+    """The runs of pixel rows of a stage plot holding a wide stretch of bar colour."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    from autoddl.engine.show import _PLACED
+
+    img = np.asarray(png)[..., :3].astype(float)
+    mask = np.zeros(img.shape[:2], dtype=bool)
+    for colour in _PLACED.values():
+        mask |= np.abs(img - np.array(to_rgb(colour))).max(axis=-1) < 0.02
+    wide = mask.sum(axis=1) >= 60  # legend patches are narrower than that
+    runs, start = [], None
+    for y, on in enumerate(list(wide) + [False]):
+        if on and start is None:
+            start = y
+        elif not on and start is not None:
+            runs.append((start, y))
+            start = None
+    return runs
+
+
+def test_plot_of_a_pipelined_plan_draws_every_stage(tmp_path, capsys, monkeypatch):
+    """`show --plot` of a 4-stage plan draws bars in each stage's band (stages 1 and 2 share
+    the middle strategy of a plan of repeated layers) and says nothing of tight layout; a flat
+    plan's plot names its operators."""
+    import warnings
+
+    import matplotlib.image
+
+    from autoddl.engine.plan import load_plan
+    from autoddl.engine.show import plot_plan
+
+    path = tmp_path / "pp.json"
+    assert main(["plan", "--model", "gpt:layers=4,hidden=32,heads=2,seq=8,batch=8,vocab=64",
+                 "--cluster", "cpu:devices=4", "--stages", "4", "--workers", "1",
+                 "-o", str(path)]) == 0
+    plan = load_plan(path)
+    assert plan.num_stages == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_plan(plan, tmp_path / "pp.png")
+    runs = _bar_rows(matplotlib.image.imread(tmp_path / "pp.png"))
+    assert len(runs) == 4, f"bands of bars at pixel rows {runs}, not one per stage"
+    assert all(b - a >= 10 for a, b in runs), runs
+
+    flat = tmp_path / "flat.json"
+    assert main(["plan", "--model", TINY, "--cluster", "cpu:devices=2", "--workers", "1",
+                 "-o", str(flat)]) == 0
+    capsys.readouterr()
+    import matplotlib.pyplot as plt
+
+    from autoddl.engine import show
+
+    labels: list[str] = []
+    real = plt.Axes.set_xticks
+
+    def spy(ax, ticks, names=None, **kw):
+        labels.extend(names or [])
+        return real(ax, ticks, names, **kw)
+
+    monkeypatch.setattr(plt.Axes, "set_xticks", spy)
+    show.plot_plan(load_plan(flat), tmp_path / "flat.png")
+    assert any("linear" in t for t in labels), labels
+
+
+_KEYWORD_MODEL = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, labels=None, scale=None):
+        return ((self.fc(input_ids) * scale - labels) ** 2).mean()
+
+
+def as_dict():
+    return Net(), {"input_ids": torch.randn(4, 8), "labels": torch.randn(4, 8),
+                   "scale": torch.ones(8)}
+
+
+def as_triple():
+    return Net(), (torch.randn(4, 8),), {"labels": torch.randn(4, 8), "scale": torch.ones(8)}
+'''
+
+
+@pytest.mark.parametrize("factory", ["as_dict", "as_triple"])
+def test_file_model_with_keyword_inputs(tmp_path, capsys, factory):
+    """A file model's factory may return (model, kwargs) or (model, args, kwargs)."""
+    (tmp_path / "kw.py").write_text(_KEYWORD_MODEL)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", f"{tmp_path / 'kw.py'}:{factory}", "--cluster",
+                 "cpu:devices=2", "--workers", "1", "-o", str(out)]) == 0
+    assert "plan written to" in capsys.readouterr().out
+    modules = {o.get("module") for o in json.loads(out.read_text())["ops"]}
+    assert any(m and m.endswith("fc") for m in modules), modules
+
+
+_ENCODER_MODEL = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, 2)
+
+    def forward(self, x):
+        return self.enc(x).pow(2).mean()
+
+
+def make():
+    return Net(), (torch.randn(2, 4, 16),)
+'''
+
+
+def test_transformer_encoder_plans_without_the_fake_tensor_warning(tmp_path, capsys):
+    import warnings
+
+    (tmp_path / "enc.py").write_text(_ENCODER_MODEL)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["plan", "--model", f"{tmp_path / 'enc.py'}:make", "--cluster",
+                     "cpu:devices=2", "--workers", "1", "-o", str(tmp_path / "p.json")]) == 0
+    assert not [w for w in seen if "data pointer of FakeTensor" in str(w.message)], \
+        [str(w.message) for w in seen]
+    assert "FakeTensor" not in capsys.readouterr().err

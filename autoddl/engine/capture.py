@@ -7,9 +7,11 @@ allocated for weights.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 import torch
 
@@ -25,11 +27,25 @@ def tensor_meta(value: Any) -> TensorMeta:
     return TensorMeta(tuple(int(s) for s in value.shape), str(value.dtype).removeprefix("torch."))
 
 
+#: torch's warning when a model reads ``data_ptr()`` of a fake tensor while it is traced
+_FAKE_DATA_PTR = "Accessing the data pointer of FakeTensor is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_fake_tensors() -> Iterator[None]:
+    """Silence torch's fake-tensor ``data_ptr`` warning (nn.TransformerEncoder's fast-path
+    check reads it while a model is built or traced on fake tensors; harmless there)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_FAKE_DATA_PTR)
+        yield
+
+
 def export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     """``torch.export`` the model's forward (training IR, high-level ATen ops kept), normalized
     for the planner (:func:`autoddl.engine.normalize.normalize`)."""
     try:
-        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        with quiet_fake_tensors():
+            ep = torch.export.export(model, tuple(example_inputs), strict=False)
     except Exception as exc:  # export failures are the user's model: say so in one line
         raise UserError(f"torch.export could not capture the model: {first_line(exc)}") from exc
     return normalize(ep)
@@ -65,6 +81,13 @@ def _scope_of_module_stack(fx: torch.fx.Node) -> str:
         if _NUMBERED.match(path):
             return path
     return ""
+
+
+def module_of(fx: torch.fx.Node) -> str:
+    """The innermost module an op was called in (``blocks.3.mlp.fc1``), or "" at the top."""
+    paths = [entry[0] if isinstance(entry, tuple) else str(entry)
+             for entry in (fx.meta.get("nn_module_stack") or {}).values()]
+    return paths[-1] if paths else ""
 
 
 def _scope_of_fqn(fqn: str) -> str:
@@ -123,7 +146,7 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
             rg = is_param and meta.is_float
             requires_grad[fx.name] = rg
             nodes.append(OpNode(fx.name, kind, kind, meta, requires_grad=rg, fqn=fqn,
-                                scope=_scope_of_fqn(fqn) if is_param else ""))
+                                scope=_scope_of_fqn(fqn) if is_param else "", module=fqn))
         elif fx.op == "call_function":
             nodes.append(_op_node(fx, requires_grad))
         elif fx.op == "output":
@@ -176,6 +199,7 @@ def _op_node(fx: torch.fx.Node, requires_grad: dict[str, bool]) -> OpNode:
         flops=_flops(target, in_metas, meta),
         requires_grad=rg,
         scope=_scope_of_module_stack(fx),
+        module=module_of(fx),
     )
 
 

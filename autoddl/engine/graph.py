@@ -84,6 +84,9 @@ class OpNode:
     requires_grad: bool = False
     fqn: str = ""  # parameter's qualified name in the module, for params
     scope: str = ""  # outermost numbered submodule it belongs to ("blocks.3"), or ""
+    #: the module it was called in (ops: innermost ``nn_module_stack`` entry, such as
+    #: ``blocks.3.mlp.fc1``; params: the qualified name), or "" at the top level
+    module: str = ""
 
     def kwarg(self, key: str, default: Any = None) -> Any:
         """A keyword argument's value, or ``default``."""

@@ -47,6 +47,9 @@ class OpPlacement:
     stage: int = 0
     #: parameters: ZeRO level (:data:`autoddl.engine.rules.ZERO_REGATHER` and friends)
     zero: int = 0
+    #: the module path it belongs to (``blocks.3.mlp.fc1``; a parameter's qualified name), or ""
+    #: (top level, or a plan file written before module paths were recorded)
+    module: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ class Plan:
         d["solver"] = split_timings(d["solver"])[0]
         d["ops"] = [
             {"name": o.name, "target": o.target, "stage": o.stage, "out": o.out,
-             "in": list(o.ins), "grad": list(o.grads), **({"zero": o.zero} if o.zero else {})}
+             "in": list(o.ins), "grad": list(o.grads), **({"zero": o.zero} if o.zero else {}),
+             **({"module": o.module} if o.module else {})}
             for o in self.ops
         ]
         d["candidates"] = [split_timings(c)[0] for c in self.candidates]
@@ -160,7 +164,8 @@ class Plan:
                 OpPlacement(o["name"], o["target"], dict(o["out"]),
                             tuple(dict(i) for i in o["in"]),
                             tuple(None if g is None else dict(g) for g in o["grad"]),
-                            int(o.get("stage", 0)), int(o.get("zero", 0)))
+                            int(o.get("stage", 0)), int(o.get("zero", 0)),
+                            str(o.get("module", "")))
                 for o in d["ops"]
             )
             solver, solver_times = split_timings(d["solver"])

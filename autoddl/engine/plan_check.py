@@ -149,6 +149,8 @@ def _check_op(o: Any, i: int, axes: list[str], stages: int) -> None:
         raise _bad(f"{where} stage", f"is {stage}; the plan has {stages} stage(s) (model "
                                      "chunks when interleaved)")
     _count(o.get("zero", 0), f"{where} zero")
+    if not isinstance(o.get("module", ""), str):
+        raise _bad(f"{where} module", "is not a string")
 
 
 def _check_numbers(data: Mapping[str, Any]) -> None:

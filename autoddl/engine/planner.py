@@ -297,7 +297,7 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
             n.name, n.target, format_placement(s.out, names),
             tuple(format_placement(p, names) for p in s.ins),
             tuple(None if g is None else format_placement(g, names) for g in s.grads),
-            c.stage[n.name], zero=s.zero,
+            c.stage[n.name], zero=s.zero, module=n.module,
         ))
     recompute = {"recompute": costed.config.recompute}
     if c.stages == 1:

@@ -224,7 +224,7 @@ def expand_plan(plan: Plan, graph: OpGraph) -> Plan:
         else:
             stage, canon = 0, f"pre/{n.name}"
         src: OpPlacement = plan.op(canon)
-        ops.append(dataclasses.replace(src, name=n.name, stage=stage))
+        ops.append(dataclasses.replace(src, name=n.name, stage=stage, module=n.module))
     stage_of = {o.name: o.stage for o in ops}
     for i, o in enumerate(ops):  # parameters and inputs live with (or relay to) their consumers
         if graph[o.name].kind == "param":

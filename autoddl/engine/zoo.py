@@ -156,8 +156,10 @@ def _construct(make: Callable[[torch.device], tuple[nn.Module, tuple]],
     if device.type != "meta":
         return make(device)
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from autoddl.engine.capture import quiet_fake_tensors
     try:
-        with FakeTensorMode():
+        with FakeTensorMode(), quiet_fake_tensors():
             return make(torch.device("cpu"))
     except DataDependentOutputException:
         with torch.device("meta"):
@@ -184,6 +186,45 @@ def build_zoo(name: str, p: dict[str, int], device: torch.device,
     return _construct(make, device)
 
 
+class KeywordInputs(nn.Module):
+    """A model called with keyword inputs, as one taking them all positionally (the planner and
+    runtime pass tuples of tensors): ``forward(*args, *kwargs.values())``."""
+
+    def __init__(self, model: nn.Module, num_args: int, keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.num_args = num_args
+        self.keys = keys
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The wrapped model's loss."""
+        n = self.num_args
+        return self.model(*inputs[:n], **dict(zip(self.keys, inputs[n:])))
+
+
+def _file_result(result: object, where: str) -> tuple[nn.Module, tuple]:
+    """A file factory's ``(model, args)``, ``(model, kwargs)`` or ``(model, args, kwargs)`` as
+    a model taking positional tensors and its inputs (one line naming what is wrong)."""
+    if not (isinstance(result, tuple) and len(result) in (2, 3)
+            and isinstance(result[0], nn.Module)):
+        raise UserError(f"{where} must return (model, example_inputs) or (model, args, "
+                        f"kwargs), got {type(result).__name__}")
+    model, args, kwargs = (*result, {}) if len(result) == 2 else result
+    if isinstance(args, dict) and len(result) == 2:
+        args, kwargs = (), args
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{where} returned keyword inputs of type {type(kwargs).__name__}; "
+                        "give them as a dict of tensors")
+    for i, t in [*enumerate(args), *kwargs.items()]:
+        if not isinstance(t, torch.Tensor):
+            raise UserError(f"{where} returned example input {i!r} of type "
+                            f"{type(t).__name__}; every example input must be a tensor")
+    if kwargs:
+        model = KeywordInputs(model, len(args), tuple(kwargs))
+    return model, (*args, *kwargs.values())
+
+
 def build_from_file(text: str, device: torch.device) -> tuple[nn.Module, tuple]:
     """Call ``factory()`` of ``path/to/file.py:factory`` (on ``meta``: in a fake mode)."""
     path, _, factory = text.partition(":")
@@ -202,20 +243,9 @@ def build_from_file(text: str, device: torch.device) -> tuple[nn.Module, tuple]:
     if not callable(fn):
         raise UserError(f"--model {text}: {path!r} has no function {factory.strip()!r}; give "
                         "path/to/file.py:FUNCTION returning (model, example_inputs)")
+
     def make(where: torch.device) -> tuple[nn.Module, tuple]:
-        result = fn()
-        if not (isinstance(result, tuple) and len(result) == 2
-                and isinstance(result[0], nn.Module)):
-            raise UserError(f"--model {text}: {factory}() must return (model, example_inputs), "
-                            f"got {type(result).__name__}")
-        model, inputs = result
-        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        for i, t in enumerate(inputs):
-            if not isinstance(t, torch.Tensor):
-                raise UserError(f"--model {text}: {factory}() returned example input {i} of "
-                                f"type {type(t).__name__}; every example input must be a "
-                                "tensor")
-        return _moved(model, where), tuple(t.to(where) if isinstance(t, torch.Tensor) else t
-                                           for t in inputs)
+        model, inputs = _file_result(fn(), f"--model {text}: {factory}()")
+        return _moved(model, where), tuple(t.to(where) for t in inputs)
 
     return _construct(make, device)
