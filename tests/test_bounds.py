@@ -210,3 +210,17 @@ def test_bound_fixing_keeps_every_plan_under_the_cutoff(seed):
         cost, _ = p.evaluate(np.array([k[c] for k, c in zip(keep, choice2)]))
         assert cost == pytest.approx(opt)
     assert opt2 >= opt - 1e-9 or not np.isfinite(opt)
+
+
+def test_unpipelined_candidates_are_solved_first_then_best_bound():
+    """The solve order: unpipelined candidates by bound, then pipelines by bound, then derived
+    (interleaved) candidates; whatever the bounds."""
+    from autoddl.engine.candidates import Job, _solve_order
+
+    def job(stages: int, parent: int | None = None) -> Job:
+        return Job("c", stages, (1,), lambda: None, parent=parent)
+
+    jobs = [job(2), job(1), job(4), job(1), job(2, parent=0)]
+    bounds = [1.0, 5.0, 0.5, 3.0, 0.1]
+    preps = [(i, b, {}) for i, b in enumerate(bounds)]
+    assert _solve_order(jobs, preps) == [3, 1, 2, 0, 4]

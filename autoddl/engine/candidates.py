@@ -16,7 +16,8 @@ in two phases:
    processes screen the others, this process solves the ILP of the seed with the least bound,
    with the cutoff :math:`U_0 (1 - \text{gap})`: candidates are solved in parallel with the
    screening. The records do not depend on the number of workers.
-2. **Solve, best bound first.** In increasing :math:`\ell_c`: a candidate with
+2. **Solve, unpipelined candidates first, each kind best bound first**
+   (:func:`_solve_order`). In that order: a candidate with
    :math:`\ell_c \ge U (1 - \text{gap})` cannot improve on the incumbent beyond the requested
    gap and is *pruned* unsolved; otherwise its ILP is solved with the cutoff row
    :math:`\text{objective} \le U (1 - \text{gap})` (an infeasible answer proves
@@ -273,9 +274,14 @@ def _screen_all(jobs: list[Job], workers: int, deadline: float, gap: float,
 
 
 def _solve_order(jobs: list[Job], preps: list[tuple[int, float, dict]]) -> list[int]:
-    """Best bound first; derived candidates last, under the best plan of the others and their
-    parent's proof."""
+    """Unpipelined candidates first, then pipelined ones, each best bound first; derived
+    candidates last, under the best plan of the others and their parent's proof. Unpipelined
+    ILPs are the quickest to solve, and their best plan is the cutoff that proves most
+    pipelines dominated at their LP (GPT-3 175B with recomputation chosen per layer: a
+    2-stage pipeline's ILP solved first, under the screening's 46 s plan, ran past 10 minutes).
+    The order changes the time, never the answer."""
     return sorted(range(len(preps)), key=lambda j: (jobs[preps[j][0]].parent is not None,
+                                                    jobs[preps[j][0]].stages > 1,
                                                     preps[j][1]))
 
 
