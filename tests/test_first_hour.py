@@ -311,3 +311,24 @@ def test_transformer_encoder_plans_without_the_fake_tensor_warning(tmp_path, cap
     assert not [w for w in seen if "data pointer of FakeTensor" in str(w.message)], \
         [str(w.message) for w in seen]
     assert "FakeTensor" not in capsys.readouterr().err
+
+
+def test_compare_plot_ticks_are_plain_ratios_and_labels_stay_inside(monkeypatch, tmp_path):
+    """The comparison chart's log axis reads "1×", "2×", not "2×10⁰"; every bar's ratio label
+    lies inside the axes."""
+    from autoddl.engine import compare as cmp
+
+    kept = {}
+    monkeypatch.setattr(cmp, "save_figure", lambda fig, path: kept.setdefault("fig", fig))
+    rows = [cmp.Row(cmp.ILP, ratio=1.0, fits=True), cmp.Row("DDP", ratio=3.7, fits=True),
+            cmp.Row("ZeRO-3 (FSDP)", ratio=15.0, fits=True), cmp.Row("greedy", ratio=None)]
+    cmp.plot(rows, tmp_path / "c.png", "title")
+    fig = kept["fig"]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels(which="both") if t.get_text()]
+    assert labels and all(t.endswith("×") and float(t[:-1]) > 0 for t in labels)  # no 2×10⁰
+    box = ax.get_window_extent()
+    for text in ax.texts:
+        extent = text.get_window_extent()
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1

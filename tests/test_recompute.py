@@ -208,3 +208,30 @@ def test_hull_steps_by_hand():
     assert steps[0][0] == pytest.approx(0.05)
     # an option freeing nothing is never a step
     assert _hull_steps([(0.0, 0.5, 0)]) == []
+
+
+def test_attention_stash_reads_dropout_after_a_positional_mask():
+    """Hugging Face BERT calls attention with its mask positional (argument 3); dropout_p is
+    argument 4. The stash counts the dropout mask and output only when dropout_p > 0, and a
+    tensor in position 3 is never read as the dropout."""
+    import dataclasses
+
+    from autoddl.engine.costs import build_problem, stash_bytes
+    from autoddl.engine.workload import load_workload
+
+    w = load_workload("hf-bert:layers=1,hidden=32,heads=2,seq=16,batch=4,vocab=64",
+                      "dgx-a100:nodes=1", stages=1)
+    sdpa = [n for n in w.graph.ops if n.target == "aten.scaled_dot_product_attention.default"]
+    assert sdpa and len(sdpa[0].args) >= 4  # the mask is positional
+    costed = build_problem(w.graph, w.cluster.mesh((8,)), w.cluster, w.config)
+    n = sdpa[0]
+    sig = costed.sigs[n.name][0]
+    args = list(n.args) + [None] * max(0, 5 - len(n.args))
+    with_p = dataclasses.replace(n, args=tuple(args[:4] + [0.1] + args[5:]))
+    without = dataclasses.replace(n, args=tuple(args[:4] + [0.0] + args[5:]))
+    prec = w.config.precision
+    kept = stash_bytes(w.graph, without, sig, costed.mesh, w.cluster, prec)
+    dropped = stash_bytes(w.graph, with_p, sig, costed.mesh, w.cluster, prec)
+    assert kept > 0
+    # per score element: softmax output (2 B in bf16); with dropout also its mask and output
+    assert dropped == pytest.approx(kept * (2 * 2 + 1) / 2)

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from autoddl.engine.baselines import ZERO_METHODS, Outcome, data_parallel, fit_note, fits
 from autoddl.engine.baselines import megatron_tp_dp, ptdp_grid
 from autoddl.engine.objectives import DEFAULT_OBJECTIVE
@@ -220,11 +222,32 @@ def plot(rows: list[Row], path: str | Path, title: str = "") -> None:
     missing = [r.method for r in rows if r.ratio is None]
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ratios = [r.ratio for r in shown] or [1.0]
+    # room right of the longest bar for its label; ticks as plain ratios ("2×", not "2×10⁰")
+    ax.set_xlim(min(0.9, 0.9 * min(ratios)), 2.5 * max(ratios))
+    plain = _ratio_formatter()
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("cost per step relative to the ILP plan (log scale)")
     text = "\n".join(textwrap.wrap(title, 95))
     ax.set_title(text + (f"\nnot applicable: {', '.join(missing)}" if missing else ""),
                  fontsize=9)
     save_figure(fig, path)
+
+
+def _ratio_formatter():
+    """Tick labels of a log axis of ratios as plain numbers with a "×" (minor ticks past the
+    first digit left blank, so labels do not crowd)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value: float, _pos: int) -> str:
+        if value <= 0:
+            return ""
+        digit = value / 10 ** np.floor(np.log10(value) + 1e-9)
+        return f"{value:g}×" if round(digit, 6) in (1.0, 2.0, 5.0) else ""
+
+    return FuncFormatter(label)
 
 
 def save_figure(fig, path: str | Path) -> None:

@@ -226,7 +226,9 @@ def stash_bytes(graph: OpGraph, n, sig: Signature, mesh: Mesh, cluster: Cluster,
     if not score:
         return 0.0
     elems = score / (2.0 if precision == "bf16" else 4.0)
-    dropout = float(n.arg(3, "dropout_p", 0.0) or 0.0) > 0
+    # aten.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal)
+    p = n.arg(4, "dropout_p", 0.0)
+    dropout = isinstance(p, (int, float)) and p > 0
     per_elem = (2 * score / elems + 1) if dropout else score / elems
     return elems * per_elem * local_fraction(sig.out, mesh.shape)
 
