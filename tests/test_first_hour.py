@@ -332,3 +332,27 @@ def test_compare_plot_ticks_are_plain_ratios_and_labels_stay_inside(monkeypatch,
     for text in ax.texts:
         extent = text.get_window_extent()
         assert box.x0 <= extent.x0 and extent.x1 <= box.x1
+
+
+def test_attention_without_dropout_draws_nothing():
+    """Attention called with its mask and flags positional (dropout_p is argument 4, after the
+    mask) is named only when dropout_p > 0: no false note on a causal model without dropout."""
+    import torch
+    import torch.nn.functional as F
+
+    from autoddl.engine.capture import export
+    from autoddl.engine.normalize import random_draws_line
+
+    class Attn(torch.nn.Module):
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 8)
+            self.p = p
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.qkv(x).view(2, 1, 4, 8)
+            return F.scaled_dot_product_attention(q, q, q, None, self.p, True).sum()
+
+    x = torch.randn(2, 4, 8)
+    assert random_draws_line(export(Attn(0.0), (x,))) == ""
+    assert "p=0.1" in random_draws_line(export(Attn(0.1), (x,)))

@@ -209,6 +209,14 @@ def _fully_divided_s(graph: OpGraph, n, mesh: Mesh, cluster: Cluster, precision:
                            _score_bytes(graph, n, precision) / mesh.num_devices)
 
 
+def _per_tensor(per_byte_s: np.ndarray, nbytes: float) -> np.ndarray:
+    """Seconds per byte times a tensor's bytes, a forbidden (inf) pair staying forbidden for
+    an empty tensor too (inf · 0 would be NaN)."""
+    if nbytes:
+        return per_byte_s * nbytes
+    return np.where(np.isinf(per_byte_s), np.inf, 0.0)
+
+
 def passes(name: str, mult: "Multiplicity") -> float:
     """Forward passes' worth of work per training pass: 3 (forward, and a backward of twice the
     forward), plus the share of copies whose forward is recomputed in backward."""
@@ -475,7 +483,7 @@ class _EdgeCoster:
         kept = 1.0 - np.array([[float(v[1])] for v in src_vals])
         mem = (frac * nbytes * kept if graph[dst].target in SAVES_INPUTS
                else np.zeros(fb.shape))
-        return (fb * nbytes + fl) * kept, mem
+        return (_per_tensor(fb, nbytes) + fl) * kept, mem
 
     def choices(self, graph: OpGraph, sigs: dict[str, list[Signature]], index: dict[str, int],
                 src: str, dst: str, i: int, copies: int, mem_copies: float = -1.0,
@@ -502,7 +510,8 @@ class _EdgeCoster:
         # gradient sync of a weight: latency per bucket share (grad_sync_share), per consumer
         share = np.array([[grad_sync_share(graph, src, pg, shape) for _, pg in dst_vals]])
         # a forbidden pair is inf in fwd; the backward of a tensor with no gradient is empty
-        cost = copies * times * (fb * nbytes + fl) + bwd_copies * (bb * nbytes + bl * share)
+        cost = (copies * times * (_per_tensor(fb, nbytes) + fl)
+                + bwd_copies * (_per_tensor(bb, nbytes) + bl * share))
         divided = np.array([v[3] for v in src_vals], bool).reshape(len(src_vals), len(shape))
         if divided.any():  # ZeRO-1/2 only where the gradient is reduced: no axis of the
             # states' division may return a gradient other than P

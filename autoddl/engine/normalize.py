@@ -63,7 +63,8 @@ def _draw_rate(fx: torch.fx.Node) -> float | None:
         p = fx.args[1] if len(fx.args) > 1 else fx.kwargs.get("p", 0.5)
         return float(p) if isinstance(p, (int, float)) else 1.0
     if "scaled_dot_product" in name:
-        p = fx.args[3] if len(fx.args) > 3 else fx.kwargs.get("dropout_p", 0.0)
+        # aten.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)
+        p = fx.args[4] if len(fx.args) > 4 else fx.kwargs.get("dropout_p", 0.0)
         return float(p) if isinstance(p, (int, float)) else 1.0
     return 1.0 if _random(fx) else None
 
