@@ -356,3 +356,13 @@ def test_attention_without_dropout_draws_nothing():
     x = torch.randn(2, 4, 8)
     assert random_draws_line(export(Attn(0.0), (x,))) == ""
     assert "p=0.1" in random_draws_line(export(Attn(0.1), (x,)))
+
+
+def test_compare_table_explains_its_columns():
+    """The compare table says that communication counts hidden traffic too (so compute plus
+    communication may exceed the step) and what "× ILP" is."""
+    from autoddl.engine.compare import ILP, Row, table
+
+    text = table([Row(ILP, total_s=1e-3, compute_s=9e-4, bandwidth_s=3e-4, ratio=1.0)])
+    words = " ".join(text.split())
+    assert "hidden behind compute" in words and "× ILP: step time over the ILP plan's" in words

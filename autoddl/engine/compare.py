@@ -157,12 +157,20 @@ def cells(r: Row) -> list[str]:
             f"{r.search_s:.2f} s", "—" if r.ratio is None else f"{r.ratio:.3g}", r.note]
 
 
+#: what the columns mean, printed under the table
+LEGEND = ("step time: the predicted seconds per training step; compute: every op's kernels on "
+          "the busiest device; communication: every collective's seconds, on the critical path "
+          "or hidden behind compute, so compute + communication can exceed the step; exposed "
+          "weight traffic: gradient reduction and ZeRO gathers not hidden; × ILP: step time "
+          "over the ILP plan's.")
+
+
 def table(rows: list[Row]) -> str:
-    """The rows as an aligned text table."""
+    """The rows as an aligned text table, with the legend of its columns."""
     body = [list(HEADER)] + [cells(r) for r in rows]
     widths = [max(len(line[i]) for line in body) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-                     for line in body)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in body]
+    return "\n".join(lines + [""] + textwrap.wrap(LEGEND, 100))
 
 
 def markdown(rows: list[Row]) -> str:
