@@ -28,6 +28,9 @@ _TOP = {"model": dict, "cluster": dict, "mesh": dict, "training": dict, "ops": l
         "cost": dict, "memory": dict, "solver": dict}
 _COST_NUMBERS = ("total_s", "bandwidth_s", "redundant_compute_s", "step_time_s",
                  "bytes_per_device")
+#: cost entries a plan may lack (older versions) but that must be numbers where present
+_OPTIONAL_COST_NUMBERS = ("stage_bytes_per_device", "compute_s", "hidden_comm_s",
+                          "exposed_comm_s", "bubble_s")
 _MEMORY_NUMBERS = ("weights_bytes", "activations_bytes", "converted_inputs_bytes",
                    "per_device_bytes", "capacity_bytes")
 
@@ -157,8 +160,9 @@ def _check_numbers(data: Mapping[str, Any]) -> None:
     cost = _mapping(data, "cost", "plan")
     for key in _COST_NUMBERS:
         _number(cost.get(key), f"cost.{key}")
-    if "stage_bytes_per_device" in cost:  # pipelines of repeated layers (since objectives)
-        _number(cost["stage_bytes_per_device"], "cost.stage_bytes_per_device")
+    for key in _OPTIONAL_COST_NUMBERS:  # written by newer versions, read by the summary
+        if key in cost:
+            _number(cost[key], f"cost.{key}")
     for table in ("per_axis", "per_kind"):
         rows = cost.get(table)
         if not isinstance(rows, dict):
@@ -202,6 +206,8 @@ def check_plan_data(data: Mapping[str, Any]) -> None:
     model = data["model"]
     if not isinstance(model.get("spec"), str) or not model["spec"].strip():
         raise _bad("model.spec", "is not a model spec string")
+    if not isinstance(model.get("graph_hash"), str):
+        raise _bad("model.graph_hash", "is missing or not a string")
     for key in ("num_params", "num_ops"):
         _count(model.get(key), f"model.{key}")
     axes = _check_mesh(data)
