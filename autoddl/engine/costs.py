@@ -58,7 +58,7 @@ import numpy as np
 
 from autoddl.engine.cluster import Cluster, Mesh
 from autoddl.engine.compute import forward_seconds
-from autoddl.engine.graph import OpGraph
+from autoddl.engine.graph import SDPA_DROPOUT_ARG, OpGraph
 from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
 from autoddl.engine.precision import check_precision, tensor_bytes, weight_bytes_per_element
 from autoddl.engine.reshard_table import unit_matrices
@@ -234,8 +234,7 @@ def stash_bytes(graph: OpGraph, n, sig: Signature, mesh: Mesh, cluster: Cluster,
     if not score:
         return 0.0
     elems = score / (2.0 if precision == "bf16" else 4.0)
-    # aten.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal)
-    p = n.arg(4, "dropout_p", 0.0)
+    p = n.arg(SDPA_DROPOUT_ARG, "dropout_p", 0.0)
     dropout = isinstance(p, (int, float)) and p > 0
     per_elem = (2 * score / elems + 1) if dropout else score / elems
     return elems * per_elem * local_fraction(sig.out, mesh.shape)

@@ -20,6 +20,11 @@ _ITEMSIZE = {
     "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
 }
 
+#: the position of ``dropout_p`` in ``aten.scaled_dot_product_attention``'s arguments
+#: (query, key, value, attn_mask, dropout_p, is_causal): Hugging Face passes the mask
+#: positionally; costs and normalize both read the dropout at this index
+SDPA_DROPOUT_ARG = 4
+
 
 @dataclass(frozen=True)
 class TensorMeta:

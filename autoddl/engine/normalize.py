@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from autoddl.engine.graph import SDPA_DROPOUT_ARG
 from autoddl.errors import UserError
 
 _MULTI_VIEW = {"split", "split_with_sizes", "chunk", "unbind", "broadcast_tensors"}
@@ -63,8 +64,8 @@ def _draw_rate(fx: torch.fx.Node) -> float | None:
         p = fx.args[1] if len(fx.args) > 1 else fx.kwargs.get("p", 0.5)
         return float(p) if isinstance(p, (int, float)) else 1.0
     if "scaled_dot_product" in name:
-        # aten.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)
-        p = fx.args[4] if len(fx.args) > 4 else fx.kwargs.get("dropout_p", 0.0)
+        k = SDPA_DROPOUT_ARG
+        p = fx.args[k] if len(fx.args) > k else fx.kwargs.get("dropout_p", 0.0)
         return float(p) if isinstance(p, (int, float)) else 1.0
     return 1.0 if _random(fx) else None
 
