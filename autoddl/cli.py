@@ -97,7 +97,8 @@ def _plan(a: argparse.Namespace) -> int:
     try:
         work = _workload(a)
         capture_s = time.perf_counter() - t0
-        progress(f"captured {len(work.graph.ops)} ops in {capture_s:.2f} s; planning")
+        cached = " (from the capture cache)" if work.from_cache else ""
+        progress(f"captured {len(work.graph.ops)} ops in {capture_s:.2f} s{cached}; planning")
         plan = _solve(a, work, progress)
     finally:
         progress.done()
