@@ -231,11 +231,11 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
                    help="fail on an operator without a sharding rule instead of running it "
                         "replicated (listed in the plan)")
     p.add_argument("--backend", default=None,
-                   help="MILP solver backend (see `autoddl backends`); default: each ILP's "
-                        "LP relaxation on highs, then autoddl's LP branch and bound on highs, "
-                        "then ortools-cbc (highs above 5,000 variables or with step-time rows) "
-                        "where it gives up; a named backend solves every ILP itself, after "
-                        "the LP relaxation")
+                   help="ILP solver backend (see `autoddl backends`); default: each ILP "
+                        "first as a plain linear program on highs, then autoddl's branch and "
+                        "bound on highs, then ortools-cbc (highs above 5,000 variables or with "
+                        "step-time rows) where it gives up; a named backend solves every ILP "
+                        "itself, after the linear program")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds for the whole search; the best plan found is returned with "
                         "its proven gap")
@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("plan", help="the plan file (written by `autoddl plan`)")
     s.add_argument("--all", action="store_true", help="include parameters and inputs")
     s.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="plot stages and per-operator communication")
+                   help="plot each operator's placement per mesh axis and its "
+                        "communication (pipelined: a band of operators per stage)")
     s.set_defaults(fn=_show)
 
     d = sub.add_parser("demo", help="plan the built-in GPT on 4 CPU devices and run it checked")
