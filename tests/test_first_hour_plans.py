@@ -241,3 +241,78 @@ def test_flat_plot_shows_each_ops_placement_per_axis(tmp_path, capsys, monkeypat
     for o, label in zip(ops, labels):
         assert label.split()[-1] in o.target and (not o.module or label.startswith(o.module))
     assert any(label.startswith("blocks.{1,2}.fc1") for label in labels), labels
+
+    # two mesh axes, each op placed at random on the second: both columns read back
+    import dataclasses
+    import random
+
+    rng = random.Random(0)
+    axis = plan.mesh["axes"][0]
+    two = dataclasses.replace(plan, mesh={**plan.mesh, "axes": [
+        {**axis, "name": "x", "size": 2}, {**axis, "name": "y", "size": 2}]}, ops=tuple(
+        dataclasses.replace(o, out={"x": o.out[plan.axis_names[0]],
+                                    "y": rng.choice(["B", "P", "S(1)"])}) for o in plan.ops))
+    show.plot_plan(two, tmp_path / "two.png")
+    columns = _cells(matplotlib.image.imread(tmp_path / "two.png"), 2)
+    for axis_name, column in zip("xy", columns):
+        want = [show._axis_placed(o.out[axis_name]) for o in two.ops
+                if o.target not in ("param", "input")]
+        assert column == want, axis_name
+
+
+_HF_MODEL = '''
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def _config():
+    return GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=32)
+
+
+def as_given():
+    ids = torch.randint(0, 32, (4, 8))
+    return GPT2LMHeadModel(_config()), {"input_ids": ids, "labels": ids}
+
+
+class Loss(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.m = GPT2LMHeadModel(_config())
+
+    def forward(self, input_ids, labels):
+        return self.m(input_ids=input_ids, labels=labels).loss
+
+
+def wrapped():
+    ids = torch.randint(0, 32, (4, 8))
+    return Loss(), (ids, ids)
+'''
+
+
+def test_hugging_face_file_model(tmp_path, capsys):
+    """A Hugging Face model in a file: as Hugging Face gives it (forward returns an output
+    object), the error says to return its loss; wrapped, it plans without transformers'
+    loss_type note on stderr."""
+    pytest.importorskip("transformers")
+    (tmp_path / "hf.py").write_text(_HF_MODEL)
+    argv = ["plan", "--cluster", "cpu:devices=2", "--workers", "1", "-o", str(tmp_path / "p.json")]
+    assert main([*argv, "--model", f"{tmp_path / 'hf.py'}:as_given"]) == 2
+    err = capsys.readouterr().err
+    assert "must return the training loss" in err and "`model(**inputs).loss`" in err, err
+    import logging
+
+    from transformers.utils.logging import warning_once
+
+    warning_once.cache_clear()  # the note is logged once per process: not skipped as seen
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        assert main([*argv, "--model", f"{tmp_path / 'hf.py'}:wrapped"]) == 0
+    finally:
+        logger.removeHandler(handler)
+    out, err = capsys.readouterr()
+    assert "plan written to" in out
+    assert "loss_type" not in err and not [m for m in seen if "loss_type" in m], (err, seen)

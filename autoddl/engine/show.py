@@ -156,9 +156,10 @@ def _plot_stages(plan: Plan, ax) -> None:
     ax.set_yticks(range(len(rows)), [t for t, _ in rows], fontsize=8)
     ax.set_ylim(len(rows) - 0.4, -0.6)
     ax.set_xlim(-0.5, widest + 0.5)
+    rep = plan.model.get("repeat")
     ax.set_xlabel("operator within the stage (graph order)"
-                  + ("; a layer named blocks.{i..j} stands for those alike"
-                     if plan.model.get("repeat") else ""))
+                  + (f"; a layer named {rep['container']}.{{i..j}} stands for those alike"
+                     if rep and any("{" in o.module for o in plan.ops) else ""))
     for name, colour in _PLACED.items():
         ax.bar(0, 0, color=colour, label=f"output {name}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

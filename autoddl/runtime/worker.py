@@ -459,8 +459,8 @@ def _first_step_bytes(trainer: Any, plan: Plan, counts, step: int, check: bool
 
 
 def _rows(count: int) -> str:
-    """``count`` rows of the byte table (one per mesh axis and collective kind), in words."""
-    return f"{count} row{'' if count == 1 else 's'} (mesh axis and collective kind)"
+    """``count`` rows of the byte table, in words."""
+    return f"{count} row{'' if count == 1 else 's'}"
 
 
 def _announce(plan: Plan, backend: str, device) -> None:
@@ -589,8 +589,8 @@ def _print_bytes(plan: Plan, rows: list[ByteRow], step: int, enforced: bool) -> 
                           f"{r.predicted_count} ({100 * (r.rel_diff or 0.0):+.2f} %)"
                           for r in bad), flush=True)
     else:
-        print(f"byte check passed: {_rows(len(rows) - len(missing))} of the table, counts "
-              f"equal and bytes within {BYTE_RTOL:.0%} (of at least {BYTE_FLOOR:.0f} B)",
+        print(f"byte check passed: {_rows(len(rows) - len(missing))} (mesh axis and "
+              f"collective kind), counts equal and bytes within {BYTE_RTOL:.0%} (of at least {BYTE_FLOOR:.0f} B)",
               flush=True)
 
 

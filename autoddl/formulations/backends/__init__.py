@@ -142,8 +142,8 @@ def default_search() -> str:
     if not BACKENDS["highs"].available():
         return f"without --backend every ILP is solved by {last}"
     large = ("" if last == "highs" else
-             f" ({last} for ILPs of at most {LARGE_MILP_COLS:,} variables without step-time "
-             "rows, else highs)")
+             f" ({last} for ILPs of at most {LARGE_MILP_COLS:,} variables whose step has no "
+             "slowest-stage or exposed-communication term, else highs)")
     return ("without --backend each ILP is first solved by highs as a plain linear program "
             "(fractions allowed), and that answer is kept where it comes out in whole numbers; "
             "otherwise autoddl's branch and bound searches (its linear programs on highs), and "
