@@ -71,6 +71,30 @@ def test_pipelined_plan_says_what_each_number_is(pipelined, capsys):
     assert c["step_time_s"] == pytest.approx(c["total_s"], rel=1e-9)
     assert main(["show", str(path)]) == 0
     assert _notes(capsys.readouterr().out) == notes
+    # 2 layers per stage, 2 stages: no layer stands for another, the proof has no proviso
+    assert "share one" not in out
+
+
+@pytest.mark.parametrize("stages,layers,interleave,words", [
+    (2, 4, 1, None), (1, 5, 1, "whose 3 middle layers of `blocks` share one strategy"),
+    (4, 24, 1, "stages 1–2 share one strategy and the 4 middle layers of `blocks` on each stage "
+               "share one"),
+    (2, 8, 2, "the 2 middle layers of `blocks` on each pipeline rank share one"),
+    (3, 6, 1, None), (4, 4, 1, "stages 1–2 share one strategy)"),
+])
+def test_proof_proviso_names_what_is_shared(stages, layers, interleave, words):
+    """Where repeated layers were solved once, the proof's proviso says which layers share a
+    strategy: the middle ones unpipelined; pipelined, the middle stages and the middle layers
+    of each stage (none with 2 layers per stage on 2 stages)."""
+    from types import SimpleNamespace
+
+    from autoddl.engine.provenance import repeat_line
+
+    pipeline = None if stages == 1 else {"stages": stages, "layers_per_stage": layers // stages}
+    plan = SimpleNamespace(model={"repeat": {"layers": layers, "container": "blocks"}},
+                           pipeline=pipeline, num_stages=stages, interleave=interleave)
+    text = " ".join(repeat_line(plan))
+    assert (words in text) if words else text == "", text
 
 
 def test_operator_staged_pipeline_says_why_its_estimate_is_lower(tmp_path, capsys):

@@ -108,7 +108,7 @@ def repeat_line(plan: Plan) -> list[str]:
     k, v = plan.num_stages, plan.interleave
     rank = "pipeline rank" if v > 1 else "stage"
     per = rep["layers"] // k
-    parts = ([f"{rank}s 1–{k - 2} share one strategy"] if k >= 3 else []) + (
+    parts = ([f"{rank}s 1–{k - 2} share one strategy"] if k >= 4 else []) + (
         [f"the {per - 2} middle layers of `{rep['container']}` on each {rank} share one"]
         if per >= 3 else [])
     return [f"{INDENT}(optimal among plans in which {' and '.join(parts)})"] if parts else []
