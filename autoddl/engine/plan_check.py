@@ -286,4 +286,5 @@ def _check_signature(o: Any, node: Any, graph: Any, axes: list[str], mesh: tuple
     mine = (tuple(parse_placement(p, axes) for p in o.ins), parse_placement(o.out, axes))
     if mine not in sigs:
         raise _bad(f"op {o.name!r}", f"reads {list(o.ins)} and writes {o.out}, which is not a "
-                   f"legal placement (sharding signature) of {node.target} on mesh {dict(zip(axes, mesh))}")
+                   f"legal placement (sharding signature) of {node.target} on mesh "
+                   f"{dict(zip(axes, mesh))}")

@@ -291,11 +291,9 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
     names = costed.mesh.names
     assert c.choice is not None and c.stage is not None
     ops = []
-    modules = [n.module for n in costed.graph.nodes]
-    if model_info.get("repeat"):  # representatives name the real layers they stand for
-        modules = real_modules([(n.name, n.module) for n in costed.graph.nodes],
-                               model_info["repeat"], c.stages,
-                               c.program.interleave if c.program is not None else 1)
+    modules = real_modules([(n.name, n.module) for n in costed.graph.nodes],
+                           model_info.get("repeat"), c.stages,
+                           c.program.interleave if c.program is not None else 1)
     for n, module in zip(costed.graph.nodes, modules):
         s = c.choice[n.name]
         ops.append(OpPlacement(

@@ -283,11 +283,14 @@ def real_module(module: str, container: str, indices: list[int]) -> str:
     return f"{container}.{layer_set_text(indices)}{module[m.end():]}"
 
 
-def real_modules(names_modules: list[tuple[str, str]], repeat: dict, stages: int = 1,
+def real_modules(names_modules: list[tuple[str, str]], repeat: dict | None, stages: int = 1,
                  interleave: int = 1) -> list[str]:
     """The module path of each (node name, captured module) of a plan of repeated layers
-    (``repeat``: the plan's ``model.repeat``), naming the real layers its representative
-    stands for: the first layer's ops say ``blocks.0``, the middle ones' ``blocks.{1..6}``."""
+    (``repeat``: the plan's ``model.repeat``; None: no repeated layers, the paths as
+    captured), naming the real layers its representative stands for: the first layer's ops
+    say ``blocks.0``, the middle ones' ``blocks.{1..6}``."""
+    if not repeat:
+        return [module for _, module in names_modules]
     cache: dict[str, list[int]] = {}
     out = []
     for name, module in names_modules:

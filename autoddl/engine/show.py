@@ -41,7 +41,8 @@ def group_title(plan: Plan, group: str) -> str:
             "mid": f"middle layers (one shown, {n - 2} alike)"}.get(tag, f"layer {tag[1:]}")
     v = plan.interleave
     real = represented_layers(group, layers, k, v)
-    which = f": layer{'s' if len(real) > 1 else ''} {layer_set_text(real).strip('{}')}" if real else ""
+    which = (f": layer{'s' if len(real) > 1 else ''} {layer_set_text(real).strip('{}')}"
+             if real else "")
     if v > 1:  # a pipeline rank's layers, its v chunks k, k+K, ... in execution order
         where = where.replace("stages", "pipeline ranks").replace("stage", "pipeline rank")
         return f"{where}, {what} of {n} per rank ({v} chunks of {n // v}, interleaved){which}"
@@ -91,7 +92,8 @@ def layer_table(plan: Plan, params: bool = False) -> str:
         target = o.target.removeprefix("aten.").removesuffix(".default")
         ins = ", ".join(_pl(i) for i in o.ins)
         zero = f" ZeRO-{o.zero}" if o.zero else ""
-        rows.append([stage_text(plan, o) if plan.pipeline else "", o.name, o.module or "—", target,
+        rows.append([stage_text(plan, o) if plan.pipeline else "", o.name, o.module or "—",
+                     target,
                      f"({ins}) -> {_pl(o.out)}{zero}",
                      format_bytes(comm["bytes"]) if comm else ""])
     head = ["stage" if plan.pipeline else "", "node", "module", "op", "placements (in) -> out",

@@ -590,7 +590,8 @@ def _print_bytes(plan: Plan, rows: list[ByteRow], step: int, enforced: bool) -> 
                           for r in bad), flush=True)
     else:
         print(f"byte check passed: {_rows(len(rows) - len(missing))} (mesh axis and "
-              f"collective kind), counts equal and bytes within {BYTE_RTOL:.0%} (of at least {BYTE_FLOOR:.0f} B)",
+              f"collective kind), counts equal and bytes within {BYTE_RTOL:.0%} (of at least "
+              f"{BYTE_FLOOR:.0f} B)",
               flush=True)
 
 
