@@ -34,11 +34,11 @@ def _parts(name: str) -> tuple[str, str]:
 _WORDS = {
     "LP, integral": ("{solver}, solving the ILP as a plain linear program (its answer came out "
                      "in whole numbers, so it is the ILP's optimum)",
-                     "{count} solved by {solver} as plain linear programs, answers whole"),
+                     "{count} solved by {solver} as {lp}, answers whole"),
     "LP branch and bound": ("autoddl's branch and bound (its linear programs solved by "
                             "{solver})", "{count} by autoddl's branch and bound ({solver})"),
     "LP": ("{solver}, solving the ILP as a plain linear program",
-           "{count} ruled out by {solver} as plain linear programs: no better plan even with "
+           "{count} ruled out by {solver} as {lp}: no better plan even with "
            "fractions allowed"),
     "": ("the ILP solver {name}", "{count} by the ILP solver {name}"),
 }
@@ -56,7 +56,8 @@ def finder_words(name: str) -> str:
 def proof_words(name: str, count: int) -> str:
     """``count`` ILPs closed by the recorded solver ``name``, in words."""
     solver, step = _parts(name)
-    return _WORDS.get(step, _WORDS[""])[1].format(solver=solver, name=name, count=count)
+    lp = "a plain linear program" if count == 1 else "plain linear programs"
+    return _WORDS.get(step, _WORDS[""])[1].format(solver=solver, name=name, count=count, lp=lp)
 
 
 def provenance_lines(solver: dict) -> list[str]:
