@@ -8,6 +8,7 @@ allocated for weights.
 from __future__ import annotations
 
 import contextlib
+import logging
 import operator
 import re
 import warnings
@@ -40,6 +41,37 @@ def quiet_fake_tensors() -> Iterator[None]:
         yield
 
 
+#: what transformers (4.46 and later) logs whenever a model built from a config computes its
+#: loss from ``labels``: the config names no loss type, and the default is the right one
+_HF_LOSS_TYPE = "`loss_type=None` was set in the config but it is unrecognized"
+
+
+class _DropNote(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
+def quiet_library_notes() -> None:
+    """Drop transformers' ``loss_type=None`` note (harmless: it then uses the causal LM loss the
+    model asked for), which a Hugging Face model of a model file printed in every process that
+    built it; nothing else it logs. Idempotent."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _DropNote) for f in logger.filters):
+        logger.addFilter(_DropNote(_HF_LOSS_TYPE))
+
+
+#: the return value of a Hugging Face model's forward, not a loss: what to write instead
+_NOT_A_LOSS = ("the model's forward must return the training loss, a scalar tensor; a Hugging "
+               "Face model returns an output object: wrap it in a module whose forward returns "
+               "`model(**inputs).loss`")
+
+
 def export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     """``torch.export`` the model's forward (training IR, high-level ATen ops kept), normalized
     for the planner (:func:`autoddl.engine.normalize.normalize`)."""
@@ -47,7 +79,11 @@ def export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.Export
         with quiet_fake_tensors():
             ep = torch.export.export(model, tuple(example_inputs), strict=False)
     except Exception as exc:  # export failures are the user's model: say so in one line
-        raise UserError(f"torch.export could not capture the model: {first_line(exc)}") from exc
+        text = first_line(exc)
+        if re.search(r"in output, which is not a known type", text):
+            raise UserError(f"{_NOT_A_LOSS} (torch.export could not capture what it returned: "
+                            f"{text.split('. ')[0]})") from exc
+        raise UserError(f"torch.export could not capture the model: {text}") from exc
     return normalize(ep)
 
 
@@ -154,7 +190,7 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
             outs = outs if isinstance(outs, (list, tuple)) else (outs,)
             outs = [o for o in outs if o is not None]
             if len(outs) != 1 or not isinstance(outs[0], torch.fx.Node):
-                raise UserError("the model's forward must return exactly one tensor: the loss")
+                raise UserError(f"{_NOT_A_LOSS} (it returned {len(outs)} values)")
             loss = outs[0].name
         else:
             raise UserError(f"{fx.op} node {fx.name!r} ({fx.target}) depends on the model's "

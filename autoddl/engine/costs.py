@@ -606,7 +606,8 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
     weight traffic), the loss made whole; a weight's ZeRO start-ups (hidden). Without
     ``compute``, only the collectives (and nothing hidden)."""
     if not ss:
-        raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
+        raise UserError(f"{n.name} ({n.target}) has no legal placement of its inputs and output "
+                        f"on mesh {mesh}")
     k_pass = 3.0  # recomputation is priced by the recompute groups
     key = (id(ss), n.kind, n.target, n.flops, n.args, n.out, n.requires_grad,
            n.name == graph.loss, tuple(graph[i].out for i in n.inputs), config)

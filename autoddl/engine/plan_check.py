@@ -30,7 +30,7 @@ _COST_NUMBERS = ("total_s", "bandwidth_s", "redundant_compute_s", "step_time_s",
                  "bytes_per_device")
 #: cost entries a plan may lack (older versions) but that must be numbers where present
 _OPTIONAL_COST_NUMBERS = ("stage_bytes_per_device", "compute_s", "hidden_comm_s",
-                          "exposed_comm_s", "bubble_s")
+                          "exposed_comm_s", "bubble_s", "stage_time_s")
 _MEMORY_NUMBERS = ("weights_bytes", "activations_bytes", "converted_inputs_bytes",
                    "per_device_bytes", "capacity_bytes")
 
@@ -286,4 +286,5 @@ def _check_signature(o: Any, node: Any, graph: Any, axes: list[str], mesh: tuple
     mine = (tuple(parse_placement(p, axes) for p in o.ins), parse_placement(o.out, axes))
     if mine not in sigs:
         raise _bad(f"op {o.name!r}", f"reads {list(o.ins)} and writes {o.out}, which is not a "
-                   f"legal signature of {node.target} on mesh {dict(zip(axes, mesh))}")
+                   f"legal placement (sharding signature) of {node.target} on mesh "
+                   f"{dict(zip(axes, mesh))}")
