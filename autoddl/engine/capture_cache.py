@@ -9,10 +9,10 @@ command for the same model reads it back in milliseconds, without importing torc
 What is cached: the built-in models and the library models (``hf-…``, ``tv-…``, ``timm-…``),
 never a user's ``file.py:factory`` (its source, and whatever it imports, can change under us).
 
-The key is a SHA-256 of everything the graphs are a function of: the model's name and
-resolved parameters, the captures asked for (micro-batch graph or not, the micro-batch
-count), the versions of torch and of the model libraries, and a digest of autoddl's own
-source (any change to capture, rules or models starts a fresh entry). An entry is written to a
+The key is a SHA-256 of everything the graphs are a function of: the parsed model spec
+(every field, its text included), the captures asked for (micro-batch graph or not, the
+micro-batch count), the versions of torch and of the model libraries, and a digest of
+autoddl's own source (any change to capture, rules or models starts a fresh entry). An entry is written to a
 temporary file and renamed into place, so a reader sees a whole entry or none; an entry that
 cannot be read (truncated, from another Python) is ignored and captured again.
 
@@ -94,8 +94,7 @@ def capture_key(spec: ModelSpec, microbatches: int | None, with_microbatch: bool
     """The cache key of the captures of ``spec`` (see the module docstring)."""
     fields = {
         "format": _FORMAT,
-        "model": spec.name,
-        "params": [list(kv) for kv in spec.params],
+        "spec": repr(spec),  # every field of the parsed spec, whatever kinds it grows
         "microbatches": microbatches,
         "with_microbatch": with_microbatch,
         "libraries": {p: _version(p) for p in _LIBRARIES},
