@@ -33,7 +33,7 @@ from autoddl.errors import UserError
 MATMUL_CLASS = frozenset({
     "aten.linear.default", "aten.mm.default", "aten.bmm.default", "aten.matmul.default",
     "aten.addmm.default", "aten.conv2d.default", "aten.convolution.default",
-    "aten.scaled_dot_product_attention.default",
+    "aten.scaled_dot_product_attention.default", "aten.einsum.default",
 })
 
 #: operators that only relabel memory: no kernel, no time
