@@ -250,13 +250,13 @@ def test_captured_layers_have_rules_fold_and_cost_the_einsums():
     """Every operator of a 3-layer model has a rule (strict), the layers are found as repeated,
     and the dispatch einsum is costed at 2·G·T·E·C·d FLOPs."""
     spec = parse_model_spec("moe-gpt:layers=3,hidden=16,heads=2,kv_heads=1,ffn=32,batch=2,"
-                            "seq=8,experts=4")
+                            "seq=8,experts=4,top_k=1")
     graph = capture(*build_model(spec, "meta"))
     assert not check_rules(graph, strict=True)
     blocks = find_blocks(graph)
     assert blocks is not None and blocks.count == 3
     dispatch = next(n for n in graph.ops if n.target == "aten.einsum.default")
-    cap = expert_capacity(8, 4, 2, 125)
+    cap = expert_capacity(8, 4, 1, 125)
     assert dispatch.flops == 2 * 2 * 8 * 4 * cap * 16
 
 
