@@ -96,38 +96,32 @@ class MoE(nn.Module):
     def route(self, probs: torch.Tensor, capacity: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The dispatch and combine tensors (G, T, E, C) and the first choices' one-hot mask
-        (G, T, E) of router probabilities ``probs`` (G, T, E)."""
+        (G, T, E) of router probabilities ``probs`` (G, T, E). A token picks an expert in one
+        round at most, so its slot, whether it is kept and its gate add up over the rounds as
+        (G, T, E) tensors; one ``one_hot`` of the slots makes the dispatch tensor."""
         dtype = probs.dtype
         remaining = probs
-        filled = None  # slots taken by earlier rounds, per group and expert: (G, 1, E)
-        gates, slots = [], []
-        first = None
+        filled = slot = kept = gate = first = None
         for _ in range(self.top_k):
             mask = F.one_hot(torch.argmax(remaining, dim=-1), self.experts)  # (G, T, E) int
-            pos = torch.cumsum(mask, dim=1) - 1
-            taken = mask.sum(dim=1, keepdim=True)
-            if filled is not None:
-                pos = pos + filled
-                taken = taken + filled
-            filled = taken
+            pos = torch.cumsum(mask, dim=1) - 1  # the slot in the expert, this round
+            taken = mask.sum(dim=1, keepdim=True)  # slots this round takes: (G, 1, E)
+            if filled is not None:  # after the slots earlier rounds filled
+                pos, taken = pos + filled, taken + filled
             keep = mask * (pos < capacity)
-            slot = F.one_hot((pos * keep).sum(dim=-1), capacity)  # (G, T, C)
-            slots.append(keep.to(dtype).unsqueeze(-1) * slot.to(dtype).unsqueeze(2))
             mask_f = mask.to(dtype)
-            gates.append((probs * mask_f).sum(dim=-1))
-            first = mask_f if first is None else first
+            chosen = probs * mask_f
+            if first is None:
+                slot, kept, gate, first = pos * keep, keep, chosen, mask_f
+            else:
+                slot, kept, gate = slot + pos * keep, kept + keep, gate + chosen
+            filled = taken
             remaining = remaining - 2.0 * mask_f  # a chosen expert drops below every other
+        assert slot is not None and kept is not None and gate is not None and first is not None
         if self.top_k > 1:  # renormalized over the chosen experts, as Mixtral
-            total = gates[0]
-            for g in gates[1:]:
-                total = total + g
-            gates = [g / total for g in gates]
-        dispatch, combine = slots[0], gates[0].unsqueeze(-1).unsqueeze(-1) * slots[0]
-        for g, d in zip(gates[1:], slots[1:]):
-            dispatch = dispatch + d
-            combine = combine + g.unsqueeze(-1).unsqueeze(-1) * d
-        assert first is not None
-        return dispatch, combine, first
+            gate = gate / gate.sum(dim=-1, keepdim=True)
+        dispatch = F.one_hot(slot, capacity).to(dtype) * kept.to(dtype).unsqueeze(-1)
+        return dispatch, dispatch * gate.unsqueeze(-1), first
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's output (same shape as ``x``) and its load-balancing loss."""
