@@ -119,7 +119,7 @@ class Net(torch.nn.Module):
         self.b = torch.nn.Linear(32, 8)
 
     def forward(self, x, y):
-        h = torch.cumsum(self.a(x), dim=1)  # no sharding rule: runs replicated
+        h = torch.flip(self.a(x), dims=[1])  # no sharding rule: runs replicated
         q, k = h.chunk(2, dim=1)
         return torch.nn.functional.mse_loss(self.b(torch.cat([k, q], dim=1)), y)
 
@@ -139,10 +139,10 @@ def test_file_factory_model_plans_and_reports_its_fallback(tmp_path):
     out = tmp_path / "plan.json"
     proc = _cli("plan", "--model", f"{src}:make", "--cluster", "cpu:devices=2", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "replicated (no sharding rule): 1 op(s): aten.cumsum.default x1" in proc.stdout
+    assert "replicated (no sharding rule): 1 op(s): aten.flip.default x1" in proc.stdout
     strict = _cli("plan", "--model", f"{src}:make", "--cluster", "cpu:devices=2", "-o",
                   str(tmp_path / "strict.json"), "--strict-rules")
-    assert strict.returncode == 2 and "aten.cumsum.default (x1)" in strict.stderr
+    assert strict.returncode == 2 and "aten.flip.default (x1)" in strict.stderr
     assert not (tmp_path / "strict.json").exists()
 
 
@@ -164,8 +164,8 @@ def test_strict_rules_raise_for_the_fallback_ops(tmp_path):
     src.write_text(textwrap.dedent(FACTORY))
     spec = parse_model_spec(f"{src}:make")
     graph = capture(*build_model(spec, "meta"))
-    assert fallback_ops(graph) == {"aten.cumsum.default": 1}
-    with pytest.raises(NoRuleError, match="cumsum"):
+    assert fallback_ops(graph) == {"aten.flip.default": 1}
+    with pytest.raises(NoRuleError, match="flip"):
         plan_graph(graph, cluster(devices=2), model_spec=spec.text, strict_rules=True)
 
 
@@ -209,7 +209,7 @@ def test_file_model_with_a_fallback_op_runs_checked(tmp_path):
     graph = capture(*build_model(spec, "meta"))
     c = cluster(devices=2, latency_s=1e-6, peak_flops=1e10)
     plan = plan_graph(graph, c, model_spec=spec.text, workers=1)
-    assert plan.model["fallback_ops"] == {"aten.cumsum.default": 1}
+    assert plan.model["fallback_ops"] == {"aten.flip.default": 1}
     path = tmp_path / "plan.json"
     save_plan(plan, path)
     run_checked(path, steps=1)

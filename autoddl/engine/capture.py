@@ -20,6 +20,7 @@ from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
 from autoddl.engine.normalize import (
     constant_leaves, constant_nodes, constant_values, normalize,
 )
+from autoddl.engine.rules_moe import einsum_flops
 from autoddl.errors import UserError, first_line
 
 
@@ -135,8 +136,9 @@ def _scope_of_fqn(fqn: str) -> str:
     return ""
 
 
-def _flops(target: str, ins: list[TensorMeta], out: TensorMeta) -> float:
-    """Forward FLOPs of one op (matmul-like ops exactly, others one per output element)."""
+def _flops(target: str, ins: list[TensorMeta], out: TensorMeta, args: tuple = ()) -> float:
+    """Forward FLOPs of one op (matmul-like ops and einsum exactly, others one per output
+    element); ``args`` are the call's arguments (an einsum's equation)."""
     if target in ("aten.linear.default",):
         return 2.0 * out.numel * ins[0].shape[-1]
     if target in ("aten.mm.default", "aten.bmm.default", "aten.matmul.default",
@@ -148,6 +150,10 @@ def _flops(target: str, ins: list[TensorMeta], out: TensorMeta) -> float:
     if target == "aten.scaled_dot_product_attention.default":
         q, k = ins[0], ins[1]
         return 4.0 * q.numel * k.shape[-2]
+    if target == "aten.einsum.default":  # the dispatch and combine of mixtures of experts
+        flops = einsum_flops(str(args[0]), ins)
+        if flops is not None:
+            return flops
     if target == "aten.embedding.default" or target.split(".")[1] in _ZERO_FLOP:
         return 0.0
     return float(out.numel)
@@ -232,7 +238,7 @@ def _op_node(fx: torch.fx.Node, requires_grad: dict[str, bool]) -> OpNode:
         inputs=tuple(a.name for a in inputs),
         args=tuple(_plain(a, index) for a in fx.args),
         kwargs=tuple((k, _plain(v, index)) for k, v in fx.kwargs.items()),
-        flops=_flops(target, in_metas, meta),
+        flops=_flops(target, in_metas, meta, fx.args),
         requires_grad=rg,
         scope=_scope_of_module_stack(fx),
         module=module_of(fx),

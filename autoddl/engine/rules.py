@@ -597,3 +597,7 @@ def check_rules(graph: OpGraph, strict: bool = False) -> Counter:
             "add a rule in autoddl/engine/rules.py, or drop --strict-rules to run them replicated"
         )
     return missing
+
+
+# the rules of the mixture-of-experts operators (one_hot, argmax, cumsum, einsum, comparisons)
+from autoddl.engine import rules_moe  # noqa: E402,F401  (registers them into RULES)
