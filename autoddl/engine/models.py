@@ -4,7 +4,7 @@ Model specs on the command line: ``mlp:batch=64,hidden=256,layers=2`` or
 ``gpt:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=256``. A spec builds the module (on any
 device, ``meta`` included) and the example inputs of one global batch. Library models
 (``hf-gpt2``, ``tv-resnet50``, ...) and ``path/to/file.py:factory`` come from
-:mod:`autoddl.engine.zoo`.
+:mod:`autoddl.engine.zoo`, ``hf:MODEL_TYPE:...`` from :mod:`autoddl.engine.hf_zoo`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autoddl.engine.hf_zoo import build_hf
 from autoddl.engine.zoo import ZOO, build_from_file, build_zoo
 from autoddl.model_specs import (BUILTIN_DEFAULTS, FILE_MODEL, GPT_PRESETS, ModelSpec,
                                  parse_model_spec, with_layers)
@@ -186,6 +187,8 @@ def build_model(
         gen = torch.Generator().manual_seed(seed + 1)
     if spec.name == FILE_MODEL:
         return build_from_file(spec.text, device)
+    if spec.is_hf:
+        return build_hf(spec.name.removeprefix("hf:"), dict(spec.params), device, gen)
     if spec.name in ZOO:
         return build_zoo(spec.name, dict(spec.params), device, gen)
     _, builder, _ = MODELS[spec.name]

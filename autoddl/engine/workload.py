@@ -166,7 +166,7 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
                             resolve_precision(precision, cluster.device_type))
     if stages is not None and stages < 1:
         raise UserError(f"--stages must be at least 1, got {stages}")
-    with user_code(f"--model {spec.text}", foreign=spec.name == FILE_MODEL):
+    with user_code(f"--model {spec.text}", foreign=spec.name == FILE_MODEL or spec.is_hf):
         layers = dict(spec.params).get("layers")
         fast = layers is not None and layers > 3  # repeated layers: capture 3, plan for all
         module, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")
