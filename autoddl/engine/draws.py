@@ -123,22 +123,30 @@ class _Held(logging.Filter):
         return False
 
 
+#: torch's loggers that write several lines about a failing export (symbolic shapes' warnings,
+#: a fake tensor's traceback)
+_QUIET_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor")
+
+
 @contextlib.contextmanager
 def quiet_export() -> Iterator[None]:
     """Hold back what an export writes to stderr (a failed export prints its partial graph)
-    and torch's symbolic-shape warnings; write them out only if the block succeeds."""
-    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    and the records of torch's :data:`_QUIET_LOGGERS`; write them out only if the block
+    succeeds."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     held = _Held()
-    logger.addFilter(held)
+    for logger in loggers:
+        logger.addFilter(held)
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stderr(buffer):
             yield
     finally:
-        logger.removeFilter(held)
+        for logger in loggers:
+            logger.removeFilter(held)
     sys.stderr.write(buffer.getvalue())
     for record in held.records:
-        logger.handle(record)
+        logging.getLogger(record.name).handle(record)
 
 
 _CALL = re.compile(r"The following call raised this error:\s*\n\s*File \"([^\"]+)\", line (\d+)"

@@ -31,6 +31,11 @@ _STANDARD = {"layers": "num_hidden_layers", "hidden": "hidden_size",
 #: the names families give the MLP's inner width and the key-value heads (first one present)
 _FFN_NAMES = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "dff")
 _KV_NAMES = ("num_key_value_heads", "num_kv_heads")
+#: the encoder's and decoder's own names of autoddl's keys in encoder-decoder configs (BART's
+#: ``decoder_layers``: its ``...ForCausalLM`` is the decoder)
+_TWINS = {"layers": ("encoder_layers", "decoder_layers"),
+          "heads": ("encoder_attention_heads", "decoder_attention_heads"),
+          "ffn": ("encoder_ffn_dim", "decoder_ffn_dim")}
 #: widths that default to the hidden size at tiny sizes (ELECTRA's embeddings, OPT's projection)
 _HIDDEN_WIDTHS = ("embedding_size", "word_embed_proj_dim")
 #: keys of autoddl's own that are not config keys
@@ -64,8 +69,18 @@ def _head_and_class(model_type: str, config_class: type, want: str | None) -> tu
                         f"class {names[model_type]} ({first_line(exc)})") from None
 
 
+def _has(base: Any, name: str) -> bool:
+    """Whether the config has attribute ``name`` (XLNet's ``max_position_embeddings`` is a
+    property that raises NotImplementedError)."""
+    try:
+        getattr(base, name)
+    except Exception:
+        return False
+    return True
+
+
 def _first_present(base: Any, names: tuple[str, ...]) -> str | None:
-    return next((n for n in names if n in base.to_dict() or hasattr(base, n)), None)
+    return next((n for n in names if n in base.to_dict() or _has(base, n)), None)
 
 
 def _settable(config_class: type, name: str) -> bool:
@@ -112,7 +127,8 @@ def _sizes(p: dict[str, ParamValue]) -> dict[str, int]:
 def _config_kwargs(model_type: str, base: Any, model_class: type,
                    p: dict[str, int]) -> tuple[dict[str, Any], dict[str, str]]:
     """The config's keyword arguments for spec parameters ``p`` (autoddl's keys mapped onto the
-    family's names, tiny-size fixes, dropout 0), and the config names autoddl's keys set."""
+    family's names, tiny-size fixes, dropout 0), and the config names autoddl's keys set (the
+    tiny-size fixes, such as ``head_dim``, are defaults that raw keys may override)."""
     cls, amap = type(base), type(base).attribute_map
     kw: dict[str, Any] = {}
     taken: dict[str, str] = {}
@@ -120,41 +136,54 @@ def _config_kwargs(model_type: str, base: Any, model_class: type,
     def put(own: str, name: str, value: Any) -> None:
         name = amap.get(name, name)
         kw[name], taken[name] = value, own
-        for alias, target in amap.items():
-            if target == name:
-                taken[alias] = own
+        taken.update({alias: own for alias, target in amap.items() if target == name})
 
     for own, std in _STANDARD.items():
-        if not hasattr(base, std):
+        if own == "heads" and not _has(base, std):
+            continue  # attention-free families (Mamba, RWKV)
+        if not _has(base, std):
             raise UserError(f"--model hf:{model_type}: {cls.__name__} has no {std}; "
                             f"autoddl's {own}= cannot be set")
         put(own, std, p[own])
     hidden, heads = p["hidden"], p["heads"]
-    if hasattr(base, "max_position_embeddings"):
+    if _has(base, "max_position_embeddings"):
         put("seq", "max_position_embeddings", p["seq"] + _position_offset(model_class, base))
     for own, names, default in (("ffn", _FFN_NAMES, 4 * hidden), ("kv_heads", _KV_NAMES, heads)):
         name = _first_present(base, names)
         if name is not None:
-            put(own, name, p.get(own, default))
+            value = p.get(own, default)  # one per layer where the family lists them (Gemma 3n)
+            put(own, name, [value] * p["layers"] if isinstance(getattr(base, name), list)
+                else value)
         elif own in p:
             raise UserError(f"--model hf:{model_type}: {cls.__name__} has none of "
                             f"{', '.join(names)}; remove {own}=")
-    head_dim = hidden // heads
-    if "head_dim" in base.to_dict() and _settable(cls, "head_dim"):
-        put("hidden", "head_dim", head_dim)
+    for own, names in _TWINS.items():
+        for name in names:
+            if name in base.to_dict():
+                put(own, name, p.get(own, 4 * hidden) if own == "ffn" else p[own])
+    kw.update(_tiny_defaults(base, hidden, hidden // heads, p["vocab"]))
+    kw["use_cache"] = False
+    return kw, taken
+
+
+def _tiny_defaults(base: Any, hidden: int, head_dim: int, vocab: int) -> dict[str, Any]:
+    """Config values that fit a tiny model: head width from hidden/heads, embedding widths
+    the hidden size, rotary width within the head, dropout 0, token ids in the vocabulary."""
+    cls, values = type(base), base.to_dict()
+    kw: dict[str, Any] = {}
+    if "head_dim" in values and _settable(cls, "head_dim"):
+        kw["head_dim"] = head_dim
     for name in _HIDDEN_WIDTHS:
-        if name in base.to_dict():
-            put("hidden", name, hidden)
-    if isinstance(getattr(base, "rotary_dim", None), int) and base.rotary_dim > head_dim:
+        if name in values:
+            kw[name] = hidden
+    if isinstance(values.get("rotary_dim"), int) and values["rotary_dim"] > head_dim:
         kw["rotary_dim"] = head_dim  # GPT-J's default 64 exceeds a tiny head
-    vocab = p["vocab"]
-    for key, value in base.to_dict().items():
+    for key, value in values.items():
         if "drop" in key and isinstance(value, float):
             kw[key] = 0.0
         if key.endswith("_token_id") and isinstance(value, int) and value >= vocab:
             kw[key] = vocab - 1  # an id past a tiny vocabulary (padding_idx) would not build
-    kw["use_cache"] = False
-    return kw, taken
+    return kw
 
 
 def hf_config(model_type: str, p: dict[str, ParamValue]) -> tuple[Any, str, type]:
@@ -172,7 +201,11 @@ def hf_config(model_type: str, p: dict[str, ParamValue]) -> tuple[Any, str, type
     want = p.get("head")
     head, model_class = _head_and_class(model_type, config_class,
                                         want if isinstance(want, str) else None)
-    base = config_class()
+    try:
+        base = config_class()
+    except Exception as exc:
+        raise UserError(f"{what}: {config_class.__name__} cannot be built from keys alone: "
+                        f"{type(exc).__name__}: {first_line(exc)}") from None
     kw, taken = _config_kwargs(model_type, base, model_class, _sizes(p))
     raw = {k: v for k, v in p.items() if k not in _OWN}
     _check_raw_keys(model_type, base, raw, taken)
