@@ -1,9 +1,10 @@
 """``--model`` specs parsed and checked without importing torch, so that a typo in a spec is
 reported at once (importing torch alone takes seconds on a loaded machine).
 
-The model builders live in :mod:`autoddl.engine.models` (built-in models) and
-:mod:`autoddl.engine.zoo` (library models, ``path/to/file.py:factory``); the names and default
-parameters of every model are here.
+The model builders live in :mod:`autoddl.engine.models` (built-in models),
+:mod:`autoddl.engine.zoo` (library models, ``path/to/file.py:factory``) and
+:mod:`autoddl.engine.hf_zoo` (``hf:MODEL_TYPE:...``, parsed in :mod:`autoddl.hf_specs`); the
+names and default parameters of every model are here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoddl.errors import UserError
+from autoddl.hf_specs import HF_PREFIX, ParamValue, is_hf_spec, parse_hf_spec
 from autoddl.specs import as_int, check_keys, parse_spec
 
 #: the ModelSpec name of ``path/to/file.py:factory`` models
@@ -72,15 +74,22 @@ VGG_DEPTHS = (11, 13, 16, 19)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed ``--model`` spec: the name, its integer parameters, and the original text."""
+    """A parsed ``--model`` spec: the name (``hf:MODEL_TYPE`` for Hugging Face specs), its
+    parameters (integers; an ``hf:`` spec's raw config keys may be any literal), and the
+    original text."""
 
     name: str
-    params: tuple[tuple[str, int], ...]
+    params: tuple[tuple[str, ParamValue], ...]
     text: str
 
-    def get(self, key: str) -> int:
+    def get(self, key: str) -> ParamValue:
         """The value of parameter ``key``."""
         return dict(self.params)[key]
+
+    @property
+    def is_hf(self) -> bool:
+        """Whether the spec is ``hf:MODEL_TYPE:...``."""
+        return self.name.startswith(HF_PREFIX)
 
 
 def is_file_spec(text: str) -> bool:
@@ -121,13 +130,17 @@ def _check_moe(what: str, p: dict[str, int]) -> None:
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """Parse ``--model NAME[:key=value,...]`` against the built-in models' parameters, or
-    ``path/to/file.py:factory`` (its file must exist); :class:`UserError` on a mistake."""
+    """Parse ``--model NAME[:key=value,...]`` against the built-in models' parameters,
+    ``path/to/file.py:factory`` (its file must exist), or ``hf:MODEL_TYPE:key=value,...``
+    (:func:`autoddl.hf_specs.parse_hf_spec`); :class:`UserError` on a mistake."""
     if isinstance(text, str) and is_file_spec(text.strip()):
         path = text.strip().partition(":")[0]
         if not Path(path).is_file():
             raise UserError(f"--model {text.strip()}: file {path!r} not found")
         return ModelSpec(FILE_MODEL, (), text.strip())
+    if is_hf_spec(text):
+        model_type, hf_params = parse_hf_spec(text)
+        return ModelSpec(HF_PREFIX + model_type, tuple(sorted(hf_params.items())), text.strip())
     name, raw = parse_spec(text, "--model")
     if name in GPT_PRESETS:
         defaults, built = GPT_PRESETS[name], "gpt"
@@ -138,7 +151,8 @@ def parse_model_spec(text: str) -> ModelSpec:
     else:
         known = ", ".join([*BUILTIN_DEFAULTS, *GPT_PRESETS, *MOE_PRESETS, *ZOO_DEFAULTS])
         raise UserError(f"--model: unknown model {name!r}; built-in models: {known}; "
-                        "or path/to/file.py:factory")
+                        "or hf:MODEL_TYPE[:key=value,...] (any Hugging Face causal or masked "
+                        "LM) or path/to/file.py:factory")
     check_keys(raw, defaults, f"--model {name}")
     params = {k: as_int(raw, k, v, f"--model {name}", minimum=0 if k in _ZERO_OK else 1)
               for k, v in defaults.items()}

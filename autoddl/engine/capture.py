@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
+from autoddl.engine.draws import FixedDraws, drop_dead_draws, export_failure, quiet_export
 from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
 from autoddl.engine.normalize import (
     constant_leaves, constant_nodes, constant_values, normalize,
@@ -75,16 +76,22 @@ _NOT_A_LOSS = ("the model's forward must return the training loss, a scalar tens
 
 def export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     """``torch.export`` the model's forward (training IR, high-level ATen ops kept), normalized
-    for the planner (:func:`autoddl.engine.normalize.normalize`)."""
+    for the planner (:func:`autoddl.engine.normalize.normalize`). A branch on a random draw
+    whose outcome is the same for every draw is fixed (:class:`~autoddl.engine.draws.FixedDraws`);
+    a failure is one line."""
     try:
-        with quiet_fake_tensors():
+        with quiet_fake_tensors(), quiet_export(), FixedDraws():
             ep = torch.export.export(model, tuple(example_inputs), strict=False)
+    except UserError:
+        raise
     except Exception as exc:  # export failures are the user's model: say so in one line
         text = first_line(exc)
         if re.search(r"in output, which is not a known type", text):
             raise UserError(f"{_NOT_A_LOSS} (torch.export could not capture what it returned: "
                             f"{text.split('. ')[0]})") from exc
-        raise UserError(f"torch.export could not capture the model: {text}") from exc
+        raise UserError(f"torch.export could not capture the model: {export_failure(exc)}") \
+            from exc
+    drop_dead_draws(ep)
     return normalize(ep)
 
 

@@ -5,7 +5,7 @@ Model specs on the command line: ``mlp:batch=64,hidden=256,layers=2`` or
 blocks) lives in :mod:`autoddl.engine.moe`. A spec builds the module (on any
 device, ``meta`` included) and the example inputs of one global batch. Library models
 (``hf-gpt2``, ``tv-resnet50``, ...) and ``path/to/file.py:factory`` come from
-:mod:`autoddl.engine.zoo`.
+:mod:`autoddl.engine.zoo`, ``hf:MODEL_TYPE:...`` from :mod:`autoddl.engine.hf_zoo`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autoddl.engine.hf_zoo import build_hf
 from autoddl.engine.moe import MoEGPT
 from autoddl.engine.zoo import ZOO, build_from_file, build_zoo
 from autoddl.model_specs import (BUILTIN_DEFAULTS, FILE_MODEL, GPT_PRESETS, ModelSpec,
@@ -202,6 +203,8 @@ def build_model(
         gen = torch.Generator().manual_seed(seed + 1)
     if spec.name == FILE_MODEL:
         return build_from_file(spec.text, device)
+    if spec.is_hf:
+        return build_hf(spec.name.removeprefix("hf:"), dict(spec.params), device, gen)
     if spec.name in ZOO:
         return build_zoo(spec.name, dict(spec.params), device, gen)
     _, builder, _ = MODELS[spec.name]

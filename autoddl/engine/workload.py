@@ -192,7 +192,7 @@ def capture_graphs(spec: ModelSpec, microbatches: int | None, with_microbatch: b
     from autoddl.engine.guard import user_code
     from autoddl.engine.models import FILE_MODEL, build_model, with_layers
 
-    with user_code(f"--model {spec.text}", foreign=spec.name == FILE_MODEL):
+    with user_code(f"--model {spec.text}", foreign=spec.name == FILE_MODEL or spec.is_hf):
         layers = dict(spec.params).get("layers")
         fast = layers is not None and layers > 3  # repeated layers: capture 3, plan for all
         module, inputs = build_model(with_layers(spec, 3) if fast else spec, "meta")

@@ -11,7 +11,9 @@ so that its forward returns the training loss, cross-entropy on the given target
 
 These need the ``models`` extra (``pip install -e ".[models]"``). ``path/to/file.py:factory``
 names a function of that file returning ``(model, example_inputs)``, where the model's forward
-returns the loss.
+returns the loss: a tensor, a ``ModelOutput`` (or dict) with ``.loss``, or a tuple whose first
+item is the loss (:func:`returning_loss`). ``hf:MODEL_TYPE:...`` models are built in
+:mod:`autoddl.engine.hf_zoo`.
 
 On the ``meta`` device (planning) the model is built under a fake-tensor mode instead: a CPU model
 without memory, as some models (LLaMA's rotary embedding) cannot run on ``meta``.
@@ -19,6 +21,7 @@ without memory, as some models (LLaMA's rotary embedding) cannot run on ``meta``
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -53,7 +56,7 @@ def ensure_torchvision_importable() -> None:
         _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 
 
-def _library(name: str):
+def library(name: str):
     """Import an optional library, with the fix in the error when it is missing."""
     ensure_torchvision_importable()
     try:
@@ -87,7 +90,7 @@ class ClassLoss(nn.Module):
 
 
 def _hf_gpt2(p: dict[str, int]) -> nn.Module:
-    tf = _library("transformers")
+    tf = library("transformers")
     cfg = tf.GPT2Config(n_layer=p["layers"], n_embd=p["hidden"], n_head=p["heads"],
                         n_positions=p["seq"], vocab_size=p["vocab"], resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
@@ -96,7 +99,7 @@ def _hf_gpt2(p: dict[str, int]) -> nn.Module:
 
 
 def _hf_bert(p: dict[str, int]) -> nn.Module:
-    tf = _library("transformers")
+    tf = library("transformers")
     cfg = tf.BertConfig(num_hidden_layers=p["layers"], hidden_size=p["hidden"],
                         num_attention_heads=p["heads"], intermediate_size=4 * p["hidden"],
                         max_position_embeddings=p["seq"], vocab_size=p["vocab"],
@@ -106,7 +109,7 @@ def _hf_bert(p: dict[str, int]) -> nn.Module:
 
 
 def _hf_llama(p: dict[str, int]) -> nn.Module:
-    tf = _library("transformers")
+    tf = library("transformers")
     if p["heads"] % p["kv_heads"]:
         raise UserError(f"--model hf-llama: heads={p['heads']} is not a multiple of "
                         f"kv_heads={p['kv_heads']}")
@@ -118,15 +121,15 @@ def _hf_llama(p: dict[str, int]) -> nn.Module:
 
 
 def _tv_resnet50(p: dict[str, int]) -> nn.Module:
-    return ClassLoss(_library("torchvision.models").resnet50(num_classes=p["classes"]))
+    return ClassLoss(library("torchvision.models").resnet50(num_classes=p["classes"]))
 
 
 def _tv_vgg16(p: dict[str, int]) -> nn.Module:
-    return ClassLoss(_library("torchvision.models").vgg16(num_classes=p["classes"], dropout=0.0))
+    return ClassLoss(library("torchvision.models").vgg16(num_classes=p["classes"], dropout=0.0))
 
 
 def _timm_vit(p: dict[str, int]) -> nn.Module:
-    vit = _library("timm.models.vision_transformer")
+    vit = library("timm.models.vision_transformer")
     return ClassLoss(vit.VisionTransformer(
         img_size=p["image"], patch_size=p["patch"], embed_dim=p["hidden"], depth=p["layers"],
         num_heads=p["heads"], num_classes=p["classes"]))
@@ -149,7 +152,7 @@ def _moved(model: nn.Module, where: torch.device) -> nn.Module:
     return model if where.type in ("cpu", "meta") else model.to(where)
 
 
-def _construct(make: Callable[[torch.device], tuple[nn.Module, tuple]],
+def construct(make: Callable[[torch.device], tuple[nn.Module, tuple]],
                device: torch.device) -> tuple[nn.Module, tuple]:
     """``make(device)``; for ``meta``, under a fake-tensor mode as a CPU model (shapes only),
     or, where construction reads a value (``.item()``), on the ``meta`` device."""
@@ -183,7 +186,7 @@ def build_zoo(name: str, p: dict[str, int], device: torch.device,
             inputs = (x, y)
         return model, inputs
 
-    return _construct(make, device)
+    return construct(make, device)
 
 
 class KeywordInputs(nn.Module):
@@ -200,6 +203,36 @@ class KeywordInputs(nn.Module):
         """The wrapped model's loss."""
         n = self.num_args
         return self.model(*inputs[:n], **dict(zip(self.keys, inputs[n:])))
+
+
+def loss_of(out: object, where: str) -> object:
+    """The loss in a forward's result: a tensor itself, ``.loss`` of a ``ModelOutput`` or dict,
+    or the first item of a tuple or list (anything else is returned unchanged, for capture to
+    refuse)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "loss"):
+        loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss")
+        if loss is None:
+            raise UserError(f"{where} returned {type(out).__name__} without a loss (loss is "
+                            "None); pass the labels among the example inputs")
+        return loss
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    return out
+
+
+def returning_loss(model: nn.Module, where: str) -> nn.Module:
+    """``model``, its forward made to return only the loss (:func:`loss_of`); its parameter
+    names stay as they are (the instance's ``forward`` is replaced, no wrapper module)."""
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(*args: object, **kwargs: object) -> object:
+        return loss_of(inner(*args, **kwargs), where)
+
+    model.forward = forward  # type: ignore[method-assign]
+    return model
 
 
 def _file_result(result: object, where: str) -> tuple[nn.Module, tuple]:
@@ -220,6 +253,7 @@ def _file_result(result: object, where: str) -> tuple[nn.Module, tuple]:
         if not isinstance(t, torch.Tensor):
             raise UserError(f"{where} returned example input {i!r} of type "
                             f"{type(t).__name__}; every example input must be a tensor")
+    model = returning_loss(model, f"{where}'s model")
     if kwargs:
         model = KeywordInputs(model, len(args), tuple(kwargs))
     return model, (*args, *kwargs.values())
@@ -251,4 +285,4 @@ def build_from_file(text: str, device: torch.device) -> tuple[nn.Module, tuple]:
         model, inputs = _file_result(fn(), f"--model {text}: {factory}()")
         return _moved(model, where), tuple(t.to(where) for t in inputs)
 
-    return _construct(make, device)
+    return construct(make, device)

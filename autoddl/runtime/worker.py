@@ -398,7 +398,7 @@ def _capture(plan: Plan, device) -> tuple[torch.nn.Module, tuple, Any, Any, Plan
     when pipelined), its graph, and the plan checked against it and written out for every
     layer."""
     spec = parse_model_spec(plan.model["spec"])
-    with user_code(f"plan's model {spec.text}", foreign=spec.name == FILE_MODEL):
+    with user_code(f"plan's model {spec.text}", foreign=spec.name == FILE_MODEL or spec.is_hf):
         model, inputs = build_model(spec, device, seed=0)
         captured = microbatch_inputs(inputs, plan.num_microbatches) if plan.pipeline else inputs
         ep = export(model, captured)
@@ -487,7 +487,8 @@ def run(plan: Plan, steps: int, check: bool, lr: float | None, tol: float | None
     if tol is None:
         tol = default_tolerance(plan_precision(plan.training))
     backend, device = pick_device()
-    dist.init_process_group(backend, timeout=timedelta(seconds=group_timeout_s()))
+    if not dist.is_initialized():  # (tests/hf_ranks.py runs several plans in one group)
+        dist.init_process_group(backend, timeout=timedelta(seconds=group_timeout_s()))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != plan.num_devices:
         raise UserError(f"plan needs {plan.num_devices} processes, torchrun gave {world}")

@@ -1,0 +1,36 @@
+"""Rank program of ``tests/test_hf_zoo.py``: ``autoddl run PLAN --check`` (one step) for each
+plan file in ``argv``, in one torchrun launch (a launch per family would cost ~8 s each).
+
+Each plan runs through :func:`autoddl.runtime.worker.run`, as ``autoddl run`` runs it, in the
+one process group; before each, rank 0 prints ``=== PLAN``, after it ``=== exit CODE`` (0:
+checked and passed).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from autoddl.engine.plan import load_plan
+from autoddl.runtime import worker
+from autoddl.runtime.rank import exit_rank, run_rank
+
+
+def main() -> int:
+    """Run every plan checked; the worst exit code."""
+    worst = 0
+    for path in sys.argv[1:]:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"=== {path}", flush=True)
+        torch.manual_seed(0)
+        code = worker.run(load_plan(path), steps=1, check=True, lr=None, tol=None)
+        if dist.get_rank() == 0:
+            print(f"=== exit {code}", flush=True)
+        worst = max(worst, code)
+    return worst
+
+
+if __name__ == "__main__":
+    exit_rank(run_rank("hf_ranks", main))
