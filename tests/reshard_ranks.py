@@ -32,7 +32,8 @@ _TORCH_KIND = {"all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": 
 
 def _local(full: torch.Tensor, mesh, pl: Placement) -> torch.Tensor:
     """This rank's piece of ``full`` under ``pl`` (a P axis holds full / axis size)."""
-    dt = [Replicate() if p == P else q for p, q in zip(pl, to_dtensor_placements(pl))]
+    dt = [Replicate() if p == P else q
+          for p, q in zip(pl, to_dtensor_placements(pl, tuple(mesh.shape)))]
     local = distribute_tensor(full, mesh, dt, src_data_rank=None).to_local()
     return local / 2 ** sum(p == P for p in pl)
 
@@ -68,7 +69,7 @@ def conversions(mesh, full) -> list[dict]:
         if not steps:
             continue
         r = _run(mesh, full, src, steps)
-        want = distribute_tensor(full, mesh, to_dtensor_placements(dst),
+        want = distribute_tensor(full, mesh, to_dtensor_placements(dst, tuple(mesh.shape)),
                                  src_data_rank=None).to_local()
         r["correct"] = bool(torch.allclose(r.pop("out"), want))
         rows.append({"src": src, "dst": dst, **r})

@@ -49,7 +49,7 @@ def main() -> None:
                 e = predicted.setdefault(f"{'abc'[st.axis]}/{st.kind}", [0, 0.0])
                 e[0], e[1] = e[0] + 1, e[1] + st.bytes_per_device
         logged = {f"{a}/{k}": v for (a, k), v in log.by_axis_kind().items()}
-        want = distribute_tensor(full, mesh, to_dtensor_placements(dst),
+        want = distribute_tensor(full, mesh, to_dtensor_placements(dst, tuple(mesh.shape)),
                                  src_data_rank=None).to_local()
         ran += 1
         if not torch.allclose(out, want) or logged != predicted:

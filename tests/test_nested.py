@@ -17,7 +17,8 @@ from autoddl.engine.costs import build_problem, edge_steps
 from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
 from autoddl.engine.placements import B, P, S, is_nested, is_split, reshard_steps
 from autoddl.engine.planner import solve_sharding
-from autoddl.engine.rules import ZERO_NONE, signatures
+from autoddl.engine.mesh_signatures import signatures
+from autoddl.engine.rules import ZERO_NONE
 from tests.helpers import cluster, mlp_graph
 
 N = 8192
