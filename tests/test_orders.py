@@ -10,19 +10,27 @@ significant), and the steps' bytes are checked by hand where the module docstrin
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 import random
 
 import numpy as np
 import pytest
 
-from autoddl.engine.graph import OpNode, TensorMeta
-from autoddl.engine.mesh_signatures import leaf_signatures
+from autoddl.engine.costs import build_problem
+from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
+from autoddl.engine.mesh_signatures import leaf_signatures, order_variants, signatures
+from autoddl.engine.plan import load_plan, save_plan
+from autoddl.engine.plan_check import check_against_graph, check_placement
 from autoddl.engine.placements import (
     B, P, S, default_order, has_order, is_split, is_valid, marks_valid, reshard_steps,
     split_dim, split_orders, strided_factor, with_orders,
 )
+from autoddl.engine.planner import solve_sharding
+from autoddl.engine.workload import load_workload, plan_from_choice
+from autoddl.errors import UserError
 from tests.helpers import all_orders, piece
 
 T = 1024.0
@@ -171,3 +179,73 @@ def test_leaves_are_offered_in_every_order_operators_in_the_default_one():
         groups = [len(seq) for seq in split_orders(pl).values()]
         assert len(orders) == math.prod(math.factorial(g) for g in groups), pl
     assert (S(0), S(0), S(0)) in nested and (S(0), S(1), S(0)) in nested
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2), (2, 2, 2)])
+def test_an_operator_runs_exactly_in_every_order_of_its_nests(mesh_shape):
+    """mesh_signatures' claim: a combination of one-axis signatures is exact in any nesting
+    order applied to all its tensors. Y = X @ W on local pieces, for every signature of ``mm``
+    without partial inputs in every order: the pieces (summed over the P axes of Y) are the
+    ones Y's placement defines."""
+    f = "float32"
+    graph = OpGraph((
+        OpNode("x", "input", "input", TensorMeta((8, 8), f)),
+        OpNode("w", "input", "input", TensorMeta((8, 8), f)),
+        OpNode("y", "op", "aten.mm.default", TensorMeta((8, 8), f), ("x", "w"),
+               (TensorArg(0), TensorArg(1))),
+    ), "y")
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((8, 8)), rng.standard_normal((8, 8))
+    coords = list(itertools.product(*[range(n) for n in mesh_shape]))
+    checked = 0
+    for sig in signatures(graph["y"], graph, mesh_shape):
+        if P in sig.ins[0] + sig.ins[1]:
+            continue
+        for var in order_variants(sig, mesh_shape):
+            local = {c: piece(x, var.ins[0], mesh_shape, c) @ piece(w, var.ins[1], mesh_shape, c)
+                     for c in coords}
+            for c in coords:
+                group = [d for d in coords
+                         if all(d[a] == c[a] for a, p in enumerate(var.out) if p != P)]
+                got = sum(local[d] for d in group)
+                assert np.allclose(got, piece(x @ w, var.out, mesh_shape, c)), var
+            checked += has_order(var.out) or any(has_order(i) for i in var.ins)
+    assert checked >= 3  # rows, columns and the contraction nested
+
+
+def test_plan_files_carry_orders_and_are_checked(tmp_path):
+    """A plan whose weight is stored in the other order saves and loads it as ``S(0)^1``, and
+    passes the checks against the model's graph; a mark no later axis can carry is refused
+    in the file, and an operator in an order it is not offered in against the graph."""
+    work = load_workload("mlp:batch=64,dim_in=16,hidden=32,layers=2,dim_out=16",
+                         "cpu:devices=4", stages=1)
+    costed = work.costed(work.mesh((2, 2)))
+    sigs = dict(costed.sigs)
+    sigs["p_layers_0_weight"] = [s for s in sigs["p_layers_0_weight"]
+                                 if s.out == (S(0, 1), S(0)) and s.zero == 0]
+    problem = build_problem(costed.graph, costed.mesh, costed.cluster, costed.config,
+                            costed.mult, sigs=sigs)
+    plan = plan_from_choice(work, problem, solve_sharding(problem, "highs").choice, "test", 0.0)
+    path = tmp_path / "plan.json"
+    save_plan(plan, path)
+    plan = load_plan(path)
+    assert plan.op("p_layers_0_weight").out == {"x": "S(0)^1", "y": "S(0)"}
+    check_against_graph(plan, costed.graph)
+    for bad in ("S(0)^0", "S(0)^x", "S(0)^10"):
+        with pytest.raises(UserError, match="a placement is"):
+            check_placement(bad, "f")
+    data = json.loads(path.read_text())
+    op = next(o for o in data["ops"] if o["name"] == "p_layers_0_weight")
+    op["out"] = {"x": "S(0)", "y": "S(0)^1"}  # axis y has no later axis to nest inside
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="order mark"):
+        load_plan(path)
+    nest = {"x": "S(0)^1", "y": "S(0)"}  # legal in the default order, not offered in this one
+    reordered = tuple(dataclasses.replace(o, out=nest, ins=(nest,)) if o.name == "gelu" else o
+                      for o in plan.ops)
+    with pytest.raises(UserError, match="not a legal signature"):
+        check_against_graph(dataclasses.replace(plan, ops=reordered), costed.graph)
+    default = {"x": "S(0)", "y": "S(0)"}
+    check_against_graph(dataclasses.replace(plan, ops=tuple(
+        dataclasses.replace(o, out=default, ins=(default,)) if o.name == "gelu" else o
+        for o in plan.ops)), costed.graph)

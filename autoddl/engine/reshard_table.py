@@ -24,7 +24,12 @@ where a dim moves from one axis to another (split on one in the producer's place
 the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim: they
 are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`). The pairs
 whose producer or consumer placement nests a split (one dim split on several axes) are replayed
-the same way with :func:`reshard_steps`' clean-step rule for nesting (:func:`_nested_seconds`)."""
+the same way with :func:`reshard_steps`' clean-step rule for nesting (:func:`_nested_seconds`),
+in any nesting order: a split's code carries its order mark (``S(d)^k``: 1 + d + 64·k), each
+axis's place in its dim's order is decoded from the marks as
+:func:`~autoddl.engine.placements.split_orders` does (:func:`_positions`; without marks the axis
+index ranks the same way), and an axis that splits the same dim at another place in the order is
+gathered before it is split again."""
 
 from __future__ import annotations
 

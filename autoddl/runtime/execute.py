@@ -4,6 +4,11 @@ Every tensor lives as one device's *local* piece plus the placement the plan gav
 edge the executor converts the producer's piece to the placement the consumer's signature reads
 (:func:`autoddl.engine.placements.reshard_steps`, one mesh axis at a time, through DTensor's
 redistribute), runs the ATen operator on local pieces, and declares the planned output placement.
+A dim nested in an order other than the default (``S(d)^k``) is DTensor's ``_StridedShard``
+(:func:`to_dtensor_placements`): each step acts on the innermost split of its dims, which DTensor
+redistributes between such specs with the one collective the step names (gloo and NCCL alike;
+an all-to-all the runtime runs itself, on the local pieces), and parameters are held and
+updated as such DTensors.
 The conversion is an autograd function whose backward runs the gradient's planned steps (the
 consumer's gradient placement back to the producer's), so forward *and* backward move exactly the
 bytes the cost model predicted. DTensor's own sharding propagation is never used: a legal
