@@ -30,7 +30,8 @@ from autoddl.engine.placements import B, P, S, Step, collective_cost, split_dim
 from autoddl.engine.planner import plan_graph, solve_sharding
 from autoddl.engine.plan import save_plan
 from autoddl.engine.repeat import find_blocks
-from autoddl.engine.rules import RULES, AxisSig, check_rules
+from autoddl.engine.mesh_signatures import check_rules
+from autoddl.engine.rules import RULES, AxisSig
 from autoddl.errors import UserError
 from tests.helpers import cluster, run_checked
 

@@ -23,7 +23,7 @@ from autoddl.engine.capture import capture, export, graph_from_export, leaf_valu
 from autoddl.engine.models import build_model, parse_model_spec
 from autoddl.engine.plan import save_plan
 from autoddl.engine.planner import plan_graph
-from autoddl.engine.rules import fallback_ops
+from autoddl.engine.mesh_signatures import fallback_ops
 from autoddl.engine.workload import Workload
 from autoddl.engine.zoo import ensure_torchvision_importable
 from autoddl.errors import NoRuleError, UserError
@@ -174,18 +174,18 @@ def test_hf_gpt2_runs_checked_with_bytes_equal_to_the_plan(tmp_path, monkeypatch
     """Acceptance: a small Hugging Face GPT-2 on 4 gloo processes, a mixed data and tensor
     parallel plan: losses, gradients and the bytes per (axis, kind) match the plan. Planned
     without nested splits (else plain data parallelism over both axes wins at this size)."""
-    from autoddl.engine import costs, rules
+    from autoddl.engine import costs, mesh_signatures
     from autoddl.engine.placements import is_nested, is_valid, valid_splits
 
-    def flat(dims, shapes, mesh) -> bool:  # rules.signatures' check, no dim on two axes
+    def flat(dims, shapes, mesh) -> bool:  # mesh_signatures.signatures' check, no dim on two axes
         live = [a for a, n in enumerate(mesh) if n > 1]
         return valid_splits(dims, shapes, mesh) and all(
             len(ds) == len(set(ds)) for t in range(len(shapes))
             for ds in [[dims[a][t] for a in live if dims[a][t] is not None]])
 
-    monkeypatch.setattr(rules, "is_valid",
+    monkeypatch.setattr(mesh_signatures, "is_valid",
                         lambda p, shape, mesh: is_valid(p, shape, mesh) and not is_nested(p, mesh))
-    monkeypatch.setattr(rules, "valid_splits", flat)
+    monkeypatch.setattr(mesh_signatures, "valid_splits", flat)
     monkeypatch.setattr(costs, "_SIGNATURES", {})  # nothing cached under the patch leaks out
     spec = parse_model_spec("hf-gpt2:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=256")
     graph = capture(*build_model(spec, "meta"))

@@ -62,8 +62,9 @@ from autoddl.engine.graph import SDPA_DROPOUT_ARG, OpGraph
 from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
 from autoddl.engine.precision import check_precision, tensor_bytes, weight_bytes_per_element
 from autoddl.engine.reshard_table import unit_matrices
+from autoddl.engine.mesh_signatures import signatures
 from autoddl.engine.rules import (
-    ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures, vocab_parallel_steps,
+    ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, vocab_parallel_steps,
 )
 from autoddl.errors import UserError
 from autoddl.formulations.recompute import recompute_terms, restrict_groups
@@ -540,10 +541,11 @@ def _divisibility(shapes: tuple[tuple[int, ...], ...], mesh_shape: tuple[int, ..
 
 
 def _signatures(n, graph: OpGraph, mesh_shape: tuple[int, ...]) -> list[Signature]:
-    """:func:`~autoddl.engine.rules.signatures`, cached. Identical nodes (those of repeated
-    layers) share one list, and so do meshes that agree on which axes have size > 1 and on
-    which tensor dims the product of the sizes of each set of axes divides (a dim may be split
-    on several axes: nested): that is all the legality of a placement reads."""
+    """:func:`~autoddl.engine.mesh_signatures.signatures`, cached. Identical nodes (those of
+    repeated layers) share one list, and so do meshes that agree on which axes have size > 1
+    and on which tensor dims the product of the sizes of each set of axes divides (a dim may be
+    split on several axes: nested): that is all the legality of a placement reads (order
+    marks count axes, not sizes)."""
     tensors = (n.out,) + tuple(graph[i].out for i in n.inputs)
     pattern = _divisibility(tuple(tuple(t.shape) for t in tensors), tuple(mesh_shape))
     key = (n.kind, n.target, n.requires_grad, tensors,

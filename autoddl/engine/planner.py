@@ -28,7 +28,8 @@ from autoddl.engine.objectives import (
 )
 from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes, split_timings
-from autoddl.engine.rules import Signature, check_rules
+from autoddl.engine.mesh_signatures import check_rules
+from autoddl.engine.rules import Signature
 from autoddl.engine.programs import (
     Program, build_program, cost_program, interleave_bound_scale, interleave_options, interleaved,
     program_breakdown, program_layer_order,

@@ -25,7 +25,8 @@ from autoddl.engine.precision import resolve_precision
 from autoddl.engine.programs import interleaved, Program, build_program
 from autoddl.engine.recompute import sharding_layers, with_recompute
 from autoddl.engine.repeat import Blocks, Reduced, find_blocks, reduce_graph
-from autoddl.engine.rules import Signature, check_rules
+from autoddl.engine.mesh_signatures import check_rules
+from autoddl.engine.rules import Signature
 from autoddl.engine.stages import pipeline_candidates
 from autoddl.formulations.milp import SolveResult, SolveStatus
 from autoddl.errors import UserError
