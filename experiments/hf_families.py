@@ -27,8 +27,8 @@ TINY = "layers=2,hidden=32,heads=4,seq=16,batch=2,vocab=64"
 FIELDS = ["model_type", "head", "tested", "status", "ops", "fallback_ops", "seconds"]
 
 
-class _Late(Exception):
-    pass
+class _Late(BaseException):
+    """The time limit of one type (not an Exception: capture's handlers let it through)."""
 
 
 def _one(model_type: str, limit_s: int) -> dict:
@@ -74,7 +74,8 @@ def _one(model_type: str, limit_s: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default="", help="comma-separated model types (default: all)")
+    ap.add_argument("--types", default="", help="comma-separated model types (default: all; "
+                    "given: their rows replace those in the existing results)")
     ap.add_argument("--limit-s", type=int, default=120, help="seconds per type")
     a = ap.parse_args()
     from autoddl.hf_specs import lm_model_types
@@ -91,6 +92,11 @@ def main() -> None:
         print(f"{t:28} {row['status'][:100]}", flush=True)
         rows.append(row)
     out = HERE / "results"
+    if a.types and (out / "hf_families.csv").is_file():
+        with open(out / "hf_families.csv", newline="") as f:
+            old = {r["model_type"]: r for r in csv.DictReader(f)}
+        rows = sorted({**old, **{r["model_type"]: r for r in rows}}.values(),
+                      key=lambda r: r["model_type"])
     with open(out / "hf_families.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
