@@ -103,8 +103,9 @@ def _bad_nesting(combo: Sequence[AxisSig], placements: Sequence[Placement],
 
 
 def signatures(node: OpNode, graph: OpGraph, mesh_shape: Sequence[int]) -> list[Signature]:
-    """Every legal n-axis signature of ``node`` on a mesh of ``mesh_shape``: each legal
-    combination of one-axis signatures, in each nesting order :func:`order_variants` offers."""
+    """Every legal n-axis signature of ``node`` on a mesh of ``mesh_shape``: an operator's
+    legal combinations of one-axis signatures, nested dims in the default order; a leaf's
+    placements in every order (:func:`leaf_signatures`)."""
     if node.kind != "op":
         return leaf_signatures(node, mesh_shape)
     one_axis = axis_signatures(node, graph)
@@ -163,12 +164,10 @@ def order_variants(sig: Signature, mesh_shape: Sequence[int]) -> list[Signature]
     out: dict[tuple, Signature] = {}
     for perm in itertools.permutations(axes):
         rank = {a: i for i, a in enumerate(perm)}
-        ins = tuple(reorder(pl, rank) for pl in sig.ins)
-        out.setdefault((ins, reorder(sig.out, rank)), Signature(
-            ins, reorder(sig.out, rank), tuple(reorder(g, rank) for g in sig.grads), sig.axes,
-            sig.zero))
+        ins, res = tuple(reorder(pl, rank) for pl in sig.ins), reorder(sig.out, rank)
+        out.setdefault((ins, res), Signature(
+            ins, res, tuple(reorder(g, rank) for g in sig.grads), sig.axes, sig.zero))
     return list(out.values())
-
 
 
 def fallback_ops(graph: OpGraph) -> Counter:
