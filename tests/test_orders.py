@@ -243,7 +243,7 @@ def test_plan_files_carry_orders_and_are_checked(tmp_path):
     nest = {"x": "S(0)^1", "y": "S(0)"}  # legal in the default order, not offered in this one
     reordered = tuple(dataclasses.replace(o, out=nest, ins=(nest,)) if o.name == "gelu" else o
                       for o in plan.ops)
-    with pytest.raises(UserError, match="not a legal signature"):
+    with pytest.raises(UserError, match="not a legal placement"):
         check_against_graph(dataclasses.replace(plan, ops=reordered), costed.graph)
     default = {"x": "S(0)", "y": "S(0)"}
     check_against_graph(dataclasses.replace(plan, ops=tuple(
