@@ -97,7 +97,8 @@ def _plan(a: argparse.Namespace) -> int:
     try:
         work = _workload(a)
         capture_s = time.perf_counter() - t0
-        progress(f"captured {len(work.graph.ops)} ops in {capture_s:.2f} s; planning")
+        cached = " (from the capture cache)" if work.from_cache else ""
+        progress(f"captured {len(work.graph.ops)} ops in {capture_s:.2f} s{cached}; planning")
         plan = _solve(a, work, progress)
     finally:
         progress.done()
@@ -179,7 +180,7 @@ def _compare(a: argparse.Namespace) -> int:
     minimized = ("; the ILP rows minimize the bytes each device sends"
                  if a.objective == "bytes" else "")
     print(f"{title} ({work.cluster.num_devices} devices, {work.config.precision}); cost = "
-          "predicted step time (compute, critical and exposed communication, pipeline "
+          "predicted step time (compute, the communication it waits for, pipeline "
           f"bubble), under one cost model{minimized}\n")
     print(table(rows))
     if a.json:
@@ -231,11 +232,12 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
                    help="fail on an operator without a sharding rule instead of running it "
                         "replicated (listed in the plan)")
     p.add_argument("--backend", default=None,
-                   help="MILP solver backend (see `autoddl backends`); default: each ILP's "
-                        "LP relaxation on highs, then autoddl's LP branch and bound on highs, "
-                        "then ortools-cbc (highs above 5,000 variables or with step-time rows) "
-                        "where it gives up; a named backend solves every ILP itself, after "
-                        "the LP relaxation")
+                   help="ILP solver backend (see `autoddl backends`); default: each ILP "
+                        "first as a plain linear program on highs, then autoddl's branch and "
+                        "bound on highs, then ortools-cbc (highs above 5,000 variables or "
+                        "where the step has a slowest-stage or exposed-communication term) "
+                        "where it gives up; a named backend solves every ILP "
+                        "itself, after the linear program")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds for the whole search; the best plan found is returned with "
                         "its proven gap")
@@ -263,7 +265,7 @@ def _planning_options(p: argparse.ArgumentParser) -> None:
                         "bytes, the bytes each device sends per step (AutoDDL's bandwidth "
                         "cost; a pipeline's busiest stage), every operator's work divided")
     p.add_argument("--balance-eps", type=float, default=0.1,
-                   help="each stage's FLOPs at most (1+eps) x the mean")
+                   help="each pipeline stage's FLOPs at most (1+eps) x the mean (default 0.1)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print each progress message on its own line (stderr)")
 
@@ -277,11 +279,15 @@ RECOMPUTE_CHOICES = ("auto", "none", "selective", "layers")
 OUTPUT_HELP = ("plan file to write (default: plan.json in the current folder); an existing "
                "file is replaced, and the output says so")
 DEMO_MODEL = "gpt:layers=2,hidden=256,heads=8,seq=64,batch=16,vocab=512"
+#: what ``autoddl --help`` says first
+DESCRIPTION = ("autoddl: plan how to parallelize a PyTorch model's training over a cluster "
+               "(solved as an integer linear program, with its proof) and run the plan with "
+               "torch.distributed")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``autoddl`` command."""
-    ap = argparse.ArgumentParser(prog="autoddl", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="autoddl", description=DESCRIPTION)
     ap.add_argument("--version", action="version", version=f"autoddl {__version__}",
                     help="print autoddl's version and exit")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -354,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("plan", help="the plan file (written by `autoddl plan`)")
     s.add_argument("--all", action="store_true", help="include parameters and inputs")
     s.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="plot stages and per-operator communication")
+                   help="plot each operator's placement per mesh axis and its "
+                        "communication (pipelined: a band of operators per stage)")
     s.set_defaults(fn=_show)
 
     d = sub.add_parser("demo", help="plan the built-in GPT on 4 CPU devices and run it checked")

@@ -24,6 +24,18 @@ BUILTIN_DEFAULTS: dict[str, dict[str, int]] = {
     "mlp": dict(batch=64, dim_in=64, hidden=256, layers=2, dim_out=64),
     "gpt": dict(layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=256),
     "vgg": dict(depth=16, batch=32, image=224, width=64, fc=4096, classes=1000),
+    # groups=0: one routing group per sequence (groups = batch)
+    "moe-gpt": dict(layers=2, hidden=64, heads=4, kv_heads=4, ffn=128, experts=4, top_k=2,
+                    capacity=125, groups=0, glu=0, seq=32, batch=8, vocab=256),
+}
+
+#: mixture-of-experts shapes: ``moe-gpt`` with these defaults. Mixtral-8x7B (Jiang et al.
+#: 2024): 32 layers, hidden 4096, 32 heads with 8 key/value heads, SwiGLU experts of 14336, 8
+#: experts, top-2, vocabulary 32000, sequence 4096 (batch: 256 sequences, 1M tokens, our choice)
+MOE_PRESETS: dict[str, dict[str, int]] = {
+    "mixtral-8x7b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, experts=8,
+                         top_k=2, capacity=125, groups=0, glu=1, seq=4096, batch=256,
+                         vocab=32000),
 }
 
 _TEXT = dict(layers=2, hidden=64, heads=4, seq=32, batch=8, vocab=256)
@@ -52,6 +64,9 @@ GPT_PRESETS: dict[str, dict[str, int]] = {
         ("gpt3-175b", 96, 12288, 96, 1536),
     ]
 }
+
+#: keys whose value may be 0 (``glu``: off; ``groups``: one per sequence)
+_ZERO_OK = frozenset({"glu", "groups"})
 
 #: the depths of VGG (:data:`autoddl.engine.models.VGG_CONFIGS`)
 VGG_DEPTHS = (11, 13, 16, 19)
@@ -93,8 +108,25 @@ def _check_values(name: str, p: dict[str, int]) -> None:
     if name == "vgg" and p["depth"] not in VGG_DEPTHS:
         raise UserError(f"{what}: depth={p['depth']}; choose one of "
                         f"{', '.join(map(str, VGG_DEPTHS))}")
+    if "experts" in p:
+        _check_moe(what, p)
     if name == "vgg" and p["image"] % 32:
         raise UserError(f"{what}: image={p['image']} must be a multiple of 32 (five poolings)")
+
+
+def _check_moe(what: str, p: dict[str, int]) -> None:
+    """The checks of a mixture-of-experts spec (``groups`` already resolved)."""
+    if p["heads"] % p["kv_heads"]:
+        raise UserError(f"{what}: heads={p['heads']} is not a multiple of "
+                        f"kv_heads={p['kv_heads']}")
+    if p["top_k"] > p["experts"]:
+        raise UserError(f"{what}: top_k={p['top_k']} exceeds experts={p['experts']}; "
+                        "route each token to at most every expert")
+    if (p["batch"] * p["seq"]) % p["groups"]:
+        raise UserError(f"{what}: groups={p['groups']} does not divide the "
+                        f"{p['batch'] * p['seq']} tokens of a batch; choose a divisor")
+    if p["glu"] not in (0, 1):
+        raise UserError(f"{what}: glu={p['glu']}; choose 0 (GELU experts) or 1 (SwiGLU)")
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -112,15 +144,20 @@ def parse_model_spec(text: str) -> ModelSpec:
     name, raw = parse_spec(text, "--model")
     if name in GPT_PRESETS:
         defaults, built = GPT_PRESETS[name], "gpt"
+    elif name in MOE_PRESETS:
+        defaults, built = MOE_PRESETS[name], "moe-gpt"
     elif name in BUILTIN_DEFAULTS or name in ZOO_DEFAULTS:
         defaults, built = BUILTIN_DEFAULTS.get(name) or ZOO_DEFAULTS[name], name
     else:
-        known = ", ".join([*BUILTIN_DEFAULTS, *GPT_PRESETS, *ZOO_DEFAULTS])
+        known = ", ".join([*BUILTIN_DEFAULTS, *GPT_PRESETS, *MOE_PRESETS, *ZOO_DEFAULTS])
         raise UserError(f"--model: unknown model {name!r}; built-in models: {known}; "
                         "or hf:MODEL_TYPE[:key=value,...] (any Hugging Face causal or masked "
                         "LM) or path/to/file.py:factory")
     check_keys(raw, defaults, f"--model {name}")
-    params = {k: as_int(raw, k, v, f"--model {name}") for k, v in defaults.items()}
+    params = {k: as_int(raw, k, v, f"--model {name}", minimum=0 if k in _ZERO_OK else 1)
+              for k, v in defaults.items()}
+    if params.get("groups") == 0:  # one routing group per sequence
+        params["groups"] = params["batch"]
     _check_values(name, params)
     return ModelSpec(built, tuple(sorted(params.items())), text)
 

@@ -38,7 +38,7 @@ def _one(model_type: str, limit_s: int) -> dict:
     from autoddl.engine.compute import ComputeFigures
     from autoddl.engine.models import build_model, parse_model_spec
     from autoddl.engine.planner import plan_graph
-    from autoddl.engine.rules import fallback_ops
+    from autoddl.engine.mesh_signatures import fallback_ops
     from autoddl.errors import first_line
 
     row = {"model_type": model_type, "head": "", "status": "ok", "ops": "", "fallback_ops": ""}

@@ -235,3 +235,28 @@ def check_byte_table(out: str, path) -> None:
         assert st == "ok" and pc == ec and abs(rel) <= 1.0, (key, rows[key], out)
         assert abs(eb - pb) <= max(0.01 * pb, 1.0), (key, rows[key])
     assert "byte check passed" in out and "MISMATCH" not in out, out
+
+
+def all_orders(pl, mesh_shape) -> list:
+    """Placement ``pl`` in every order of its nested dims (the default order first)."""
+    from autoddl.engine.mesh_signatures import order_variants
+    from autoddl.engine.rules import Signature
+
+    return [s.out for s in order_variants(Signature((), tuple(pl), (), ()), mesh_shape)]
+
+
+def piece(full: "np.ndarray", pl, mesh_shape, coord) -> "np.ndarray":
+    """The piece of ``full`` device ``coord`` holds under ``pl``, by the definition: each split
+    dim cut into the product of its axes' sizes, chunk number the mixed-radix number of the
+    coordinates on those axes in their order (outer most significant)."""
+    import numpy as np
+
+    from autoddl.engine.placements import split_orders
+
+    out = full
+    for d, seq in split_orders(pl).items():
+        index, count = 0, 1
+        for a in seq:
+            index, count = index * mesh_shape[a] + coord[a], count * mesh_shape[a]
+        out = np.split(out, count, axis=d)[index]
+    return out

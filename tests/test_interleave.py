@@ -19,7 +19,7 @@ from autoddl.engine.programs import (
     build_program, interleave_bound_scale, interleave_options, interleaved,
 )
 from autoddl.engine.repeat import expand_plan, find_blocks
-from autoddl.engine.rules import signatures
+from autoddl.engine.mesh_signatures import signatures
 from autoddl.errors import UserError
 from autoddl.runtime.pipeline import boundary_tensors, p2p_per_step
 from tests.helpers import cluster, microbatch_graph

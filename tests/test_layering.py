@@ -2,7 +2,7 @@
 
 * ``autoddl/formulations/`` never imports torch (at any level, functions included);
 * under ``autoddl/engine/`` only the capture side (``capture.py``, ``normalize.py``, ``models.py``,
-  ``zoo.py``) imports torch;
+  ``moe.py``, ``zoo.py``) imports torch;
 * only modules under ``autoddl/runtime/`` import ``torch.distributed``;
 * solver packages (pulp, highspy, ortools) are imported by the backends only inside functions.
 """
@@ -18,7 +18,7 @@ import autoddl
 PKG = Path(autoddl.__file__).resolve().parent
 ROOT = PKG.parent
 SOLVER_PACKAGES = ("pulp", "highspy", "ortools")
-ENGINE_TORCH_OK = {"capture.py", "models.py", "normalize.py", "zoo.py"}
+ENGINE_TORCH_OK = {"capture.py", "models.py", "moe.py", "normalize.py", "zoo.py"}
 
 
 @dataclass(frozen=True)

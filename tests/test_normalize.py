@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autoddl.engine.capture import export, graph_from_export
-from autoddl.engine.rules import axis_signatures
+from autoddl.engine.mesh_signatures import axis_signatures
 from autoddl.engine.workload import load_workload
 from autoddl.errors import UserError
 from tests.test_zoo import run_graph

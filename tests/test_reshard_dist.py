@@ -32,8 +32,11 @@ def ranks(tmp_path_factory) -> dict:
 
 
 def test_every_conversion_runs_exactly_its_predicted_collectives(ranks):
+    """Every pair of placements of the 2×2 mesh, nested dims in either order: the right pieces,
+    torch ran the predicted collectives, the byte log holds their bytes."""
     rows = ranks["conversions"]
     assert len(rows) > 90
+    assert sum("^" in p for r in rows for p in r["src"] + r["dst"]) > 40
     for r in rows:
         case = (r["src"], r["dst"])
         assert r["correct"], case
@@ -50,7 +53,16 @@ def test_moves_between_axes_are_priced_as_what_runs(ranks):
 
 
 def test_gradients_of_moving_edges(ranks):
+    """Including edges into and out of the other nesting order (its reduce-scatters and
+    slices backward)."""
     assert all(r["correct"] for r in ranks["gradients"]), ranks["gradients"]
+
+
+def test_nesting_orders_are_dtensors_strided_shards(ranks):
+    """Each placement, in either order, is distributed by DTensor (``_StridedShard`` for the
+    other order) into exactly the pieces the order defines, on every rank."""
+    r = ranks["layouts"]
+    assert r["ordered"] >= 2 and r["bad"] == [], r
 
 
 def test_log_holds_collectives_dtensor_adds_and_the_byte_check_fails(ranks):
@@ -68,7 +80,9 @@ def test_log_holds_collectives_dtensor_adds_and_the_byte_check_fails(ranks):
 
 def test_nested_conversions_on_a_2x2x2_mesh(tmp_path):
     """8 gloo ranks: a sample of conversions from or to placements nesting a split on two or
-    three axes gives DTensor's pieces, and the log holds exactly the predicted collectives."""
+    three axes, in the default order or another (3-axis nests in any of six), gives DTensor's
+    pieces (those the target's order defines), and the log holds exactly the predicted
+    collectives."""
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8",
@@ -76,4 +90,4 @@ def test_nested_conversions_on_a_2x2x2_mesh(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["ran"] > 80 and r["bad"] == [], r["bad"][:3]
+    assert r["ran"] > 140 and r["ordered"] > 50 and r["bad"] == [], r["bad"][:3]

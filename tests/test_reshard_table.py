@@ -11,13 +11,19 @@ from autoddl.engine.costs import edge_steps, steps_seconds
 from autoddl.engine.placements import input_grad, local_fraction
 from autoddl.engine.reshard_table import unit_matrices
 from tests.helpers import cluster
+from tests.test_orders import all_orders
 
 
-def _placements(axes: int, ndim: int, nested: bool = False):
+def _placements(axes: int, ndim: int, nested: bool = False, orders: tuple = ()):
+    """Every combination of one-axis placements (with ``nested``, dims split on several axes
+    too); with ``orders`` (the mesh shape), each nested dim in every order of its axes."""
     one = ["B", "P"] + [f"S({d})" for d in range(ndim)]
-    return [p for p in itertools.product(one, repeat=axes)
-            if nested
-            or len({x for x in p if x.startswith("S(")}) == sum(x.startswith("S(") for x in p)]
+    pls = [p for p in itertools.product(one, repeat=axes)
+           if nested
+           or len({x for x in p if x.startswith("S(")}) == sum(x.startswith("S(") for x in p)]
+    if orders:
+        pls = [o for p in pls for o in all_orders(p, orders)]
+    return pls
 
 
 def _scalar(pa, pin, pg, mesh):
@@ -35,20 +41,22 @@ def _scalar(pa, pin, pg, mesh):
     return (*split(fwd), *split(bwd), frac)
 
 
-@pytest.mark.parametrize("shape,ndim,nested", [
-    ((4,), 2, False), ((2, 4), 2, False), ((2, 1, 4), 2, False), ((2, 3, 2), 2, False),
-    ((2, 2, 2), 3, False), ((2, 4), 2, True), ((2, 1, 4), 2, True), ((2, 3, 2), 2, True),
-    ((2, 2, 2), 2, True), ((2, 2, 2, 2), 1, True)])
-def test_table_matches_scalar_steps(shape, ndim, nested):
+@pytest.mark.parametrize("shape,ndim,nested,orders", [
+    ((4,), 2, False, False), ((2, 4), 2, False, False), ((2, 1, 4), 2, False, False),
+    ((2, 3, 2), 2, False, False), ((2, 2, 2), 3, False, False), ((2, 4), 2, True, False),
+    ((2, 1, 4), 2, True, False), ((2, 3, 2), 2, True, False), ((2, 2, 2), 2, True, False),
+    ((2, 2, 2, 2), 1, True, False), ((2, 4), 2, True, True), ((2, 3, 2), 2, True, True),
+    ((4, 2, 2), 2, True, True)])
+def test_table_matches_scalar_steps(shape, ndim, nested, orders):
     """Every pair, including dims moving between axes (chains, and on 3 axes cycles of 3) and,
     with ``nested``, placements splitting one dim on several axes (a size-1 axis nests
-    nothing)."""
+    nothing), with ``orders`` in every nesting order (conversions between orders)."""
     import math
     c = cluster(devices=math.prod(shape), nodes=2 if math.prod(shape) % 2 == 0 else 1,
                 gbps=100, inter_gbps=7, latency_s=3e-6)
     mesh = c.mesh(shape)
-    src = _placements(len(shape), ndim, nested)
-    ins = _placements(len(shape), ndim, nested)
+    src = _placements(len(shape), ndim, nested, shape if orders else ())
+    ins = _placements(len(shape), ndim, nested, shape if orders else ())
     rng = np.random.default_rng(0)
     dst = [(p, tuple(input_grad(x, "S(0)") for x in p)) for p in ins]
     dst += [(ins[i], None) for i in rng.choice(len(ins), 5)]

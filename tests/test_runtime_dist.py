@@ -132,3 +132,45 @@ def test_mlp_data_parallel_over_both_axes_of_2x2_is_nested_and_runs_checked(tmp_
     assert all(plan.op(n.name).out == both for n in lin), [plan.op(n.name).out for n in lin]
     out = _run_checked(path, steps=2)
     assert re.search(r"^\S+\s+all_reduce\s", out, re.M), out
+
+
+def test_weights_stored_in_the_other_nesting_order_run_checked(tmp_path):
+    """Weights split on both axes of a 2×2 mesh with axis 1 outer (``(S(0)^1, S(0))``, DTensor's
+    ``_StridedShard``), held so and updated so by the optimizer. The first layer reads its
+    weight column-parallel on axis 1, ``(B, S(0))``, its batch split on axis 0: one all-gather
+    of the inner split (axis 0) forward, one reduce-scatter of the partial gradient into it
+    backward. The second reads its weight nested in the
+    default order, ``(S(0), S(0))``: a conversion between the two orders (both splits gathered
+    and sliced again), forward and backward. The rest is the ILP's choice. ``--check``: loss,
+    gradients and bytes per (axis, kind) equal to the plan's."""
+    from autoddl.engine.costs import build_problem, edge_steps
+    from autoddl.engine.plan import load_plan
+    from autoddl.engine.planner import solve_sharding
+    from autoddl.engine.workload import load_workload, plan_from_choice
+
+    work = load_workload("mlp:batch=64,dim_in=16,hidden=32,layers=2,dim_out=16",
+                         "cpu:devices=4", stages=1)
+    costed = work.costed(work.mesh((2, 2)))
+    sigs = dict(costed.sigs)
+    reversed_ = (S(0, 1), S(0))
+    for w, reader, read in [("p_layers_0_weight", "linear", ("B", S(0))),
+                            ("p_layers_1_weight", "linear_1", (S(0), S(0)))]:
+        sigs[w] = [s for s in sigs[w] if s.out == reversed_ and s.zero == 0]
+        sigs[reader] = [s for s in sigs[reader] if s.ins[1] == read
+                        and (reader != "linear" or s.out[0] == S(0))]
+        assert sigs[w] and sigs[reader]
+    restricted = build_problem(costed.graph, costed.mesh, costed.cluster, costed.config,
+                               costed.mult, sigs=sigs)
+    cand = solve_sharding(restricted, "highs")
+    steps = {}
+    for w, reader in [("p_layers_0_weight", "linear"), ("p_layers_1_weight", "linear_1")]:
+        fwd, bwd = edge_steps(128.0, cand.choice[w].out, cand.choice[reader].ins[1],
+                              cand.choice[reader].grads[1], costed.mesh)
+        steps[w] = ([(s.axis, s.kind) for s in fwd], [(s.axis, s.kind) for s in bwd])
+    assert steps["p_layers_0_weight"] == ([(0, "all_gather")], [(0, "reduce_scatter")])
+    assert [k for _, k in steps["p_layers_1_weight"][0]] == [
+        "all_gather", "all_gather", "slice", "slice"]
+    path = tmp_path / "plan.json"
+    save_plan(plan_from_choice(work, restricted, cand.choice, "test", 0.0), path)
+    assert load_plan(path).op("p_layers_0_weight").out == {"x": "S(0)^1", "y": "S(0)"}
+    _run_checked(path, steps=2)

@@ -313,7 +313,7 @@ def test_deeply_nested_plan_file_is_one_line(cli, work):
 
 
 @pytest.mark.parametrize("edit,fragment", [
-    ("out-P", "not a legal signature"), ("out-S9", "a split dim is missing"),
+    ("out-P", "not a legal placement"), ("out-S9", "a split dim is missing"),
     ("drop-op", "do not place"),
 ])
 def test_plans_are_checked_against_the_models_graph(cli, work, monkeypatch, edit, fragment):

@@ -30,7 +30,7 @@ from autoddl.engine.models import build_model, parse_model_spec
 from autoddl.engine.placements import B, S
 from autoddl.engine.plan import save_plan
 from autoddl.engine.planner import plan_graph
-from autoddl.engine.rules import axis_signatures
+from autoddl.engine.mesh_signatures import axis_signatures
 from tests.helpers import cluster, make_pipelined_plan, microbatch_graph, run_checked
 
 GPT = "gpt:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=8192"

@@ -23,7 +23,7 @@ from autoddl.engine.capture import capture, export, graph_from_export, leaf_valu
 from autoddl.engine.models import build_model, parse_model_spec
 from autoddl.engine.plan import save_plan
 from autoddl.engine.planner import plan_graph
-from autoddl.engine.rules import fallback_ops
+from autoddl.engine.mesh_signatures import fallback_ops
 from autoddl.engine.workload import Workload
 from autoddl.engine.zoo import ensure_torchvision_importable
 from autoddl.errors import NoRuleError, UserError
@@ -119,7 +119,7 @@ class Net(torch.nn.Module):
         self.b = torch.nn.Linear(32, 8)
 
     def forward(self, x, y):
-        h = torch.cumsum(self.a(x), dim=1)  # no sharding rule: runs replicated
+        h = torch.flip(self.a(x), dims=[1])  # no sharding rule: runs replicated
         q, k = h.chunk(2, dim=1)
         return torch.nn.functional.mse_loss(self.b(torch.cat([k, q], dim=1)), y)
 
@@ -139,10 +139,10 @@ def test_file_factory_model_plans_and_reports_its_fallback(tmp_path):
     out = tmp_path / "plan.json"
     proc = _cli("plan", "--model", f"{src}:make", "--cluster", "cpu:devices=2", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "replicated (no sharding rule): 1 op(s): aten.cumsum.default x1" in proc.stdout
+    assert "replicated (no sharding rule): 1 op(s): aten.flip.default x1" in proc.stdout
     strict = _cli("plan", "--model", f"{src}:make", "--cluster", "cpu:devices=2", "-o",
                   str(tmp_path / "strict.json"), "--strict-rules")
-    assert strict.returncode == 2 and "aten.cumsum.default (x1)" in strict.stderr
+    assert strict.returncode == 2 and "aten.flip.default (x1)" in strict.stderr
     assert not (tmp_path / "strict.json").exists()
 
 
@@ -164,8 +164,8 @@ def test_strict_rules_raise_for_the_fallback_ops(tmp_path):
     src.write_text(textwrap.dedent(FACTORY))
     spec = parse_model_spec(f"{src}:make")
     graph = capture(*build_model(spec, "meta"))
-    assert fallback_ops(graph) == {"aten.cumsum.default": 1}
-    with pytest.raises(NoRuleError, match="cumsum"):
+    assert fallback_ops(graph) == {"aten.flip.default": 1}
+    with pytest.raises(NoRuleError, match="flip"):
         plan_graph(graph, cluster(devices=2), model_spec=spec.text, strict_rules=True)
 
 
@@ -174,18 +174,18 @@ def test_hf_gpt2_runs_checked_with_bytes_equal_to_the_plan(tmp_path, monkeypatch
     """Acceptance: a small Hugging Face GPT-2 on 4 gloo processes, a mixed data and tensor
     parallel plan: losses, gradients and the bytes per (axis, kind) match the plan. Planned
     without nested splits (else plain data parallelism over both axes wins at this size)."""
-    from autoddl.engine import costs, rules
+    from autoddl.engine import costs, mesh_signatures
     from autoddl.engine.placements import is_nested, is_valid, valid_splits
 
-    def flat(dims, shapes, mesh) -> bool:  # rules.signatures' check, no dim on two axes
+    def flat(dims, shapes, mesh) -> bool:  # mesh_signatures.signatures' check, no dim on two axes
         live = [a for a, n in enumerate(mesh) if n > 1]
         return valid_splits(dims, shapes, mesh) and all(
             len(ds) == len(set(ds)) for t in range(len(shapes))
             for ds in [[dims[a][t] for a in live if dims[a][t] is not None]])
 
-    monkeypatch.setattr(rules, "is_valid",
+    monkeypatch.setattr(mesh_signatures, "is_valid",
                         lambda p, shape, mesh: is_valid(p, shape, mesh) and not is_nested(p, mesh))
-    monkeypatch.setattr(rules, "valid_splits", flat)
+    monkeypatch.setattr(mesh_signatures, "valid_splits", flat)
     monkeypatch.setattr(costs, "_SIGNATURES", {})  # nothing cached under the patch leaks out
     spec = parse_model_spec("hf-gpt2:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=256")
     graph = capture(*build_model(spec, "meta"))
@@ -209,7 +209,7 @@ def test_file_model_with_a_fallback_op_runs_checked(tmp_path):
     graph = capture(*build_model(spec, "meta"))
     c = cluster(devices=2, latency_s=1e-6, peak_flops=1e10)
     plan = plan_graph(graph, c, model_spec=spec.text, workers=1)
-    assert plan.model["fallback_ops"] == {"aten.cumsum.default": 1}
+    assert plan.model["fallback_ops"] == {"aten.flip.default": 1}
     path = tmp_path / "plan.json"
     save_plan(plan, path)
     run_checked(path, steps=1)

@@ -131,7 +131,7 @@ def greedy_assign(costed: CostedGraph, fixed: dict[str, Signature],
                 cost = better
         k = int(np.argmin(cost))
         if not np.isfinite(cost[k]):
-            raise NotApplicable(f"no allowed signature for {node.name} ({node.target})")
+            raise NotApplicable(f"no allowed placement for {node.name} ({node.target})")
         pick[v] = k
         for e, best_key in lazy:
             if pick[e.src] < 0:

@@ -61,6 +61,7 @@ from typing import Callable
 import numpy as np
 
 from autoddl.engine.costs import CostedGraph
+from autoddl.engine.provenance import SCREENING_FINDER
 from autoddl.formulations.bounds import TreeBound
 from autoddl.formulations.milp import SolveResult, SolveStatus, relative_gap
 from autoddl.formulations.sharding import ShardingProblem
@@ -124,9 +125,6 @@ class Job:
                 "build_s": None, "lower_bound": None, "heuristic": None}
 
 
-#: what found a plan that the screening's rounding of a candidate's tree relaxation gave (a
-#: plan's ``solver.backend`` where no ILP found a better one)
-SCREENING_FINDER = "screening (rounded tree relaxation)"
 
 #: the jobs of the search in progress, read by forked screening workers (set before forking)
 _JOBS: list[Job] = []
@@ -322,9 +320,10 @@ def _ilp_line(n: int, total: int, label: str, status: str, r: SolveResult, lb: f
     """The log line of the n-th ILP: its outcome, the best plan and the global gap so far."""
     now = (f"; best {best_obj:.6g} s, global gap {100 * relative_gap(best_obj, low):.3g} %"
            if best_obj is not None and np.isfinite(low) else "")
-    return (f"ILP {n}/{total} {label}: {status}"
+    words = "no plan better than the best so far" if status == "dominated" else status
+    return (f"ILP {n}/{total} {label}: {words}"
             + (f", objective {r.objective:.6g} s" if r.objective is not None else "")
-            + (f" (bound {lb:.6g} s)" if np.isfinite(lb) else "") + now
+            + (f" (screening's lower bound {lb:.6g} s)" if np.isfinite(lb) else "") + now
             + (f" [{r.extra['fallback']}]" if r.extra.get("fallback") else ""))
 
 
@@ -480,6 +479,6 @@ def search(jobs: list[Job], *, mip_rel_gap: float = 1e-6,
     best, gap = _proven(best, bound, mip_rel_gap)
     pruned = sum(r["status"] in ("pruned", "dominated") for r in records)
     if log:
-        log(f"{len(solved)} ILPs solved, {pruned} candidates pruned or dominated, "
-            f"{time.perf_counter() - t0:.2f} s")
+        log(f"{len(solved)} ILPs solved, {pruned} candidates ruled out (by their screening "
+            f"bound or ILP), {time.perf_counter() - t0:.2f} s")
     return SearchResult(best, records, solved, bound, gap, timed_out)

@@ -8,6 +8,7 @@ allocated for weights.
 from __future__ import annotations
 
 import contextlib
+import logging
 import operator
 import re
 import warnings
@@ -20,7 +21,8 @@ from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
 from autoddl.engine.normalize import (
     constant_leaves, constant_nodes, constant_values, normalize,
 )
-from autoddl.errors import UserError
+from autoddl.engine.rules_moe import einsum_flops
+from autoddl.errors import UserError, first_line
 
 
 def tensor_meta(value: Any) -> TensorMeta:
@@ -41,6 +43,37 @@ def quiet_fake_tensors() -> Iterator[None]:
         yield
 
 
+#: what transformers (4.46 and later) logs whenever a model built from a config computes its
+#: loss from ``labels``: the config names no loss type, and the default is the right one
+_HF_LOSS_TYPE = "`loss_type=None` was set in the config but it is unrecognized"
+
+
+class _DropNote(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
+def quiet_library_notes() -> None:
+    """Drop transformers' ``loss_type=None`` note (harmless: it then uses the causal LM loss the
+    model asked for), which a Hugging Face model of a model file printed in every process that
+    built it; nothing else it logs. Idempotent."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _DropNote) for f in logger.filters):
+        logger.addFilter(_DropNote(_HF_LOSS_TYPE))
+
+
+#: the return value of a Hugging Face model's forward, not a loss: what to write instead
+_NOT_A_LOSS = ("the model's forward must return the training loss, a scalar tensor; a Hugging "
+               "Face model returns an output object: wrap it in a module whose forward returns "
+               "`model(**inputs).loss`")
+
+
 def export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     """``torch.export`` the model's forward (training IR, high-level ATen ops kept), normalized
     for the planner (:func:`autoddl.engine.normalize.normalize`). A branch on a random draw
@@ -52,6 +85,10 @@ def export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.Export
     except UserError:
         raise
     except Exception as exc:  # export failures are the user's model: say so in one line
+        text = first_line(exc)
+        if re.search(r"in output, which is not a known type", text):
+            raise UserError(f"{_NOT_A_LOSS} (torch.export could not capture what it returned: "
+                            f"{text.split('. ')[0]})") from exc
         raise UserError(f"torch.export could not capture the model: {export_failure(exc)}") \
             from exc
     drop_dead_draws(ep)
@@ -106,8 +143,9 @@ def _scope_of_fqn(fqn: str) -> str:
     return ""
 
 
-def _flops(target: str, ins: list[TensorMeta], out: TensorMeta) -> float:
-    """Forward FLOPs of one op (matmul-like ops exactly, others one per output element)."""
+def _flops(target: str, ins: list[TensorMeta], out: TensorMeta, args: tuple = ()) -> float:
+    """Forward FLOPs of one op (matmul-like ops and einsum exactly, others one per output
+    element); ``args`` are the call's arguments (an einsum's equation)."""
     if target in ("aten.linear.default",):
         return 2.0 * out.numel * ins[0].shape[-1]
     if target in ("aten.mm.default", "aten.bmm.default", "aten.matmul.default",
@@ -119,6 +157,10 @@ def _flops(target: str, ins: list[TensorMeta], out: TensorMeta) -> float:
     if target == "aten.scaled_dot_product_attention.default":
         q, k = ins[0], ins[1]
         return 4.0 * q.numel * k.shape[-2]
+    if target == "aten.einsum.default":  # the dispatch and combine of mixtures of experts
+        flops = einsum_flops(str(args[0]), ins)
+        if flops is not None:
+            return flops
     if target == "aten.embedding.default" or target.split(".")[1] in _ZERO_FLOP:
         return 0.0
     return float(out.numel)
@@ -161,7 +203,7 @@ def graph_from_export(ep: torch.export.ExportedProgram) -> OpGraph:
             outs = outs if isinstance(outs, (list, tuple)) else (outs,)
             outs = [o for o in outs if o is not None]
             if len(outs) != 1 or not isinstance(outs[0], torch.fx.Node):
-                raise UserError("the model's forward must return exactly one tensor: the loss")
+                raise UserError(f"{_NOT_A_LOSS} (it returned {len(outs)} values)")
             loss = outs[0].name
         else:
             raise UserError(f"{fx.op} node {fx.name!r} ({fx.target}) depends on the model's "
@@ -203,7 +245,7 @@ def _op_node(fx: torch.fx.Node, requires_grad: dict[str, bool]) -> OpNode:
         inputs=tuple(a.name for a in inputs),
         args=tuple(_plain(a, index) for a in fx.args),
         kwargs=tuple((k, _plain(v, index)) for k, v in fx.kwargs.items()),
-        flops=_flops(target, in_metas, meta),
+        flops=_flops(target, in_metas, meta, fx.args),
         requires_grad=rg,
         scope=_scope_of_module_stack(fx),
         module=module_of(fx),

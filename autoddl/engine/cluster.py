@@ -258,10 +258,11 @@ class Mesh:
 
     def symmetry_key(self) -> tuple:
         """Meshes with equal keys have equal optima: the same axes (size, link) in the same
-        order. Axis order matters through nested sharding: a dim split on two axes is nested
-        left to right (the lower axis outer), and which conversions are one clean step depends
-        on it (:mod:`~autoddl.engine.placements`), so ``(2, 2, 4)`` and ``(4, 2, 2)`` can differ.
-        Swapping two identical axes gives the same mesh."""
+        order. Axis order matters through nested sharding: operators nest a dim split on two
+        axes left to right (the lower axis outer; only parameters and inputs are offered every
+        order, :mod:`~autoddl.engine.mesh_signatures`), and which conversions are one clean step
+        depends on it (:mod:`~autoddl.engine.placements`), so ``(2, 2, 4)`` and ``(4, 2, 2)``
+        can differ. Swapping two identical axes gives the same mesh."""
         return ("exact",) + tuple((a.size, a.bandwidth_gbps, a.latency_s, a.spans_nodes,
                                    a.ranks_per_node, a.intra_bandwidth_gbps, a.intra_latency_s)
                                   for a in self.axes)

@@ -4,8 +4,8 @@ A training step's compute is not FLOPs at the peak rate. Per operator, on the pi
 device runs (its FLOPs and the bytes it reads and writes, divided as its signature divides them):
 
 * **forward** = max(FLOPs / (peak × matmul efficiency), bytes / memory bandwidth) + one kernel's
-  fixed overhead, for the matmul class (linear, mm, bmm, addmm, convolution, attention), which
-  tensor cores run at a fraction of the dense peak;
+  fixed overhead, for the matmul class (linear, mm, bmm, addmm, convolution, attention, einsum),
+  which tensor cores run at a fraction of the dense peak;
 * **forward** = bytes / memory bandwidth + one kernel's overhead for every other operator
   (element-wise, normalizations, softmax, embedding lookups, losses): memory-bound, its FLOPs
   are negligible beside its traffic;
@@ -33,7 +33,7 @@ from autoddl.errors import UserError
 MATMUL_CLASS = frozenset({
     "aten.linear.default", "aten.mm.default", "aten.bmm.default", "aten.matmul.default",
     "aten.addmm.default", "aten.conv2d.default", "aten.convolution.default",
-    "aten.scaled_dot_product_attention.default",
+    "aten.scaled_dot_product_attention.default", "aten.einsum.default",
 })
 
 #: operators that only relabel memory: no kernel, no time

@@ -62,8 +62,9 @@ from autoddl.engine.graph import SDPA_DROPOUT_ARG, OpGraph
 from autoddl.engine.placements import Placement, Step, grad_target, local_fraction, reshard_steps
 from autoddl.engine.precision import check_precision, tensor_bytes, weight_bytes_per_element
 from autoddl.engine.reshard_table import unit_matrices
+from autoddl.engine.mesh_signatures import signatures
 from autoddl.engine.rules import (
-    ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, signatures, vocab_parallel_steps,
+    ZERO_GRADS, ZERO_REGATHER, ZERO_STATES, Signature, vocab_parallel_steps,
 )
 from autoddl.errors import UserError
 from autoddl.formulations.recompute import recompute_terms, restrict_groups
@@ -540,10 +541,11 @@ def _divisibility(shapes: tuple[tuple[int, ...], ...], mesh_shape: tuple[int, ..
 
 
 def _signatures(n, graph: OpGraph, mesh_shape: tuple[int, ...]) -> list[Signature]:
-    """:func:`~autoddl.engine.rules.signatures`, cached. Identical nodes (those of repeated
-    layers) share one list, and so do meshes that agree on which axes have size > 1 and on
-    which tensor dims the product of the sizes of each set of axes divides (a dim may be split
-    on several axes: nested): that is all the legality of a placement reads."""
+    """:func:`~autoddl.engine.mesh_signatures.signatures`, cached. Identical nodes (those of
+    repeated layers) share one list, and so do meshes that agree on which axes have size > 1
+    and on which tensor dims the product of the sizes of each set of axes divides (a dim may be
+    split on several axes: nested): that is all the legality of a placement reads (order
+    marks count axes, not sizes)."""
     tensors = (n.out,) + tuple(graph[i].out for i in n.inputs)
     pattern = _divisibility(tuple(tuple(t.shape) for t in tensors), tuple(mesh_shape))
     key = (n.kind, n.target, n.requires_grad, tensors,
@@ -606,7 +608,8 @@ def _node_choices(graph: OpGraph, n, ss: list[Signature], mesh: Mesh, cluster: C
     weight traffic), the loss made whole; a weight's ZeRO start-ups (hidden). Without
     ``compute``, only the collectives (and nothing hidden)."""
     if not ss:
-        raise UserError(f"{n.name} ({n.target}) has no legal signature on mesh {mesh}")
+        raise UserError(f"{n.name} ({n.target}) has no legal placement of its inputs and output "
+                        f"on mesh {mesh}")
     k_pass = 3.0  # recomputation is priced by the recompute groups
     key = (id(ss), n.kind, n.target, n.flops, n.args, n.out, n.requires_grad,
            n.name == graph.loss, tuple(graph[i].out for i in n.inputs), config)

@@ -1,7 +1,8 @@
 """Built-in models, each a module whose forward returns the training loss.
 
 Model specs on the command line: ``mlp:batch=64,hidden=256,layers=2`` or
-``gpt:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=256``. A spec builds the module (on any
+``gpt:layers=2,hidden=64,heads=4,seq=32,batch=8,vocab=256``; ``moe-gpt`` (mixture-of-experts
+blocks) lives in :mod:`autoddl.engine.moe`. A spec builds the module (on any
 device, ``meta`` included) and the example inputs of one global batch. Library models
 (``hf-gpt2``, ``tv-resnet50``, ...) and ``path/to/file.py:factory`` come from
 :mod:`autoddl.engine.zoo`, ``hf:MODEL_TYPE:...`` from :mod:`autoddl.engine.hf_zoo`.
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoddl.engine.hf_zoo import build_hf
+from autoddl.engine.moe import MoEGPT
 from autoddl.engine.zoo import ZOO, build_from_file, build_zoo
 from autoddl.model_specs import (BUILTIN_DEFAULTS, FILE_MODEL, GPT_PRESETS, ModelSpec,
                                  parse_model_spec, with_layers)
@@ -137,6 +139,15 @@ def _build_gpt(p: dict[str, int], device: torch.device, gen: torch.Generator | N
     return model, (tokens, targets)
 
 
+def _build_moe_gpt(p: dict[str, int], device: torch.device, gen: torch.Generator | None):
+    with torch.device(device):
+        model = MoEGPT(p)
+    shape = (p["batch"], p["seq"])
+    tokens = _randint(p["vocab"], shape, device, gen)
+    targets = _randint(p["vocab"], shape, device, gen)
+    return model, (tokens, targets)
+
+
 def _build_vgg(p: dict[str, int], device: torch.device, gen: torch.Generator | None):
     with torch.device(device):
         model = VGG(p["depth"], p["width"], p["image"], p["fc"], p["classes"])
@@ -167,6 +178,11 @@ MODELS: dict[str, tuple[dict[str, int], Builder, str]] = {
         BUILTIN_DEFAULTS["gpt"],
         _build_gpt,
         "GPT decoder: embeddings, pre-norm attention+MLP blocks, LM head, cross-entropy",
+    ),
+    "moe-gpt": (
+        BUILTIN_DEFAULTS["moe-gpt"],
+        _build_moe_gpt,
+        "GPT whose MLPs are top-k routed mixtures of experts with a capacity (GShard/Switch)",
     ),
     "vgg": (
         BUILTIN_DEFAULTS["vgg"],

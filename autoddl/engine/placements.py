@@ -5,10 +5,20 @@ axis holds the whole tensor), ``"P"`` (partial sum: each holds an addend) or ``"
 along tensor dim ``d``). On an n-axis mesh a tensor's placement is a tuple with one entry per axis.
 
 Nested sharding. A tensor dim may be split on several axes (DTensor's ``[Shard(0), Shard(0)]``):
-it is cut into the product of their sizes, nested left to right, the lower-indexed axis outer.
-Under ``(S(0), S(0))`` on a p0 × p1 mesh device (i, j) holds chunk ``i·p1 + j`` of p0·p1 chunks of
-dim 0: axis 0 splits the whole dim, axis 1 splits axis 0's piece. A placement is valid when each
-split dim is divisible by the product of the sizes of the axes splitting it (:func:`is_valid`).
+it is cut into the product of their sizes, nested in an *order* of those axes, outer to inner.
+Under ``(S(0), S(0))`` on a p0 × p1 mesh with axis 0 outer, device (i, j) holds chunk
+``i·p1 + j`` of p0·p1 chunks of dim 0: axis 0 splits the whole dim, axis 1 splits axis 0's
+piece. With axis 1 outer it holds chunk ``j·p0 + i``. The default order is left to right (the
+lower-indexed axis outer, DTensor's default); another order is written with a mark on the
+split: ``"S(d)^k"`` says that k of the higher-indexed axes splitting d are outside this one
+(``k = 0``, plain ``"S(d)"``). So ``(S(0)^1, S(0))`` is axis 1 outer, axis 0 inner. The marks of
+one dim are its order's inversion table (:func:`split_orders` decodes, :func:`with_orders`
+encodes): every order has exactly one, the default order has none, and a step that adds or
+removes the innermost split of a dim changes the mark of no other axis. DTensor writes the
+same order with ``_StridedShard(d, split_factor)``, the split factor being the product of the
+sizes of those k axes (:func:`strided_factor`). A placement is valid when each split dim is
+divisible by the product of the sizes of the axes splitting it and each mark is at most the
+number of higher axes splitting its dim (:func:`is_valid`).
 
 Conversion on one axis of size p, for T the bytes each device of that axis's group holds of the
 tensor before the step (ring algorithms; bytes *sent per device*):
@@ -28,24 +38,38 @@ tensor before the step (ring algorithms; bytes *sent per device*):
 
 A multi-axis conversion is done one axis at a time. A one-axis step is *clean* when it acts on
 the innermost split of its dims: an all-gather (or the source side of an all-to-all) of dim a on
-axis m needs no axis after m to split a (it then concatenates the p consecutive sub-chunks of
-the outer piece all devices of m's group share); a split of dim b on axis m (slice,
-reduce-scatter, the target side of an all-to-all) needs no axis after m to split b yet, every
-axis before m that ``dst`` splits on b to split it already, and no axis before m to still split
-b that ``dst`` does not (so splits are added outer to inner and no inner split is gathered twice).
-The runtime runs each step as one DTensor redistribute (or its own all-to-all), and DTensor runs
-a clean step as the one collective in the table; an unclean one it would decompose itself.
+axis m needs m to be the innermost axis splitting a (the devices of m's group then hold the p
+consecutive sub-chunks of one outer piece, which it concatenates); a split of dim b on axis m
+(slice, reduce-scatter, the target side of an all-to-all) makes m the innermost split of b, so
+it needs the axes splitting b to be exactly those ``dst`` puts outside m, in ``dst``'s order
+(splits are added outer to inner and no inner split is gathered twice). Then every clean step
+is the one collective of the table applied to the local piece, whatever the order: the
+runtime runs each as one DTensor redistribute (or its own all-to-all), which runs the clean
+step as that collective.
 
-Order (:func:`reshard_steps`): without nesting in ``src`` or ``dst``, in ``STEP_ORDER``: the free
-slices (B→S) first, then the steps that shrink the local tensor (P→S, S→S'), then all-reduces
-(P→B), then all-gathers (S→B), which grow what later steps would move; steps of one kind in order
-of axis size, then index — except that no step may split a dim another axis still splits (no
-nesting in between): a dim that moves from one axis to another is first given up, then split.
-With nesting on either side, the clean ready step first in that order runs; when none is clean,
-the innermost split blocking the first pending step is gathered to B first (and re-split later
-if ``dst`` splits it). So ``(S(0), S(0)) → (S(0), B)`` is one all-gather on axis 1 of the local
-piece, (p1−1)·T; ``(S(0), S(0)) → (B, S(0))`` is an all-gather on axis 1, (p1−1)·T, an all-gather
-on axis 0 of the grown piece, (p0−1)·p1·T, and a free slice on axis 1 — what DTensor runs too.
+Order (:func:`reshard_steps`): without nesting in ``src`` or ``dst``, in ``STEP_ORDER``: the
+free slices (B→S) first, then the steps that shrink the local tensor (P→S, S→S'), then
+all-reduces (P→B), then all-gathers (S→B), which grow what later steps would move; steps of
+one kind in order of axis size, then index — except that no step may split a dim another axis
+still splits (no nesting in between): a dim that moves from one axis to another is first given
+up, then split. With nesting on either side, the clean ready step first in that order runs;
+when none is clean, the innermost split of the dim of the highest axis blocking the first
+pending step is gathered to B first (and re-split later if ``dst`` splits it); an axis that
+splits the same dim in ``src`` and ``dst`` but at another place in the order is gathered and
+split again. So, T the bytes a device holds:
+
+    =============================  ================================  =======================
+    src → dst                      steps                             bytes sent per device
+    =============================  ================================  =======================
+    (S(0), S(0)) → (S(0), B)       all-gather 1                      (p1−1)·T
+    (S(0), S(0)) → (B, S(0))       all-gather 1, all-gather 0,       (p1−1)·T + (p0−1)·p1·T
+                                   slice 1 (what DTensor runs too)
+    (S(0)^1, S(0)) → (B, S(0))     all-gather 0 (the inner split)    (p0−1)·T
+    (P, S(0)) → (S(0)^1, S(0))     reduce-scatter 0 (added inner)    (p0−1)/p0 · T
+    (S(0), S(0)) → (S(0)^1, S(0))  all-gather 1, all-gather 0,       (p0·p1 − 1)·T
+                                   slice 1, slice 0
+    =============================  ================================  =======================
+
 The cost model and the runtime both follow these steps.
 
 Latency: a collective costs α (its axis's latency) per ring step plus one α to start, so one
@@ -55,15 +79,17 @@ Data parallelism over two axes, a batch ``(S(0), S(0))`` and gradients ``P → B
 two-level all-reduce: 2(p1−1)/p1·G on axis 1, then 2(p0−1)/p0·G on axis 0.
 
 Gradients. For an operator run on local shards under a legal signature, the gradient of an input
-held ``S(d)`` is ``S(d)``; of an input held ``P`` is ``B``; of an input held ``B`` is ``B`` when the
-operator's output is ``B`` on that axis (replicated work) and ``P`` otherwise (each device adds its
-share). A tensor's gradient must reach its producer as the producer's output placement with ``P``
-read as ``B``: the dual of an all-gather is a reduce-scatter, of a ``B`` input read by sharded
-work an all-reduce.
+held ``S(d)`` is ``S(d)`` (with its mark); of an input held ``P`` is ``B``; of an input held ``B``
+is ``B`` when the operator's output is ``B`` on that axis (replicated work) and ``P`` otherwise
+(each device adds its share). A tensor's gradient must reach its producer as the producer's
+output placement with ``P`` read as ``B``: the dual of an all-gather is a reduce-scatter, of a
+``B`` input read by sharded work an all-reduce.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -73,9 +99,10 @@ P = "P"
 Placement = tuple[str, ...]  # one entry per mesh axis
 
 
-def S(dim: int) -> str:
-    """The split placement along tensor dim ``dim``."""
-    return f"S({dim})"
+def S(dim: int, outer_higher: int = 0) -> str:
+    """The split placement along tensor dim ``dim``; ``outer_higher`` (the order mark, module
+    docstring): how many higher-indexed axes splitting ``dim`` are outside this one."""
+    return f"S({dim})" if outer_higher == 0 else f"S({dim})^{outer_higher}"
 
 
 def is_split(p: str) -> bool:
@@ -83,10 +110,66 @@ def is_split(p: str) -> bool:
     return p.startswith("S(")
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_split(p: str) -> tuple[int, int]:
+    """(dim, order mark) of a split placement ``S(d)`` or ``S(d)^k``."""
+    assert is_split(p), p
+    close = p.index(")")
+    mark = int(p[close + 2:]) if len(p) > close + 1 else 0
+    return int(p[2:close]), mark
+
+
 def split_dim(p: str) -> int:
     """The tensor dim of a split placement."""
-    assert is_split(p), p
-    return int(p[2:-1])
+    return _parse_split(p)[0]
+
+
+def order_mark(p: str) -> int:
+    """The order mark of a one-axis placement: for ``S(d)^k`` k, for anything else 0."""
+    return _parse_split(p)[1] if is_split(p) else 0
+
+
+def split_orders(placement: Sequence[str]) -> dict[int, list[int]]:
+    """Per split tensor dim, the axes splitting it, outer to inner, decoded from the marks:
+    axes are placed from the highest index down, each at position ``mark`` among the higher
+    axes already placed (a mark past the end places it innermost)."""
+    orders: dict[int, list[int]] = {}
+    for axis in range(len(placement) - 1, -1, -1):
+        p = placement[axis]
+        if is_split(p):
+            d, mark = _parse_split(p)
+            seq = orders.setdefault(d, [])
+            seq.insert(min(mark, len(seq)), axis)
+    return orders
+
+
+def with_orders(placement: Sequence[str], orders: dict[int, Sequence[int]]) -> Placement:
+    """``placement`` with the dims of ``orders`` nested in the given order (outer to inner;
+    each must list exactly the axes splitting that dim): the marks re-encoded."""
+    out = list(placement)
+    for d, seq in orders.items():
+        assert sorted(seq) == sorted(a for a, p in enumerate(placement)
+                                     if is_split(p) and split_dim(p) == d), (placement, orders)
+        for i, axis in enumerate(seq):
+            out[axis] = S(d, sum(1 for b in seq[:i] if b > axis))
+    return tuple(out)
+
+
+def default_order(placement: Sequence[str]) -> Placement:
+    """``placement`` with every nested dim in the default left-to-right order (no marks)."""
+    return tuple(S(split_dim(p)) if is_split(p) else p for p in placement)
+
+
+def has_order(placement: Sequence[str]) -> bool:
+    """Whether some dim of ``placement`` is nested in an order other than the default."""
+    return any(order_mark(p) for p in placement)
+
+
+def strided_factor(placement: Sequence[str], axis: int, mesh_shape: Sequence[int]) -> int:
+    """DTensor's ``_StridedShard`` split factor of ``placement[axis]`` (a split): the product
+    of the sizes of the higher-indexed axes nested outside it (1: a plain ``Shard``)."""
+    seq = split_orders(placement)[split_dim(placement[axis])]
+    return math.prod(mesh_shape[b] for b in seq[:seq.index(axis)] if b > axis)
 
 
 def grad_target(p: str) -> str:
@@ -127,9 +210,21 @@ def local_fraction(placement: Placement, mesh_shape: Sequence[int]) -> float:
     return frac
 
 
+def marks_valid(placement: Sequence[str]) -> bool:
+    """Whether every order mark of ``placement`` is at most the number of higher-indexed axes
+    splitting the same dim (the axes it can be nested inside)."""
+    for axis, p in enumerate(placement):
+        mark = order_mark(p)
+        if mark and mark > sum(1 for q in placement[axis + 1:]
+                               if is_split(q) and split_dim(q) == split_dim(p)):
+            return False
+    return True
+
+
 def is_valid(placement: Placement, shape: Sequence[int], mesh_shape: Sequence[int]) -> bool:
     """Split dims in range and divisible by the product of the sizes of the axes splitting
-    them (a dim may be split on several axes: nested sharding)."""
+    them (a dim may be split on several axes: nested sharding), order marks in range
+    (:func:`marks_valid`)."""
     f = [1] * len(shape)
     for p, size in zip(placement, mesh_shape):
         if is_split(p):
@@ -137,7 +232,7 @@ def is_valid(placement: Placement, shape: Sequence[int], mesh_shape: Sequence[in
             if not 0 <= d < len(shape):
                 return False
             f[d] *= size
-    return all(s % k == 0 for s, k in zip(shape, f))
+    return all(s % k == 0 for s, k in zip(shape, f)) and marks_valid(placement)
 
 
 def split_dims(placements: Sequence[str]) -> tuple[int | None, ...]:
@@ -250,7 +345,8 @@ def reshard_steps(
             return None
         if kind != "none" and mesh_shape[axis] > 1:
             pending.append(axis)
-    if is_nested(src, mesh_shape) or is_nested(dst, mesh_shape):
+    if (is_nested(src, mesh_shape) or is_nested(dst, mesh_shape) or has_order(src)
+            or has_order(dst)):
         return _nested_steps(src, dst, nbytes, mesh_shape)
     cur = list(src)
     steps = []
@@ -272,20 +368,47 @@ def reshard_steps(
     return steps
 
 
+def move_target(cur: str, dst: str) -> str:
+    """Where the next step on an axis takes ``cur`` (bound for ``dst``): ``dst``, except that a
+    split of the same dim at another place in the order is first gathered (to B)."""
+    if cur != dst and is_split(cur) and is_split(dst) and split_dim(cur) == split_dim(dst):
+        return B
+    return dst
+
+
+def _live_orders(placement: Sequence[str], mesh_shape: Sequence[int]) -> dict[int, list[int]]:
+    """:func:`split_orders` without the axes of size 1 (they nest nothing)."""
+    return {d: [a for a in seq if mesh_shape[a] > 1]
+            for d, seq in split_orders(placement).items()}
+
+
 def _blockers(cur: Sequence[str], dst: Sequence[str], m: int,
               mesh_shape: Sequence[int]) -> tuple[list[int], bool]:
-    """Why the step ``cur[m] -> dst[m]`` is not clean (module docstring): the axes after m
-    that split a dim the step gathers or splits (inner splits to gather first), and whether
-    it must wait for an axis before m (one that must split the same dim first, or give it up)."""
+    """Why the step ``cur[m] -> move_target(cur[m], dst[m])`` is not clean (module docstring):
+    the axes that split a dim the step gathers or splits and must be gathered first (inner
+    splits), and whether it must wait for another axis (one that ``dst`` nests outside m must
+    split the dim first, or one to give it up). An axis splitting the dim that ``dst`` does not
+    split, or splits inside m, is an inner split if its index is above m (with the default
+    order, "inside m"); below m the step waits for that axis's own step."""
     inner: list[int] = []
     wait = False
-    live = [b for b in range(len(cur)) if mesh_shape[b] > 1 and b != m]
+    have = _live_orders(cur, mesh_shape)
+    to = move_target(cur[m], dst[m])
     if is_split(cur[m]):
-        inner += [b for b in live if b > m and cur[b] == cur[m]]
-    if is_split(dst[m]):
-        to = dst[m]
-        inner += [b for b in live if b > m and cur[b] == to]
-        wait = any(b < m and ((dst[b] == to) != (cur[b] == to)) for b in live)
+        seq = have[split_dim(cur[m])]
+        inner += seq[seq.index(m) + 1:]
+    if is_split(to):
+        b = split_dim(to)
+        want = _live_orders(dst, mesh_shape)[b]
+        outer = want[:want.index(m)]
+        for x in have.get(b, []):
+            if x in outer:
+                wait |= cur[x] != dst[x]  # at another place in the order: re-split first
+            elif x in want or x > m:
+                inner.append(x)
+            else:
+                wait = True
+        wait |= any(x not in have.get(b, []) for x in outer)
     return sorted(set(inner)), wait
 
 
@@ -293,7 +416,8 @@ def _nested_steps(src: Placement, dst: Placement, nbytes: float,
                   mesh_shape: Sequence[int]) -> list[Step]:
     """:func:`reshard_steps` where ``src`` or ``dst`` nests a split: clean steps only, the ready
     one first in :data:`STEP_ORDER` (by axis size, then index); where none is ready, the
-    innermost split blocking the first pending step is gathered to B first."""
+    innermost split of the dim of the highest blocking axis of the first pending step is
+    gathered to B first."""
     cur = list(src)
     steps: list[Step] = []
     n = len(cur)
@@ -303,16 +427,18 @@ def _nested_steps(src: Placement, dst: Placement, nbytes: float,
             return steps
 
         def key(ax: int) -> tuple[int, int, int]:
-            return _kind_rank(step_kind(cur[ax], dst[ax]) or "", mesh_shape[ax], ax)
+            return _kind_rank(step_kind(cur[ax], move_target(cur[ax], dst[ax])) or "",
+                              mesh_shape[ax], ax)
 
         blocked = {ax: _blockers(cur, dst, ax, mesh_shape) for ax in pending}
         ready = [ax for ax in pending if not blocked[ax][0] and not blocked[ax][1]]
         if ready:
             axis = min(ready, key=key)
-            to = dst[axis]
+            to = move_target(cur[axis], dst[axis])
         else:
             first = min((ax for ax in pending if blocked[ax][0]), key=key)
-            axis, to = max(blocked[first][0]), B  # the innermost blocking split
+            d = split_dim(cur[max(blocked[first][0])])
+            axis, to = _live_orders(cur, mesh_shape)[d][-1], B  # the innermost split of d
         kind = step_kind(cur[axis], to)
         assert kind is not None and kind != "none", (cur, axis, to)
         held = nbytes * local_fraction(tuple(cur), mesh_shape)

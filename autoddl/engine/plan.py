@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autoddl.engine.plan_check import check_plan_data
+from autoddl.engine.provenance import finder_text, proof_lines, provenance_lines, repeat_line
 from autoddl.errors import UserError
 from autoddl.files import write_text_atomic
 
@@ -244,51 +245,6 @@ def fallback_line(plan: Plan) -> str:
     return f"\nreplicated (no sharding rule): {sum(ops.values())} op(s): {listed}"
 
 
-def repeat_line(plan: Plan) -> list[str]:
-    """The scope of a plan's proof when its repeated layers were solved once (none otherwise)."""
-    rep = plan.model.get("repeat")
-    if not rep or rep["layers"] < 3:
-        return []
-    return [f"         (optimal among plans whose {rep['layers'] - 2} middle layers of "
-            f"`{rep['container']}` share one strategy)"]
-
-
-def proof_lines(plan: Plan) -> list[str]:
-    """What limits the plan's proof beyond the gap, and which solver stood in for a crashed one
-    (none usually)."""
-    s, out = plan.solver, []
-    if s.get("proof_capacity_bytes") is not None:
-        out.append(f"         (the bound covers plans using at most "
-                   f"{int(s['proof_capacity_bytes']):,} B per device: the solver's tolerance let "
-                   "a plan over the cap through, so the memory rows were tightened)")
-    if s.get("fallback"):
-        out.append(f"         ({s['fallback']})")
-    return out
-
-
-def _finder_text(solver: dict) -> str:
-    """The solver's name before its status, for a plan file older than
-    :func:`provenance_lines` (which says what ran), else nothing."""
-    return "" if "ilps_solved" in solver else f"{solver['backend']}: "
-
-
-def provenance_lines(solver: dict) -> list[str]:
-    """What found the plan and what proved its gap, in words: the screening's bounds that ruled
-    candidates out without an ILP and the ILPs solved, by solver (none for a plan file written
-    before autoddl recorded them)."""
-    if "ilps_solved" not in solver:
-        return []
-    proof = []
-    if solver["ilps_solved"]:
-        by = ", ".join(f"{n} by {name}" for name, n in (solver.get("ilp_solvers") or {}).items())
-        proof.append(f"{solver['ilps_solved']} ILP(s) ({by})")
-    if solver.get("candidates_bounded"):
-        proof.append(f"the screening bounds of {solver['candidates_bounded']} candidate(s) "
-                     "(no ILP needed)")
-    return [f"         plan found by {solver['backend']}",
-            f"         bound proven by {' and '.join(proof) or 'the plan alone'}"]
-
-
 def _link_text(axis: dict) -> str:
     """An axis's link: its bandwidth, and where it spans nodes with several ranks of a group on
     each (two-level collectives) those ranks and the intra-node bandwidth."""
@@ -336,17 +292,18 @@ def summary(plan: Plan) -> str:
         f"cluster  {plan.cluster.get('spec') or plan.cluster['name']}  "
         f"({plan.num_devices} devices)",
         f"mesh     {axes}" + (" (each stage)" if plan.pipeline else "") + pipe,
-        f"solver   {_finder_text(s)}{s['status']}, objective {_objective_text(s)}, "
+        f"solver   {finder_text(s)}{s['status']}, objective {_objective_text(s)}, "
         f"gap {gap}, {searched}{len(plan.candidates)} candidate(s)",
         *provenance_lines(s), *repeat_line(plan), *proof_lines(plan),
         "",
         f"{'cost per step':<28}{'seconds':>14}{'bytes/device':>16}{'count':>7}",
         f"{'  step time' + _step_tag(s):<28}{format_seconds(c['total_s']):>14}",
     ]
+    overlapped = c.get("hidden_comm_s", 0.0) > 0 or c.get("exposed_comm_s", 0.0) > 0
     for key, label in (("compute_s", "  compute"), ("redundant_compute_s", "    of it redundant"),
-                       ("hidden_comm_s", "  communication hidden"),
-                       ("exposed_comm_s", "  ... of it exposed")):
-        if key in c:
+                       ("hidden_comm_s", "  weight traffic, overlapped"),
+                       ("exposed_comm_s", "    ... of it not hidden")):
+        if key in c and (overlapped or key not in ("hidden_comm_s", "exposed_comm_s")):
             lines.append(f"{label:<28}{format_seconds(c[key]):>14}")
     lines.append(f"{'  communication (all)':<28}{format_seconds(c['bandwidth_s']):>14}"
                  f"{format_bytes(c['bytes_per_device']):>16}")
@@ -363,10 +320,10 @@ def summary(plan: Plan) -> str:
                      f"{format_bytes(v['bytes']):>16}{v['count']:>7}")
     lines += [
         f"{'estimated step time':<28}{format_seconds(c['step_time_s']):>14}   "
-        "(critical compute and communication, exposed weight traffic"
-        + ((", slowest stage × interleaved 1F1B)" if plan.interleave > 1
-            else ", slowest stage × 1F1B)") if plan.pipeline else ")"),
-        *_below_objective(plan),
+        + ("(this plan under its pipeline schedule: see below)" if plan.pipeline else
+           "(compute and communication on the critical path, plus weight traffic not "
+           "hidden)"),
+        *pipeline_notes(plan),
         "",
         f"precision {plan.training.get('precision', 'fp32')} ({_precision_words(plan)}), "
         f"optimizer {plan.training.get('optimizer')}",
@@ -383,25 +340,85 @@ def summary(plan: Plan) -> str:
 def _ops_per_stage(plan: Plan) -> str:
     """Operators per pipeline stage (chunk, interleaved) in words. A plan of repeated layers
     places the ops of the program it solved, where one middle stage stands for all of them:
-    the others show no op of their own, and the words say so."""
+    the others show no op of their own, and the words say so; interleaved, the program's ops
+    are counted per pipeline rank (its chunks together)."""
     kind = "chunk" if plan.interleave > 1 else "stage"
     counts = [sum(1 for o in plan.ops if o.stage == k and o.target not in ("param", "input"))
               for k in range(plan.num_chunks)]
     last = len(counts) - 1
+    if plan.interleave > 1 and "layers_per_stage" in plan.pipeline:  # by pipeline rank
+        k = plan.num_stages
+        middle = (f", {counts[1]} (each of pipeline ranks 1..{k - 2}: they share one strategy)"
+                  if k > 2 else "")
+        return (f"ops per pipeline rank of the solved program, each over its {plan.interleave} "
+                f"chunks: {counts[0]}{middle}, {counts[last]}")
     if last > 2 and counts[1] and not any(counts[2:last]):
         return (f"ops per {kind} of the solved program: {counts[0]}, {counts[1]} (each of "
                 f"{kind}s 1..{last - 1}: they share one strategy), {counts[last]}")
     return f"ops per {kind}: " + ", ".join(map(str, counts))
 
 
-def _below_objective(plan: Plan) -> list[str]:
-    """Why a pipelined plan's estimated step time is below its objective (none otherwise)."""
-    c = plan.cost
-    if not plan.pipeline or c["step_time_s"] >= c["total_s"] * (1 - 1e-9):
+def _note(label: str, text: str) -> list[str]:
+    """One entry of :func:`pipeline_notes`: ``label``, then ``text`` wrapped beside it."""
+    import textwrap
+
+    return textwrap.wrap(text, width=100, initial_indent=f"  {label:<24}",
+                         subsequent_indent=" " * 26, break_on_hyphens=False)
+
+
+def _passes(count: float) -> str:
+    """``count`` passes in words ("1 pass", "1.5 passes")."""
+    return f"{count:g} pass" + ("" if count == 1 else "es")
+
+
+def pipeline_notes(plan: Plan) -> list[str]:
+    """What each number of a pipelined plan's cost table is, in words (none for a flat plan):
+    the stages work side by side, so sums over them may exceed the step; the step time as the
+    ILP prices it, the bubble, and the estimate, with why the estimate may be lower."""
+    if not plan.pipeline:
         return []
-    return [f"{'':<28}{'':>14}   (below the objective: the solver's linear model adds every "
-            "stage-to-stage transfer and the bubble in full; the estimate times the slowest "
-            "stage under the schedule, where stages compute and transfer at once)"]
+    c = plan.cost
+    k, m, v = plan.num_stages, plan.num_microbatches, plan.interleave
+    schedule = plan.pipeline.get("schedule", "1F1B") + (" (interleaved)" if v > 1 else "")
+    per_mb = c.get("stage_time_s")
+    slowest = f" ({format_seconds(per_mb)} per micro-batch)" if per_mb is not None else ""
+    stage_devices = plan.num_devices // k
+    lines = ["", f"how to read these numbers: the {k} pipeline stages run side by side, each on "
+                 f"its own {stage_devices} device{'s' if stage_devices > 1 else ''}"]
+    sums = (f"each stage's (one device of each), for all {m} micro-batches, added up: the "
+            "stages do this work at the same time, so these may exceed the step time")
+    if "layers_per_stage" in plan.pipeline:  # a program of repeated layers: the 1F1B formula
+        chunks = f", split over its {v} chunks" if v > 1 else ""
+        lines += _note("step time", f"{schedule} as the ILP prices it: the pipeline fills (each "
+                       f"stage's time per micro-batch once{chunks}), then {m - 1 / v:g} more "
+                       f"passes of the slowest stage{slowest}, plus weight traffic not hidden "
+                       "behind compute")
+        lines += _note("compute, communication", sums)
+        lines += _note("pipeline bubble", f"{_passes((k - 1) / v)} of the slowest stage: how "
+                       "long a stage idles while the pipeline fills and drains")
+        lines += _note("estimated step time", "the same formula on this plan"
+                       + (" (equal to the step time)"
+                          if abs(c["step_time_s"] - c["total_s"]) <= 1e-9 * c["total_s"]
+                          else ""))
+        return lines
+    priced = ("the step as the ILP prices it (this plan minimized bytes)"
+              if plan.solver.get("objective_kind") == "bytes" else "what the ILP minimizes")
+    lines += _note("step time", f"{priced} for a pipeline staged operator by "
+                   f"operator: every stage's compute and communication for all {m} "
+                   "micro-batches, added as if one device ran them in turn, plus the transfers "
+                   "between stages and the bubble below (a linear stand-in for the schedule, "
+                   "with the stages' FLOPs balanced by --balance-eps)")
+    lines += _note("compute, communication", sums)
+    lines += _note("pipeline bubble", f"an estimate of {k - 1} forward and backward "
+                   f"pass{'es' if k > 2 else ''} of "
+                   "one micro-batch through an average stage at peak FLOP/s")
+    lower = c["step_time_s"] < c["total_s"] * (1 - 1e-9)
+    lines += _note("estimated step time", f"this plan under {schedule}: {m + k - 1} passes of "
+                   f"its slowest stage{slowest}, one per micro-batch and {k - 1} while the "
+                   "pipeline fills and drains, plus the weight-gradient reductions once per step"
+                   + ("; lower than the step time because the stages work at the same time"
+                      if lower else ""))
+    return lines
 
 
 def _precision_words(plan: Plan) -> str:

@@ -4,7 +4,8 @@ naming the field and the fix, before anything is launched or printed.
 What is checked (:func:`check_plan_data`): the top-level fields and their types; the mesh (axis
 names unique, sizes positive integers, the device count within the cluster limit); the pipeline
 (stages and micro-batches positive, a known schedule); the optimizer; every op's placements (one
-entry per mesh axis, each ``B``, ``P`` or ``S(d)`` with a small non-negative ``d``), its stage
+entry per mesh axis, each ``B``, ``P`` or ``S(d)`` with a small non-negative ``d``, or ``S(d)^k``
+nested inside k of the later axes splitting ``d``), its stage
 within the pipeline and its ZeRO level; and every number of the cost, memory and solver records
 (finite, non-negative where a count or size). A placement's dim against the tensor's rank needs
 the model's graph: the runtime checks that when it captures the model
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 
 from autoddl.errors import UserError
 
-_PLACEMENT = re.compile(r"^(B|P|S\((\d{1,2})\))$")
+_PLACEMENT = re.compile(r"^(B|P|S\((\d{1,2})\)(\^[1-9])?)$")
 #: tensors of more dims than this do not occur in the models autoddl plans
 MAX_DIMS = 16
 SCHEDULES = ("1F1B", "GPipe")
@@ -30,7 +31,7 @@ _COST_NUMBERS = ("total_s", "bandwidth_s", "redundant_compute_s", "step_time_s",
                  "bytes_per_device")
 #: cost entries a plan may lack (older versions) but that must be numbers where present
 _OPTIONAL_COST_NUMBERS = ("stage_bytes_per_device", "compute_s", "hidden_comm_s",
-                          "exposed_comm_s", "bubble_s")
+                          "exposed_comm_s", "bubble_s", "stage_time_s")
 _MEMORY_NUMBERS = ("weights_bytes", "activations_bytes", "converted_inputs_bytes",
                    "per_device_bytes", "capacity_bytes")
 
@@ -68,11 +69,12 @@ def _mapping(data: Mapping[str, Any], key: str, where: str) -> dict:
 
 
 def check_placement(value: Any, field: str) -> None:
-    """One axis's placement: ``B``, ``P`` or ``S(d)`` with ``d < MAX_DIMS``."""
+    """One axis's placement: ``B``, ``P``, ``S(d)`` with ``d < MAX_DIMS``, or ``S(d)^k``
+    (an order mark, 1 <= k <= 9)."""
     m = _PLACEMENT.match(value) if isinstance(value, str) else None
     if m is None or (m.group(2) is not None and int(m.group(2)) >= MAX_DIMS):
-        raise _bad(field, f"is {value!r}; a placement is 'B', 'P' or 'S(d)' with a tensor dim "
-                          f"d below {MAX_DIMS}")
+        raise _bad(field, f"is {value!r}; a placement is 'B', 'P', 'S(d)' or 'S(d)^k' with a "
+                          f"tensor dim d below {MAX_DIMS}")
 
 
 def _check_axes_map(value: Any, axes: list[str], field: str) -> None:
@@ -83,6 +85,11 @@ def _check_axes_map(value: Any, axes: list[str], field: str) -> None:
         raise _bad(field, f"names axes {list(value)}; the mesh's axes are {axes}")
     for axis, p in value.items():
         check_placement(p, f"{field}[{axis!r}]")
+    from autoddl.engine.placements import marks_valid
+
+    if not marks_valid(tuple(value.values())):
+        raise _bad(field, f"is {value}; an order mark S(d)^k needs k later axes splitting d "
+                          "(k of them nest outside it)")
 
 
 def _check_mesh(data: Mapping[str, Any]) -> list[str]:
@@ -260,7 +267,8 @@ def check_against_graph(plan: Any, graph: Any) -> None:
             if not is_valid(parse_placement(placement, axes), shape, mesh):
                 raise _bad(f"op {o.name!r} {where}", f"places a tensor of shape {list(shape)} "
                            f"as {placement} on mesh {dict(zip(axes, mesh))}: a split dim is "
-                           "missing or not divisible by the product of its axes' sizes")
+                           "missing or not divisible by the product of its axes' sizes, or "
+                           "an order mark is out of range")
         if node.kind == "op":
             _check_signature(o, node, graph, axes, mesh, legal)
 
@@ -270,7 +278,7 @@ def _check_signature(o: Any, node: Any, graph: Any, axes: list[str], mesh: tuple
     """Raise unless op ``o`` reads and writes its tensors by one of its node's legal
     signatures (``legal`` caches them per kind of node: repeated layers share them)."""
     from autoddl.engine.placements import parse_placement
-    from autoddl.engine.rules import signatures
+    from autoddl.engine.mesh_signatures import signatures
 
     key = (node.target, node.args, node.kwargs, node.out,
            tuple((graph[i].out, graph[i].requires_grad) for i in node.inputs))
@@ -286,4 +294,5 @@ def _check_signature(o: Any, node: Any, graph: Any, axes: list[str], mesh: tuple
     mine = (tuple(parse_placement(p, axes) for p in o.ins), parse_placement(o.out, axes))
     if mine not in sigs:
         raise _bad(f"op {o.name!r}", f"reads {list(o.ins)} and writes {o.out}, which is not a "
-                   f"legal signature of {node.target} on mesh {dict(zip(axes, mesh))}")
+                   f"legal placement (sharding signature) of {node.target} on mesh "
+                   f"{dict(zip(axes, mesh))}")

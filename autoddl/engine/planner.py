@@ -28,7 +28,8 @@ from autoddl.engine.objectives import (
 )
 from autoddl.engine.placements import format_placement
 from autoddl.engine.plan import OpPlacement, Plan, format_bytes, split_timings
-from autoddl.engine.rules import Signature, check_rules
+from autoddl.engine.mesh_signatures import check_rules
+from autoddl.engine.rules import Signature
 from autoddl.engine.programs import (
     Program, build_program, cost_program, interleave_bound_scale, interleave_options, interleaved,
     program_breakdown, program_layer_order,
@@ -36,7 +37,7 @@ from autoddl.engine.programs import (
 from autoddl.engine.recompute import (
     plan_counts, realized, recompute_record, sharding_layers, with_recompute,
 )
-from autoddl.engine.repeat import Reduced, find_blocks, reduce_graph
+from autoddl.engine.repeat import Reduced, find_blocks, real_modules, reduce_graph
 from autoddl.engine.stages import (
     build_pipeline_problem, pipeline_breakdown, pipeline_candidates,
 )
@@ -291,13 +292,16 @@ def to_plan(c: Candidate, model_info: dict, cluster: Cluster, candidates: list[d
     names = costed.mesh.names
     assert c.choice is not None and c.stage is not None
     ops = []
-    for n in costed.graph.nodes:
+    modules = real_modules([(n.name, n.module) for n in costed.graph.nodes],
+                           model_info.get("repeat"), c.stages,
+                           c.program.interleave if c.program is not None else 1)
+    for n, module in zip(costed.graph.nodes, modules):
         s = c.choice[n.name]
         ops.append(OpPlacement(
             n.name, n.target, format_placement(s.out, names),
             tuple(format_placement(p, names) for p in s.ins),
             tuple(None if g is None else format_placement(g, names) for g in s.grads),
-            c.stage[n.name], zero=s.zero, module=n.module,
+            c.stage[n.name], zero=s.zero, module=module,
         ))
     recompute = {"recompute": costed.config.recompute}
     if c.stages == 1:
@@ -642,10 +646,12 @@ def _raise_no_plan(solved: list[Candidate], cluster: Cluster, backend: str | Non
                 needs.append((min_pipeline_memory_bytes(prob, backend), c.label, c))
         need, where, lean = min(needs, key=lambda t: (t[0], t[1]))
         if not np.isfinite(need):
+            counts = " or ".join(sorted({str(c.stages) for c in solved}))
             raise InfeasibleError(
-                "no candidate admits any plan, whatever the memory: no stage split keeps every "
-                "stage's FLOPs within (1 + balance epsilon) of the mean, and no unpipelined mesh "
-                "was allowed; raise --balance-eps or choose another --stages"
+                f"no plan whatever the memory: no split into {counts} pipeline stages keeps "
+                f"every stage's FLOPs within {1 + balance_eps:g} × the mean (--balance-eps "
+                f"{balance_eps:g}), and --stages leaves no unpipelined plan; raise --balance-eps "
+                "or choose another --stages"
             )
         raise InfeasibleError(
             f"no plan fits {format_bytes(cluster.memory_per_device_bytes)} per device at any "

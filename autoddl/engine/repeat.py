@@ -233,6 +233,74 @@ def expand_plan(plan: Plan, graph: OpGraph) -> Plan:
     return dataclasses.replace(plan, ops=tuple(ops))
 
 
+def represented_layers(group: str, layers: int, stages: int = 1, interleave: int = 1
+                       ) -> list[int]:
+    """The real layers (indices in the container) that the representative ``group`` of a
+    reduced graph (``first``, ``mid``, ``last``) or of a pipelined program (``s0.first``,
+    ``sm.b1``, ... :func:`~autoddl.engine.programs.stage_of_real_block`) stands for; none for
+    the prefix, the suffix and names of no group."""
+    if stages == 1:
+        return {"first": [0], "mid": list(range(1, layers - 1)),
+                "last": [layers - 1]}.get(group, []) if layers >= 3 else []
+    from autoddl.engine.programs import stage_of_real_block
+
+    if not group or group in ("pre", "post") or layers % (stages * interleave):
+        return []
+    return [i for i in range(layers)
+            if stage_of_real_block(i, layers, stages, interleave)[1] == group]
+
+
+#: runs of layer indices written out in a module path before the rest are elided
+_MAX_RUNS = 4
+
+
+def layer_set_text(indices: list[int]) -> str:
+    """Layer indices as a module path writes them: ``3``; several in braces, runs of three or
+    more as ``a..b`` (``{1..6}``, ``{2,4}``, ``{5..6,9..10}``), the middle runs of many
+    elided (``{1..2,5..6,…,29..30}``)."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    if len(runs) == 1 and len(runs[0]) == 1:
+        return str(runs[0][0])
+    parts = [(f"{r[0]}..{r[-1]}" if len(r) >= 3 else ",".join(map(str, r))) for r in runs]
+    if len(parts) > _MAX_RUNS:
+        parts = parts[:_MAX_RUNS - 2] + ["…"] + parts[-1:]
+    return "{" + ",".join(parts) + "}"
+
+
+def real_module(module: str, container: str, indices: list[int]) -> str:
+    """``module``, a path inside the representative layer that was captured
+    (``blocks.1.fc1``, a parameter's ``blocks.1.fc1.weight``), with its layer index replaced by
+    the real layers ``indices`` it stands for (``blocks.{1..6}.fc1``); unchanged outside the
+    container or without indices."""
+    m = re.match(rf"{re.escape(container)}\.\d+(?=\.|$)", module)
+    if m is None or not indices:
+        return module
+    return f"{container}.{layer_set_text(indices)}{module[m.end():]}"
+
+
+def real_modules(names_modules: list[tuple[str, str]], repeat: dict | None, stages: int = 1,
+                 interleave: int = 1) -> list[str]:
+    """The module path of each (node name, captured module) of a plan of repeated layers
+    (``repeat``: the plan's ``model.repeat``; None: no repeated layers, the paths as
+    captured), naming the real layers its representative stands for: the first layer's ops
+    say ``blocks.0``, the middle ones' ``blocks.{1..6}``."""
+    if not repeat:
+        return [module for _, module in names_modules]
+    cache: dict[str, list[int]] = {}
+    out = []
+    for name, module in names_modules:
+        group = name.split("/")[0] if "/" in name else ""
+        if group not in cache:
+            cache[group] = represented_layers(group, int(repeat["layers"]), stages, interleave)
+        out.append(real_module(module, repeat["container"], cache[group]))
+    return out
+
+
 def match_plan(plan: Plan, graph: OpGraph) -> Plan:
     """Check that ``plan`` was made for ``graph`` (by graph hash) and return it written out for
     every node of the graph (plans of repeated layers name representatives only)."""

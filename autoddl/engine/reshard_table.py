@@ -24,7 +24,12 @@ where a dim moves from one axis to another (split on one in the producer's place
 the consumer's) follow :func:`reshard_steps`' rule that no step nests two splits of one dim: they
 are replayed step by step, vectorized over those pairs only (:func:`_moves_seconds`). The pairs
 whose producer or consumer placement nests a split (one dim split on several axes) are replayed
-the same way with :func:`reshard_steps`' clean-step rule for nesting (:func:`_nested_seconds`)."""
+the same way with :func:`reshard_steps`' clean-step rule for nesting (:func:`_nested_seconds`),
+in any nesting order: a split's code carries its order mark (``S(d)^k``: 1 + d + 64·k), each
+axis's place in its dim's order is decoded from the marks as
+:func:`~autoddl.engine.placements.split_orders` does (:func:`_positions`; without marks the axis
+index ranks the same way), and an axis that splits the same dim at another place in the order is
+gathered before it is split again."""
 
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import numpy as np
 
 from autoddl.engine.cluster import Mesh
 from autoddl.engine.placements import (
-    B, P, STEP_ORDER, Placement, grad_target, split_dim,
+    B, P, STEP_ORDER, Placement, grad_target, order_mark, split_dim,
 )
 
 _NONE, _SLICE, _RS, _A2A, _AG, _AR, _BAD = range(7)
@@ -47,15 +52,28 @@ _GROUPS = tuple(tuple(_CODE[k] for k, r in STEP_ORDER.items() if r == rank)
                 for rank in sorted(set(STEP_ORDER.values())))
 
 
+#: a split's code is 1 + dim + _MARK · order mark (no tensor has _MARK dims), so that equal codes
+#: are equal placements and :func:`_dims` recovers the dim
+_MARK = 64
+
+
 def _codes(placements: Sequence[Placement | None], axes: int) -> np.ndarray:
-    """Per placement and axis: -2 (no placement), -1 (B), 0 (P), 1 + d (S(d))."""
+    """Per placement and axis: -2 (no placement), -1 (B), 0 (P), 1 + d + _MARK·k (S(d)^k)."""
     out = np.full((len(placements), axes), -2, dtype=np.int64)
     for i, pl in enumerate(placements):
         if pl is None:
             continue
         for a, p in enumerate(pl):
-            out[i, a] = -1 if p == B else 0 if p == P else 1 + split_dim(p)
+            out[i, a] = (-1 if p == B else 0 if p == P
+                         else 1 + split_dim(p) + _MARK * order_mark(p))
     return out
+
+
+def _dims(codes: np.ndarray) -> np.ndarray:
+    """The codes without their order marks: -2, -1 (B), 0 (P) or 1 + d (a split of dim d)."""
+    if codes.size == 0 or codes.max() <= _MARK:
+        return codes
+    return np.where(codes > 0, (codes - 1) % _MARK + 1, codes)
 
 
 def _kind(s: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -189,12 +207,14 @@ def _seconds(pairs: _Pairs, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _nested_mask(codes: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """Per placement (codes, last axis the mesh axes): some dim split on two axes of size > 1."""
-    out = np.zeros(codes.shape[:-1], bool)
+    """Per placement (codes, last axis the mesh axes): some dim split on two axes of size > 1,
+    or an order mark (a dim nested in another order than the default)."""
+    out = (codes > _MARK).any(axis=-1)
+    dims = _dims(codes)
     live = [a for a, p in enumerate(sizes) if p > 1]
     for i, a in enumerate(live):
         for b in live[i + 1:]:
-            out |= (codes[..., a] > 0) & (codes[..., a] == codes[..., b])
+            out |= (dims[..., a] > 0) & (dims[..., a] == dims[..., b])
     return out
 
 
@@ -229,25 +249,68 @@ def _run_step(cur: np.ndarray, ax: np.ndarray, to: np.ndarray, active: np.ndarra
     return np.where(active, held * ratio, held)
 
 
-def _nest_blocks(cur: np.ndarray, dst: np.ndarray,
-                 live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Why each pending step ``cur[m] -> dst[m]`` is not clean, for codes (axes, K), as
-    :func:`~autoddl.engine.placements._blockers`: ``inner`` (axes, axes, K), axis b > m (live)
-    splits a dim the step gathers or splits; ``wait`` (axes, K), an axis b < m must first split
-    the dim the step splits, or give it up."""
+def _positions(codes: np.ndarray, dims: np.ndarray) -> np.ndarray | None:
+    """Per axis (rows) and column of codes (axes, K) and their :func:`_dims`: the place of
+    each split in its dim's order, outer first, decoded from the marks as
+    :func:`~autoddl.engine.placements.split_orders` does; -1 where the axis splits nothing.
+    Only the ranks within a dim are meant, so without marks (every dim in the default order)
+    it is None: the axis indices rank the same way."""
+    if codes.max(initial=0) <= _MARK:
+        return None
+    n = codes.shape[0]
+    split = dims > 0
+    same = split[:, None] & (dims[:, None] == dims[None, :])  # (axes, axes, K)
+    marks = np.where(codes > 0, (codes - 1) // _MARK, 0)
+    pos = np.full(codes.shape, -1, np.int64)
+    for m in range(n - 1, -1, -1):
+        at = np.minimum(marks[m], same[m, m + 1:].sum(axis=0))
+        for x in range(m + 1, n):
+            pos[x] = np.where(same[m, x] & (pos[x] >= at), pos[x] + 1, pos[x])
+        pos[m] = np.where(split[m], at, -1)
+    return pos
+
+
+def _after(pos: np.ndarray | None, x: int, m: int) -> np.ndarray | bool:
+    """Whether axis x is after (inside) axis m in the order of their common dim (both split
+    it), from :func:`_positions` (None: by index)."""
+    return x > m if pos is None else pos[x] > pos[m]
+
+
+def _nest_blocks(cur: np.ndarray, dst: np.ndarray, dd: np.ndarray,
+                 dst_pos: np.ndarray | None, live: np.ndarray) -> tuple:
+    """Each axis's next step and why it is not clean, for codes (axes, K), as
+    :func:`~autoddl.engine.placements._blockers`: (``to`` (axes, K), the code the step goes
+    to: ``dst``, or B where an axis splits the same dim at another place in the order;
+    ``inner`` (axes m, axes x, K), x (live) splits a dim the step of m gathers or splits and
+    must be gathered first; ``wait`` (axes, K), another axis must first split or give up the
+    dim the step splits; ``pos``: :func:`_positions` of ``cur``; ``dc``: its dims). ``dd``,
+    ``dst_pos``: :func:`_dims` and :func:`_positions` of ``dst``."""
     n = cur.shape[0]
+    dc = _dims(cur)
+    pos = _positions(cur, dc)
+    to = dst
+    if pos is not None or dst_pos is not None:  # a split to re-place in its order: gathered
+        to = np.where((cur != dst) & (dc > 0) & (dc == dd), -1, dst)
+    b = _dims(to)
+    eq = cur == dst
     inner = np.zeros((n, n) + cur.shape[1:], bool)
     wait = np.zeros(cur.shape, bool)
     for m in range(n):
-        for b in range(n):
-            if b == m or not live[b]:
+        splits = b[m] > 0
+        for x in range(n):
+            if x == m or not live[x]:
                 continue
-            if b > m:
-                inner[m, b] = (((cur[m] > 0) & (cur[b] == cur[m]))
-                               | ((dst[m] > 0) & (cur[b] == dst[m])))
+            has = splits & (dc[x] == b[m])  # x splits the dim m's step splits
+            in_t = splits & (dd[x] == b[m])  # ... and does in dst,
+            outer = in_t & _after(dst_pos, m, x)  # ... outside m
+            gathered = (dc[m] > 0) & (dc[x] == dc[m]) & _after(pos, x, m)
+            if x > m:
+                inner[m, x] = gathered | (has & ~outer)
             else:
-                wait[m] |= (dst[m] > 0) & ((dst[b] == dst[m]) != (cur[b] == dst[m]))
-    return inner, wait
+                inner[m, x] = gathered | (has & ~outer & in_t)
+                wait[m] |= has & ~in_t
+            wait[m] |= outer & ~(has & eq[x])
+    return to, inner, wait, pos, dc
 
 
 def _nested_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.ndarray, ...]:
@@ -255,39 +318,46 @@ def _nested_seconds(src: np.ndarray, dst: np.ndarray, mesh: Mesh) -> tuple[np.nd
     whose source or target nests a split, replayed step by step as
     :func:`~autoddl.engine.placements._nested_steps` runs them, vectorized over the K pairs:
     the clean ready step first in STEP_ORDER (by axis size, then index); where none is ready,
-    the innermost split blocking the first pending step is gathered to B. A row with no
-    placement (code -2) converts nothing."""
+    the innermost split of the dim of the highest axis blocking the first pending step is
+    gathered to B. A row with no placement (code -2) converts nothing."""
     cur, dst = src.T.copy(), dst.T
     n, k = cur.shape
     sizes = np.array([ax.size for ax in mesh.axes])
+    live = sizes > 1
     inv_bw, alpha = _rates(mesh)
     factor, steps = _step_tables(sizes)
-    pos = np.empty(n, np.int64)
-    pos[sorted(range(n), key=lambda a: (sizes[a], a))] = np.arange(n)
+    by_size = np.empty(n, np.int64)
+    by_size[sorted(range(n), key=lambda a: (sizes[a], a))] = np.arange(n)
     p = sizes.astype(float)
     held = np.prod(np.where(cur > 0, 1.0 / p[:, None], 1.0), axis=0)
     per_byte, latency = np.zeros(k), np.zeros(k)
     cols = np.arange(k)
     empty = (cur < -1).any(axis=0) | (dst < -1).any(axis=0)
+    dd = _dims(dst)
+    dst_pos = _positions(dst, dd)
     big = np.iinfo(np.int64).max
     for _ in range(4 * n * n + 4):
-        pending = (cur != dst) & (sizes[:, None] > 1) & ~empty
+        pending = (cur != dst) & live[:, None] & ~empty
         active = pending.any(axis=0)
         if not active.any():
-            break
-        inner, wait = _nest_blocks(cur, dst, sizes > 1)
+            return per_byte, latency
+        to, inner, wait, pos, dims = _nest_blocks(cur, dst, dd, dst_pos, live)
         blocked = inner.any(axis=1)
         ready = pending & ~blocked & ~wait
-        any_ready = ready.any(axis=0)
-        key = _RANK[_kind(cur, dst)] * n + pos[:, None]
-        first = np.argmin(np.where(pending & blocked, key, big), axis=0)
-        innermost = n - 1 - np.argmax(inner[first, ::-1, cols].T, axis=0)
-        ax = np.where(any_ready, np.argmin(np.where(ready, key, big), axis=0), innermost)
-        to = np.where(any_ready, dst[ax, cols], -1)  # -1: B, an inner split gathered first
+        key = _RANK[_kind(cur, to)] * n + by_size[:, None]
+        ax = np.argmin(np.where(ready, key, big), axis=0)
+        to = to[ax, cols]
+        stuck = active & ~ready.any(axis=0)
+        if stuck.any():  # gather the innermost split of the highest blocking axis's dim
+            first = np.argmin(np.where(pending & blocked, key, big), axis=0)
+            highest = n - 1 - np.argmax(inner[first, ::-1, cols].T, axis=0)
+            same = live[:, None] & (dims > 0) & (dims == dims[highest, cols])
+            rank = np.arange(n)[:, None] if pos is None else pos
+            ax = np.where(stuck, np.argmax(np.where(same, rank, -1), axis=0), ax)
+            to = np.where(stuck, -1, to)  # -1: B
         held = _run_step(cur, ax, to, active, held, (per_byte, latency),
                          (factor, steps, inv_bw, alpha))
-    assert not ((cur != dst) & (sizes[:, None] > 1) & ~empty).any(), "no clean conversion"
-    return per_byte, latency
+    raise AssertionError("no clean conversion")
 
 
 #: STEP_ORDER by kind code (NONE and BAD never run)

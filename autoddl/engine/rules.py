@@ -2,11 +2,8 @@
 
 A rule looks at one node (its tensor inputs' and output's shapes, its arguments) and lists the
 legal *one-axis* signatures: a placement for each tensor input and the output that make running
-the operator on local shards correct. Signatures on an n-axis mesh are every combination of
-one-axis signatures, one per axis, that keeps each tensor valid (split dims divisible by the
-product of the sizes of the axes splitting them): :func:`signatures`. Two axes may split one dim
-(nested sharding, the lower-indexed axis outer) wherever local execution stays exact: every rule
-but the row-split embedding and the vocabulary-parallel loss (:func:`_bad_nesting`).
+the operator on local shards correct. Signatures on an n-axis mesh combine them, one per axis,
+and choose the order of nested splits: :mod:`autoddl.engine.mesh_signatures`.
 
 Example, ``Y = X @ W`` on one axis: ``(S(0), B) -> S(0)`` data parallel, ``(B, S(1)) -> S(1)``
 column parallel, ``(S(1), S(0)) -> P`` row parallel, ``(P, B) -> P`` and ``(B, P) -> P`` since the
@@ -25,17 +22,11 @@ Those all-reduces are the operator's own collectives (:func:`vocab_parallel_step
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from autoddl.engine.graph import OpGraph, OpNode, TensorArg, TensorMeta
-from autoddl.engine.placements import (
-    B, P, S, Placement, Step, collective_cost, input_grad, is_nested, is_valid, local_shape,
-    split_dims, valid_splits,
-)
-from autoddl.errors import NoRuleError
+from autoddl.engine.graph import OpNode, TensorArg, TensorMeta
+from autoddl.engine.placements import B, P, S, Placement, Step, collective_cost, local_shape
 
 
 @dataclass(frozen=True)
@@ -509,91 +500,5 @@ def _mse(node: OpNode, ins: list[TensorMeta]) -> list[AxisSig]:
     return sigs
 
 
-# --------------------------------------------------------------------------- n-axis signatures
-def leaf_signatures(node: OpNode, mesh_shape: Sequence[int]) -> list[Signature]:
-    """Placements of a parameter or input: B or S(d) on each axis (never P).
-
-    A trained parameter also gets its ZeRO variants: ``ZERO_GRADS`` where it is ``B`` on an axis
-    of size > 1 (ZeRO-1 keeps more memory for the same communication, so only the baselines
-    build it), ``ZERO_REGATHER`` where it is split on one.
-    """
-    options = [B] + [S(d) for d in range(node.out.ndim) if node.out.shape[d] > 1]
-    out = []
-    trained = node.kind == "param" and node.requires_grad
-    for combo in itertools.product(*[options if n > 1 else [B] for n in mesh_shape]):
-        if is_valid(combo, node.out.shape, mesh_shape):
-            out.append(Signature((), tuple(combo), (), ()))
-            if not trained:
-                continue
-            if any(p == B and n > 1 for p, n in zip(combo, mesh_shape)):
-                out.append(Signature((), tuple(combo), (), (), ZERO_GRADS))
-            if any(p != B and n > 1 for p, n in zip(combo, mesh_shape)):
-                out.append(Signature((), tuple(combo), (), (), ZERO_REGATHER))
-    return out
-
-
-def axis_signatures(node: OpNode, graph: OpGraph) -> list[AxisSig]:
-    """The one-axis signatures of an operator node; an operator without a rule runs
-    replicated (every input whole, the output whole): the documented fallback."""
-    fn = RULES.get(node.target)
-    if fn is None:
-        return [_replicated(len(node.inputs))]
-    return fn(node, [graph[i].out for i in node.inputs])
-
-
-def _bad_nesting(combo: Sequence[AxisSig], placements: Sequence[Placement],
-                 mesh_shape: Sequence[int]) -> bool:
-    """Whether a combination nests a split (one tensor dim split on several axes) where local
-    execution would be wrong: a row-split embedding or a vocabulary-parallel loss finds its
-    owned rows from one axis's coordinate. Every other one-axis rule maps a split input dim
-    to a split output dim (or a partial sum) the same way on each axis, so the nested pieces
-    line up (input chunk ``i·p1 + j`` makes output chunk ``i·p1 + j``); means over a dim
-    split on several axes are scaled by each axis's size, so by their product."""
-    flagged = any((a.vocab or a.vocab_parallel) and n > 1 for a, n in zip(combo, mesh_shape))
-    return flagged and any(is_nested(p, mesh_shape) for p in placements)
-
-
-def signatures(node: OpNode, graph: OpGraph, mesh_shape: Sequence[int]) -> list[Signature]:
-    """Every legal n-axis signature of ``node`` on a mesh of ``mesh_shape``."""
-    if node.kind != "op":
-        return leaf_signatures(node, mesh_shape)
-    one_axis = axis_signatures(node, graph)
-    ins = [graph[i].out for i in node.inputs]
-    needs_grad = [graph[i].requires_grad for i in node.inputs]
-    trivial = _replicated(len(ins))
-    seen: dict[tuple, Signature] = {}
-    shapes = [tuple(node.out.shape)] + [tuple(t.shape) for t in ins]
-    dims = {id(a): split_dims((a.out, *a.ins)) for a in one_axis + [trivial]}
-    for combo in itertools.product(*[one_axis if n > 1 else [trivial] for n in mesh_shape]):
-        if not valid_splits([dims[id(a)] for a in combo], shapes, mesh_shape):
-            continue
-        in_pl = tuple(tuple(a.ins[i] for a in combo) for i in range(len(ins)))
-        out_pl = tuple(a.out for a in combo)
-        if _bad_nesting(combo, (out_pl, *in_pl), mesh_shape):
-            continue
-        grads = tuple(
-            tuple(input_grad(a, o) for a, o in zip(pl, out_pl)) if g else None
-            for pl, g in zip(in_pl, needs_grad)
-        )
-        key = (in_pl, out_pl)
-        if key not in seen:
-            seen[key] = Signature(in_pl, out_pl, grads, tuple(combo))
-    return list(seen.values())
-
-
-def fallback_ops(graph: OpGraph) -> Counter:
-    """Operators without a sharding rule (run replicated), by target, with their counts."""
-    return Counter(n.target for n in graph.ops if n.target not in RULES)
-
-
-def check_rules(graph: OpGraph, strict: bool = False) -> Counter:
-    """The operators that fall back to replicated execution (:func:`fallback_ops`); with
-    ``strict``, raise one error listing them instead."""
-    missing = fallback_ops(graph)
-    if missing and strict:
-        listed = ", ".join(f"{t} (x{c})" for t, c in missing.most_common())
-        raise NoRuleError(
-            f"{sum(missing.values())} operator(s) have no sharding rule: {listed}; "
-            "add a rule in autoddl/engine/rules.py, or drop --strict-rules to run them replicated"
-        )
-    return missing
+# the rules of the mixture-of-experts operators (one_hot, argmax, cumsum, einsum, comparisons)
+from autoddl.engine import rules_moe  # noqa: E402,F401  (registers them into RULES)

@@ -196,6 +196,7 @@ def pipeline_breakdown(costed: CostedGraph, choice: dict[str, Signature], stage:
         "compute_s": per_step["compute_s"],
         # the accumulated gradients are converted after the last micro-batch's backward
         "step_time_s": (m + stages - 1) * slowest + float(stage_sync.max()),
+        "stage_time_s": slowest,  # the slowest stage's compute and transfers per micro-batch
         "bytes_per_device": per_step["bytes_per_device"] + p2p["bytes"],
     })
     memory = {

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from autoddl.engine.capture_cache import Captured
 from autoddl.engine.cluster import Cluster, Mesh, MeshAxis
 from autoddl.engine.costs import CostedGraph, TrainingConfig, build_problem, plain_indices
 from autoddl.engine.graph import OpGraph
@@ -24,10 +25,12 @@ from autoddl.engine.precision import resolve_precision
 from autoddl.engine.programs import interleaved, Program, build_program
 from autoddl.engine.recompute import sharding_layers, with_recompute
 from autoddl.engine.repeat import Blocks, Reduced, find_blocks, reduce_graph
-from autoddl.engine.rules import Signature, check_rules
+from autoddl.engine.mesh_signatures import check_rules
+from autoddl.engine.rules import Signature
 from autoddl.engine.stages import pipeline_candidates
 from autoddl.formulations.milp import SolveResult, SolveStatus
 from autoddl.errors import UserError
+from autoddl.model_specs import ModelSpec
 from autoddl.formulations.sharding import ShardingProblem
 
 
@@ -44,6 +47,7 @@ class Workload:
     layers: int | None = None  # the real layer count when the graphs have fewer
     balance_eps: float = 0.1
     reduced: Reduced | None = None
+    from_cache: bool = False  # the graphs were read from the capture cache
     _costed: dict[tuple[int, ...], CostedGraph] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -151,13 +155,14 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
                   precision: str | None = None) -> Workload:
     """The workload of a ``--model`` spec on a ``--cluster`` spec (or cluster), as ``autoddl
     plan`` captures it: a model with a ``layers`` key of more than three whose layers repeat is
-    captured with three and planned for all; a micro-batch graph is captured unless ``stages`` is 1 or there is one device or one
-    micro-batch (default: the largest divisor of the batch up to 16). ``precision``: fp32 or
-    bf16 (None: the cluster's default, :func:`~autoddl.engine.precision.resolve_precision`)."""
-    from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
+    captured with three and planned for all; a micro-batch graph is captured unless ``stages``
+    is 1 or there is one device or one micro-batch (default: the largest divisor of the batch
+    up to 16). Built-in and library models are captured once per machine
+    (:mod:`~autoddl.engine.capture_cache`). ``precision``: fp32 or bf16 (None: the cluster's
+    default, :func:`~autoddl.engine.precision.resolve_precision`)."""
+    from autoddl.engine import capture_cache
     from autoddl.engine.cluster import parse_cluster
-    from autoddl.engine.guard import user_code
-    from autoddl.engine.models import FILE_MODEL, build_model, parse_model_spec, with_layers
+    from autoddl.model_specs import parse_model_spec
 
     spec = parse_model_spec(model)
     if isinstance(cluster, str):
@@ -166,6 +171,28 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
                             resolve_precision(precision, cluster.device_type))
     if stages is not None and stages < 1:
         raise UserError(f"--stages must be at least 1, got {stages}")
+    with_microbatch = stages != 1 and cluster.num_devices > 1
+    key = (capture_cache.capture_key(spec, microbatches, with_microbatch)
+           if capture_cache.cacheable(spec) else None)
+    got = capture_cache.load(key) if key else None
+    hit = got is not None
+    if got is None:
+        got = capture_graphs(spec, microbatches, with_microbatch)
+        if key:
+            capture_cache.store(key, got)
+    return Workload(spec.text, got.graph, cluster, config, got.microbatch_graph,
+                    got.microbatches, got.layers, balance_eps, from_cache=hit)
+
+
+def capture_graphs(spec: ModelSpec, microbatches: int | None, with_microbatch: bool
+                   ) -> Captured:
+    """Capture the graphs of ``spec`` on the ``meta`` device: with three layers when it has
+    more and they repeat; the first micro-batch's too when ``with_microbatch`` and there is
+    more than one (``microbatches``, default: the largest divisor of the batch up to 16)."""
+    from autoddl.engine.capture import capture, default_microbatches, microbatch_inputs
+    from autoddl.engine.guard import user_code
+    from autoddl.engine.models import FILE_MODEL, build_model, with_layers
+
     with user_code(f"--model {spec.text}", foreign=spec.name == FILE_MODEL or spec.is_hf):
         layers = dict(spec.params).get("layers")
         fast = layers is not None and layers > 3  # repeated layers: capture 3, plan for all
@@ -177,7 +204,6 @@ def load_workload(model: str, cluster: str | Cluster, *, optimizer: str = "adam"
             graph = capture(module, inputs)
         m = microbatches or default_microbatches(inputs)
         mb_graph = None
-        if stages != 1 and cluster.num_devices > 1 and m > 1:
+        if with_microbatch and m > 1:
             mb_graph = capture(module, microbatch_inputs(inputs, m))
-    return Workload(spec.text, graph, cluster, config, mb_graph, m, layers if fast else None,
-                    balance_eps)
+    return Captured(graph, mb_graph, m, layers if fast else None)

@@ -268,6 +268,9 @@ def build_from_file(text: str, device: torch.device) -> tuple[nn.Module, tuple]:
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     ensure_torchvision_importable()
+    from autoddl.engine.capture import quiet_library_notes
+
+    quiet_library_notes()
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:

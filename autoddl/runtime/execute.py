@@ -4,6 +4,11 @@ Every tensor lives as one device's *local* piece plus the placement the plan gav
 edge the executor converts the producer's piece to the placement the consumer's signature reads
 (:func:`autoddl.engine.placements.reshard_steps`, one mesh axis at a time, through DTensor's
 redistribute), runs the ATen operator on local pieces, and declares the planned output placement.
+A dim nested in an order other than the default (``S(d)^k``) is DTensor's ``_StridedShard``
+(:func:`to_dtensor_placements`): each step acts on the innermost split of its dims, which DTensor
+redistributes between such specs with the one collective the step names (gloo and NCCL alike;
+an all-to-all the runtime runs itself, on the local pieces), and parameters are held and
+updated as such DTensors.
 The conversion is an autograd function whose backward runs the gradient's planned steps (the
 consumer's gradient placement back to the producer's), so forward *and* backward move exactly the
 bytes the cost model predicted. DTensor's own sharding propagation is never used: a legal
@@ -42,18 +47,18 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from autoddl.engine.graph import OpGraph
 from autoddl.engine.placements import (
-    Placement, Step, grad_target, local_shape, reshard_steps, split_dim,
+    Placement, Step, grad_target, local_shape, reshard_steps, split_dim, strided_factor,
 )
 from autoddl.engine.plan import Plan
 from autoddl.engine.precision import plan_precision
 from autoddl.engine.recompute import ATTENTION
 from autoddl.engine.repeat import find_blocks
-from autoddl.engine.rules import (
-    ZERO_GRADS, ZERO_NONE, ZERO_REGATHER, ZERO_STATES, Signature, signatures,
-)
+from autoddl.engine.mesh_signatures import signatures
+from autoddl.engine.rules import ZERO_GRADS, ZERO_NONE, ZERO_REGATHER, ZERO_STATES, Signature
 from autoddl.runtime.commlog import CollectiveRecorder, CommLog
 from autoddl.runtime.vocab_loss import vocab_parallel_cross_entropy
 
@@ -63,16 +68,20 @@ _SIZE_ARG_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view
                  "aten.expand.default"}
 
 
-def to_dtensor_placements(placement: Placement) -> list:
-    """autoddl placement strings as DTensor placements."""
+def to_dtensor_placements(placement: Placement, mesh_shape: Sequence[int]) -> list:
+    """autoddl placement strings as DTensor placements on a mesh of ``mesh_shape``: a split
+    nested inside higher-indexed axes (an order mark, :mod:`autoddl.engine.placements`) is
+    DTensor's ``_StridedShard`` whose split factor is the product of those axes' sizes."""
     out = []
-    for p in placement:
+    for axis, p in enumerate(placement):
         if p == "B":
             out.append(Replicate())
         elif p == "P":
             out.append(Partial())
         else:
-            out.append(Shard(split_dim(p)))
+            factor = strided_factor(placement, axis, mesh_shape)
+            out.append(Shard(split_dim(p)) if factor == 1
+                       else _StridedShard(split_dim(p), split_factor=factor))
     return out
 
 
@@ -108,9 +117,11 @@ class Converter:
                                          split_dim(st.dst))
             else:
                 d = DTensor.from_local(local.contiguous(), self.mesh,
-                                       to_dtensor_placements(tuple(cur)), run_check=False,
-                                       shape=torch.Size(global_shape), stride=stride)
-                local = d.redistribute(self.mesh, to_dtensor_placements(tuple(nxt))).to_local()
+                                       to_dtensor_placements(tuple(cur), self.shape),
+                                       run_check=False, shape=torch.Size(global_shape),
+                                       stride=stride)
+                local = d.redistribute(
+                    self.mesh, to_dtensor_placements(tuple(nxt), self.shape)).to_local()
             cur = nxt
         return local
 
@@ -196,7 +207,8 @@ class ShardedExecutor:
             if n.name not in members:
                 continue
             full = params[n.fqn].detach().clone()  # never share storage with the caller's
-            dt = distribute_tensor(full, mesh, to_dtensor_placements(self.sigs[n.name].out),
+            dt = distribute_tensor(full, mesh, to_dtensor_placements(self.sigs[n.name].out,
+                                                                     self.mesh_shape),
                                    src_data_rank=None)
             self.params[n.fqn] = torch.nn.Parameter(dt, requires_grad=n.requires_grad)
 
@@ -217,9 +229,9 @@ class ShardedExecutor:
 
     def local_input(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This device's piece of a user input under its planned placement."""
-        return self.cast(distribute_tensor(full, self.mesh,
-                                           to_dtensor_placements(self.sigs[name].out),
-                                           src_data_rank=None).to_local())
+        return self.cast(distribute_tensor(
+            full, self.mesh, to_dtensor_placements(self.sigs[name].out, self.mesh_shape),
+            src_data_rank=None).to_local())
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` in the plan's compute dtype when it is a float tensor (bf16 plans; autograd

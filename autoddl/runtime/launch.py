@@ -51,6 +51,10 @@ def launch(plan_path: str, nproc: int | None, steps: int = 1, check: bool = Fals
     ``tol``: None for the default of the plan's precision; ``precision``: None, or the plan's
     own (a plan's bytes and memory were predicted in one precision: it runs in that one)."""
     plan = load_plan(plan_path)
+    if str(plan.model.get("spec", "")).startswith("python:"):
+        raise UserError(f"plan {plan_path!r} was made by autoddl.plan() from a model object, "
+                        "which `autoddl run` cannot rebuild: plan a --model spec (or "
+                        "file.py:factory) to run it from the command line")
     have = plan_precision(plan.training)
     if precision is not None and precision != have:
         raise UserError(f"plan {plan_path!r} was costed in {have}, not {precision}: re-plan "

@@ -227,7 +227,8 @@ class StageExecutor(ShardedExecutor):
             # reduced in the compute dtype; the fp32 master weight's gradient after
             local = self.conv.run(total, grad_pl, steps, meta.shape).to(param.dtype) / microbatches
             target = tuple(grad_target(p) for p in self.sigs[src].out)
-            grad = DTensor.from_local(local, self.mesh, to_dtensor_placements(target),
+            grad = DTensor.from_local(local, self.mesh,
+                                      to_dtensor_placements(target, self.mesh_shape),
                                       run_check=False, shape=param.shape, stride=param.stride())
             param.grad = grad if param.grad is None else param.grad + grad
         assert not self.sums, f"gradient sums of edges not planned to accumulate: {list(self.sums)}"

@@ -449,11 +449,18 @@ def _first_step_bytes(trainer: Any, plan: Plan, counts, step: int, check: bool
         _print_bytes(plan, rows, step, check)
     bytes_bad = [r for r in rows if r.status == "MISMATCH"]
     if "per_axis_kind" not in plan.cost:
-        return "; bytes per (axis, kind) NOT CHECKED (the plan predicts none)", False
+        return ("; bytes per mesh axis and collective kind NOT CHECKED (the plan predicts "
+                "none)"), False
     if bytes_bad:
-        return f"; bytes per (axis, kind) MISMATCH in {len(bytes_bad)} of {len(rows)}", True
-    return (f"; bytes per (axis, kind) within {BYTE_RTOL:.0%} of the plan ({len(rows)} "
-            "pairs)"), False
+        return (f"; bytes per mesh axis and collective kind MISMATCH in {len(bytes_bad)} of "
+                f"{len(rows)} rows"), True
+    return (f"; bytes per mesh axis and collective kind within {BYTE_RTOL:.0%} of the plan "
+            f"({_rows(len(rows))})"), False
+
+
+def _rows(count: int) -> str:
+    """``count`` rows of the byte table, in words."""
+    return f"{count} row{'' if count == 1 else 's'}"
 
 
 def _announce(plan: Plan, backend: str, device) -> None:
@@ -567,7 +574,7 @@ def _print_bytes(plan: Plan, rows: list[ByteRow], step: int, enforced: bool) -> 
         print(f"{r.axis:<8}{r.kind:<16}{pc:>12}{r.executed_count:>12}{pb:>16}"
               f"{r.executed_bytes:>16.0f}{rel:>12}  {r.status}{spread}")
     if "per_axis_kind" not in plan.cost:
-        print("byte check NOT DONE: the plan file predicts no bytes per (axis, kind) "
+        print("byte check NOT DONE: the plan file predicts no bytes per mesh axis and kind "
               "(cost.per_axis_kind; written by an older autoddl): re-run `autoddl plan`",
               flush=True)
         return
@@ -583,8 +590,10 @@ def _print_bytes(plan: Plan, rows: list[ByteRow], step: int, enforced: bool) -> 
                           f"{r.predicted_count} ({100 * (r.rel_diff or 0.0):+.2f} %)"
                           for r in bad), flush=True)
     else:
-        print(f"byte check passed: {len(rows) - len(missing)} (axis, kind) pairs, counts equal "
-              f"and bytes within {BYTE_RTOL:.0%} (of at least {BYTE_FLOOR:.0f} B)", flush=True)
+        print(f"byte check passed: {_rows(len(rows) - len(missing))} (mesh axis and "
+              f"collective kind), counts equal and bytes within {BYTE_RTOL:.0%} (of at least "
+              f"{BYTE_FLOOR:.0f} B)",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

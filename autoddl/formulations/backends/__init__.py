@@ -142,12 +142,13 @@ def default_search() -> str:
     if not BACKENDS["highs"].available():
         return f"without --backend every ILP is solved by {last}"
     large = ("" if last == "highs" else
-             f" ({last} for ILPs of at most {LARGE_MILP_COLS:,} variables without step-time "
-             "rows, else highs)")
-    return ("without --backend each ILP's LP relaxation is solved by highs and kept where it "
-            "is integral; otherwise autoddl's LP branch and bound (on highs) searches, and "
+             f" ({last} for ILPs of at most {LARGE_MILP_COLS:,} variables whose step has no "
+             "slowest-stage or exposed-communication term, else highs)")
+    return ("without --backend each ILP is first solved by highs as a plain linear program "
+            "(fractions allowed), and that answer is kept where it comes out in whole numbers; "
+            "otherwise autoddl's branch and bound searches (its linear programs on highs), and "
             f"where it gives up the ILP goes to a MILP solver{large}. With --backend NAME the "
-            "LP relaxation still comes first, then NAME solves every ILP itself")
+            "linear program still comes first, then NAME solves every ILP itself")
 
 
 def get_backend(name: str | None) -> Backend:
