@@ -181,6 +181,32 @@ def test_layerdrop_one_captures_the_skipped_layers_and_zero_all_of_them():
     assert not any("rand" in n.target for g in (every, none) for n in g.ops)
 
 
+@pytest.mark.parametrize("compare", ["lt", "le", "gt", "ge"])
+def test_a_draw_compared_with_a_number_converts_to_its_certain_outcome(compare):
+    """Under :class:`FixedDraws` a ``torch.rand`` draw compared with c converts to the outcome
+    every draw in [0, 1) gives — found here by trying draws 0, 1e-7, 0.5 and 1-1e-7 — and is
+    refused where the outcome varies; the reflected form (``c > draw``) likewise. On fake
+    tensors, as in an export: without the mode, converting would fail."""
+    import operator as op
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from autoddl.engine.draws import FixedDraws
+
+    fn = getattr(op, compare)
+    flipped = {"lt": op.gt, "le": op.ge, "gt": op.lt, "ge": op.le}[compare]
+    for c in (-0.5, 0.0, 1e-9, 0.5, 1.0, 1.5):
+        outcomes = {fn(u, c) for u in (0.0, 1e-7, 0.5, 1 - 1e-7)}
+        for expr in (lambda d: fn(d, c), lambda d: flipped(c, d)):
+            with FakeTensorMode(), FixedDraws():
+                draw = torch.rand([])
+                if len(outcomes) == 1:
+                    assert bool(expr(draw)) == next(iter(outcomes)), (compare, c)
+                else:
+                    with pytest.raises(UserError, match="random draw"):
+                        bool(expr(draw))
+
+
 FILE_MODELS = """
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
